@@ -1,0 +1,45 @@
+# cqrs_sync -- PGXS build.  The version lives in cqrs_sync.control only.
+
+EXTENSION   = cqrs_sync
+EXTVERSION  = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
+
+MODULE_big  = cqrs_sync
+OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
+              src/relay_worker.o src/stats.o src/apply.o
+
+DATA        = $(wildcard sql/cqrs_sync--*.sql)
+DOCS        = README.md
+
+# pg_regress (PG15) reads ./sql/<test>.sql and ./expected/<test>.out
+REGRESS      = outbox apply
+REGRESS_OPTS = --inputdir=. --dbname=cqrs_regress
+
+ISOLATION      = apply_concurrency
+ISOLATION_OPTS = --inputdir=test/isolation --dbname=cqrs_isolation
+
+SHLIB_LINK  = -lrdkafka
+PG_CPPFLAGS = -Isrc -Wall -Wextra -Werror -Wno-unused-parameter \
+              -Wno-missing-field-initializers -Wno-sign-compare
+
+PG_CONFIG  ?= pg_config
+PGXS       := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+.PHONY: e2e pgtap bench demo test
+
+# pgTAP behaviour tests against the running throwaway cluster (PGPORT/PGHOST).
+pgtap:
+	pg_prove --ext .sql -d cqrs_pgtap test/pgtap/
+
+# End-to-end TAP tests: real throwaway clusters and the real Kafka broker.
+e2e:
+	PG_CONFIG=$(PG_CONFIG) test/e2e.sh
+
+bench:
+	test/bench/run.sh
+
+demo:
+	test/demo.sh
+
+test:
+	test/run.sh

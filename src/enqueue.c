@@ -1,0 +1,230 @@
+/*-------------------------------------------------------------------------
+ *
+ * enqueue.c
+ *	  cqrs_enqueue(): validates an event and writes it to the outbox in the
+ *	  caller's transaction, registering the transaction's keys in the
+ *	  in-flight registry first (see shmem.c), and wakes the relay when the
+ *	  transaction commits.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+
+#include "enqueue.h"
+#include "shmem.h"
+
+PG_FUNCTION_INFO_V1(cqrs_enqueue);
+
+/* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH). */
+#define KAFKA_TOPIC_MAX_LEN 249
+
+static bool enqueued_in_xact = false;
+
+/* The prepared INSERT, and the extension it was prepared for. */
+static SPIPlanPtr insert_plan = NULL;
+static Oid	insert_plan_ext = InvalidOid;
+
+static void
+cqrs_xact_callback(XactEvent event, void *arg)
+{
+	if (!enqueued_in_xact)
+		return;
+
+	switch (event)
+	{
+		case XACT_EVENT_PRE_PREPARE:
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("cannot prepare a transaction that called cqrs_enqueue()"),
+					 errdetail("The relay must know when an enqueuing transaction ends to keep per-key order.")));
+			break;
+		case XACT_EVENT_COMMIT:
+			/* runs after the commit became visible to new snapshots */
+			cqrs_inflight_clear();
+			cqrs_wake_relay();
+			enqueued_in_xact = false;
+			break;
+		case XACT_EVENT_ABORT:
+			cqrs_inflight_clear();
+			enqueued_in_xact = false;
+			break;
+		default:
+			break;
+	}
+}
+
+void
+cqrs_enqueue_init(void)
+{
+	RegisterXactCallback(cqrs_xact_callback, NULL);
+}
+
+/* Kafka topic names: 1-249 of [A-Za-z0-9._-], and not "." or "..". */
+bool
+cqrs_topic_name_valid(const char *topic)
+{
+	size_t		len = strlen(topic);
+
+	if (len == 0 || len > KAFKA_TOPIC_MAX_LEN)
+		return false;
+	if (strcmp(topic, ".") == 0 || strcmp(topic, "..") == 0)
+		return false;
+	for (const char *p = topic; *p; p++)
+	{
+		char		c = *p;
+
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+			  (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
+			return false;
+	}
+	return true;
+}
+
+/* headers must be a JSON object whose values are strings */
+static void
+check_headers(Jsonb *headers)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *name = NULL;
+
+	if (!JB_ROOT_IS_OBJECT(headers) || JB_ROOT_IS_SCALAR(headers))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("headers must be a JSON object"),
+				 errhint("Pass an object of string values, for example '{\"trace-id\": \"abc\"}', or NULL.")));
+
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			name = pnstrdup(v.val.string.val, v.val.string.len);
+			if (strcmp(name, "event_id") == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("header name \"event_id\" is reserved"),
+						 errdetail("The relay sends the outbox row's event_id under this name.")));
+		}
+		else if (tok == WJB_VALUE && v.type != jbvString)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("value of header \"%s\" must be a JSON string", name),
+					 errhint("Kafka header values are byte strings; convert numbers and objects to text.")));
+	}
+}
+
+static void
+prepare_insert(Oid ext_oid)
+{
+	char	   *schema = get_namespace_name(get_extension_schema(ext_oid));
+	char	   *sql;
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, JSONBOID, JSONBOID};
+	SPIPlanPtr	plan;
+
+	sql = psprintf("INSERT INTO %s.cqrs_outbox (topic, key, payload, headers) "
+				   "VALUES ($1, $2, $3, $4) RETURNING id",
+				   quote_identifier(schema));
+	plan = SPI_prepare(sql, 4, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	if (insert_plan)
+		SPI_freeplan(insert_plan);
+	insert_plan = plan;
+	insert_plan_ext = ext_oid;
+}
+
+/*
+ * cqrs_enqueue(topic text, key text, payload jsonb, headers jsonb) -> bigint
+ */
+Datum
+cqrs_enqueue(PG_FUNCTION_ARGS)
+{
+	text	   *topic_t;
+	char	   *topic;
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	uint64		keyhash;
+	Oid			ext_oid;
+	bool		isnull;
+	int64		id;
+	int			ret;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("topic must not be null")));
+	topic_t = PG_GETARG_TEXT_PP(0);
+	topic = text_to_cstring(topic_t);
+	if (topic[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("topic must not be empty")));
+	if (!cqrs_topic_name_valid(topic))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid Kafka topic name \"%s\"", topic),
+				 errdetail("Topic names are 1 to 249 ASCII letters, digits, periods, underscores or hyphens, and may not be \".\" or \"..\".")));
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("payload must not be null"),
+				 errhint("Use the JSON value 'null'::jsonb for an event without a body.")));
+	if (!PG_ARGISNULL(3))
+		check_headers(PG_GETARG_JSONB_P(3));
+
+	values[0] = PointerGetDatum(topic_t);
+	if (PG_ARGISNULL(1))
+	{
+		nulls[1] = 'n';
+		values[1] = (Datum) 0;
+		keyhash = cqrs_key_hash(NULL, 0);
+	}
+	else
+	{
+		text	   *key = PG_GETARG_TEXT_PP(1);
+
+		values[1] = PointerGetDatum(key);
+		keyhash = cqrs_key_hash(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
+	}
+	values[2] = PG_GETARG_DATUM(2);
+	if (PG_ARGISNULL(3))
+	{
+		nulls[3] = 'n';
+		values[3] = (Datum) 0;
+	}
+	else
+		values[3] = PG_GETARG_DATUM(3);
+
+	ext_oid = get_extension_oid("cqrs_sync", false);
+
+	SPI_connect();
+	if (insert_plan == NULL || insert_plan_ext != ext_oid)
+		prepare_insert(ext_oid);
+
+	/* publish the key before the INSERT takes its id */
+	enqueued_in_xact = true;
+	cqrs_inflight_add_key(keyhash);
+
+	ret = SPI_execute_plan(insert_plan, values, nulls, false, 1);
+	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+		elog(ERROR, "cqrs_enqueue: INSERT failed: %s", SPI_result_code_string(ret));
+	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									 SPI_tuptable->tupdesc, 1, &isnull));
+	cqrs_inflight_set_min(id);
+	SPI_finish();
+
+	PG_RETURN_INT64(id);
+}
