@@ -5,7 +5,7 @@ EXTVERSION  = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION)
 
 MODULE_big  = cqrs_sync
 OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
-              src/relay_worker.o src/stats.o src/apply.o
+              src/relay_worker.o src/stats.o src/util.o src/apply.o
 
 DATA        = $(wildcard sql/cqrs_sync--*.sql)
 DOCS        = README.md

@@ -8,12 +8,15 @@
 -----------------------------------------------------------------------------
 
 -- Operators of the outbox (retry, discard, approve purges) are members of
--- cqrs_sync_operator.  The role is cluster-wide, so it may already exist
+-- cqrs_sync_operator; write services that enqueue events, of cqrs_sync_writer.  The role is cluster-wide, so it may already exist
 -- when the extension is created in a second database.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cqrs_sync_operator') THEN
         CREATE ROLE cqrs_sync_operator NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cqrs_sync_writer') THEN
+        CREATE ROLE cqrs_sync_writer NOLOGIN;
     END IF;
 END
 $$;
@@ -62,19 +65,26 @@ COMMENT ON COLUMN cqrs_outbox.created_at IS 'When the event was enqueued (transa
 COMMENT ON COLUMN cqrs_outbox.sent_at IS 'When the relay recorded Kafka''s acknowledgement.';
 
 -- The relay's scan: only PENDING rows, in id order.
+COMMENT ON SEQUENCE cqrs_outbox_id_seq IS
+    'Outbox ids; the relay reads its high-water mark to keep per-key order across out-of-order commits.';
+
 CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING';
 
 REVOKE ALL ON cqrs_outbox FROM PUBLIC;
+REVOKE ALL ON SEQUENCE cqrs_outbox_id_seq FROM PUBLIC;
 GRANT SELECT ON cqrs_outbox TO pg_monitor, cqrs_sync_operator;
 
 CREATE FUNCTION cqrs_enqueue(topic text, key text, payload jsonb,
                              headers jsonb DEFAULT NULL)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'cqrs_enqueue'
-LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE
+-- writers may enqueue, never insert into the outbox directly
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION cqrs_enqueue(text, text, jsonb, jsonb) IS
     'Writes an event to the outbox inside the caller''s transaction and returns its outbox id; the event exists if and only if the transaction commits.';
 REVOKE ALL ON FUNCTION cqrs_enqueue(text, text, jsonb, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_enqueue(text, text, jsonb, jsonb) TO cqrs_sync_writer;
 
 -- Internal: the relay's view of its own state, kept in shared memory.
 CREATE FUNCTION cqrs_relay_state(

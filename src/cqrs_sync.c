@@ -24,7 +24,7 @@ char	   *cqrs_brokers = NULL;
 char	   *cqrs_kafka_config_file = NULL;
 char	   *cqrs_dlt_suffix = NULL;
 int			cqrs_max_retries = 5;
-int			cqrs_batch_size = 1000;
+int			cqrs_batch_size = 5000;
 int			cqrs_poll_interval_ms = 1000;
 int			cqrs_retry_backoff_ms = 1000;
 bool		cqrs_relay_enabled = true;
@@ -92,7 +92,7 @@ define_settings(void)
 							"Outbox rows the relay claims and produces per batch.",
 							"A crash can duplicate at most one batch.",
 							&cqrs_batch_size,
-							1000, 1, 100000,
+							5000, 1, 100000,
 							PGC_SIGHUP,
 							0,
 							NULL, NULL, NULL);

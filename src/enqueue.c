@@ -21,6 +21,7 @@
 
 #include "enqueue.h"
 #include "shmem.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(cqrs_enqueue);
 
@@ -127,7 +128,7 @@ check_headers(Jsonb *headers)
 static void
 prepare_insert(Oid ext_oid)
 {
-	char	   *schema = get_namespace_name(get_extension_schema(ext_oid));
+	char	   *schema = cqrs_extension_schema(ext_oid);
 	char	   *sql;
 	Oid			argtypes[4] = {TEXTOID, TEXTOID, JSONBOID, JSONBOID};
 	SPIPlanPtr	plan;
