@@ -62,7 +62,7 @@ COMMENT ON COLUMN cqrs_outbox.dlt_retry_count IS 'Failed attempts to publish the
 COMMENT ON COLUMN cqrs_outbox.next_attempt_at IS 'A PENDING row is not sent before this time (retry backoff).';
 COMMENT ON COLUMN cqrs_outbox.last_error IS 'Why the last attempt failed.';
 COMMENT ON COLUMN cqrs_outbox.created_at IS 'When the event was enqueued (transaction start time).';
-COMMENT ON COLUMN cqrs_outbox.sent_at IS 'When the relay recorded Kafka''s acknowledgement.';
+COMMENT ON COLUMN cqrs_outbox.sent_at IS 'When Kafka acknowledged the last message of the row''s batch.';
 
 -- The relay's scan: only PENDING rows, in id order.
 COMMENT ON SEQUENCE cqrs_outbox_id_seq IS

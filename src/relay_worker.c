@@ -149,7 +149,7 @@ ensure_plans(void)
 	char	   *seq;
 	int			ret;
 	Oid			scan_types[3] = {INT8OID, INT8OID, INT4OID};
-	Oid			sent_types[1] = {INT8ARRAYOID};
+	Oid			sent_types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
 	Oid			fail_types[4] = {INT8ARRAYOID, INT4ARRAYOID, FLOAT8ARRAYOID, TEXTARRAYOID};
 
 	if (!OidIsValid(ext))
@@ -185,10 +185,10 @@ ensure_plans(void)
 								   " ORDER BY id LIMIT $3", outbox),
 						  3, scan_types);
 	sent_plan = keep_plan(psprintf(
-								   "UPDATE %s SET status = 'SENT', sent_at = now(),"
+								   "UPDATE %s SET status = 'SENT', sent_at = $2,"
 								   " next_attempt_at = NULL, last_error = NULL"
 								   " WHERE id = ANY ($1) AND status = 'PENDING'", outbox),
-						  1, sent_types);
+						  2, sent_types);
 	fail_plan = keep_plan(psprintf(
 								   "UPDATE %s o SET retry_count = o.retry_count + f.inc,"
 								   " next_attempt_at = now() + f.delay_ms * interval '1 millisecond',"
@@ -459,7 +459,7 @@ backoff_ms(CqrsFailureClass cls, int retry_count)
 
 /* Record the batch's outcome in one short transaction. */
 static void
-record_outcome(RelayRow *rows, uint64 nrows)
+record_outcome(RelayRow *rows, uint64 nrows, TimestampTz acked_at)
 {
 	Datum	   *sent_ids = palloc(sizeof(Datum) * nrows);
 	Datum	   *fail_ids = palloc(sizeof(Datum) * nrows);
@@ -529,11 +529,12 @@ record_outcome(RelayRow *rows, uint64 nrows)
 
 	if (nsent > 0)
 	{
-		Datum		args[1];
+		Datum		args[2];
 		int			ret;
 
 		args[0] = PointerGetDatum(construct_array(sent_ids, nsent, INT8OID,
 												  8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		args[1] = TimestampTzGetDatum(acked_at);
 		ret = SPI_execute_plan(sent_plan, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "cqrs_sync relay: marking rows SENT failed: %s",
@@ -640,7 +641,7 @@ relay_batch(void)
 		MemoryContext old = MemoryContextSwitchTo(batch_ctx);
 
 		await_delivery(rows, nrows);
-		record_outcome(rows, nrows);
+		record_outcome(rows, nrows, GetCurrentTimestamp());
 		MemoryContextSwitchTo(old);
 	}
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# test/bench/run.sh (make bench) -- relay benchmark against a real broker.
+#
+# (a) drain: a backlog of 200,000 PENDING rows of ~300-byte JSON over 1,000
+#     keys, committed in one transaction; events/s from COMMIT returned until
+#     the last row is SENT (acknowledged by Kafka and recorded);
+# (b) latency: commit-to-consumer p50/p99 at a steady 1,000 events/s.
+# Figures, not assertions: timing belongs here, not in the tests.
+#
+# Environment: BENCH_ROWS (200000), BENCH_RATE (1000), BENCH_SECONDS (30),
+# BENCH_RUNS (3 drain runs).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+export PGPORT="${BENCH_PGPORT:-55434}" KAFKA_PORT="${BENCH_KAFKA_PORT:-19096}"
+. "$HERE/../lib.sh"
+
+ROWS="${BENCH_ROWS:-200000}"
+RATE="${BENCH_RATE:-1000}"
+SECS="${BENCH_SECONDS:-30}"
+RUNS="${BENCH_RUNS:-3}"
+
+bash "$HERE/../setup-deps.sh"
+make -C "$CQRS_REPO" -s
+if cqrs_is_root; then make -C "$CQRS_REPO" -s install; else sudo make -C "$CQRS_REPO" -s install; fi
+
+# Python client libraries for the latency probe, in a cached venv (PyPI).
+VENV="${CQRS_BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs_sync/bench-venv}"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import psycopg, confluent_kafka' 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q "psycopg[binary]==3.3.9" "confluent-kafka==2.16.1"
+fi
+
+cleanup() {
+    bash "$HERE/../pg/cluster.sh" stop || true
+    bash "$HERE/../kafka/broker.sh" stop || true
+}
+trap cleanup EXIT
+bash "$HERE/../kafka/broker.sh" start >/dev/null
+eval "$(bash "$HERE/../pg/cluster.sh" start)"
+PSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d postgres)
+"${PSQL[@]}" -c "CREATE EXTENSION cqrs_sync"
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; PostgreSQL $("$PG_BINDIR/postgres" -V | awk '{print $3}'), Kafka 3.9.1 on loopback"
+echo "relay: batch_size $("${PSQL[@]}" -Atc 'SHOW cqrs_sync.batch_size')"
+
+for run in $(seq 1 "$RUNS"); do
+    "${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
+    t0=$("${PSQL[@]}" -At <<SQL
+SELECT count(cqrs_enqueue('bench.drain', 'key-' || (g % 1000),
+       jsonb_build_object('type', 'CommentAdded', 'board_id', g % 1000, 'seq', g,
+                          'author', 'user-' || (g % 97), 'body', repeat('x', 180),
+                          'at', now()::text))) FROM generate_series(1, $ROWS) g \\g /dev/null
+SELECT extract(epoch FROM clock_timestamp());
+SQL
+)
+    while [ "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'")" != 0 ]; do
+        sleep 0.05
+    done
+    "${PSQL[@]}" -At -F ' ' -c "
+        SELECT format('drain run %s: %s events, avg %s bytes, %s s from COMMIT to last SENT: %s events/s',
+                      $run, count(*), round(avg(octet_length(payload::text))),
+                      round((extract(epoch FROM max(sent_at)) - $t0)::numeric, 2),
+                      round(count(*) / (extract(epoch FROM max(sent_at)) - $t0)))
+          FROM cqrs_outbox"
+done
+
+"${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
+"$VENV/bin/python" "$HERE/latency.py" "host=$PGHOST port=$PGPORT user=$PGUSER dbname=postgres" \
+    "127.0.0.1:$KAFKA_PORT" bench.latency "$RATE" "$SECS"
+"${PSQL[@]}" -At -F ' ' -c "
+    SELECT format('latency: enqueue->SENT recorded ms  p50 %s  p99 %s (server clock, includes the commit)',
+                  round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2),
+                  round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2))
+      FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'"
+ps -o rss=,comm= -C postgres | sort -n | tail -1 | awk '{printf "largest postgres process RSS: %.0f MiB\n", $1/1024}'
