@@ -380,7 +380,32 @@ done:
 	return rows;
 }
 
-/* Wait for every delivery report of the batch (or a fatal error). */
+/*
+ * Give up on the messages of the batch still in flight: destroy the
+ * producer (purging its queues fires their delivery reports with _PURGE_*
+ * errors) and count any report still missing as failed with err.  Nothing
+ * without a successful report becomes SENT; the rows stay PENDING.
+ */
+static void
+abandon_inflight(RelayRow *rows, uint64 nrows, rd_kafka_resp_err_t err)
+{
+	cqrs_kafka_destroy(producer, 0);
+	producer = NULL;
+	for (uint64 i = 0; i < nrows; i++)
+		if (rows[i].fate == ROW_PRODUCED && !rows[i].msg.done)
+		{
+			rows[i].msg.done = true;
+			rows[i].msg.err = err;
+		}
+}
+
+/*
+ * Wait for every delivery report of the batch.  While Kafka is unreachable
+ * this waits (message.timeout.ms is infinite by default): an outage pauses
+ * the relay, it never fails messages.  It stops waiting on a fatal producer
+ * error, on SIGTERM after SHUTDOWN_FLUSH_MS, and on a reload that changes
+ * the Kafka settings.
+ */
 static void
 await_delivery(RelayRow *rows, uint64 nrows)
 {
@@ -407,21 +432,27 @@ await_delivery(RelayRow *rows, uint64 nrows)
 					 errmsg("cqrs_sync relay: fatal Kafka producer error: %s", errbuf),
 					 errdetail("The producer is re-created; unacknowledged rows stay PENDING and are sent again.")));
 			cqrs_relay_note_failure(errbuf, 0);
-			cqrs_kafka_destroy(producer, 0);	/* purge: remaining reports fire */
-			producer = NULL;
 			pg_atomic_fetch_add_u64(&cqrs_shared->producer_restarts, 1);
-			/* anything still without a report failed with the producer */
-			for (uint64 i = 0; i < nrows; i++)
-				if (rows[i].fate == ROW_PRODUCED && !rows[i].msg.done)
-				{
-					rows[i].msg.done = true;
-					rows[i].msg.err = RD_KAFKA_RESP_ERR__FATAL;
-				}
+			abandon_inflight(rows, nrows, RD_KAFKA_RESP_ERR__FATAL);
 			return;
 		}
 
 		if (!PostmasterIsAlive())
 			proc_exit(1);
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			if (cqrs_kafka_config_changed())
+			{
+				ereport(LOG,
+						(errmsg("cqrs_sync relay: Kafka settings changed, re-creating the producer"),
+						 errdetail("Unacknowledged rows stay PENDING and are sent again.")));
+				abandon_inflight(rows, nrows, RD_KAFKA_RESP_ERR__PURGE_QUEUE);
+				return;
+			}
+		}
 
 		if (ShutdownRequestPending)
 		{
@@ -431,15 +462,7 @@ await_delivery(RelayRow *rows, uint64 nrows)
 				shutdown_deadline = TimestampTzPlusMilliseconds(now, SHUTDOWN_FLUSH_MS);
 			else if (now >= shutdown_deadline)
 			{
-				/* purging fires the remaining reports with _PURGE_* errors */
-				cqrs_kafka_destroy(producer, 0);
-				producer = NULL;
-				for (uint64 i = 0; i < nrows; i++)
-					if (rows[i].fate == ROW_PRODUCED && !rows[i].msg.done)
-					{
-						rows[i].msg.done = true;
-						rows[i].msg.err = RD_KAFKA_RESP_ERR__PURGE_QUEUE;
-					}
+				abandon_inflight(rows, nrows, RD_KAFKA_RESP_ERR__PURGE_QUEUE);
 				return;
 			}
 		}
@@ -447,10 +470,13 @@ await_delivery(RelayRow *rows, uint64 nrows)
 }
 
 static int
-backoff_ms(CqrsFailureClass cls, int retry_count)
+backoff_ms(rd_kafka_resp_err_t err, CqrsFailureClass cls, int retry_count)
 {
 	int			shift;
 
+	/* we withdrew it ourselves (reload, shutdown): try again at once */
+	if (err == RD_KAFKA_RESP_ERR__PURGE_QUEUE || err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT)
+		return 0;
 	if (cls != CQRS_FAIL_MESSAGE)
 		return cqrs_retry_backoff_ms;
 	shift = Min(retry_count, 6);
@@ -509,7 +535,7 @@ record_outcome(RelayRow *rows, uint64 nrows, TimestampTz acked_at)
 			hold_key(row->keyhash);
 			fail_ids[nfail] = Int64GetDatum(row->msg.id);
 			fail_inc[nfail] = Int32GetDatum(cls == CQRS_FAIL_MESSAGE ? 1 : 0);
-			fail_delay[nfail] = Float8GetDatum((double) backoff_ms(cls, row->retry_count));
+			fail_delay[nfail] = Float8GetDatum((double) backoff_ms(row->msg.err, cls, row->retry_count));
 			fail_err[nfail] = CStringGetTextDatum(err);
 			nfail++;
 			if (first_error == NULL)
