@@ -11,11 +11,13 @@ DATA        = $(wildcard sql/cqrs_sync--*.sql)
 DOCS        = README.md
 
 # pg_regress (PG15) reads ./sql/<test>.sql and ./expected/<test>.out
-REGRESS      = outbox apply
-REGRESS_OPTS = --inputdir=. --dbname=cqrs_regress
+REGRESS        = outbox apply
+REGRESS_OPTS   = --inputdir=.
+CONTRIB_TESTDB = cqrs_regress
 
-ISOLATION      = apply_concurrency
-ISOLATION_OPTS = --inputdir=test/isolation --dbname=cqrs_isolation
+ISOLATION        = apply_concurrency
+ISOLATION_OPTS   = --inputdir=test/isolation
+ISOLATION_TESTDB = cqrs_isolation
 
 SHLIB_LINK  = -lrdkafka
 PG_CPPFLAGS = -Isrc -Wall -Wextra -Werror -Wno-unused-parameter \

@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# test/kafka/broker.sh start|stop|status|address
+#
+# A throwaway Apache Kafka 3.9.1 broker in KRaft mode (one combined
+# broker+controller, node.id=1) on 127.0.0.1, for tests.  The jars come from
+# Maven Central (test/kafka/pom.xml) into a cache that survives between runs.
+#
+# Environment:
+#   KAFKA_PORT               broker port (default 19092); controller = port+1
+#   KAFKA_MESSAGE_MAX_BYTES  broker message.max.bytes (default: Kafka's own)
+#   KAFKA_HEAP               JVM heap (default 512m)
+#   CQRS_KAFKA_CACHE         jar cache (default ${XDG_CACHE_HOME:-~/.cache}
+#                            /cqrs_sync/kafka-3.9.1; as root
+#                            /var/cache/cqrs_sync/kafka-3.9.1 so that tests
+#                            running as the postgres user can use the tools)
+#   CQRS_TEST_DIR            state: $CQRS_TEST_DIR/kafka-$KAFKA_PORT holds the
+#                            data, pid file, server.properties and logs
+#
+# start prints the bootstrap address (127.0.0.1:PORT) on stdout; everything
+# else goes to stderr.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=../lib.sh
+. "$HERE/../lib.sh"
+
+KAFKA_VERSION=$CQRS_KAFKA_VERSION
+CONTROLLER_PORT=$((KAFKA_PORT + 1))
+ADDR="127.0.0.1:$KAFKA_PORT"
+LIB="$CQRS_KAFKA_CACHE/lib"
+STATE="$CQRS_TEST_DIR/kafka-$KAFKA_PORT"
+PIDFILE="$STATE/broker.pid"
+
+log() { printf 'broker: %s\n' "$*" >&2; }
+
+# Downloads the broker's jars once.  Atomic: a half-done download is never
+# mistaken for a complete one.
+fetch_jars() {
+    if [ -f "$CQRS_KAFKA_CACHE/.complete" ]; then
+        return 0
+    fi
+    command -v mvn >/dev/null || cqrs_die "mvn not found (run test/setup-deps.sh)"
+    mkdir -p "$CQRS_KAFKA_CACHE"
+    local tmp="$CQRS_KAFKA_CACHE/lib.tmp.$$"
+    rm -rf "$tmp"
+    log "fetching Kafka $KAFKA_VERSION jars from Maven Central into $CQRS_KAFKA_CACHE"
+    # -U: retry downloads even if an earlier failure was cached in ~/.m2
+    local try
+    for try in 1 2 3; do
+        if mvn -q -B -U -Dstyle.color=never -f "$HERE/pom.xml" dependency:copy-dependencies \
+            -DoutputDirectory="$tmp" -DincludeScope=runtime </dev/null >&2; then
+            break
+        fi
+        rm -rf "$tmp"
+        [ "$try" -lt 3 ] || cqrs_die "maven could not fetch the Kafka jars from Maven Central"
+        log "maven failed (attempt $try of 3), retrying in 5 s"
+        sleep 5
+    done
+    ls "$tmp"/kafka_2.13-"$KAFKA_VERSION".jar "$tmp"/kafka-tools-"$KAFKA_VERSION".jar >/dev/null ||
+        { rm -rf "$tmp"; cqrs_die "maven did not deliver the Kafka jars"; }
+    rm -rf "$LIB"
+    mv "$tmp" "$LIB"
+    chmod -R a+rX "$CQRS_KAFKA_CACHE"
+    touch "$CQRS_KAFKA_CACHE/.complete"
+}
+
+# Pid of our running broker, or nothing.  Checks that the pid really is this
+# broker (pids get reused).
+broker_pid() {
+    [ -f "$PIDFILE" ] || return 0
+    local pid
+    pid="$(cat "$PIDFILE")"
+    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 0
+    if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "kafka.Kafka $STATE/server.properties"; then
+        echo "$pid"
+    fi
+}
+
+port_in_use() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+answers() {
+    kcat -L -b "$ADDR" -m 3 2>/dev/null | grep -q "broker 1 at"
+}
+
+start() {
+    local pid
+    pid="$(broker_pid)"
+    if [ -n "$pid" ]; then
+        log "already running (pid $pid) at $ADDR"
+        echo "$ADDR"
+        return 0
+    fi
+    for p in "$KAFKA_PORT" "$CONTROLLER_PORT"; do
+        if port_in_use "$p"; then
+            cqrs_die "port $p on 127.0.0.1 is in use by another process; set KAFKA_PORT"
+        fi
+    done
+    command -v java >/dev/null || cqrs_die "java not found (run test/setup-deps.sh)"
+    command -v kcat >/dev/null || cqrs_die "kcat not found (run test/setup-deps.sh)"
+    fetch_jars
+
+    rm -rf "$STATE"
+    mkdir -p "$STATE/data"
+    cat >"$STATE/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$STATE/data
+auto.create.topics.enable=true
+num.partitions=4
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+group.initial.rebalance.delay.ms=0
+EOF
+    if [ -n "${KAFKA_MESSAGE_MAX_BYTES:-}" ]; then
+        echo "message.max.bytes=$KAFKA_MESSAGE_MAX_BYTES" >>"$STATE/server.properties"
+    fi
+    cat >"$STATE/log4j.properties" <<EOF
+log4j.rootLogger=WARN, file
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.File=$STATE/kafka.log
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+EOF
+    local jopts=(-Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC
+        -Djava.awt.headless=true -Dlog4j.configuration="file:$STATE/log4j.properties")
+
+    local cluster_id
+    cluster_id="$(java "${jopts[@]}" -cp "$LIB/*" kafka.tools.StorageTool random-uuid 2>>"$STATE/kafka.out")"
+    java "${jopts[@]}" -cp "$LIB/*" kafka.tools.StorageTool format \
+        -t "$cluster_id" -c "$STATE/server.properties" >>"$STATE/kafka.out" 2>&1 ||
+        { tail -n 30 "$STATE/kafka.out" >&2; cqrs_die "kafka storage format failed"; }
+
+    log "starting Kafka $KAFKA_VERSION (KRaft) at $ADDR, state in $STATE"
+    nohup java "${jopts[@]}" -cp "$LIB/*" kafka.Kafka "$STATE/server.properties" \
+        >>"$STATE/kafka.out" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$PIDFILE"
+
+    local deadline=$((SECONDS + 60))
+    until answers; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 40 "$STATE/kafka.out" "$STATE/kafka.log" >&2 || true
+            rm -f "$PIDFILE"
+            cqrs_die "the broker exited during startup"
+        fi
+        if [ $SECONDS -ge $deadline ]; then
+            tail -n 40 "$STATE/kafka.out" "$STATE/kafka.log" >&2 || true
+            stop
+            cqrs_die "the broker did not answer at $ADDR within 60 s"
+        fi
+        sleep 0.3
+    done
+    log "ready (pid $pid)"
+    echo "$ADDR"
+}
+
+stop() {
+    local pid
+    pid="$(broker_pid)"
+    if [ -n "$pid" ]; then
+        log "stopping pid $pid"
+        kill -TERM "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + 20))
+        while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+            sleep 0.2
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "still running after 20 s, killing"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 0.5
+        fi
+    fi
+    rm -f "$PIDFILE"
+    # Keep the logs for post-mortems; the next start overwrites them.
+    rm -rf "$STATE/data"
+}
+
+status() {
+    local pid
+    pid="$(broker_pid)"
+    if [ -z "$pid" ]; then
+        echo "not running"
+        return 3
+    fi
+    if answers; then
+        echo "running (pid $pid) at $ADDR"
+    else
+        echo "process $pid alive but not answering at $ADDR"
+        return 1
+    fi
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    status) status ;;
+    address) echo "$ADDR" ;;
+    *)
+        echo "usage: $0 start|stop|status|address" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# test/kafka/topic.sh -- topics on the test broker, with Kafka's own TopicCommand
+# (kafka-tools, from the jars test/kafka/broker.sh fetched).
+#
+#   topic.sh create NAME PARTITIONS [config=value ...]
+#   topic.sh alter-config NAME config=value [config=value ...]
+#   topic.sh describe NAME
+#   topic.sh delete NAME
+#   topic.sh list
+#
+# The broker is KAFKA_BROKERS if set, else 127.0.0.1:$KAFKA_PORT (default 19092).
+# Example: topic.sh create orders 4 max.message.bytes=200000
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+# shellcheck source=../lib.sh
+. "$HERE/../lib.sh"
+
+KAFKA_VERSION=$CQRS_KAFKA_VERSION
+LIB="$CQRS_KAFKA_CACHE/lib"
+[ -f "$CQRS_KAFKA_CACHE/.complete" ] ||
+    cqrs_die "no Kafka jars in $CQRS_KAFKA_CACHE (run test/kafka/broker.sh start first)"
+BOOTSTRAP="${KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
+
+tool() {
+    # Tools log4j output (WARN and up) goes to stderr.
+    java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+        -Dlog4j.configuration="file:$HERE/tools-log4j.properties" \
+        -cp "$LIB/*" org.apache.kafka.tools.TopicCommand \
+        --bootstrap-server "$BOOTSTRAP" "$@"
+}
+
+configs() {
+    local c
+    for c in "$@"; do
+        case "$c" in
+            *=*) printf -- '--config\0%s\0' "$c" ;;
+            *) cqrs_die "not a config=value pair: $c" ;;
+        esac
+    done
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    create)
+        [ $# -ge 2 ] || cqrs_die "usage: $0 create NAME PARTITIONS [config=value ...]"
+        name="$1" parts="$2"
+        shift 2
+        mapfile -d '' cfg < <(configs "$@")
+        tool --create --topic "$name" --partitions "$parts" --replication-factor 1 "${cfg[@]}"
+        ;;
+    alter-config)
+        [ $# -ge 2 ] || cqrs_die "usage: $0 alter-config NAME config=value [...]"
+        name="$1"
+        shift
+        # TopicCommand cannot alter configs any more; ConfigCommand can.
+        java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+            -Dlog4j.configuration="file:$HERE/tools-log4j.properties" \
+            -cp "$LIB/*" kafka.admin.ConfigCommand --bootstrap-server "$BOOTSTRAP" \
+            --alter --entity-type topics --entity-name "$name" \
+            --add-config "$(IFS=,; echo "$*")"
+        ;;
+    describe)
+        [ $# -eq 1 ] || cqrs_die "usage: $0 describe NAME"
+        tool --describe --topic "$1"
+        ;;
+    delete)
+        [ $# -eq 1 ] || cqrs_die "usage: $0 delete NAME"
+        tool --delete --topic "$1"
+        ;;
+    list)
+        tool --list
+        ;;
+    *)
+        echo "usage: $0 create NAME PARTITIONS [config=value ...] | alter-config NAME config=value ... | describe NAME | delete NAME | list" >&2
+        exit 2
+        ;;
+esac
