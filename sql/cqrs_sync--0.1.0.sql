@@ -143,4 +143,110 @@ GRANT EXECUTE ON FUNCTION cqrs_relay_state() TO pg_monitor, cqrs_sync_operator;
 -----------------------------------------------------------------------------
 
 -- @@READ_SIDE_BEGIN@@
+
+-- Read services call the helpers below as members of cqrs_sync_reader (plus
+-- their own privileges on the read-model tables).  The role is cluster-wide,
+-- so it may already exist when the extension is created in a second database.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cqrs_sync_reader') THEN
+        CREATE ROLE cqrs_sync_reader NOLOGIN;
+    END IF;
+END
+$$;
+
+-- "C" collation: ids are compared bytewise, which is faster and does not
+-- depend on the operating system's collation rules.
+CREATE TABLE cqrs_inbox (
+    consumer     text COLLATE "C" NOT NULL,
+    event_id     text COLLATE "C" NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
+);
+COMMENT ON TABLE cqrs_inbox IS
+    'Inbox of the read side: one row per (consumer, event) already applied, written by cqrs_mark_processed() and cqrs_apply_delta() in the consumer''s transaction; pruned by cqrs_prune_read_side() after cqrs_sync.inbox_retention.';
+COMMENT ON COLUMN cqrs_inbox.consumer IS 'Name of the consumer (e.g. the read model or consumer group); cqrs_apply_delta() uses "<consumer>/delta/<target oid>".';
+COMMENT ON COLUMN cqrs_inbox.event_id IS 'Id of the event, normally the Kafka header event_id; cqrs_apply_delta() appends the row''s key.';
+COMMENT ON COLUMN cqrs_inbox.processed_at IS 'Start of the transaction that applied the event; drives retention.';
+
+-- Retention deletes by age.
+CREATE INDEX cqrs_inbox_processed_at_idx ON cqrs_inbox (processed_at);
+COMMENT ON INDEX cqrs_inbox_processed_at_idx IS
+    'Lets cqrs_prune_read_side() find expired inbox entries without scanning the table.';
+
+CREATE TABLE cqrs_tombstone (
+    target     regclass NOT NULL,
+    key        jsonb NOT NULL,
+    version    bigint NOT NULL,
+    deleted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target, key)
+);
+COMMENT ON TABLE cqrs_tombstone IS
+    'Rows removed by cqrs_delete() and the version of the delete, so that an older upsert arriving later does not bring them back; pruned by cqrs_prune_read_side() after cqrs_sync.inbox_retention.';
+COMMENT ON COLUMN cqrs_tombstone.target IS 'Read-model table the row was deleted from.';
+COMMENT ON COLUMN cqrs_tombstone.key IS 'Primary key of the deleted row: an object of the key columns'' text representations, e.g. {"id": "42"}.';
+COMMENT ON COLUMN cqrs_tombstone.version IS 'Highest version deleted; upserts of the key with a version up to this one are ignored.';
+COMMENT ON COLUMN cqrs_tombstone.deleted_at IS 'When the tombstone was written or last raised; drives retention.';
+
+-- Both tables are state of the read model: pg_dump must keep their rows.
+SELECT pg_catalog.pg_extension_config_dump('cqrs_inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_tombstone', '');
+
+-- The helpers run as their caller (SECURITY INVOKER): the caller needs its
+-- own privileges on the target table and those of cqrs_sync_reader on the
+-- inbox and the tombstones.
+REVOKE ALL ON cqrs_inbox, cqrs_tombstone FROM PUBLIC;
+GRANT SELECT, INSERT ON cqrs_inbox TO cqrs_sync_reader;
+GRANT SELECT, INSERT, UPDATE ON cqrs_tombstone TO cqrs_sync_reader;
+GRANT SELECT ON cqrs_inbox, cqrs_tombstone TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_mark_processed(consumer text, event_id text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_mark_processed'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_mark_processed(text, text) IS
+    'Records that consumer processed event_id, in the caller''s transaction: true the first time, false if it was already recorded (then skip the event).';
+
+CREATE FUNCTION cqrs_upsert(target regclass, "row" jsonb, version bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_upsert'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_upsert(regclass, jsonb, bigint) IS
+    'Inserts or updates the row of target with the primary key in row (a JSON object of columns) if version is higher than the stored one and than any tombstone of the key; returns whether it was applied. Columns missing from row keep their value (or default).';
+
+CREATE FUNCTION cqrs_delete(target regclass, key jsonb, version bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_delete'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_delete(regclass, jsonb, bigint) IS
+    'Deletes the row of target with the primary key key unless its version is higher than version, and records a tombstone so that an older upsert arriving later does not bring it back; returns whether anything changed.';
+
+CREATE FUNCTION cqrs_apply_delta(target regclass, key jsonb, deltas jsonb,
+                                 consumer text, event_id text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_apply_delta'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_apply_delta(regclass, jsonb, jsonb, text, text) IS
+    'Adds the numbers in deltas (e.g. {"likes": 1}) to the columns of the row of target with the primary key key, once per (consumer, event_id, target, key); creates a missing row from the deltas unless the key was deleted. Returns whether the deltas were added.';
+
+CREATE FUNCTION cqrs_prune_read_side(older_than interval DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cqrs_prune_read_side'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION cqrs_prune_read_side(interval) IS
+    'Deletes inbox entries and tombstones older than older_than (default: cqrs_sync.inbox_retention; 0 there keeps them) and tombstones of dropped tables; returns the number of rows deleted.';
+
+REVOKE ALL ON FUNCTION cqrs_mark_processed(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_upsert(regclass, jsonb, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_delete(regclass, jsonb, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_apply_delta(regclass, jsonb, jsonb, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_prune_read_side(interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_mark_processed(text, text) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_upsert(regclass, jsonb, bigint) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_delete(regclass, jsonb, bigint) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_apply_delta(regclass, jsonb, jsonb, text, text) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_prune_read_side(interval) TO cqrs_sync_operator;
+
 -- @@READ_SIDE_END@@

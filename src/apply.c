@@ -49,11 +49,15 @@
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/pg_operator.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
@@ -148,6 +152,7 @@ typedef struct ApplyTarget
 	char	   *relname;
 	char	   *qualname;		/* quoted schema.table */
 	char	   *tombstone;		/* quoted schema.cqrs_tombstone */
+	bool		partitioned;
 	int			ncols;
 	ApplyColumn *cols;			/* sorted like JSON object keys */
 	int			version_idx;
@@ -176,7 +181,9 @@ typedef struct ConvertContext
 } ConvertContext;
 
 static HTAB *apply_targets = NULL;
+static bool targets_invalidated = false;	/* some entry became invalid */
 static bool callbacks_registered = false;
+static bool settings_defined = false;
 
 /* Plans on the extension's own tables, and the schema they were made for */
 static Oid	ext_plans_nsp = InvalidOid;
@@ -221,6 +228,10 @@ check_version_column(char **newval, void **extra, GucSource source)
 void
 cqrs_apply_init(void)
 {
+	if (settings_defined)
+		return;
+	settings_defined = true;
+
 	DefineCustomStringVariable("cqrs_sync.version_column",
 							   "Name of the version column in tables written by cqrs_upsert(), cqrs_delete() and cqrs_apply_delta().",
 							   "The column must be of type bigint, integer or smallint; a row is only overwritten by a higher version.",
@@ -328,12 +339,39 @@ apply_relcache_callback(Datum arg, Oid relid)
 	{
 		t = hash_search(apply_targets, &relid, HASH_FIND, NULL);
 		if (t)
+		{
 			t->valid = false;
+			targets_invalidated = true;
+		}
 		return;
 	}
 	hash_seq_init(&status, apply_targets);
 	while ((t = hash_seq_search(&status)) != NULL)
 		t->valid = false;
+	targets_invalidated = true;
+}
+
+/*
+ * Frees the invalid entries (of dropped or changed tables); the next call
+ * on a changed table describes it afresh anyway.  Only when no helper is
+ * running.
+ */
+static void
+sweep_targets(void)
+{
+	HASH_SEQ_STATUS status;
+	ApplyTarget *t;
+
+	Assert(apply_depth == 0);
+	targets_invalidated = false;
+	hash_seq_init(&status, apply_targets);
+	while ((t = hash_seq_search(&status)) != NULL)
+	{
+		if (t->valid)
+			continue;
+		release_target(t);
+		hash_search(apply_targets, &t->relid, HASH_REMOVE, NULL);
+	}
 }
 
 /* A schema was renamed or dropped: the names in every plan may be stale. */
@@ -369,6 +407,10 @@ register_callbacks(void)
 
 	if (callbacks_registered)
 		return;
+
+	/* in case _PG_init() did not define the settings */
+	cqrs_apply_init();
+
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(Oid);
 	ctl.entrysize = sizeof(ApplyTarget);
@@ -386,8 +428,13 @@ static void
 apply_enter(void)
 {
 	register_callbacks();
-	if (apply_depth == 0 && (graveyard_plans != NIL || graveyard_cxts != NIL))
-		flush_graveyard();
+	if (apply_depth == 0)
+	{
+		if (graveyard_plans != NIL || graveyard_cxts != NIL)
+			flush_graveyard();
+		if (targets_invalidated)
+			sweep_targets();
+	}
 	apply_depth++;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -794,13 +841,49 @@ check_row_version(ApplyTarget *t, JsonMember *m, int64 version)
 				(errcode(ERRCODE_DATATYPE_MISMATCH),
 				 errmsg("version member \"%s\" of the row must be a JSON number, not a JSON %s",
 						t->version_name, json_value_type(&m->value))));
-	v = DatumGetInt64(DirectFunctionCall1(int8in, CStringGetDatum(str)));
+	{
+		ConvertContext cc = {"row", m, &t->cols[t->version_idx]};
+		ErrorContextCallback errcb;
+
+		errcb.callback = convert_error_callback;
+		errcb.arg = &cc;
+		errcb.previous = error_context_stack;
+		error_context_stack = &errcb;
+		v = DatumGetInt64(DirectFunctionCall1(int8in, CStringGetDatum(str)));
+		error_context_stack = errcb.previous;
+	}
 	if (v != version)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("version member \"%s\" of the row (" INT64_FORMAT ") differs from the version argument (" INT64_FORMAT ")",
 						t->version_name, v, version),
 				 errhint("Omit the member from the row or pass the same version.")));
+}
+
+/* A version must fit the version column, or no comparison makes sense */
+static void
+check_version_range(ApplyTarget *t, int64 version)
+{
+	ApplyColumn *ver = &t->cols[t->version_idx];
+	int64		min = PG_INT64_MIN;
+	int64		max = PG_INT64_MAX;
+
+	if (ver->basetype == INT4OID)
+	{
+		min = PG_INT32_MIN;
+		max = PG_INT32_MAX;
+	}
+	else if (ver->basetype == INT2OID)
+	{
+		min = PG_INT16_MIN;
+		max = PG_INT16_MAX;
+	}
+	if (version < min || version > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("version " INT64_FORMAT " is out of range for version column \"%s\" of relation \"%s\"",
+						version, ver->name, t->relname),
+				 errdetail("The column is of type %s.", ver->typname)));
 }
 
 /* ------------------------------------------------------------------------
@@ -853,6 +936,7 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 				 errmsg("\"%s\" is not a table", t->relname),
 				 errdetail("The read-side helpers write to ordinary and partitioned tables only.")));
 
+	t->partitioned = rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE;
 	t->qualname = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
 											 t->relname);
 	t->tombstone = psprintf("%s.cqrs_tombstone",
@@ -916,18 +1000,30 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		byattnum[t->cols[j].attnum] = j;
 
 	/* primary key */
-	pkoid = RelationGetPrimaryKeyIndex(rel);
+	pkoid = RelationGetPrimaryKeyIndex(rel);	/* never a deferrable one */
 	if (!OidIsValid(pkoid))
+	{
+		ListCell   *lc;
+
+		foreach(lc, RelationGetIndexList(rel))
+		{
+			Relation	i = index_open(lfirst_oid(lc), AccessShareLock);
+			bool		deferrable = i->rd_index->indisprimary;
+
+			index_close(i, AccessShareLock);
+			if (deferrable)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("primary key of relation \"%s\" is deferrable", t->relname),
+						 errdetail("INSERT ... ON CONFLICT cannot use a deferrable constraint as its arbiter."),
+						 errhint("Make the primary key NOT DEFERRABLE.")));
+		}
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("relation \"%s\" has no primary key", t->relname),
 				 errhint("Add a primary key; the read-side helpers identify rows by it.")));
+	}
 	idx = index_open(pkoid, AccessShareLock);
-	if (!idx->rd_index->indimmediate)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("primary key of relation \"%s\" is deferrable", t->relname),
-				 errdetail("INSERT ... ON CONFLICT cannot use a deferrable constraint.")));
 	t->npk = idx->rd_index->indnkeyatts;
 	for (int k = 0; k < t->npk; k++)
 	{
@@ -1091,6 +1187,58 @@ new_plan_entry(ApplyTarget *t, List **plans, int ncols, int *colidx)
 	return p;
 }
 
+/*
+ * What an INSERT ... ON CONFLICT DO UPDATE returns, so that row_is_new()
+ * can tell an inserted row from an updated one: a new row has no xmax,
+ * while the update left the lock of the conflict check in it.  A
+ * partitioned table cannot return xmax; it returns the row's partition and
+ * ctid instead, and row_is_new() reads the tuple header.
+ */
+static const char *
+returning_sql(ApplyTarget *t)
+{
+	return t->partitioned ?
+		" RETURNING t.tableoid, t.ctid" :
+		" RETURNING t.xmax OPERATOR(pg_catalog.=) '0'::pg_catalog.xid";
+}
+
+static bool
+row_is_new(ApplyTarget *t)
+{
+	bool		isnull;
+	Oid			partoid;
+	ItemPointerData tid;
+	Relation	rel;
+	TupleTableSlot *slot;
+	bool		isnew = true;
+
+	if (!t->partitioned)
+		return result_bool();
+
+	partoid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[0],
+																SPI_tuptable->tupdesc,
+																2, &isnull)),
+					&tid);
+	rel = table_open(partoid, NoLock);	/* locked by the INSERT */
+	slot = table_slot_create(rel, NULL);
+	/* not a heap partition: assume new, which is safe but takes the lock */
+	if (TTS_IS_BUFFERTUPLE(slot) &&
+		table_tuple_fetch_row_version(rel, &tid, SnapshotAny, slot))
+	{
+		bool		should_free;
+		HeapTuple	tup = ExecFetchSlotHeapTuple(slot, false, &should_free);
+
+		isnew = !TransactionIdIsValid(HeapTupleHeaderGetRawXmax(tup->t_data));
+		if (should_free)
+			heap_freetuple(tup);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	table_close(rel, NoLock);
+	return isnew;
+}
+
 static void
 append_pk_list(StringInfo sql, ApplyTarget *t)
 {
@@ -1100,11 +1248,21 @@ append_pk_list(StringInfo sql, ApplyTarget *t)
 }
 
 /*
+ * Two statements per column set.  Parameters: the row's columns in JSON
+ * member order, then the version, the target and the canonical key.
+ *
+ * plan, for the common case of a newer version of an existing row:
+ * UPDATE target AS t SET <non-key cols> = $.., version = $v
+ * WHERE <pk> AND (t.version IS NULL OR t.version < $v)
+ * It needs no tombstone check: a row that exists is newer than any
+ * tombstone of its key (it was inserted after the check below).
+ *
+ * plan2, when the UPDATE found nothing (no row, or a newer one):
  * INSERT INTO target AS t (<cols>, version) SELECT $1.., $v
  * WHERE NOT EXISTS (tombstone of the key with version >= $v)
  * ON CONFLICT (<pk>) DO UPDATE SET <non-key cols> = excluded.., version
  * WHERE t.version IS NULL OR t.version < excluded.version
- * RETURNING t.xmax = 0 (true when the row was inserted, not updated)
+ * RETURNING whether the row is new (see returning_sql())
  */
 static ColumnSetPlan *
 upsert_plan(ApplyTarget *t, int ncols, int *colidx)
@@ -1114,29 +1272,55 @@ upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 	StringInfoData sql;
 	Oid		   *argtypes;
 	bool		overriding = false;
+	int			k;
+	SPIPlanPtr	plan;
+	SPIPlanPtr	plan2;
 
 	if (p)
 		return p;
 	trim_plans(&t->upsert_plans);
 
 	argtypes = palloc(sizeof(Oid) * (ncols + 3));
+	for (int i = 0; i < ncols; i++)
+	{
+		argtypes[i] = t->cols[colidx[i]].basetype;
+		overriding |= t->cols[colidx[i]].identity_always;
+	}
+	argtypes[ncols] = INT8OID;
+	argtypes[ncols + 1] = REGCLASSOID;
+	argtypes[ncols + 2] = JSONBOID;
+
 	initStringInfo(&sql);
-	appendStringInfo(&sql, "INSERT INTO %s AS t (", t->qualname);
+	appendStringInfo(&sql, "UPDATE %s AS t SET ", t->qualname);
 	for (int i = 0; i < ncols; i++)
 	{
 		ApplyColumn *c = &t->cols[colidx[i]];
 
-		appendStringInfo(&sql, "%s, ", c->qname);
-		argtypes[i] = c->basetype;
-		overriding |= c->identity_always;
+		if (c->pkpos < 0)
+			appendStringInfo(&sql, "%s = $%d, ", c->qname, i + 1);
 	}
+	appendStringInfo(&sql, "%s = $%d WHERE ", ver->qname, ncols + 1);
+	k = 0;
+	for (int i = 0; i < ncols; i++)
+	{
+		ApplyColumn *c = &t->cols[colidx[i]];
+
+		if (c->pkpos >= 0)
+			appendStringInfo(&sql, "%st.%s %s $%d", k++ > 0 ? " AND " : "",
+							 c->qname, c->eqop, i + 1);
+	}
+	appendStringInfo(&sql, " AND (t.%s IS NULL OR t.%s OPERATOR(pg_catalog.<) $%d)",
+					 ver->qname, ver->qname, ncols + 1);
+	plan = prepare_kept(sql.data, ncols + 1, argtypes);
+
+	resetStringInfo(&sql);
+	appendStringInfo(&sql, "INSERT INTO %s AS t (", t->qualname);
+	for (int i = 0; i < ncols; i++)
+		appendStringInfo(&sql, "%s, ", t->cols[colidx[i]].qname);
 	appendStringInfo(&sql, "%s) %sSELECT ", ver->qname,
 					 overriding ? "OVERRIDING SYSTEM VALUE " : "");
 	for (int i = 0; i <= ncols; i++)
 		appendStringInfo(&sql, "%s$%d", i > 0 ? ", " : "", i + 1);
-	argtypes[ncols] = INT8OID;
-	argtypes[ncols + 1] = REGCLASSOID;
-	argtypes[ncols + 2] = JSONBOID;
 	appendStringInfo(&sql,
 					 " WHERE NOT EXISTS (SELECT FROM %s tb"
 					 " WHERE tb.target OPERATOR(pg_catalog.=) $%d"
@@ -1150,17 +1334,18 @@ upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 	{
 		ApplyColumn *c = &t->cols[colidx[i]];
 
-		if (c->pkpos >= 0)
-			continue;
-		appendStringInfo(&sql, "%s = excluded.%s, ", c->qname, c->qname);
+		if (c->pkpos < 0)
+			appendStringInfo(&sql, "%s = excluded.%s, ", c->qname, c->qname);
 	}
 	appendStringInfo(&sql, "%s = excluded.%s"
-					 " WHERE t.%s IS NULL OR t.%s OPERATOR(pg_catalog.<) excluded.%s"
-					 " RETURNING t.xmax OPERATOR(pg_catalog.=) '0'::pg_catalog.xid",
+					 " WHERE t.%s IS NULL OR t.%s OPERATOR(pg_catalog.<) excluded.%s",
 					 ver->qname, ver->qname, ver->qname, ver->qname, ver->qname);
+	appendStringInfoString(&sql, returning_sql(t));
+	plan2 = prepare_kept(sql.data, ncols + 3, argtypes);
 
 	p = new_plan_entry(t, &t->upsert_plans, ncols, colidx);
-	p->plan = prepare_kept(sql.data, ncols + 3, argtypes);
+	p->plan = plan;
+	p->plan2 = plan2;
 	return p;
 }
 
@@ -1170,7 +1355,7 @@ upsert_plan(ApplyTarget *t, int ncols, int *colidx)
  * INSERT INTO target AS t (<pk>, <cols>) SELECT $1..
  * WHERE NOT EXISTS (any tombstone of the key)
  * ON CONFLICT (<pk>) DO UPDATE SET <col> = t.<col> + excluded.<col>..
- * RETURNING t.xmax = 0
+ * RETURNING whether the row is new
  * Parameters: the key columns in primary key order, then the deltas, then
  * (INSERT only) target and canonical key.
  */
@@ -1182,6 +1367,8 @@ delta_plan(ApplyTarget *t, int ncols, int *colidx)
 	Oid		   *argtypes;
 	int			n = t->npk + ncols;
 	bool		overriding = false;
+	SPIPlanPtr	plan;
+	SPIPlanPtr	plan2;
 
 	if (p)
 		return p;
@@ -1201,8 +1388,6 @@ delta_plan(ApplyTarget *t, int ncols, int *colidx)
 	argtypes[n] = REGCLASSOID;
 	argtypes[n + 1] = JSONBOID;
 
-	p = new_plan_entry(t, &t->delta_plans, ncols, colidx);
-
 	initStringInfo(&sql);
 	appendStringInfo(&sql, "UPDATE %s AS t SET ", t->qualname);
 	for (int i = 0; i < ncols; i++)
@@ -1220,7 +1405,7 @@ delta_plan(ApplyTarget *t, int ncols, int *colidx)
 		appendStringInfo(&sql, "%st.%s %s $%d", k > 0 ? " AND " : "",
 						 c->qname, c->eqop, k + 1);
 	}
-	p->plan = prepare_kept(sql.data, n, argtypes);
+	plan = prepare_kept(sql.data, n, argtypes);
 
 	resetStringInfo(&sql);
 	appendStringInfo(&sql, "INSERT INTO %s AS t (", t->qualname);
@@ -1246,9 +1431,12 @@ delta_plan(ApplyTarget *t, int ncols, int *colidx)
 		appendStringInfo(&sql, "%s%s = t.%s OPERATOR(pg_catalog.+) excluded.%s",
 						 i > 0 ? ", " : "", c->qname, c->qname, c->qname);
 	}
-	appendStringInfoString(&sql,
-						   " RETURNING t.xmax OPERATOR(pg_catalog.=) '0'::pg_catalog.xid");
-	p->plan2 = prepare_kept(sql.data, n + 2, argtypes);
+	appendStringInfoString(&sql, returning_sql(t));
+	plan2 = prepare_kept(sql.data, n + 2, argtypes);
+
+	p = new_plan_entry(t, &t->delta_plans, ncols, colidx);
+	p->plan = plan;
+	p->plan2 = plan2;
 	return p;
 }
 
@@ -1260,7 +1448,8 @@ delta_plan(ApplyTarget *t, int ncols, int *colidx)
 /*
  * The canonical form of a key, as stored in cqrs_tombstone: an object of
  * the key columns' text representations, e.g. {"id": "42"}.  Equal keys
- * give equal documents whatever JSON spelled them ("42", 42, 42.0).
+ * give equal documents whatever JSON spelled them ("42" or 42; "ABC" or
+ * "abc" for a uuid).
  */
 static Jsonb *
 canonical_key(ApplyTarget *t, Datum *pkvals)
@@ -1349,7 +1538,7 @@ parse_key(ApplyTarget *t, Jsonb *key, Datum *pkvals)
 
 	if (JB_ROOT_IS_SCALAR(key) && t->npk == 1)
 	{
-		JsonMember m;
+		JsonMember	m;
 		ApplyColumn *c = &t->cols[t->pk_idx[0]];
 
 		JsonbExtractScalar(&key->root, &m.value);
@@ -1512,6 +1701,7 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 	ensure_ext_plans(helper_namespace(fcinfo));
 	t = get_target(relid, ext_plans_nsp);
 
+	check_version_range(t, version);
 	if (!JB_ROOT_IS_OBJECT(row))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -1576,27 +1766,32 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 					 errmsg("row lacks primary key column \"%s\" of relation \"%s\"",
 							t->cols[t->pk_idx[k]].name, t->relname)));
 
-	key = canonical_key(t, pkvals);
 	p = upsert_plan(t, ncols, colidx);
 	values[ncols] = Int64GetDatum(version);
-	values[ncols + 1] = ObjectIdGetDatum(relid);
-	values[ncols + 2] = JsonbPGetDatum(key);
-	nulls[ncols] = nulls[ncols + 1] = nulls[ncols + 2] = ' ';
-	nulls[ncols + 3] = '\0';
-
+	nulls[ncols] = ' ';
 	if (run_plan(p->plan, values, nulls, false, false) == 1)
-	{
 		result = true;
-		if (result_bool())
+	else
+	{
+		key = canonical_key(t, pkvals);
+		values[ncols + 1] = ObjectIdGetDatum(relid);
+		values[ncols + 2] = JsonbPGetDatum(key);
+		nulls[ncols + 1] = nulls[ncols + 2] = ' ';
+		nulls[ncols + 3] = '\0';
+		if (run_plan(p->plan2, values, nulls, false, false) == 1)
 		{
-			int64		tv;
-
-			/* a new row: a delete of the key may have committed meanwhile */
-			lock_key(t, key);
-			if (tombstone_version(t, key, &tv) && tv >= version)
+			result = true;
+			if (row_is_new(t))
 			{
-				undo_insert(t, pkvals, version);
-				result = false;
+				int64		tv;
+
+				/* a delete of the key may have committed meanwhile */
+				lock_key(t, key);
+				if (tombstone_version(t, key, &tv) && tv >= version)
+				{
+					undo_insert(t, pkvals, version);
+					result = false;
+				}
 			}
 		}
 	}
@@ -1631,6 +1826,7 @@ cqrs_delete(PG_FUNCTION_ARGS)
 	apply_enter();
 	ensure_ext_plans(helper_namespace(fcinfo));
 	t = get_target(relid, ext_plans_nsp);
+	check_version_range(t, version);
 	parse_key(t, keyarg, pkvals);
 	key = canonical_key(t, pkvals);
 
@@ -1801,7 +1997,7 @@ cqrs_apply_delta(PG_FUNCTION_ARGS)
 		result = false;			/* the row was deleted */
 		goto done;
 	}
-	if (result_bool())
+	if (row_is_new(t))
 	{
 		int64		tv;
 
@@ -1860,7 +2056,7 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	schema = quote_identifier(get_namespace_name(helper_namespace(fcinfo)));
 	rc = SPI_execute_with_args(psprintf("DELETE FROM %s.cqrs_inbox "
 										"WHERE processed_at OPERATOR(pg_catalog.<) "
-										"pg_catalog.now() OPERATOR(pg_catalog.-) $1",
+										"(pg_catalog.now() OPERATOR(pg_catalog.-) $1)",
 										schema),
 							   1, argtypes, values, NULL, false, 0);
 	if (rc != SPI_OK_DELETE)
@@ -1868,7 +2064,7 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	total += SPI_processed;
 	rc = SPI_execute_with_args(psprintf("DELETE FROM %s.cqrs_tombstone tb "
 										"WHERE tb.deleted_at OPERATOR(pg_catalog.<) "
-										"pg_catalog.now() OPERATOR(pg_catalog.-) $1 "
+										"(pg_catalog.now() OPERATOR(pg_catalog.-) $1) "
 										"OR NOT EXISTS (SELECT FROM pg_catalog.pg_class c "
 										"WHERE c.oid OPERATOR(pg_catalog.=) tb.target)",
 										schema),

@@ -12,6 +12,7 @@
 #include "postmaster/bgworker.h"
 #include "utils/guc.h"
 
+#include "apply.h"
 #include "cqrs_sync.h"
 #include "enqueue.h"
 #include "relay_worker.h"
@@ -31,8 +32,9 @@ bool		cqrs_relay_enabled = true;
 
 void		_PG_init(void);
 
+/* Settings only the workers read; they exist only when preloaded. */
 static void
-define_settings(void)
+define_worker_settings(void)
 {
 	DefineCustomStringVariable("cqrs_sync.database",
 							   "Database the cqrs_sync workers connect to.",
@@ -51,7 +53,15 @@ define_settings(void)
 							 PGC_POSTMASTER,
 							 0,
 							 NULL, NULL, NULL);
+}
 
+/*
+ * Settings any session may see.  PGC_POSTMASTER settings cannot be created
+ * after startup, so those are in define_worker_settings().
+ */
+static void
+define_settings(void)
+{
 	DefineCustomStringVariable("cqrs_sync.brokers",
 							   "Kafka bootstrap servers the relay produces to.",
 							   "A comma-separated list of host:port pairs (librdkafka bootstrap.servers).",
@@ -115,7 +125,7 @@ define_settings(void)
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
-	MarkGUCPrefixReserved("cqrs_sync");
+	cqrs_apply_init();
 }
 
 void
@@ -124,7 +134,10 @@ _PG_init(void)
 	if (IsBinaryUpgrade)
 		return;
 
+	if (process_shared_preload_libraries_in_progress)
+		define_worker_settings();
 	define_settings();
+	MarkGUCPrefixReserved("cqrs_sync");
 	cqrs_enqueue_init();
 
 	if (!process_shared_preload_libraries_in_progress)

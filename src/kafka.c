@@ -168,14 +168,16 @@ read_config_file(rd_kafka_conf_t *conf, const char *path,
 }
 
 /*
- * Create the idempotent producer.  Returns NULL and fills errbuf on error.
+ * Create the idempotent producer; batch_bytes > 0 caps its record batches.
+ * Returns NULL and fills errbuf on error.
  */
 rd_kafka_t *
-cqrs_kafka_create(char *errbuf, size_t errlen)
+cqrs_kafka_create(int batch_bytes, char *errbuf, size_t errlen)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	rd_kafka_t *rk;
 	char		rderr[512];
+	char		batch_size[32];
 
 	/* defaults the properties file may change */
 	if (!conf_set(conf, "client.id", "cqrs_sync", "default", errbuf, errlen) ||
@@ -190,6 +192,14 @@ cqrs_kafka_create(char *errbuf, size_t errlen)
 	if (cqrs_kafka_config_file && cqrs_kafka_config_file[0] != '\0' &&
 		!read_config_file(conf, cqrs_kafka_config_file, errbuf, errlen))
 		goto fail;
+
+	/* never a record batch larger than the smallest topic limit seen */
+	if (batch_bytes > 0)
+	{
+		snprintf(batch_size, sizeof(batch_size), "%d", batch_bytes);
+		if (!conf_set(conf, "batch.size", batch_size, "smallest max.message.bytes", errbuf, errlen))
+			goto fail;
+	}
 
 	/* what the relay's guarantees rest on; the file cannot change these */
 	if (!conf_set(conf, "bootstrap.servers", cqrs_brokers, "cqrs_sync.brokers", errbuf, errlen) ||
@@ -288,6 +298,80 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		rd_kafka_headers_destroy(hdrs);
 	return err;
+}
+
+/*
+ * The topic's max.message.bytes, asked with DescribeConfigs; -1 when Kafka
+ * did not say (the topic does not exist yet, the broker is unreachable, no
+ * permission to describe it).  The broker rejects a whole record batch, and
+ * every message in it, when the batch exceeds this limit, so the relay keeps
+ * batches and messages below it.
+ */
+int
+cqrs_kafka_topic_limit(rd_kafka_t *rk, const char *topic, int timeout_ms)
+{
+	rd_kafka_ConfigResource_t *res;
+	rd_kafka_AdminOptions_t *opts;
+	rd_kafka_queue_t *queue;
+	rd_kafka_event_t *ev;
+	char		errstr[256];
+	int			limit = -1;
+
+	res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
+	opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS);
+	rd_kafka_AdminOptions_set_request_timeout(opts, timeout_ms, errstr, sizeof(errstr));
+	queue = rd_kafka_queue_new(rk);
+
+	rd_kafka_DescribeConfigs(rk, &res, 1, opts, queue);
+	ev = rd_kafka_queue_poll(queue, timeout_ms + 1000);
+	if (ev != NULL && rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		const rd_kafka_DescribeConfigs_result_t *result =
+			rd_kafka_event_DescribeConfigs_result(ev);
+		const rd_kafka_ConfigResource_t **resources;
+		size_t		nres = 0;
+
+		resources = result ?
+			rd_kafka_DescribeConfigs_result_resources(result, &nres) : NULL;
+		if (nres == 1 &&
+			rd_kafka_ConfigResource_error(resources[0]) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			const rd_kafka_ConfigEntry_t **entries;
+			size_t		nentries = 0;
+
+			entries = rd_kafka_ConfigResource_configs(resources[0], &nentries);
+			for (size_t i = 0; i < nentries; i++)
+			{
+				const char *value = rd_kafka_ConfigEntry_value(entries[i]);
+
+				if (strcmp(rd_kafka_ConfigEntry_name(entries[i]), "max.message.bytes") == 0 &&
+					value != NULL)
+					limit = atoi(value);
+			}
+		}
+	}
+	if (ev != NULL)
+		rd_kafka_event_destroy(ev);
+	rd_kafka_queue_destroy(queue);
+	rd_kafka_AdminOptions_destroy(opts);
+	rd_kafka_ConfigResource_destroy(res);
+	return limit;
+}
+
+/*
+ * Bytes a message takes in a record batch of its own, for comparison with
+ * max.message.bytes: payload plus a generous allowance for the batch header
+ * (61 bytes) and the record framing.
+ */
+int
+cqrs_kafka_message_size(const CqrsMessage *msg)
+{
+	int			size = 61 + 32 + msg->keylen + msg->valuelen;
+
+	for (int i = 0; i < msg->nheaders; i++)
+		size += 10 + strlen(msg->header_names[i]) + strlen(msg->header_values[i]);
+	size += 10 + strlen("event_id") + strlen(msg->event_id);
+	return size;
 }
 
 /* Is the producer in a fatal state (it must be re-created)? */

@@ -40,7 +40,9 @@ typedef struct CqrsMessage
 	rd_kafka_resp_err_t err;
 } CqrsMessage;
 
-extern rd_kafka_t *cqrs_kafka_create(char *errbuf, size_t errlen);
+extern rd_kafka_t *cqrs_kafka_create(int batch_bytes, char *errbuf, size_t errlen);
+extern int	cqrs_kafka_topic_limit(rd_kafka_t *rk, const char *topic, int timeout_ms);
+extern int	cqrs_kafka_message_size(const CqrsMessage *msg);
 extern void cqrs_kafka_destroy(rd_kafka_t *rk, int timeout_ms);
 extern rd_kafka_resp_err_t cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg);
 extern CqrsFailureClass cqrs_kafka_classify(rd_kafka_resp_err_t err);

@@ -746,7 +746,7 @@ cqrs_relay_main(Datum main_arg)
 		{
 			char		errbuf[1024];
 
-			producer = cqrs_kafka_create(errbuf, sizeof(errbuf));
+			producer = cqrs_kafka_create(0, errbuf, sizeof(errbuf));
 			if (producer == NULL)
 			{
 				ereport(WARNING,

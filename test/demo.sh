@@ -38,6 +38,7 @@ trap cleanup EXIT
 
 say "Starting a real Kafka broker (KRaft) on 127.0.0.1:$KAFKA_PORT and PostgreSQL 15 on port $PGPORT"
 bash "$HERE/kafka/broker.sh" start >/dev/null
+bash "$HERE/kafka/topic.sh" create "$TOPIC" 4 >/dev/null
 eval "$(bash "$HERE/pg/cluster.sh" start)"
 PSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d postgres)
 BROKER="127.0.0.1:$KAFKA_PORT"
@@ -57,7 +58,7 @@ SELECT count(*) AS events_of_rolled_back_board FROM cqrs_outbox WHERE payload->>
 SQL
 
 say "Workload: $CLIENTS clients like, comment and edit boards for $SECONDS_TO_RUN s (pgbench)"
-"$PG_BINDIR/pgbench" -n -q -c "$CLIENTS" -j 2 -T "$SECONDS_TO_RUN" -f "$HERE/demo/workload.pgbench" postgres \
+"$PG_BINDIR/pgbench" -n -c "$CLIENTS" -j 2 -T "$SECONDS_TO_RUN" -f "$HERE/demo/workload.pgbench" postgres \
     >"$CQRS_TEST_DIR/demo-pgbench.log" 2>&1 &
 bench=$!
 while kill -0 "$bench" 2>/dev/null; do
@@ -81,8 +82,37 @@ kafka_count=$(kcat -C -b "$BROKER" -t "$TOPIC" -o beginning -e -q -f '%k\n' 2>/d
 echo "events committed in the outbox: $outbox_count; messages in Kafka: $kafka_count"
 echo "three messages of board 7 (key, headers, value):"
 kcat -C -b "$BROKER" -t "$TOPIC" -o beginning -e -q -f '  key=%k  headers=%h\n  value=%s\n' 2>/dev/null |
-    grep -A1 '^  key=7 ' | head -6
+    grep -A1 '^  key=7 ' | head -6 || true
 [ "$outbox_count" = "$kafka_count" ] || { echo "mismatch between outbox and Kafka" >&2; exit 1; }
 
+say "Read side: a consumer applies the stream to the board_detail read model (database community_read)"
+"${PSQL[@]}" -c "CREATE DATABASE community_read"
+RPSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d community_read)
+"${RPSQL[@]}" -c "CREATE EXTENSION cqrs_sync"
+"${RPSQL[@]}" -f "$HERE/demo/read_model.sql"
+# Each event in its own transaction, as a consumer would: the inbox makes a
+# redelivered event change nothing.
+consume_and_apply() {
+    kcat -C -b "$BROKER" -t "$TOPIC" -o beginning -e -q -f '%h\t%s\n' 2>/dev/null |
+        awk -F '\t' '{
+            match($1, /event_id=[0-9a-f-]+/); eid = substr($1, RSTART + 9, RLENGTH - 9);
+            printf "SELECT community_apply(\x27board-view\x27, \x27%s\x27, $j$%s$j$::jsonb);\n", eid, $2 }' |
+        "${RPSQL[@]}" -o /dev/null
+}
+compare() {
+    "${PSQL[@]}" -At -F ' ' -c "SELECT format('write model: %s boards, %s likes, %s comments', (SELECT count(*) FROM boards), (SELECT count(*) FROM likes), (SELECT count(*) FROM comments))"
+    "${RPSQL[@]}" -At -F ' ' -c "SELECT format('read model:  %s boards, %s likes, %s comments', count(*), sum(likes), sum(comments)) FROM board_page"
+}
+consume_and_apply
+compare
+echo "the same stream delivered a second time (a consumer restart that re-reads everything):"
+consume_and_apply
+compare
+"${RPSQL[@]}" -c "SELECT board_id, title, likes, comments, version FROM board_page ORDER BY likes DESC, board_id LIMIT 5"
+w=$("${PSQL[@]}" -At -c "SELECT (SELECT count(*) FROM likes) || '/' || (SELECT count(*) FROM comments)")
+r=$("${RPSQL[@]}" -At -c "SELECT sum(likes) || '/' || sum(comments) FROM board_page")
+[ "$w" = "$r" ] || { echo "read model differs from the write model: $r vs $w" >&2; exit 1; }
+
 say "Done"
-echo "Every committed event reached Kafka once, in order per board, with its event_id header."
+echo "Every committed event reached Kafka once, in order per board, with its event_id header;"
+echo "applying the stream twice left the read model equal to the write model."
