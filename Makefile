@@ -5,13 +5,14 @@ EXTVERSION  = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION)
 
 MODULE_big  = cqrs_sync
 OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
-              src/relay_worker.o src/stats.o src/util.o src/apply.o
+              src/relay_worker.o src/topics.o src/dlt_depth.o src/stats.o src/util.o src/apply.o \
+              src/cleanup_worker.o
 
 DATA        = $(wildcard sql/cqrs_sync--*.sql)
 DOCS        = README.md
 
 # pg_regress (PG15) reads ./sql/<test>.sql and ./expected/<test>.out
-REGRESS        = outbox apply
+REGRESS        = outbox operator apply cleanup
 REGRESS_OPTS   = --inputdir=.
 CONTRIB_TESTDB = cqrs_regress
 

@@ -319,3 +319,4 @@ DROP ROLE regress_apply_stranger;
 
 DROP TABLE board_detail, member_stats, region_view, doc_view, no_pk, no_version,
     text_version, deferred_pk, gen_view, strict_view CASCADE;
+DROP EXTENSION cqrs_sync;

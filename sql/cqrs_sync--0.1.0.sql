@@ -44,6 +44,8 @@ CREATE TABLE cqrs_outbox (
     last_error      text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     sent_at         timestamptz,
+    purge_approved_by text,
+    purge_approved_at timestamptz,
     CONSTRAINT cqrs_outbox_topic_check CHECK (topic <> ''),
     CONSTRAINT cqrs_outbox_headers_check
         CHECK (headers IS NULL OR jsonb_typeof(headers) = 'object')
@@ -62,6 +64,8 @@ COMMENT ON COLUMN cqrs_outbox.dlt_retry_count IS 'Failed attempts to publish the
 COMMENT ON COLUMN cqrs_outbox.next_attempt_at IS 'A PENDING row is not sent before this time (retry backoff).';
 COMMENT ON COLUMN cqrs_outbox.last_error IS 'Why the last attempt failed.';
 COMMENT ON COLUMN cqrs_outbox.created_at IS 'When the event was enqueued (transaction start time).';
+COMMENT ON COLUMN cqrs_outbox.purge_approved_by IS 'Operator who approved purging this failed row (cqrs_approve_purge).';
+COMMENT ON COLUMN cqrs_outbox.purge_approved_at IS 'When purging this failed row was approved.';
 COMMENT ON COLUMN cqrs_outbox.sent_at IS 'When Kafka acknowledged the last message of the row''s batch.';
 
 -- The relay's scan: only PENDING rows, in id order.
@@ -73,6 +77,41 @@ CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING
 REVOKE ALL ON cqrs_outbox FROM PUBLIC;
 REVOKE ALL ON SEQUENCE cqrs_outbox_id_seq FROM PUBLIC;
 GRANT SELECT ON cqrs_outbox TO pg_monitor, cqrs_sync_operator;
+
+-- Every operator action and every purge of a failed row leaves a row here,
+-- so that nothing disappears unexplained.
+CREATE TABLE cqrs_outbox_audit (
+    audit_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    action     text NOT NULL
+               CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'PURGE')),
+    outbox_id  bigint NOT NULL,
+    event_id   uuid,
+    topic      text,
+    key        text,
+    status     cqrs_outbox_status,
+    reason     text,
+    approver   text,
+    -- the role acting: SET ROLE counts, SECURITY DEFINER does not
+    actor      text NOT NULL DEFAULT (CASE WHEN current_setting('role') = 'none'
+                                           THEN session_user::text
+                                           ELSE current_setting('role') END),
+    at         timestamptz NOT NULL DEFAULT now(),
+    payload    jsonb
+);
+COMMENT ON TABLE cqrs_outbox_audit IS
+    'Audit trail of operator actions on outbox rows (retry, discard, purge approval) and of purges of failed rows.';
+COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE or PURGE.';
+COMMENT ON COLUMN cqrs_outbox_audit.outbox_id IS 'The outbox row acted on.';
+COMMENT ON COLUMN cqrs_outbox_audit.status IS 'The row''s status when the action happened.';
+COMMENT ON COLUMN cqrs_outbox_audit.reason IS 'Why: the operator''s reason, or the row''s last error for a retry.';
+COMMENT ON COLUMN cqrs_outbox_audit.approver IS 'For a purge: who approved it.';
+COMMENT ON COLUMN cqrs_outbox_audit.actor IS 'Role that acted: the role set with SET ROLE, else the session user (the cleanup worker or cron job for purges).';
+COMMENT ON COLUMN cqrs_outbox_audit.at IS 'When it happened.';
+COMMENT ON COLUMN cqrs_outbox_audit.payload IS 'The event''s payload, for rows that left the outbox (discard, purge).';
+COMMENT ON SEQUENCE cqrs_outbox_audit_audit_id_seq IS 'Ids of cqrs_outbox_audit rows.';
+CREATE INDEX cqrs_outbox_audit_outbox_idx ON cqrs_outbox_audit (outbox_id);
+REVOKE ALL ON cqrs_outbox_audit FROM PUBLIC;
+GRANT SELECT ON cqrs_outbox_audit TO pg_monitor, cqrs_sync_operator;
 
 CREATE FUNCTION cqrs_enqueue(topic text, key text, payload jsonb,
                              headers jsonb DEFAULT NULL)
@@ -93,14 +132,23 @@ CREATE FUNCTION cqrs_relay_state(
     OUT events_failed bigint,
     OUT batches bigint,
     OUT producer_restarts bigint,
+    OUT dead_lettered bigint,
+    OUT dlt_failed bigint,
     OUT last_success_at timestamptz,
     OUT last_error text,
-    OUT last_error_at timestamptz)
+    OUT last_error_at timestamptz,
+    OUT state text,
+    OUT paused_topic text,
+    OUT paused_reason text)
 RETURNS record
 AS 'MODULE_PATHNAME', 'cqrs_relay_state'
 LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION cqrs_relay_state() IS
-    'Counters of the relay worker since the server started (shared memory); NULLs when cqrs_sync is not in shared_preload_libraries.';
+    'Counters and state of the relay worker since the server started (shared memory, kept across worker restarts); NULLs when cqrs_sync is not in shared_preload_libraries.';
+
+-- Failed rows, for counts, the dead-letter topic list and cleanup.
+CREATE INDEX cqrs_outbox_failed_idx ON cqrs_outbox (topic)
+    WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
 
 CREATE FUNCTION cqrs_outbox_stats(
     OUT pending bigint,
@@ -113,30 +161,325 @@ CREATE FUNCTION cqrs_outbox_stats(
     OUT relay_events_failed bigint,
     OUT relay_last_success_at timestamptz,
     OUT relay_last_error text,
-    OUT relay_last_error_at timestamptz)
+    OUT relay_last_error_at timestamptz,
+    OUT table_bytes bigint,
+    OUT index_bytes bigint,
+    OUT relay_state text,
+    OUT relay_paused_topic text,
+    OUT relay_paused_reason text,
+    OUT relay_dead_lettered bigint,
+    OUT relay_dlt_failed bigint,
+    OUT relay_producer_restarts bigint)
 RETURNS record
 LANGUAGE sql STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT c.pending, c.sent, c.dead_lettered, c.dlt_failed,
-           coalesce(extract(epoch FROM now() - p.oldest), 0)::float8,
+    -- PENDING and failed rows are counted through their partial indexes;
+    -- SENT rows are the rest of an index-only count of all rows.
+    SELECT p.pending, t.total - p.pending - f.dead_lettered - f.dlt_failed,
+           f.dead_lettered, f.dlt_failed,
+           coalesce(extract(epoch FROM now() - o.oldest), 0)::float8,
            r.worker_pid, r.events_sent, r.events_failed,
-           r.last_success_at, r.last_error, r.last_error_at
-      FROM (SELECT count(*) FILTER (WHERE status = 'PENDING')       AS pending,
-                   count(*) FILTER (WHERE status = 'SENT')          AS sent,
-                   count(*) FILTER (WHERE status = 'DEAD_LETTERED') AS dead_lettered,
-                   count(*) FILTER (WHERE status = 'DLT_FAILED')    AS dlt_failed
-              FROM @extschema@.cqrs_outbox) c,
-           (SELECT min(created_at) AS oldest
+           r.last_success_at, r.last_error, r.last_error_at,
+           pg_table_size('@extschema@.cqrs_outbox'::regclass),
+           pg_indexes_size('@extschema@.cqrs_outbox'::regclass),
+           coalesce(r.state, 'stopped'), r.paused_topic, r.paused_reason,
+           r.dead_lettered, r.dlt_failed, r.producer_restarts
+      FROM (SELECT count(*) AS total FROM @extschema@.cqrs_outbox) t,
+           (SELECT count(*) AS pending
               FROM @extschema@.cqrs_outbox WHERE status = 'PENDING') p,
+           (SELECT count(*) FILTER (WHERE status = 'DEAD_LETTERED') AS dead_lettered,
+                   count(*) FILTER (WHERE status = 'DLT_FAILED')    AS dlt_failed
+              FROM @extschema@.cqrs_outbox
+             WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED')) f,
+           -- the first PENDING row in outbox order
+           (SELECT (SELECT created_at FROM @extschema@.cqrs_outbox
+                     WHERE status = 'PENDING' ORDER BY id LIMIT 1) AS oldest) o,
            @extschema@.cqrs_relay_state() r
 $$;
 COMMENT ON FUNCTION cqrs_outbox_stats() IS
-    'One row for DBAs and exporters: rows per status, age of the oldest PENDING row in seconds, and the relay worker''s totals and last error.';
+    'One row for DBAs and exporters: rows per status, age in seconds of the oldest PENDING row (in outbox order), the relay worker''s state, totals and last error, and the size in bytes of the outbox table (with TOAST) and of its indexes.';
 REVOKE ALL ON FUNCTION cqrs_outbox_stats() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_outbox_stats() TO pg_monitor, cqrs_sync_operator;
 REVOKE ALL ON FUNCTION cqrs_relay_state() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_relay_state() TO pg_monitor, cqrs_sync_operator;
+
+-- Views shaped for an exporter: labels and numbers, no reshaping needed.
+CREATE VIEW cqrs_stats_outbox AS
+    SELECT v.status, v.rows
+      FROM @extschema@.cqrs_outbox_stats() s,
+           LATERAL (VALUES ('PENDING', s.pending), ('SENT', s.sent),
+                           ('DEAD_LETTERED', s.dead_lettered),
+                           ('DLT_FAILED', s.dlt_failed)) AS v(status, rows);
+COMMENT ON VIEW cqrs_stats_outbox IS
+    'Outbox rows per status, one row per status (0 when none); for exporters (metric cqrs_outbox_rows{status}).';
+
+CREATE VIEW cqrs_stats_relay AS
+    SELECT (s.relay_pid IS NOT NULL)::integer AS relay_up,
+           (s.relay_state IN ('paused', 'waiting for broker'))::integer AS paused,
+           s.relay_state AS state,
+           s.relay_paused_topic AS paused_topic,
+           s.relay_paused_reason AS paused_reason,
+           coalesce(s.relay_events_sent, 0) AS events_sent,
+           coalesce(s.relay_events_failed, 0) AS events_failed,
+           coalesce(s.relay_dead_lettered, 0) AS dead_lettered,
+           coalesce(s.relay_dlt_failed, 0) AS dlt_failed,
+           coalesce(s.relay_producer_restarts, 0) AS producer_restarts,
+           extract(epoch FROM now() - s.relay_last_success_at)::float8 AS last_success_age_seconds,
+           s.relay_last_error AS last_error,
+           extract(epoch FROM now() - s.relay_last_error_at)::float8 AS last_error_age_seconds,
+           s.oldest_pending_age_seconds,
+           s.table_bytes,
+           s.index_bytes
+      FROM @extschema@.cqrs_outbox_stats() s;
+COMMENT ON VIEW cqrs_stats_relay IS
+    'One row: whether the relay runs and is paused (and on what), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age and the outbox size; for exporters.';
+
+CREATE FUNCTION cqrs_dlt_depth_partitions(
+    OUT topic text,
+    OUT partition integer,
+    OUT low_offset bigint,
+    OUT high_offset bigint,
+    OUT messages bigint,
+    OUT checked_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cqrs_dlt_depth'
+LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION cqrs_dlt_depth_partitions() IS
+    'Watermark offsets of the dead-letter topic partitions, as the relay last asked Kafka (shared memory).';
+REVOKE ALL ON FUNCTION cqrs_dlt_depth_partitions() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_dlt_depth_partitions() TO pg_monitor, cqrs_sync_operator;
+
+CREATE VIEW cqrs_dlt_depth AS
+    SELECT topic, partition, low_offset, high_offset, messages, checked_at
+      FROM @extschema@.cqrs_dlt_depth_partitions();
+COMMENT ON VIEW cqrs_dlt_depth IS
+    'Messages per dead-letter topic and partition (high minus low watermark), refreshed by the relay every cqrs_sync.dlt_depth_interval: the DLT topics it wrote to and those in cqrs_sync.read_side_dlt_topics.';
+
+REVOKE ALL ON cqrs_stats_outbox, cqrs_stats_relay, cqrs_dlt_depth FROM PUBLIC;
+GRANT SELECT ON cqrs_stats_outbox, cqrs_stats_relay, cqrs_dlt_depth TO pg_monitor, cqrs_sync_operator;
+
+-----------------------------------------------------------------------------
+-- Operator functions (retry, discard)
+-----------------------------------------------------------------------------
+
+-- @@OPERATOR_BEGIN@@
+
+CREATE FUNCTION cqrs_wake_relay()
+RETURNS void
+AS 'MODULE_PATHNAME', 'cqrs_wake_relay_sql'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_wake_relay() IS
+    'Wakes the relay when the calling transaction commits (the operator functions use it), so a row made PENDING is sent at once.';
+REVOKE ALL ON FUNCTION cqrs_wake_relay() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_wake_relay() TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_retry(id bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r @extschema@.cqrs_outbox;
+BEGIN
+    IF cqrs_retry.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO r FROM @extschema@.cqrs_outbox o WHERE o.id = cqrs_retry.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox row % does not exist', cqrs_retry.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF r.status = 'SENT' THEN
+        RAISE EXCEPTION 'outbox row % was already sent', cqrs_retry.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only PENDING, DEAD_LETTERED and DLT_FAILED rows can be retried.';
+    END IF;
+    INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
+    VALUES ('RETRY', r.id, r.event_id, r.topic, r.key, r.status, r.last_error);
+    UPDATE @extschema@.cqrs_outbox o
+       SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+           next_attempt_at = NULL, last_error = NULL,
+           purge_approved_by = NULL, purge_approved_at = NULL
+     WHERE o.id = r.id;
+    PERFORM @extschema@.cqrs_wake_relay();
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION cqrs_retry(bigint) IS
+    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with its counters reset, recording the row''s last error in cqrs_outbox_audit; the relay sends it at once.';
+REVOKE ALL ON FUNCTION cqrs_retry(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_retry(bigint) TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_retry_dlt_failed()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH failed AS (
+        SELECT o.id, o.event_id, o.topic, o.key, o.last_error
+          FROM @extschema@.cqrs_outbox o
+         WHERE o.status = 'DLT_FAILED'
+           FOR UPDATE
+    ), audited AS (
+        INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
+        SELECT 'RETRY', f.id, f.event_id, f.topic, f.key, 'DLT_FAILED', f.last_error FROM failed f
+    ), reset AS (
+        UPDATE @extschema@.cqrs_outbox o
+           SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+               next_attempt_at = NULL, last_error = NULL,
+               purge_approved_by = NULL, purge_approved_at = NULL
+          FROM failed f
+         WHERE o.id = f.id
+        RETURNING o.id
+    )
+    SELECT count(*) INTO n FROM reset;
+    IF n > 0 THEN
+        PERFORM @extschema@.cqrs_wake_relay();
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION cqrs_retry_dlt_failed() IS
+    'Operator: puts every DLT_FAILED row back to PENDING (as cqrs_retry does, audited) and returns how many.';
+REVOKE ALL ON FUNCTION cqrs_retry_dlt_failed() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_retry_dlt_failed() TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_discard(id bigint, reason text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r @extschema@.cqrs_outbox;
+BEGIN
+    IF cqrs_discard.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF coalesce(btrim(cqrs_discard.reason), '') = '' THEN
+        RAISE EXCEPTION 'a reason is required to discard an outbox row'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Say why the event may be dropped; the reason is kept in cqrs_outbox_audit.';
+    END IF;
+    SELECT * INTO r FROM @extschema@.cqrs_outbox o WHERE o.id = cqrs_discard.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox row % does not exist', cqrs_discard.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF r.status = 'SENT' THEN
+        RAISE EXCEPTION 'outbox row % was already sent', cqrs_discard.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Sent rows leave the outbox through cqrs_cleanup().';
+    END IF;
+    INSERT INTO @extschema@.cqrs_outbox_audit
+           (action, outbox_id, event_id, topic, key, status, reason, payload)
+    VALUES ('DISCARD', r.id, r.event_id, r.topic, r.key, r.status, cqrs_discard.reason, r.payload);
+    DELETE FROM @extschema@.cqrs_outbox o WHERE o.id = r.id;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION cqrs_discard(bigint, text) IS
+    'Operator: takes a PENDING, DEAD_LETTERED or DLT_FAILED row out of the outbox for good; the event, who, when and why are kept in cqrs_outbox_audit.';
+REVOKE ALL ON FUNCTION cqrs_discard(bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_discard(bigint, text) TO cqrs_sync_operator;
+
+-- @@OPERATOR_END@@
+
+-----------------------------------------------------------------------------
+-- Cleanup and retention
+-----------------------------------------------------------------------------
+
+-- @@CLEANUP_BEGIN@@
+
+-- Rows approved for purging, for the cleanup pass (a few rows at most; the
+-- relay's updates never add entries, so it costs the relay nothing).
+CREATE INDEX cqrs_outbox_purge_idx ON cqrs_outbox (id)
+    WHERE purge_approved_at IS NOT NULL;
+COMMENT ON INDEX cqrs_outbox_purge_idx IS
+    'Lets the cleanup pass find the failed rows approved for purging without scanning the outbox.';
+
+CREATE FUNCTION cqrs_cleanup(
+    OUT sent bigint,
+    OUT dead_lettered bigint,
+    OUT dlt_failed bigint,
+    OUT read_side bigint,
+    OUT complete boolean)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cqrs_cleanup'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE
+-- operators may clean up, but not delete from the outbox at will
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION cqrs_cleanup() IS
+    'One cleanup pass, for pg_cron or by hand, in the caller''s transaction: deletes SENT rows older than cqrs_sync.sent_retention and purges DEAD_LETTERED/DLT_FAILED rows approved with cqrs_approve_purge() and older than cqrs_sync.dlt_retention (audited), in batches of cqrs_sync.cleanup_batch_size, at most cqrs_sync.cleanup_max_rows_per_call rows per call (complete = false when it stopped early), then prunes the read side (cqrs_prune_read_side()). Never deletes PENDING rows. Returns the rows deleted per status.';
+REVOKE ALL ON FUNCTION cqrs_cleanup() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_cleanup() TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_approve_purge(ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- who approves: the role set with SET ROLE, else the session user (as
+    -- the audit's actor)
+    who text := CASE WHEN current_setting('role') = 'none'
+                     THEN session_user::text ELSE current_setting('role') END;
+    approved bigint[];
+    n_not integer;
+    listed text;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    WITH a AS (
+        UPDATE @extschema@.cqrs_outbox o
+           SET purge_approved_by = who, purge_approved_at = now()
+         WHERE o.id = ANY (ids)
+           AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED')
+           AND o.purge_approved_at IS NULL
+        RETURNING o.id, o.event_id, o.topic, o.key, o.status, o.last_error
+    ), audited AS (
+        INSERT INTO @extschema@.cqrs_outbox_audit
+               (action, outbox_id, event_id, topic, key, status, reason, approver)
+        SELECT 'APPROVE_PURGE', a.id, a.event_id, a.topic, a.key, a.status, a.last_error, who
+          FROM a ORDER BY a.id
+    )
+    SELECT coalesce(array_agg(a.id), '{}') INTO approved FROM a;
+
+    -- say which ids were not approved, and why
+    SELECT count(*),
+           string_agg(format('%s (%s)', coalesce(u.id::text, 'NULL'),
+                             CASE WHEN u.id IS NULL THEN 'not an id'
+                                  WHEN o.id IS NULL THEN 'not found'
+                                  WHEN o.purge_approved_at IS NOT NULL
+                                  THEN 'already approved by ' || o.purge_approved_by
+                                  ELSE o.status::text END),
+                      ', ' ORDER BY u.id) FILTER (WHERE u.n <= 20)
+      INTO n_not, listed
+      FROM (SELECT x.id, row_number() OVER (ORDER BY x.id) AS n
+              FROM (SELECT DISTINCT i AS id FROM unnest(ids) AS i) x
+             WHERE x.id IS NULL OR x.id <> ALL (approved)) u
+      LEFT JOIN @extschema@.cqrs_outbox o ON o.id = u.id;
+    IF n_not > 0 THEN
+        IF n_not > 20 THEN
+            listed := format('%s and %s more', listed, n_not - 20);
+        END IF;
+        RAISE NOTICE '% outbox row(s) not approved for purging: %', n_not, listed
+            USING DETAIL = 'Only DEAD_LETTERED and DLT_FAILED rows that are not yet approved can be approved; the others are left as they are.';
+    END IF;
+    RETURN cardinality(approved);
+END
+$$;
+COMMENT ON FUNCTION cqrs_approve_purge(bigint[]) IS
+    'Operator: approves purging the DEAD_LETTERED and DLT_FAILED outbox rows with these ids (recording who and when, and an APPROVE_PURGE row in cqrs_outbox_audit); the cleanup pass deletes them once older than cqrs_sync.dlt_retention. Ids that do not exist, are in another status or are already approved are left alone and listed in a NOTICE. Returns the number of rows approved.';
+REVOKE ALL ON FUNCTION cqrs_approve_purge(bigint[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_approve_purge(bigint[]) TO cqrs_sync_operator;
+
+-- @@CLEANUP_END@@
 
 -----------------------------------------------------------------------------
 -- Read side (idempotent apply helpers and the inbox)

@@ -13,6 +13,7 @@
 #include "utils/guc.h"
 
 #include "apply.h"
+#include "cleanup_worker.h"
 #include "cqrs_sync.h"
 #include "enqueue.h"
 #include "relay_worker.h"
@@ -29,6 +30,9 @@ int			cqrs_batch_size = 5000;
 int			cqrs_poll_interval_ms = 1000;
 int			cqrs_retry_backoff_ms = 1000;
 bool		cqrs_relay_enabled = true;
+bool		cqrs_delete_on_sent = false;
+int			cqrs_dlt_depth_interval_ms = 30000;
+char	   *cqrs_read_side_dlt_topics = NULL;
 
 void		_PG_init(void);
 
@@ -116,6 +120,33 @@ define_settings(void)
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("cqrs_sync.delete_on_sent",
+							 "Deletes an outbox row as soon as Kafka acknowledged it, instead of marking it SENT.",
+							 "For sites that need the throughput: deleting is several times cheaper than updating, but SENT rows are then not kept for inspection or cqrs_outbox_stats().",
+							 &cqrs_delete_on_sent,
+							 false,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cqrs_sync.dlt_depth_interval",
+							"How often the relay asks Kafka how many messages each dead-letter topic holds.",
+							"The figures are in the view cqrs_dlt_depth; 0 turns the polling off.",
+							&cqrs_dlt_depth_interval_ms,
+							30000, 0, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("cqrs_sync.read_side_dlt_topics",
+							   "Further dead-letter topics whose depth the relay watches, comma-separated.",
+							   "For example the dead-letter topics of the read side's consumers; the relay watches the dead-letter topics it writes to by itself.",
+							   &cqrs_read_side_dlt_topics,
+							   "",
+							   PGC_SIGHUP,
+							   0,
+							   NULL, NULL, NULL);
+
 	DefineCustomIntVariable("cqrs_sync.retry_backoff",
 							"First delay before a failed message is tried again.",
 							"The delay doubles with every further failure of the message, up to 64 times this value.",
@@ -126,6 +157,7 @@ define_settings(void)
 							NULL, NULL, NULL);
 
 	cqrs_apply_init();
+	cqrs_cleanup_init();
 }
 
 void
@@ -146,4 +178,5 @@ _PG_init(void)
 	cqrs_shmem_init();
 	if (cqrs_relay_enabled)
 		cqrs_relay_register();
+	cqrs_cleanup_register();
 }

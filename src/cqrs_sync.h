@@ -18,5 +18,8 @@ extern int	cqrs_batch_size;
 extern int	cqrs_poll_interval_ms;
 extern int	cqrs_retry_backoff_ms;
 extern bool cqrs_relay_enabled;
+extern bool cqrs_delete_on_sent;
+extern int	cqrs_dlt_depth_interval_ms;
+extern char *cqrs_read_side_dlt_topics;
 
 #endif							/* CQRS_SYNC_H */

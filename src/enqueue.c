@@ -24,11 +24,13 @@
 #include "util.h"
 
 PG_FUNCTION_INFO_V1(cqrs_enqueue);
+PG_FUNCTION_INFO_V1(cqrs_wake_relay_sql);
 
 /* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH). */
 #define KAFKA_TOPIC_MAX_LEN 249
 
 static bool enqueued_in_xact = false;
+static bool wake_at_commit = false;
 
 /* The prepared INSERT, and the extension it was prepared for. */
 static SPIPlanPtr insert_plan = NULL;
@@ -37,6 +39,12 @@ static Oid	insert_plan_ext = InvalidOid;
 static void
 cqrs_xact_callback(XactEvent event, void *arg)
 {
+	if (wake_at_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
+	{
+		if (event == XACT_EVENT_COMMIT)
+			cqrs_wake_relay();
+		wake_at_commit = false;
+	}
 	if (!enqueued_in_xact)
 		return;
 
@@ -67,6 +75,16 @@ void
 cqrs_enqueue_init(void)
 {
 	RegisterXactCallback(cqrs_xact_callback, NULL);
+}
+
+/*
+ * cqrs_wake_relay() -> void: wake the relay when this transaction commits.
+ */
+Datum
+cqrs_wake_relay_sql(PG_FUNCTION_ARGS)
+{
+	wake_at_commit = true;
+	PG_RETURN_VOID();
 }
 
 /* Kafka topic names: 1-249 of [A-Za-z0-9._-], and not "." or "..". */

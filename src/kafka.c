@@ -30,6 +30,7 @@
 static char *built_brokers = NULL;
 static char *built_config_file = NULL;
 static time_t built_config_mtime = 0;
+static time_t built_config_ctime = 0;
 
 /* Last error reported by librdkafka's error callback, for the worker. */
 static rd_kafka_resp_err_t last_client_error = RD_KAFKA_RESP_ERR_NO_ERROR;
@@ -135,6 +136,7 @@ read_config_file(rd_kafka_conf_t *conf, const char *path,
 		return false;
 	}
 	built_config_mtime = st.st_mtime;
+	built_config_ctime = st.st_ctime;
 
 	fp = AllocateFile(path, "r");
 	if (fp == NULL)
@@ -265,7 +267,9 @@ cqrs_kafka_config_changed(void)
 		return true;
 	if (built_config_file == NULL || strcmp(built_config_file, file) != 0)
 		return true;
-	if (file[0] != '\0' && stat(file, &st) == 0 && st.st_mtime != built_config_mtime)
+	/* ctime: a chmod counts, the file's permissions are checked too */
+	if (file[0] != '\0' && stat(file, &st) == 0 &&
+		(st.st_mtime != built_config_mtime || st.st_ctime != built_config_ctime))
 		return true;
 	return false;
 }

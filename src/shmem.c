@@ -52,6 +52,7 @@ cqrs_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(cqrs_shmem_size());
+	RequestNamedLWLockTranche("cqrs_sync", 1);
 }
 
 static void
@@ -72,10 +73,17 @@ cqrs_shmem_startup(void)
 		pg_atomic_init_u64(&cqrs_shared->events_failed, 0);
 		pg_atomic_init_u64(&cqrs_shared->batches, 0);
 		pg_atomic_init_u64(&cqrs_shared->producer_restarts, 0);
+		pg_atomic_init_u64(&cqrs_shared->dead_lettered, 0);
+		pg_atomic_init_u64(&cqrs_shared->dlt_failed, 0);
 		SpinLockInit(&cqrs_shared->mutex);
 		cqrs_shared->last_success_at = 0;
 		cqrs_shared->last_error_at = 0;
 		cqrs_shared->last_error[0] = '\0';
+		cqrs_shared->relay_state = CQRS_RELAY_RUNNING;
+		cqrs_shared->paused_topic[0] = '\0';
+		cqrs_shared->paused_reason[0] = '\0';
+		cqrs_shared->dlt_lock = &(GetNamedLWLockTranche("cqrs_sync"))->lock;
+		cqrs_shared->ndlt = 0;
 		cqrs_shared->nslots = MaxBackends;
 		for (int i = 0; i < MaxBackends; i++)
 		{
@@ -262,5 +270,16 @@ cqrs_relay_note_success(uint64 nsent)
 	pg_atomic_fetch_add_u64(&cqrs_shared->batches, 1);
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->last_success_at = now;
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/* What the relay is doing (running, paused on a topic, waiting for Kafka). */
+void
+cqrs_relay_set_state(CqrsRelayState state, const char *topic, const char *reason)
+{
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->relay_state = state;
+	strlcpy(cqrs_shared->paused_topic, topic ? topic : "", CQRS_TOPIC_NAMELEN);
+	strlcpy(cqrs_shared->paused_reason, reason ? reason : "", CQRS_ERROR_LEN);
 	SpinLockRelease(&cqrs_shared->mutex);
 }

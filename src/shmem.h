@@ -12,6 +12,7 @@
 
 #include "port/atomics.h"
 #include "storage/latch.h"
+#include "storage/lwlock.h"
 #include "storage/spin.h"
 #include "utils/timestamp.h"
 
@@ -42,6 +43,26 @@ typedef struct CqrsInflight
 } CqrsInflight;
 
 #define CQRS_ERROR_LEN 512
+#define CQRS_TOPIC_NAMELEN 250		/* Kafka's 249 and a terminator */
+#define CQRS_DLT_MAX 256			/* DLT partitions whose depth is kept */
+
+/* What the relay is doing, for cqrs_stats_relay. */
+typedef enum CqrsRelayState
+{
+	CQRS_RELAY_RUNNING = 0,
+	CQRS_RELAY_PAUSED,			/* holding a topic after a configuration error */
+	CQRS_RELAY_WAITING_BROKER	/* a batch waits for an unreachable broker */
+} CqrsRelayState;
+
+/* Depth of one dead-letter topic partition, as the relay last saw it. */
+typedef struct CqrsDltPartition
+{
+	char		topic[CQRS_TOPIC_NAMELEN];
+	int32		partition;
+	int64		low;
+	int64		high;
+	TimestampTz checked_at;
+} CqrsDltPartition;
 
 typedef struct CqrsShared
 {
@@ -54,11 +75,21 @@ typedef struct CqrsShared
 	pg_atomic_uint64 events_failed;
 	pg_atomic_uint64 batches;
 	pg_atomic_uint64 producer_restarts;
+	pg_atomic_uint64 dead_lettered;
+	pg_atomic_uint64 dlt_failed;
 
 	slock_t		mutex;			/* protects the fields below */
 	TimestampTz last_success_at;
 	TimestampTz last_error_at;
 	char		last_error[CQRS_ERROR_LEN];
+	int			relay_state;	/* CqrsRelayState */
+	char		paused_topic[CQRS_TOPIC_NAMELEN];
+	char		paused_reason[CQRS_ERROR_LEN];
+
+	/* dead-letter topic depth, written by the relay */
+	LWLock	   *dlt_lock;
+	int			ndlt;
+	CqrsDltPartition dlt[CQRS_DLT_MAX];
 
 	int			nslots;
 	CqrsInflightSlot slots[FLEXIBLE_ARRAY_MEMBER];
@@ -79,5 +110,7 @@ extern bool cqrs_inflight_holds(const CqrsInflight *snap, int n,
 extern void cqrs_wake_relay(void);
 extern void cqrs_relay_note_failure(const char *msg, uint64 nfailed);
 extern void cqrs_relay_note_success(uint64 nsent);
+extern void cqrs_relay_set_state(CqrsRelayState state, const char *topic,
+								 const char *reason);
 
 #endif							/* CQRS_SHMEM_H */

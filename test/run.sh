@@ -6,11 +6,14 @@
 #   N passed, N failed
 #
 # counting test files (pg_regress tests, isolation specs, pgTAP files, TAP
-# files; a build or start-up failure counts as one failed).  Exit status is
-# non-zero if anything failed.  Works as root on a fresh Debian 12 machine.
+# files, the monitoring bundle's check script; a build or start-up failure
+# counts as one failed).  Exit status is non-zero if anything failed.  Works
+# as root on a fresh Debian 12 machine.
 #
 # Environment:
-#   CQRS_SUITES   suites to run (default "regress isolation pgtap e2e")
+#   CQRS_SUITES   suites to run (default "regress isolation pgtap monitoring e2e";
+#                 monitoring = test/monitoring/promtool.sh: promtool/amtool
+#                 checks and unit tests of docs/monitoring/)
 #   CQRS_CLEAN=1  make clean before building (default on when CI=true)
 #   CQRS_COPT     extra compiler flags (COPT; default -DUSE_ASSERT_CHECKING,
 #                 CQRS_COPT= turns assertions off)
@@ -21,7 +24,7 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
-SUITES="${CQRS_SUITES:-regress isolation pgtap e2e}"
+SUITES="${CQRS_SUITES:-regress isolation pgtap monitoring e2e}"
 START=$SECONDS
 
 PASSED=0
@@ -219,6 +222,11 @@ for suite in $SUITES; do
                 "$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d cqrs_pgtap -c 'CREATE EXTENSION pgtap' ||
                 { record pgtap 0 1 "(could not create database cqrs_pgtap)"; continue; }
             run_suite pgtap count_prove make pgtap
+            ;;
+        monitoring)
+            # promtool check/test rules, amtool check-config, metric names
+            # (TAP, one file); the alerting e2e test is test/t/100_alerting.pl
+            run_suite monitoring count_prove prove --exec bash test/monitoring/promtool.sh
             ;;
         e2e)
             run_suite e2e count_prove bash test/e2e.sh

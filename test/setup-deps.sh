@@ -14,6 +14,12 @@ packages=(
     libipc-run-perl
     libtap-parser-sourcehandler-pgtap-perl
     kcat
+    # monitoring suite and test/t/100_alerting.pl: promtool, amtool and the
+    # real daemons (the tests start them on free loopback ports; the packages'
+    # own services are not used)
+    prometheus
+    prometheus-alertmanager
+    prometheus-postgres-exporter
 )
 
 # dpkg -s alone also succeeds for removed packages that left config files.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# test/kafka/broker.sh start|stop|status|address
+# test/kafka/broker.sh start|stop|halt|resume|status|address
 #
 # A throwaway Apache Kafka 3.9.1 broker in KRaft mode (one combined
 # broker+controller, node.id=1) on 127.0.0.1, for tests.  The jars come from
@@ -8,6 +8,7 @@
 # Environment:
 #   KAFKA_PORT               broker port (default 19092); controller = port+1
 #   KAFKA_MESSAGE_MAX_BYTES  broker message.max.bytes (default: Kafka's own)
+#   KAFKA_AUTO_CREATE        auto.create.topics.enable (default true)
 #   KAFKA_HEAP               JVM heap (default 512m)
 #   CQRS_KAFKA_CACHE         jar cache (default ${XDG_CACHE_HOME:-~/.cache}
 #                            /cqrs_sync/kafka-3.9.1; as root
@@ -16,6 +17,8 @@
 #   CQRS_TEST_DIR            state: $CQRS_TEST_DIR/kafka-$KAFKA_PORT holds the
 #                            data, pid file, server.properties and logs
 #
+# halt stops the broker keeping its data; resume starts it again on that
+# data (a broker outage for failure tests).
 # start prints the bootstrap address (127.0.0.1:PORT) on stdout; everything
 # else goes to stderr.
 set -euo pipefail
@@ -113,7 +116,7 @@ controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 log.dirs=$STATE/data
-auto.create.topics.enable=true
+auto.create.topics.enable=${KAFKA_AUTO_CREATE:-true}
 num.partitions=4
 default.replication.factor=1
 min.insync.replicas=1
@@ -143,6 +146,15 @@ EOF
         -t "$cluster_id" -c "$STATE/server.properties" >>"$STATE/kafka.out" 2>&1 ||
         { tail -n 30 "$STATE/kafka.out" >&2; cqrs_die "kafka storage format failed"; }
 
+    launch
+}
+
+# Starts the broker on the state in $STATE (formatted by start) and waits
+# until it answers.
+launch() {
+    local pid
+    local jopts=(-Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC
+        -Djava.awt.headless=true -Dlog4j.configuration="file:$STATE/log4j.properties")
     log "starting Kafka $KAFKA_VERSION (KRaft) at $ADDR, state in $STATE"
     nohup java "${jopts[@]}" -cp "$LIB/*" kafka.Kafka "$STATE/server.properties" \
         >>"$STATE/kafka.out" 2>&1 </dev/null &
@@ -167,7 +179,9 @@ EOF
     echo "$ADDR"
 }
 
-stop() {
+# Stops the broker but keeps its data: "resume" starts it again with the
+# same topics and messages (an outage, for failure tests).
+halt() {
     local pid
     pid="$(broker_pid)"
     if [ -n "$pid" ]; then
@@ -184,6 +198,17 @@ stop() {
         fi
     fi
     rm -f "$PIDFILE"
+}
+
+resume() {
+    [ -z "$(broker_pid)" ] || { log "already running"; echo "$ADDR"; return 0; }
+    [ -f "$STATE/server.properties" ] && [ -d "$STATE/data" ] ||
+        cqrs_die "no halted broker state in $STATE (use start)"
+    launch
+}
+
+stop() {
+    halt
     # Keep the logs for post-mortems; the next start overwrites them.
     rm -rf "$STATE/data"
 }
@@ -206,10 +231,12 @@ status() {
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
+    halt) halt ;;
+    resume) resume ;;
     status) status ;;
     address) echo "$ADDR" ;;
     *)
-        echo "usage: $0 start|stop|status|address" >&2
+        echo "usage: $0 start|stop|halt|resume|status|address" >&2
         exit 2
         ;;
 esac
