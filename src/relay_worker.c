@@ -855,7 +855,15 @@ classify_outcomes(RelayRow *rows, uint64 nrows)
 	}
 }
 
-#define OUTCOME_COLS 5
+/* Execute a kept plan whose outcome must be expected. */
+static void
+run_plan(SPIPlanPtr plan, Datum *args, int expected, const char *what)
+{
+	int			ret = SPI_execute_plan(plan, args, NULL, false, 0);
+
+	if (ret != expected)
+		elog(ERROR, "cqrs_sync relay: %s failed: %s", what, SPI_result_code_string(ret));
+}
 
 /* Build an array of the given element type from n datums. */
 static Datum
@@ -893,7 +901,6 @@ record_outcome(RelayRow *rows, uint64 nrows, TimestampTz acked_at)
 				ndead = 0,
 				nxfail = 0;
 	char	   *first_error = NULL;
-	int			ret;
 
 	for (uint64 i = 0; i < nrows; i++)
 	{
@@ -950,53 +957,39 @@ record_outcome(RelayRow *rows, uint64 nrows, TimestampTz acked_at)
 
 	if (nsent > 0)
 	{
-		Datum		args[2];
+		Datum		args[2] = {make_array(sent_ids, nsent, INT8OID),
+		TimestampTzGetDatum(acked_at)};
 
-		args[0] = make_array(sent_ids, nsent, INT8OID);
-		args[1] = TimestampTzGetDatum(acked_at);
 		/* cqrs_sync.delete_on_sent: a delivered row is not kept at all */
-		ret = SPI_execute_plan(cqrs_delete_on_sent ? sent_delete_plan : sent_plan,
-							   args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE && ret != SPI_OK_DELETE)
-			elog(ERROR, "cqrs_sync relay: marking rows SENT failed: %s",
-				 SPI_result_code_string(ret));
+		if (cqrs_delete_on_sent)
+			run_plan(sent_delete_plan, args, SPI_OK_DELETE, "deleting SENT rows");
+		else
+			run_plan(sent_plan, args, SPI_OK_UPDATE, "marking rows SENT");
 	}
 	if (nfail > 0)
 	{
-		Datum		args[4];
+		Datum		args[4] = {make_array(f_ids, nfail, INT8OID),
+			make_array(f_inc, nfail, INT4OID),
+			make_array(f_delay, nfail, FLOAT8OID),
+		make_array(f_err, nfail, TEXTOID)};
 
-		args[0] = make_array(f_ids, nfail, INT8OID);
-		args[1] = make_array(f_inc, nfail, INT4OID);
-		args[2] = make_array(f_delay, nfail, FLOAT8OID);
-		args[3] = make_array(f_err, nfail, TEXTOID);
-		ret = SPI_execute_plan(fail_plan, args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "cqrs_sync relay: recording failures failed: %s",
-				 SPI_result_code_string(ret));
+		run_plan(fail_plan, args, SPI_OK_UPDATE, "recording failures");
 	}
 	if (ndead > 0)
 	{
-		Datum		args[3];
+		Datum		args[3] = {make_array(d_ids, ndead, INT8OID),
+			make_array(d_cnt, ndead, INT4OID),
+		make_array(d_err, ndead, TEXTOID)};
 
-		args[0] = make_array(d_ids, ndead, INT8OID);
-		args[1] = make_array(d_cnt, ndead, INT4OID);
-		args[2] = make_array(d_err, ndead, TEXTOID);
-		ret = SPI_execute_plan(dead_plan, args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "cqrs_sync relay: recording dead-lettered rows failed: %s",
-				 SPI_result_code_string(ret));
+		run_plan(dead_plan, args, SPI_OK_UPDATE, "recording dead-lettered rows");
 	}
 	if (nxfail > 0)
 	{
-		Datum		args[3];
+		Datum		args[3] = {make_array(x_ids, nxfail, INT8OID),
+			make_array(x_cnt, nxfail, INT4OID),
+		make_array(x_err, nxfail, TEXTOID)};
 
-		args[0] = make_array(x_ids, nxfail, INT8OID);
-		args[1] = make_array(x_cnt, nxfail, INT4OID);
-		args[2] = make_array(x_err, nxfail, TEXTOID);
-		ret = SPI_execute_plan(dltfail_plan, args, NULL, false, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "cqrs_sync relay: recording DLT_FAILED rows failed: %s",
-				 SPI_result_code_string(ret));
+		run_plan(dltfail_plan, args, SPI_OK_SELECT, "recording DLT_FAILED rows");
 	}
 	for (uint64 i = 0; i < nrows; i++)
 	{
@@ -1007,10 +1000,7 @@ record_outcome(RelayRow *rows, uint64 nrows, TimestampTz acked_at)
 		args[0] = CStringGetTextDatum(rows[i].msg.topic);
 		args[1] = CStringGetTextDatum(describe_error(&rows[i]));
 		args[2] = Int32GetDatum(rows[i].topic->pause_ms);
-		ret = SPI_execute_plan(pause_plan, args, NULL, false, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "cqrs_sync relay: could not send the topic alert: %s",
-				 SPI_result_code_string(ret));
+		run_plan(pause_plan, args, SPI_OK_SELECT, "sending the topic alert");
 	}
 
 	SPI_finish();
