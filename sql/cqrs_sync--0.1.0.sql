@@ -113,6 +113,13 @@ CREATE INDEX cqrs_outbox_audit_outbox_idx ON cqrs_outbox_audit (outbox_id);
 REVOKE ALL ON cqrs_outbox_audit FROM PUBLIC;
 GRANT SELECT ON cqrs_outbox_audit TO pg_monitor, cqrs_sync_operator;
 
+-- pg_dump keeps the outbox (PENDING events!), its id sequence and the audit
+-- trail; they are data, not part of the extension's definition.
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox_audit_audit_id_seq', '');
+
 CREATE FUNCTION cqrs_enqueue(topic text, key text, payload jsonb,
                              headers jsonb DEFAULT NULL)
 RETURNS bigint
