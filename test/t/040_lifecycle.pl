@@ -49,6 +49,8 @@ $node->safe_psql('postgres',
 );
 my $old = $node->safe_psql('postgres',
 	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
+my $sent_before = $node->safe_psql('postgres', 'SELECT events_sent FROM cqrs_stats_relay');
+cmp_ok($sent_before, '>=', 100, "the relay counted what it sent ($sent_before)");
 $node->safe_psql('postgres', "SELECT pg_terminate_backend($old)");
 my $t0 = time;
 my $new;
@@ -68,6 +70,9 @@ is($node->safe_psql('postgres', 'SELECT pg_postmaster_start_time()'),
 
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status <> 'SENT'", '0', 60),
 	'the new relay sends the rest');
+cmp_ok($node->safe_psql('postgres', 'SELECT events_sent FROM cqrs_stats_relay'),
+	'>=', 100 + 60000,
+	'the counters in shared memory survived the worker restart: all 60,100 events counted');
 
 # a fast shutdown and start in the middle of another backlog
 $node->safe_psql('postgres',
