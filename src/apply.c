@@ -80,6 +80,7 @@
 #include "utils/typcache.h"
 
 #include "apply.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(cqrs_mark_processed);
 PG_FUNCTION_INFO_V1(cqrs_upsert);
@@ -453,20 +454,6 @@ apply_leave(void)
  * ------------------------------------------------------------------------
  */
 
-static SPIPlanPtr
-prepare_kept(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan;
-
-	plan = SPI_prepare(sql, nargs, argtypes);
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-			 sql, SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
 /*
  * Runs a plan.  With "latest", it sees everything committed up to now even
  * in REPEATABLE READ, where a change not visible to the transaction's
@@ -556,7 +543,7 @@ ensure_ext_plans(Oid nsp)
 
 	sql = psprintf("INSERT INTO %s.cqrs_inbox (consumer, event_id) VALUES ($1, $2) "
 				   "ON CONFLICT DO NOTHING", schema);
-	inbox_plan = prepare_kept(sql, 2, inbox_types);
+	inbox_plan = cqrs_keep_plan(sql, 2, inbox_types);
 
 	sql = psprintf("INSERT INTO %s.cqrs_tombstone AS tb (target, key, version) "
 				   "VALUES ($1, $2, $3) "
@@ -564,12 +551,12 @@ ensure_ext_plans(Oid nsp)
 				   "SET version = excluded.version, deleted_at = pg_catalog.now() "
 				   "WHERE tb.version OPERATOR(pg_catalog.<) excluded.version",
 				   schema);
-	tomb_write_plan = prepare_kept(sql, 3, tomb_types);
+	tomb_write_plan = cqrs_keep_plan(sql, 3, tomb_types);
 
 	sql = psprintf("SELECT tb.version FROM %s.cqrs_tombstone tb "
 				   "WHERE tb.target OPERATOR(pg_catalog.=) $1 "
 				   "AND tb.key OPERATOR(pg_catalog.=) $2", schema);
-	tomb_check_plan = prepare_kept(sql, 2, tomb_types);
+	tomb_check_plan = cqrs_keep_plan(sql, 2, tomb_types);
 
 	ext_plans_nsp = nsp;
 }
@@ -1093,7 +1080,7 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 					 ver->qname, ver->qname, t->npk + 1);
 	argtypes[t->npk] = INT8OID;
 	MemoryContextSwitchTo(old);
-	t->delete_plan = prepare_kept(sql.data, t->npk + 1, argtypes);
+	t->delete_plan = cqrs_keep_plan(sql.data, t->npk + 1, argtypes);
 
 	/* SELECT true ... WHERE <pk> */
 	resetStringInfo(&sql);
@@ -1105,7 +1092,7 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		appendStringInfo(&sql, "%st.%s %s $%d", k > 0 ? " AND " : "",
 						 c->qname, c->eqop, k + 1);
 	}
-	t->exists_plan = prepare_kept(sql.data, t->npk, argtypes);
+	t->exists_plan = cqrs_keep_plan(sql.data, t->npk, argtypes);
 
 	t->valid = true;
 }
@@ -1311,7 +1298,7 @@ upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 	}
 	appendStringInfo(&sql, " AND (t.%s IS NULL OR t.%s OPERATOR(pg_catalog.<) $%d)",
 					 ver->qname, ver->qname, ncols + 1);
-	plan = prepare_kept(sql.data, ncols + 1, argtypes);
+	plan = cqrs_keep_plan(sql.data, ncols + 1, argtypes);
 
 	resetStringInfo(&sql);
 	appendStringInfo(&sql, "INSERT INTO %s AS t (", t->qualname);
@@ -1341,7 +1328,7 @@ upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 					 " WHERE t.%s IS NULL OR t.%s OPERATOR(pg_catalog.<) excluded.%s",
 					 ver->qname, ver->qname, ver->qname, ver->qname, ver->qname);
 	appendStringInfoString(&sql, returning_sql(t));
-	plan2 = prepare_kept(sql.data, ncols + 3, argtypes);
+	plan2 = cqrs_keep_plan(sql.data, ncols + 3, argtypes);
 
 	p = new_plan_entry(t, &t->upsert_plans, ncols, colidx);
 	p->plan = plan;
@@ -1405,7 +1392,7 @@ delta_plan(ApplyTarget *t, int ncols, int *colidx)
 		appendStringInfo(&sql, "%st.%s %s $%d", k > 0 ? " AND " : "",
 						 c->qname, c->eqop, k + 1);
 	}
-	plan = prepare_kept(sql.data, n, argtypes);
+	plan = cqrs_keep_plan(sql.data, n, argtypes);
 
 	resetStringInfo(&sql);
 	appendStringInfo(&sql, "INSERT INTO %s AS t (", t->qualname);
@@ -1432,7 +1419,7 @@ delta_plan(ApplyTarget *t, int ncols, int *colidx)
 						 i > 0 ? ", " : "", c->qname, c->qname, c->qname);
 	}
 	appendStringInfoString(&sql, returning_sql(t));
-	plan2 = prepare_kept(sql.data, n + 2, argtypes);
+	plan2 = cqrs_keep_plan(sql.data, n + 2, argtypes);
 
 	p = new_plan_entry(t, &t->delta_plans, ncols, colidx);
 	p->plan = plan;

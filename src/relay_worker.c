@@ -148,18 +148,6 @@ relay_detach_shmem(int code, Datum arg)
 	}
 }
 
-static SPIPlanPtr
-keep_plan(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "cqrs_sync relay: could not prepare \"%s\": %s",
-			 sql, SPI_result_code_string(SPI_result));
-	SPI_keepplan(plan);
-	return plan;
-}
-
 /*
  * Prepare the statements for the extension's current schema.  Returns false
  * when the extension does not exist (yet) in this database.  Inside a
@@ -207,38 +195,38 @@ ensure_plans(void)
 		SPI_freeplan(pause_plan);
 		SPI_freeplan(dlt_topics_plan);
 	}
-	hw_plan = keep_plan(psprintf("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM %s",
+	hw_plan = cqrs_keep_plan(psprintf("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM %s",
 								 seq), 0, NULL);
-	scan_plan = keep_plan(psprintf(
+	scan_plan = cqrs_keep_plan(psprintf(
 								   "SELECT id, event_id::text, topic, key, payload::text, headers,"
 								   " retry_count, coalesce(next_attempt_at > now(), false),"
 								   " next_attempt_at"
 								   " FROM %s WHERE status = 'PENDING' AND id > $1 AND id <= $2"
 								   " ORDER BY id LIMIT $3", outbox),
 						  3, scan_types);
-	sent_plan = keep_plan(psprintf(
+	sent_plan = cqrs_keep_plan(psprintf(
 								   "UPDATE %s SET status = 'SENT', sent_at = $2,"
 								   " next_attempt_at = NULL, last_error = NULL"
 								   " WHERE id = ANY ($1) AND status = 'PENDING'", outbox),
 						  2, sent_types);
-	sent_delete_plan = keep_plan(psprintf(
+	sent_delete_plan = cqrs_keep_plan(psprintf(
 										  "DELETE FROM %s WHERE id = ANY ($1) AND status = 'PENDING'",
 										  outbox),
 								 1, sent_types);
-	fail_plan = keep_plan(psprintf(
+	fail_plan = cqrs_keep_plan(psprintf(
 								   "UPDATE %s o SET retry_count = o.retry_count + f.inc,"
 								   " next_attempt_at = now() + f.delay_ms * interval '1 millisecond',"
 								   " last_error = f.err"
 								   " FROM unnest($1, $2, $3, $4) AS f(id, inc, delay_ms, err)"
 								   " WHERE o.id = f.id AND o.status = 'PENDING'", outbox),
 						  4, fail_types);
-	dead_plan = keep_plan(psprintf(
+	dead_plan = cqrs_keep_plan(psprintf(
 								   "UPDATE %s o SET status = 'DEAD_LETTERED', retry_count = f.cnt,"
 								   " last_error = f.err, next_attempt_at = NULL"
 								   " FROM unnest($1, $2, $3) AS f(id, cnt, err)"
 								   " WHERE o.id = f.id AND o.status = 'PENDING'", outbox),
 						  3, dead_types);
-	dltfail_plan = keep_plan(psprintf(
+	dltfail_plan = cqrs_keep_plan(psprintf(
 									  "WITH u AS (UPDATE %s o SET status = 'DLT_FAILED', retry_count = f.cnt,"
 									  " dlt_retry_count = o.dlt_retry_count + 1,"
 									  " last_error = f.err, next_attempt_at = NULL"
@@ -251,11 +239,11 @@ ensure_plans(void)
 									  " 'dlt_retry_count', dlt_retry_count,"
 									  " 'error', pg_catalog.left(err, 2000))::text) FROM u", outbox),
 							 3, dead_types);
-	pause_plan = keep_plan("SELECT pg_catalog.pg_notify('cqrs_sync_alert',"
+	pause_plan = cqrs_keep_plan("SELECT pg_catalog.pg_notify('cqrs_sync_alert',"
 						   " pg_catalog.json_build_object('alert', 'topic_paused', 'topic', $1,"
 						   " 'error', pg_catalog.left($2, 2000), 'paused_for_ms', $3)::text)",
 						   3, pause_types);
-	dlt_topics_plan = keep_plan(psprintf(
+	dlt_topics_plan = cqrs_keep_plan(psprintf(
 										 "SELECT DISTINCT topic || pg_catalog.current_setting('cqrs_sync.dlt_suffix')"
 										 " FROM %s WHERE status = 'DEAD_LETTERED'", outbox),
 								0, NULL);

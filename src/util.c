@@ -45,3 +45,20 @@ cqrs_extension_schema(Oid ext_oid)
 		elog(ERROR, "cache lookup failed for extension %u", ext_oid);
 	return get_namespace_name(nsp);
 }
+
+/*
+ * Prepare a statement and keep its plan for the life of the process (the
+ * workers' and the helpers' plans are prepared once).
+ */
+SPIPlanPtr
+cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "cqrs_sync: could not prepare \"%s\": %s",
+			 sql, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "cqrs_sync: could not keep the plan of \"%s\"", sql);
+	return plan;
+}

@@ -8,6 +8,9 @@
 #ifndef CQRS_UTIL_H
 #define CQRS_UTIL_H
 
+#include "executor/spi.h"
+
 extern char *cqrs_extension_schema(Oid ext_oid);
+extern SPIPlanPtr cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes);
 
 #endif							/* CQRS_UTIL_H */
