@@ -19,12 +19,12 @@ SELECT name, boot_val, unit, context, min_val, max_val
   FROM pg_settings
  WHERE name IN ('cqrs_sync.cleanup_interval', 'cqrs_sync.sent_retention',
                 'cqrs_sync.dlt_retention', 'cqrs_sync.cleanup_batch_size',
-                'cqrs_sync.cleanup_max_rows_per_call')
+                'cqrs_sync.cleanup_max_rows_per_call', 'cqrs_sync.cleanup_delay')
  ORDER BY name;
 SELECT name FROM pg_settings
  WHERE name IN ('cqrs_sync.cleanup_interval', 'cqrs_sync.sent_retention',
                 'cqrs_sync.dlt_retention', 'cqrs_sync.cleanup_batch_size',
-                'cqrs_sync.cleanup_max_rows_per_call')
+                'cqrs_sync.cleanup_max_rows_per_call', 'cqrs_sync.cleanup_delay')
    AND (short_desc IS NULL OR short_desc !~ '\.$' OR extra_desc IS NULL OR extra_desc !~ '\.$');
 
 -- bad values
@@ -34,6 +34,7 @@ SET cqrs_sync.dlt_retention = '-5s';
 SET cqrs_sync.cleanup_batch_size = 0;
 SET cqrs_sync.cleanup_max_rows_per_call = -1;
 SET cqrs_sync.cleanup_interval = '10s';
+SET cqrs_sync.cleanup_delay = '20s';
 \set VERBOSITY default
 -- units
 SET cqrs_sync.sent_retention = '2h';

@@ -13,8 +13,8 @@
  * 2. SENT: rows acknowledged more than cqrs_sync.sent_retention ago are
  *	  deleted.  The pass walks the outbox in id order, one window of
  *	  cqrs_sync.cleanup_batch_size rows per statement, and deletes the
- *	  expired SENT rows of each window.  It stops at the first row enqueued
- *	  after the cutoff: ids are handed out in time order (the sequence has
+ *	  expired SENT rows of each window.  It stops after the window holding
+ *	  the first row enqueued after the cutoff: ids are handed out in time order (the sequence has
  *	  CACHE 1) and a row is enqueued no earlier than its transaction started
  *	  (created_at) and sent no earlier than it was enqueued, so no row after
  *	  it can have been sent before the cutoff.  A pass therefore reads only
@@ -23,14 +23,20 @@
  *	  sent_at (which would slow down every UPDATE to SENT).
  * 3. Read side: cqrs_prune_read_side() (inbox and tombstones).
  *
- * PENDING rows are never deleted.  Rows locked by someone else are skipped
- * (SKIP LOCKED) and left for the next pass.
+ * PENDING rows are never deleted.  Failed rows locked by someone else (an
+ * operator retrying or discarding them) are skipped (SKIP LOCKED) and left
+ * for the next pass; a SENT row is checked again when it is deleted, and
+ * left alone if it changed.
  *
  * The cleanup worker runs every statement of a pass in its own short
  * transaction.  cqrs_cleanup(), a function, runs in its caller's
  * transaction, which it cannot commit: it deletes in the same batches, but
  * stops after cqrs_sync.cleanup_max_rows_per_call rows so that transaction
- * stays bounded, and says whether it finished.
+ * stays bounded, and says whether it finished.  Both pause
+ * cqrs_sync.cleanup_delay after each batch that deleted rows, so that a
+ * long pass (a backlog of expired rows) takes only a share of the machine
+ * from the relay: deleting writes WAL (a full-page image per page after a
+ * checkpoint) that the relay's commits then wait for.
  *
  *-------------------------------------------------------------------------
  */
@@ -71,9 +77,9 @@ PGDLLEXPORT void cqrs_cleanup_main(Datum main_arg);
 int			cqrs_cleanup_interval_s = 60;
 int			cqrs_sent_retention_s = 24 * 3600;
 int			cqrs_dlt_retention_s = 7 * 24 * 3600;
-int			cqrs_cleanup_batch_size = 10000;
-int			cqrs_cleanup_max_rows_per_call = 1000000;
-int			cqrs_cleanup_delay_ms = 20;
+int			cqrs_cleanup_batch_size = 2000;
+int			cqrs_cleanup_max_rows_per_call = 500000;
+int			cqrs_cleanup_delay_ms = 10;
 
 /* What a pass deleted */
 typedef struct CleanupResult
@@ -126,19 +132,19 @@ cqrs_cleanup_init(void)
 
 	DefineCustomIntVariable("cqrs_sync.cleanup_batch_size",
 							"Outbox rows the cleanup pass reads and deletes per statement.",
-							"The cleanup worker commits after every statement, so it holds row locks and a snapshot for one batch only.",
+							"The cleanup worker commits after every statement, so it holds row locks and a snapshot for one batch only; small batches also spread the write-ahead log the deletes produce.",
 							&cqrs_cleanup_batch_size,
-							10000, 1, 1000000,
+							2000, 1, 1000000,
 							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("cqrs_sync.cleanup_delay",
-							"Pause of the cleanup worker between two batches of a pass.",
-							"Bounds the share of CPU and I/O a long pass (e.g. a large backlog of expired rows) takes from the relay and the applications, as vacuum_cost_delay does for vacuum; 0 runs passes at full speed. cqrs_cleanup() never pauses, so that its transaction stays short.",
+							"Pause of the cleanup pass after each batch that deleted rows.",
+							"Bounds the share of CPU and write-ahead log a long pass (a backlog of expired rows) takes from the relay and the applications, as vacuum_cost_delay does for vacuum; 0 runs passes at full speed.",
 							&cqrs_cleanup_delay_ms,
-							20, 0, 10000,
-							PGC_SIGHUP,
+							10, 0, 10000,
+							PGC_SUSET,
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
@@ -146,7 +152,7 @@ cqrs_cleanup_init(void)
 							"Outbox rows one call of cqrs_cleanup() deletes at most.",
 							"A function runs in its caller's transaction and cannot commit between batches; this bounds that transaction. A call that stops early returns complete = false and the next call continues. 0 means no limit. The cleanup worker commits after every batch and is not limited.",
 							&cqrs_cleanup_max_rows_per_call,
-							1000000, 0, INT_MAX,
+							500000, 0, INT_MAX,
 							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);
@@ -291,7 +297,7 @@ typedef struct PassState
 {
 	bool		own_xacts;
 	int64		budget;			/* outbox rows left to delete; < 0: no limit */
-	bool		started;		/* a batch ran already */
+	bool		pause;			/* the last batch deleted rows */
 } PassState;
 
 static void
@@ -321,21 +327,27 @@ batch_end(PassState *ps)
 }
 
 /*
- * Before a batch.  The worker pauses cqrs_sync.cleanup_delay after the
- * previous one, and stops when asked to shut down.  Returns true to stop.
+ * Before a batch: pause cqrs_sync.cleanup_delay if the previous batch
+ * deleted rows (reading is cheap; deleting writes WAL the relay's commits
+ * then wait for).  The worker stops when asked to shut down: returns true.
  */
 static bool
 stop_requested(PassState *ps)
 {
-	if (!ps->own_xacts)
-		return false;
-	if (ps->started && cqrs_cleanup_delay_ms > 0 && !ShutdownRequestPending)
+	if (ps->pause && cqrs_cleanup_delay_ms > 0 &&
+		!(ps->own_xacts && ShutdownRequestPending))
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 cqrs_cleanup_delay_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
-	ps->started = true;
+	ps->pause = false;
+	if (!ps->own_xacts)
+	{
+		/* a cancel or statement_timeout stops cqrs_cleanup() here */
+		CHECK_FOR_INTERRUPTS();
+		return false;
+	}
 	if (!PostmasterIsAlive())
 		proc_exit(1);
 	return ShutdownRequestPending;
@@ -391,6 +403,7 @@ purge_failed(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 		res->dlt_failed += get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
 		spend(ps, locked);
 		batch_end(ps);
+		ps->pause = (locked > 0);
 
 		if (locked < limit)
 			return;
@@ -436,6 +449,7 @@ delete_sent(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 		res->sent += deleted;
 		spend(ps, deleted);
 		batch_end(ps);
+		ps->pause = (deleted > 0);
 
 		if (visited < limit || reached_cutoff)
 			return;
@@ -510,7 +524,7 @@ cqrs_cleanup(PG_FUNCTION_ARGS)
 				 errmsg("extension \"cqrs_sync\" does not exist")));
 	ps.own_xacts = false;
 	ps.budget = (limit > 0) ? limit : -1;
-	ps.started = false;
+	ps.pause = false;
 	run_pass(&ps, &res);
 	SPI_finish();
 
@@ -553,7 +567,7 @@ worker_pass(CleanupResult *res)
 
 	ps.own_xacts = true;
 	ps.budget = -1;
-	ps.started = false;
+	ps.pause = false;
 	run_pass(&ps, res);
 	pgstat_report_stat(true);
 	return true;

@@ -74,9 +74,10 @@ set_conf() { # interval retention
     q "SELECT pg_reload_conf()" >/dev/null
 }
 
-declare -A RATES
+declare -A RATES RATIOS
+RATE_IDLE=
 run() { # mode run
-    local mode="$1" n="$2" t0 t1 rate left
+    local mode="$1" n="$2" t0 t1 rate left av0 av1
     set_conf 0 1d
     q "TRUNCATE cqrs_outbox" >/dev/null
     q "INSERT INTO cqrs_outbox (topic, key, payload, status, created_at, sent_at)
@@ -88,7 +89,17 @@ run() { # mode run
     q "VACUUM ANALYZE cqrs_outbox" >/dev/null
     q "CHECKPOINT" >/dev/null
     sleep 1
+    av0=$(q "SELECT autovacuum_count FROM pg_stat_user_tables WHERE relid = 'cqrs_outbox'::regclass")
 
+    t0=$("${PSQL[@]}" -At <<SQL
+SELECT count(cqrs_enqueue('bench.cleanup', 'key-' || (g % 1000),
+       jsonb_build_object('type', 'CommentAdded', 'board_id', g % 1000, 'seq', g,
+                          'author', 'user-' || (g % 97), 'body', repeat('x', 180),
+                          'at', now()::text))) FROM generate_series(1, $ROWS) g \\g /dev/null
+SELECT extract(epoch FROM clock_timestamp());
+SQL
+)
+    # the cleanup starts with the drain (the relay starts at COMMIT)
     case "$mode" in
         function)
             # back to back, one session, until killed
@@ -109,19 +120,12 @@ run() { # mode run
         worker) set_conf 1s 0 ;;
     esac
 
-    t0=$("${PSQL[@]}" -At <<SQL
-SELECT count(cqrs_enqueue('bench.cleanup', 'key-' || (g % 1000),
-       jsonb_build_object('type', 'CommentAdded', 'board_id', g % 1000, 'seq', g,
-                          'author', 'user-' || (g % 97), 'body', repeat('x', 180),
-                          'at', now()::text))) FROM generate_series(1, $ROWS) g \\g /dev/null
-SELECT extract(epoch FROM clock_timestamp());
-SQL
-)
     while [ "$(q "SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'")" != 0 ]; do
         sleep 0.02
     done
     t1=$(q "SELECT extract(epoch FROM relay_last_success_at) FROM cqrs_outbox_stats()")
     left=$(q "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT' AND sent_at < now() - interval '1 day'")
+    av1=$(q "SELECT autovacuum_count FROM pg_stat_user_tables WHERE relid = 'cqrs_outbox'::regclass")
 
     if [ -n "$loop_pid" ]; then
         kill "$loop_pid" 2>/dev/null || true
@@ -132,13 +136,16 @@ SQL
 
     rate=$(awk -v r="$ROWS" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", r / (b - a) }')
     RATES[$mode]+="$rate "
-    printf 'run %d %-8s: %d events in %.2f s: %6d events/s; pre-filled rows left at the end: %d of %d\n' \
-        "$n" "$mode" "$ROWS" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" "$rate" "$left" "$PREFILL"
+    [ "$mode" = idle ] && RATE_IDLE=$rate
+    RATIOS[$mode]+="$(awk -v r="$rate" -v b="${RATE_IDLE:-$rate}" 'BEGIN { printf "%.4f", r / b }') "
+    printf 'run %d %-10s: %d events in %.2f s: %6d events/s; pre-filled rows left: %7d of %d; autovacuums of the outbox: %d; load %s\n' \
+        "$n" "$mode" "$ROWS" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" "$rate" "$left" "$PREFILL" \
+        "$((av1 - av0))" "$(cut -d' ' -f1 /proc/loadavg)"
 }
 
 # one drain to warm up (not counted)
 run idle 0 >/dev/null
-RATES=()
+RATES=() RATIOS=()
 for n in $(seq 1 "$RUNS"); do
     for mode in "${MODES[@]}"; do
         run "$mode" "$n"
@@ -147,9 +154,10 @@ done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 base=$(echo "${RATES[idle]}" | median)
-echo "summary (median of $RUNS runs):"
+echo "summary (median of $RUNS runs; cost = median of each run's rate against the idle run just before it):"
 for mode in "${MODES[@]}"; do
     m=$(echo "${RATES[$mode]}" | median)
-    awk -v mode="$mode" -v m="$m" -v b="$base" -v all="${RATES[$mode]}" \
-        'BEGIN { printf "  %-8s %6d events/s  (%+.1f%% vs idle; runs: %s)\n", mode, m, (m - b) * 100 / b, all }'
+    r=$(echo "${RATIOS[$mode]}" | median)
+    awk -v mode="$mode" -v m="$m" -v b="$base" -v r="$r" -v all="${RATES[$mode]}" \
+        'BEGIN { printf "  %-10s %6d events/s  (%+.1f%% vs idle median; paired %+.1f%%; runs: %s)\n", mode, m, (m - b) * 100 / b, (r - 1) * 100, all }'
 done

@@ -1,6 +1,7 @@
 # Cleanup and retention end to end:
-# (a) 1,000,000 outbox rows of mixed status and age: one cqrs_cleanup() call
-#     deletes every SENT row past cqrs_sync.sent_retention and every approved
+# (a) 1,000,000 outbox rows of mixed status and age: cqrs_cleanup() (two
+#     calls: each stops at cqrs_sync.cleanup_max_rows_per_call) deletes
+#     every SENT row past cqrs_sync.sent_retention and every approved
 #     failed row past cqrs_sync.dlt_retention (one PURGE audit row each), and
 #     no PENDING row, no unapproved failed row, nothing younger;
 # (b) the cleanup worker: idle with cqrs_sync.cleanup_interval = 0, runs on
@@ -134,11 +135,33 @@ cmp_ok($exp_dl + $exp_df, '>', 5000, ($exp_dl + $exp_df) . ' approved failed row
 cmp_ok($node->safe_psql('postgres', 'SELECT sent_late FROM before'), '>', 5000,
 	'and SENT rows enqueued long ago but sent within the retention');
 
+# cqrs_sync.cleanup_max_rows_per_call (500,000) bounds each call's
+# transaction: the first call stops there, the next one finishes.
+my $max_per_call = $node->safe_psql('postgres', 'SHOW cqrs_sync.cleanup_max_rows_per_call');
+my @calls;
 $t0 = time;
-my $result = $node->safe_psql('postgres', 'SELECT sent, dead_lettered, dlt_failed, complete FROM cqrs_cleanup()');
+for (1 .. 5)
+{
+	push @calls,
+	  $node->safe_psql('postgres', 'SELECT sent, dead_lettered, dlt_failed, complete FROM cqrs_cleanup()');
+	last if $calls[-1] =~ /\|t$/;
+}
 my $secs = time - $t0;
-is($result, "$exp_sent|$exp_dl|$exp_df|t", 'one cqrs_cleanup() call deleted exactly the rows due, and finished');
-note(sprintf('cqrs_cleanup() deleted %d rows in %.1f s (%.0f rows/s)',
+my ($sum_sent, $sum_dl, $sum_df) = (0, 0, 0);
+for (@calls)
+{
+	my ($s, $dl, $df) = split /\|/;
+	$sum_sent += $s;
+	$sum_dl   += $dl;
+	$sum_df   += $df;
+}
+note("cqrs_cleanup() calls: @calls");
+my ($s1, $dl1, $df1, $c1) = split /\|/, $calls[0];
+is($s1 + $dl1 + $df1 . "|$c1", "$max_per_call|f",
+	"the first call stopped at cqrs_sync.cleanup_max_rows_per_call ($max_per_call rows), complete = false");
+is(scalar(@calls) . " calls: $sum_sent|$sum_dl|$sum_df", "2 calls: $exp_sent|$exp_dl|$exp_df",
+	'the second call finished; together they deleted exactly the rows due');
+note(sprintf('cqrs_cleanup() deleted %d rows in %.1f s (%.0f rows/s, with cqrs_sync.cleanup_delay)',
 		$exp_sent + $exp_dl + $exp_df, $secs, ($exp_sent + $exp_dl + $exp_df) / $secs));
 
 is( $node->safe_psql('postgres', q{
