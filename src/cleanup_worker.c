@@ -178,18 +178,6 @@ cqrs_cleanup_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
-static SPIPlanPtr
-keep_plan(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "cqrs_sync cleanup: could not prepare \"%s\": %s",
-			 sql, SPI_result_code_string(SPI_result));
-	SPI_keepplan(plan);
-	return plan;
-}
-
 /*
  * Prepare the statements for the extension's current schema.  Returns false
  * when the extension does not exist in this database.  Inside a
@@ -222,58 +210,57 @@ ensure_plans(void)
 	 * Rows are joined through "id = ANY (ARRAY(...))": a pkey look-up per id
 	 * whatever the estimates (a nested loop over a CTE is quadratic).
 	 *
-	 * $1: last id of the previous batch, $2: cutoff, $3: batch size.
-	 * Returns the rows locked, the last of them, and the rows purged per
-	 * status.
+	 * $1: last id of the previous batch, $2: cutoff, $3: batch size. Returns
+	 * the rows locked, the last of them, and the rows purged per status.
 	 */
-	purge_plan = keep_plan(psprintf(
-									"WITH c AS ("
-									" SELECT id FROM %s.cqrs_outbox"
-									"  WHERE purge_approved_at IS NOT NULL AND id > $1"
-									"    AND status IN ('DEAD_LETTERED', 'DLT_FAILED') AND created_at < $2"
-									"  ORDER BY id LIMIT $3"
-									"  FOR UPDATE SKIP LOCKED),"
-									" d AS ("
-									" DELETE FROM %s.cqrs_outbox o"
-									"  WHERE o.id = ANY (ARRAY(SELECT id FROM c)) AND o.purge_approved_at IS NOT NULL"
-									"    AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED') AND o.created_at < $2"
-									"  RETURNING o.id, o.event_id, o.topic, o.key, o.status, o.last_error,"
-									"            o.purge_approved_by, o.payload),"
-									" a AS ("
-									" INSERT INTO %s.cqrs_outbox_audit"
-									"        (action, outbox_id, event_id, topic, key, status, reason, approver, payload)"
-									" SELECT 'PURGE', id, event_id, topic, key, status, last_error, purge_approved_by, payload"
-									"   FROM d ORDER BY id"
-									" RETURNING status)"
-									" SELECT (SELECT count(*) FROM c), (SELECT max(id) FROM c),"
-									"        count(*) FILTER (WHERE status = 'DEAD_LETTERED'),"
-									"        count(*) FILTER (WHERE status = 'DLT_FAILED')"
-									"   FROM a", s, s, s),
-						   3, types);
+	purge_plan = cqrs_keep_plan(psprintf(
+										 "WITH c AS ("
+										 " SELECT id FROM %s.cqrs_outbox"
+										 "  WHERE purge_approved_at IS NOT NULL AND id > $1"
+										 "    AND status IN ('DEAD_LETTERED', 'DLT_FAILED') AND created_at < $2"
+										 "  ORDER BY id LIMIT $3"
+										 "  FOR UPDATE SKIP LOCKED),"
+										 " d AS ("
+										 " DELETE FROM %s.cqrs_outbox o"
+										 "  WHERE o.id = ANY (ARRAY(SELECT id FROM c)) AND o.purge_approved_at IS NOT NULL"
+										 "    AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED') AND o.created_at < $2"
+										 "  RETURNING o.id, o.event_id, o.topic, o.key, o.status, o.last_error,"
+										 "            o.purge_approved_by, o.payload),"
+										 " a AS ("
+										 " INSERT INTO %s.cqrs_outbox_audit"
+										 "        (action, outbox_id, event_id, topic, key, status, reason, approver, payload)"
+										 " SELECT 'PURGE', id, event_id, topic, key, status, last_error, purge_approved_by, payload"
+										 "   FROM d ORDER BY id"
+										 " RETURNING status)"
+										 " SELECT (SELECT count(*) FROM c), (SELECT max(id) FROM c),"
+										 "        count(*) FILTER (WHERE status = 'DEAD_LETTERED'),"
+										 "        count(*) FILTER (WHERE status = 'DLT_FAILED')"
+										 "   FROM a", s, s, s),
+								3, types);
 
 	/*
 	 * $1: last id of the previous window, $2: cutoff, $3: window size.
 	 * Returns the rows deleted, the rows in the window, its last id, and
 	 * whether it reached a row enqueued after the cutoff.  Rows are deleted
 	 * by ctid (no second index look-up) and not locked first (a lock is one
-	 * more WAL record per row): nobody else updates SENT rows.  A row
-	 * changed since the window was read has a new ctid and is left alone.
+	 * more WAL record per row): nobody else updates SENT rows.  A row changed
+	 * since the window was read has a new ctid and is left alone.
 	 */
-	sent_plan = keep_plan(psprintf(
-								   "WITH w AS MATERIALIZED ("
-								   " SELECT ctid, id, status, sent_at, created_at FROM %s.cqrs_outbox"
-								   "  WHERE id > $1 ORDER BY id LIMIT $3),"
-								   " d AS ("
-								   " DELETE FROM %s.cqrs_outbox o"
-								   "  WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM w WHERE status = 'SENT' AND sent_at < $2))"
-								   "    AND o.status = 'SENT' AND o.sent_at < $2"
-								   "  RETURNING 1)"
-								   " SELECT (SELECT count(*) FROM d), count(*), max(w.id),"
-								   "        coalesce(bool_or(w.created_at >= $2), false)"
-								   "   FROM w", s, s),
-						  3, types);
+	sent_plan = cqrs_keep_plan(psprintf(
+										"WITH w AS MATERIALIZED ("
+										" SELECT ctid, id, status, sent_at, created_at FROM %s.cqrs_outbox"
+										"  WHERE id > $1 ORDER BY id LIMIT $3),"
+										" d AS ("
+										" DELETE FROM %s.cqrs_outbox o"
+										"  WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM w WHERE status = 'SENT' AND sent_at < $2))"
+										"    AND o.status = 'SENT' AND o.sent_at < $2"
+										"  RETURNING 1)"
+										" SELECT (SELECT count(*) FROM d), count(*), max(w.id),"
+										"        coalesce(bool_or(w.created_at >= $2), false)"
+										"   FROM w", s, s),
+							   3, types);
 
-	prune_plan = keep_plan(psprintf("SELECT %s.cqrs_prune_read_side()", s), 0, NULL);
+	prune_plan = cqrs_keep_plan(psprintf("SELECT %s.cqrs_prune_read_side()", s), 0, NULL);
 	plans_ext = ext;
 	return true;
 }
