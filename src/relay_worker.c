@@ -36,6 +36,7 @@
 #include "storage/proc.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -994,6 +995,8 @@ record_outcome(RelayRow *rows, uint64 nrows, TimestampTz acked_at)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	/* let autovacuum see the relay's updates (the outbox is a queue) */
+	pgstat_report_stat(false);
 
 	/* counters and log lines, after the outcome is durable */
 	if (nsent > 0)
@@ -1199,6 +1202,13 @@ cqrs_relay_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
+
+	/*
+	 * The kept plans run with very different table sizes (an empty outbox,
+	 * a backlog of millions): plan each execution with its parameters, not
+	 * once generically (a batch of thousands of rows pays for it easily).
+	 */
+	SetConfigOption("plan_cache_mode", "force_custom_plan", PGC_USERSET, PGC_S_OVERRIDE);
 
 	batch_ctx = AllocSetContextCreate(TopMemoryContext, "cqrs_sync relay batch",
 									  ALLOCSET_DEFAULT_SIZES);
