@@ -1203,13 +1203,6 @@ cqrs_relay_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
 
-	/*
-	 * The kept plans run with very different table sizes (an empty outbox,
-	 * a backlog of millions): plan each execution with its parameters, not
-	 * once generically (a batch of thousands of rows pays for it easily).
-	 */
-	SetConfigOption("plan_cache_mode", "force_custom_plan", PGC_USERSET, PGC_S_OVERRIDE);
-
 	batch_ctx = AllocSetContextCreate(TopMemoryContext, "cqrs_sync relay batch",
 									  ALLOCSET_DEFAULT_SIZES);
 	round_ctx = AllocSetContextCreate(TopMemoryContext, "cqrs_sync relay round",
