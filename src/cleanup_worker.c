@@ -165,17 +165,7 @@ cqrs_cleanup_init(void)
 void
 cqrs_cleanup_register(void)
 {
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 5;
-	strlcpy(worker.bgw_library_name, "cqrs_sync", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "cqrs_cleanup_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_name, "cqrs_sync cleanup", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "cqrs_sync cleanup", BGW_MAXLEN);
-	RegisterBackgroundWorker(&worker);
+	cqrs_register_worker("cqrs_cleanup_main", "cqrs_sync cleanup", 5);
 }
 
 /*

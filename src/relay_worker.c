@@ -126,17 +126,7 @@ static CqrsInflight *inflight = NULL;
 void
 cqrs_relay_register(void)
 {
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 1;
-	strlcpy(worker.bgw_library_name, "cqrs_sync", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "cqrs_relay_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_name, "cqrs_sync relay", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "cqrs_sync relay", BGW_MAXLEN);
-	RegisterBackgroundWorker(&worker);
+	cqrs_register_worker("cqrs_relay_main", "cqrs_sync relay", 1);
 }
 
 static void
@@ -252,6 +242,18 @@ ensure_plans(void)
 	return true;
 }
 
+/* A set of 64-bit hashes (held, refused or failed keys) in memory context cxt. */
+static HTAB *
+key_set_create(const char *name, MemoryContext cxt)
+{
+	HASHCTL		ctl;
+
+	ctl.keysize = sizeof(uint64);
+	ctl.entrysize = sizeof(uint64);
+	ctl.hcxt = cxt;
+	return hash_create(name, 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
 static bool
 key_held(uint64 keyhash)
 {
@@ -272,14 +274,8 @@ hold_key(uint64 keyhash)
 static void
 start_round(void)
 {
-	HASHCTL		ctl;
-
 	MemoryContextReset(round_ctx);
-	ctl.keysize = sizeof(uint64);
-	ctl.entrysize = sizeof(uint64);
-	ctl.hcxt = round_ctx;
-	held_keys = hash_create("cqrs_sync held keys", 256, &ctl,
-							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	held_keys = key_set_create("cqrs_sync held keys", round_ctx);
 	round_after = 0;
 	round_wake_at = 0;
 }
@@ -628,16 +624,10 @@ apply_topic_limits(RelayRow *rows, uint64 nrows)
 static int
 produce_rows(RelayRow *rows, uint64 nrows)
 {
-	HTAB	   *refused_keys;
-	HASHCTL		ctl;
+	HTAB	   *refused_keys = key_set_create("cqrs_sync refused keys",
+												  CurrentMemoryContext);
 	int			nproduced = 0;
 	TimestampTz now = GetCurrentTimestamp();
-
-	ctl.keysize = sizeof(uint64);
-	ctl.entrysize = sizeof(uint64);
-	ctl.hcxt = CurrentMemoryContext;
-	refused_keys = hash_create("cqrs_sync refused keys", 64, &ctl,
-							   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
 	for (uint64 i = 0; i < nrows; i++)
 	{
@@ -805,14 +795,8 @@ dead_letter(RelayRow *rows, uint64 nrows)
 static void
 classify_outcomes(RelayRow *rows, uint64 nrows)
 {
-	HASHCTL		ctl;
-	HTAB	   *failed_keys;
-
-	ctl.keysize = sizeof(uint64);
-	ctl.entrysize = sizeof(uint64);
-	ctl.hcxt = CurrentMemoryContext;
-	failed_keys = hash_create("cqrs_sync failed keys", 64, &ctl,
-							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	HTAB	   *failed_keys = key_set_create("cqrs_sync failed keys",
+												 CurrentMemoryContext);
 
 	for (uint64 i = 0; i < nrows; i++)
 	{

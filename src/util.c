@@ -12,6 +12,7 @@
 #include "access/table.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
+#include "postmaster/bgworker.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -61,4 +62,26 @@ cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes)
 	if (SPI_keepplan(plan) != 0)
 		elog(ERROR, "cqrs_sync: could not keep the plan of \"%s\"", sql);
 	return plan;
+}
+
+/*
+ * Register one of cqrs_sync's background workers (from _PG_init while
+ * preloading): connected to a database, started once recovery finished,
+ * restarted restart_seconds after it exits with 1.  type is both its name
+ * and its pg_stat_activity.backend_type.
+ */
+void
+cqrs_register_worker(const char *function, const char *type, int restart_seconds)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = restart_seconds;
+	strlcpy(worker.bgw_library_name, "cqrs_sync", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, function, BGW_MAXLEN);
+	strlcpy(worker.bgw_name, type, BGW_MAXLEN);
+	strlcpy(worker.bgw_type, type, BGW_MAXLEN);
+	RegisterBackgroundWorker(&worker);
 }

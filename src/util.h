@@ -12,5 +12,7 @@
 
 extern char *cqrs_extension_schema(Oid ext_oid);
 extern SPIPlanPtr cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes);
+extern void cqrs_register_worker(const char *function, const char *type,
+								 int restart_seconds);
 
 #endif							/* CQRS_UTIL_H */
