@@ -1,0 +1,602 @@
+/* sql/cqrs_sync--0.2.0.sql */
+
+-- complain if script is sourced in psql, rather than via CREATE EXTENSION
+\echo Use "CREATE EXTENSION cqrs_sync" to load this file. \quit
+
+-----------------------------------------------------------------------------
+-- Roles
+-----------------------------------------------------------------------------
+
+-- Operators of the outbox (retry, discard, approve purges) are members of
+-- cqrs_sync_operator; write services that enqueue events, of cqrs_sync_writer.  The role is cluster-wide, so it may already exist
+-- when the extension is created in a second database.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cqrs_sync_operator') THEN
+        CREATE ROLE cqrs_sync_operator NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cqrs_sync_writer') THEN
+        CREATE ROLE cqrs_sync_writer NOLOGIN;
+    END IF;
+END
+$$;
+
+-----------------------------------------------------------------------------
+-- Write side: the outbox
+-----------------------------------------------------------------------------
+
+CREATE TYPE cqrs_outbox_status AS ENUM
+    ('PENDING', 'SENT', 'DEAD_LETTERED', 'DLT_FAILED');
+COMMENT ON TYPE cqrs_outbox_status IS
+    'Life cycle of an outbox row: PENDING until Kafka acknowledged it (SENT), or until it was written to the dead-letter topic (DEAD_LETTERED) or even that failed (DLT_FAILED).';
+
+CREATE TABLE cqrs_outbox (
+    id              bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    event_id        uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE,
+    topic           text NOT NULL,
+    key             text,
+    payload         jsonb NOT NULL,
+    headers         jsonb,
+    status          cqrs_outbox_status NOT NULL DEFAULT 'PENDING',
+    retry_count     integer NOT NULL DEFAULT 0,
+    dlt_retry_count integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    sent_at         timestamptz,
+    purge_approved_by text,
+    purge_approved_at timestamptz,
+    CONSTRAINT cqrs_outbox_topic_check CHECK (topic <> ''),
+    CONSTRAINT cqrs_outbox_headers_check
+        CHECK (headers IS NULL OR jsonb_typeof(headers) = 'object')
+);
+COMMENT ON TABLE cqrs_outbox IS
+    'Transactional outbox: one row per event, written by cqrs_enqueue() in the caller''s transaction and published to Kafka by the cqrs_sync relay worker.';
+COMMENT ON COLUMN cqrs_outbox.id IS 'Outbox order; events of one key reach Kafka in id order.';
+COMMENT ON COLUMN cqrs_outbox.event_id IS 'Unique event id, sent as the Kafka header event_id; consumers deduplicate by it.';
+COMMENT ON COLUMN cqrs_outbox.topic IS 'Kafka topic the event is published to.';
+COMMENT ON COLUMN cqrs_outbox.key IS 'Kafka message key; also the unit of ordering.';
+COMMENT ON COLUMN cqrs_outbox.payload IS 'Message value, sent as JSON text.';
+COMMENT ON COLUMN cqrs_outbox.headers IS 'Extra Kafka headers: a JSON object of strings.';
+COMMENT ON COLUMN cqrs_outbox.status IS 'PENDING, SENT, DEAD_LETTERED or DLT_FAILED.';
+COMMENT ON COLUMN cqrs_outbox.retry_count IS 'Failed delivery attempts that counted against cqrs_sync.max_retries.';
+COMMENT ON COLUMN cqrs_outbox.dlt_retry_count IS 'Failed attempts to publish the row to its dead-letter topic.';
+COMMENT ON COLUMN cqrs_outbox.next_attempt_at IS 'A PENDING row is not sent before this time (retry backoff).';
+COMMENT ON COLUMN cqrs_outbox.last_error IS 'Why the last attempt failed.';
+COMMENT ON COLUMN cqrs_outbox.created_at IS 'When the event was enqueued (transaction start time).';
+COMMENT ON COLUMN cqrs_outbox.purge_approved_by IS 'Operator who approved purging this failed row (cqrs_approve_purge).';
+COMMENT ON COLUMN cqrs_outbox.purge_approved_at IS 'When purging this failed row was approved.';
+COMMENT ON COLUMN cqrs_outbox.sent_at IS 'When Kafka acknowledged the last message of the row''s batch.';
+
+-- The relay's scan: only PENDING rows, in id order.
+COMMENT ON SEQUENCE cqrs_outbox_id_seq IS
+    'Outbox ids; the relay reads its high-water mark to keep per-key order across out-of-order commits.';
+
+CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING';
+
+REVOKE ALL ON cqrs_outbox FROM PUBLIC;
+REVOKE ALL ON SEQUENCE cqrs_outbox_id_seq FROM PUBLIC;
+GRANT SELECT ON cqrs_outbox TO pg_monitor, cqrs_sync_operator;
+
+-- Every operator action and every purge of a failed row leaves a row here,
+-- so that nothing disappears unexplained.
+CREATE TABLE cqrs_outbox_audit (
+    audit_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    action     text NOT NULL
+               CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'PURGE')),
+    outbox_id  bigint NOT NULL,
+    event_id   uuid,
+    topic      text,
+    key        text,
+    status     cqrs_outbox_status,
+    reason     text,
+    approver   text,
+    -- the role acting: SET ROLE counts, SECURITY DEFINER does not
+    actor      text NOT NULL DEFAULT (CASE WHEN current_setting('role') = 'none'
+                                           THEN session_user::text
+                                           ELSE current_setting('role') END),
+    at         timestamptz NOT NULL DEFAULT now(),
+    payload    jsonb
+);
+COMMENT ON TABLE cqrs_outbox_audit IS
+    'Audit trail of operator actions on outbox rows (retry, discard, purge approval) and of purges of failed rows.';
+COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE or PURGE.';
+COMMENT ON COLUMN cqrs_outbox_audit.outbox_id IS 'The outbox row acted on.';
+COMMENT ON COLUMN cqrs_outbox_audit.status IS 'The row''s status when the action happened.';
+COMMENT ON COLUMN cqrs_outbox_audit.reason IS 'Why: the operator''s reason, or the row''s last error for a retry.';
+COMMENT ON COLUMN cqrs_outbox_audit.approver IS 'For a purge: who approved it.';
+COMMENT ON COLUMN cqrs_outbox_audit.actor IS 'Role that acted: the role set with SET ROLE, else the session user (the cleanup worker or cron job for purges).';
+COMMENT ON COLUMN cqrs_outbox_audit.at IS 'When it happened.';
+COMMENT ON COLUMN cqrs_outbox_audit.payload IS 'The event''s payload, for rows that left the outbox (discard, purge).';
+COMMENT ON SEQUENCE cqrs_outbox_audit_audit_id_seq IS 'Ids of cqrs_outbox_audit rows.';
+CREATE INDEX cqrs_outbox_audit_outbox_idx ON cqrs_outbox_audit (outbox_id);
+REVOKE ALL ON cqrs_outbox_audit FROM PUBLIC;
+GRANT SELECT ON cqrs_outbox_audit TO pg_monitor, cqrs_sync_operator;
+
+-- pg_dump keeps the outbox (PENDING events!), its id sequence and the audit
+-- trail; they are data, not part of the extension's definition.
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_outbox_audit_audit_id_seq', '');
+
+CREATE FUNCTION cqrs_enqueue(topic text, key text, payload jsonb,
+                             headers jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cqrs_enqueue'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE
+-- writers may enqueue, never insert into the outbox directly
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION cqrs_enqueue(text, text, jsonb, jsonb) IS
+    'Writes an event to the outbox inside the caller''s transaction and returns its outbox id; the event exists if and only if the transaction commits.';
+REVOKE ALL ON FUNCTION cqrs_enqueue(text, text, jsonb, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_enqueue(text, text, jsonb, jsonb) TO cqrs_sync_writer;
+
+-- Internal: the relay's view of its own state, kept in shared memory.
+CREATE FUNCTION cqrs_relay_state(
+    OUT worker_pid integer,
+    OUT events_sent bigint,
+    OUT events_failed bigint,
+    OUT batches bigint,
+    OUT producer_restarts bigint,
+    OUT dead_lettered bigint,
+    OUT dlt_failed bigint,
+    OUT last_success_at timestamptz,
+    OUT last_error text,
+    OUT last_error_at timestamptz,
+    OUT state text,
+    OUT paused_topic text,
+    OUT paused_reason text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cqrs_relay_state'
+LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION cqrs_relay_state() IS
+    'Counters and state of the relay worker since the server started (shared memory, kept across worker restarts); NULLs when cqrs_sync is not in shared_preload_libraries.';
+
+-- Failed rows, for counts, the dead-letter topic list and cleanup.
+CREATE INDEX cqrs_outbox_failed_idx ON cqrs_outbox (topic)
+    WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
+
+CREATE FUNCTION cqrs_outbox_stats(
+    OUT pending bigint,
+    OUT sent bigint,
+    OUT dead_lettered bigint,
+    OUT dlt_failed bigint,
+    OUT oldest_pending_age_seconds double precision,
+    OUT relay_pid integer,
+    OUT relay_events_sent bigint,
+    OUT relay_events_failed bigint,
+    OUT relay_last_success_at timestamptz,
+    OUT relay_last_error text,
+    OUT relay_last_error_at timestamptz,
+    OUT table_bytes bigint,
+    OUT index_bytes bigint,
+    OUT relay_state text,
+    OUT relay_paused_topic text,
+    OUT relay_paused_reason text,
+    OUT relay_dead_lettered bigint,
+    OUT relay_dlt_failed bigint,
+    OUT relay_producer_restarts bigint)
+RETURNS record
+LANGUAGE sql STABLE PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- PENDING and failed rows are counted through their partial indexes;
+    -- SENT rows are the rest of an index-only count of all rows.
+    SELECT p.pending, t.total - p.pending - f.dead_lettered - f.dlt_failed,
+           f.dead_lettered, f.dlt_failed,
+           coalesce(extract(epoch FROM now() - o.oldest), 0)::float8,
+           r.worker_pid, r.events_sent, r.events_failed,
+           r.last_success_at, r.last_error, r.last_error_at,
+           pg_table_size('@extschema@.cqrs_outbox'::regclass),
+           pg_indexes_size('@extschema@.cqrs_outbox'::regclass),
+           coalesce(r.state, 'stopped'), r.paused_topic, r.paused_reason,
+           r.dead_lettered, r.dlt_failed, r.producer_restarts
+      FROM (SELECT count(*) AS total FROM @extschema@.cqrs_outbox) t,
+           (SELECT count(*) AS pending
+              FROM @extschema@.cqrs_outbox WHERE status = 'PENDING') p,
+           (SELECT count(*) FILTER (WHERE status = 'DEAD_LETTERED') AS dead_lettered,
+                   count(*) FILTER (WHERE status = 'DLT_FAILED')    AS dlt_failed
+              FROM @extschema@.cqrs_outbox
+             WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED')) f,
+           -- the first PENDING row in outbox order
+           (SELECT (SELECT created_at FROM @extschema@.cqrs_outbox
+                     WHERE status = 'PENDING' ORDER BY id LIMIT 1) AS oldest) o,
+           @extschema@.cqrs_relay_state() r
+$$;
+COMMENT ON FUNCTION cqrs_outbox_stats() IS
+    'One row for DBAs and exporters: rows per status, age in seconds of the oldest PENDING row (in outbox order), the relay worker''s state, totals and last error, and the size in bytes of the outbox table (with TOAST) and of its indexes.';
+REVOKE ALL ON FUNCTION cqrs_outbox_stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_outbox_stats() TO pg_monitor, cqrs_sync_operator;
+REVOKE ALL ON FUNCTION cqrs_relay_state() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_relay_state() TO pg_monitor, cqrs_sync_operator;
+
+-- Views shaped for an exporter: labels and numbers, no reshaping needed.
+CREATE VIEW cqrs_stats_outbox AS
+    SELECT v.status, v.rows
+      FROM @extschema@.cqrs_outbox_stats() s,
+           LATERAL (VALUES ('PENDING', s.pending), ('SENT', s.sent),
+                           ('DEAD_LETTERED', s.dead_lettered),
+                           ('DLT_FAILED', s.dlt_failed)) AS v(status, rows);
+COMMENT ON VIEW cqrs_stats_outbox IS
+    'Outbox rows per status, one row per status (0 when none); for exporters (metric cqrs_outbox_rows{status}).';
+
+CREATE VIEW cqrs_stats_relay AS
+    SELECT (s.relay_pid IS NOT NULL)::integer AS relay_up,
+           (s.relay_state IN ('paused', 'waiting for broker'))::integer AS paused,
+           s.relay_state AS state,
+           s.relay_paused_topic AS paused_topic,
+           s.relay_paused_reason AS paused_reason,
+           coalesce(s.relay_events_sent, 0) AS events_sent,
+           coalesce(s.relay_events_failed, 0) AS events_failed,
+           coalesce(s.relay_dead_lettered, 0) AS dead_lettered,
+           coalesce(s.relay_dlt_failed, 0) AS dlt_failed,
+           coalesce(s.relay_producer_restarts, 0) AS producer_restarts,
+           extract(epoch FROM now() - s.relay_last_success_at)::float8 AS last_success_age_seconds,
+           s.relay_last_error AS last_error,
+           extract(epoch FROM now() - s.relay_last_error_at)::float8 AS last_error_age_seconds,
+           s.oldest_pending_age_seconds,
+           s.table_bytes,
+           s.index_bytes
+      FROM @extschema@.cqrs_outbox_stats() s;
+COMMENT ON VIEW cqrs_stats_relay IS
+    'One row: whether the relay runs and is paused (and on what), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age and the outbox size; for exporters.';
+
+CREATE FUNCTION cqrs_dlt_depth_partitions(
+    OUT topic text,
+    OUT partition integer,
+    OUT low_offset bigint,
+    OUT high_offset bigint,
+    OUT messages bigint,
+    OUT checked_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cqrs_dlt_depth'
+LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION cqrs_dlt_depth_partitions() IS
+    'Watermark offsets of the dead-letter topic partitions, as the relay last asked Kafka (shared memory).';
+REVOKE ALL ON FUNCTION cqrs_dlt_depth_partitions() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_dlt_depth_partitions() TO pg_monitor, cqrs_sync_operator;
+
+CREATE VIEW cqrs_dlt_depth AS
+    SELECT topic, partition, low_offset, high_offset, messages, checked_at
+      FROM @extschema@.cqrs_dlt_depth_partitions();
+COMMENT ON VIEW cqrs_dlt_depth IS
+    'Messages per dead-letter topic and partition (high minus low watermark), refreshed by the relay every cqrs_sync.dlt_depth_interval: the DLT topics it wrote to and those in cqrs_sync.read_side_dlt_topics.';
+
+REVOKE ALL ON cqrs_stats_outbox, cqrs_stats_relay, cqrs_dlt_depth FROM PUBLIC;
+GRANT SELECT ON cqrs_stats_outbox, cqrs_stats_relay, cqrs_dlt_depth TO pg_monitor, cqrs_sync_operator;
+
+-----------------------------------------------------------------------------
+-- Operator functions (retry, discard)
+-----------------------------------------------------------------------------
+
+-- @@OPERATOR_BEGIN@@
+
+CREATE FUNCTION cqrs_wake_relay()
+RETURNS void
+AS 'MODULE_PATHNAME', 'cqrs_wake_relay_sql'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_wake_relay() IS
+    'Wakes the relay when the calling transaction commits (the operator functions use it), so a row made PENDING is sent at once.';
+REVOKE ALL ON FUNCTION cqrs_wake_relay() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_wake_relay() TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_retry(id bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r @extschema@.cqrs_outbox;
+BEGIN
+    IF cqrs_retry.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO r FROM @extschema@.cqrs_outbox o WHERE o.id = cqrs_retry.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox row % does not exist', cqrs_retry.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF r.status = 'SENT' THEN
+        RAISE EXCEPTION 'outbox row % was already sent', cqrs_retry.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only PENDING, DEAD_LETTERED and DLT_FAILED rows can be retried.';
+    END IF;
+    INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
+    VALUES ('RETRY', r.id, r.event_id, r.topic, r.key, r.status, r.last_error);
+    UPDATE @extschema@.cqrs_outbox o
+       SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+           next_attempt_at = NULL, last_error = NULL,
+           purge_approved_by = NULL, purge_approved_at = NULL
+     WHERE o.id = r.id;
+    PERFORM @extschema@.cqrs_wake_relay();
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION cqrs_retry(bigint) IS
+    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with its counters reset, recording the row''s last error in cqrs_outbox_audit; the relay sends it at once.';
+REVOKE ALL ON FUNCTION cqrs_retry(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_retry(bigint) TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_retry_dlt_failed()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH failed AS (
+        SELECT o.id, o.event_id, o.topic, o.key, o.last_error
+          FROM @extschema@.cqrs_outbox o
+         WHERE o.status = 'DLT_FAILED'
+           FOR UPDATE
+    ), audited AS (
+        INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
+        SELECT 'RETRY', f.id, f.event_id, f.topic, f.key, 'DLT_FAILED', f.last_error FROM failed f
+    ), reset AS (
+        UPDATE @extschema@.cqrs_outbox o
+           SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+               next_attempt_at = NULL, last_error = NULL,
+               purge_approved_by = NULL, purge_approved_at = NULL
+          FROM failed f
+         WHERE o.id = f.id
+        RETURNING o.id
+    )
+    SELECT count(*) INTO n FROM reset;
+    IF n > 0 THEN
+        PERFORM @extschema@.cqrs_wake_relay();
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION cqrs_retry_dlt_failed() IS
+    'Operator: puts every DLT_FAILED row back to PENDING (as cqrs_retry does, audited) and returns how many.';
+REVOKE ALL ON FUNCTION cqrs_retry_dlt_failed() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_retry_dlt_failed() TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_discard(id bigint, reason text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r @extschema@.cqrs_outbox;
+BEGIN
+    IF cqrs_discard.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF coalesce(btrim(cqrs_discard.reason), '') = '' THEN
+        RAISE EXCEPTION 'a reason is required to discard an outbox row'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Say why the event may be dropped; the reason is kept in cqrs_outbox_audit.';
+    END IF;
+    SELECT * INTO r FROM @extschema@.cqrs_outbox o WHERE o.id = cqrs_discard.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox row % does not exist', cqrs_discard.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF r.status = 'SENT' THEN
+        RAISE EXCEPTION 'outbox row % was already sent', cqrs_discard.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Sent rows leave the outbox through cqrs_cleanup().';
+    END IF;
+    INSERT INTO @extschema@.cqrs_outbox_audit
+           (action, outbox_id, event_id, topic, key, status, reason, payload)
+    VALUES ('DISCARD', r.id, r.event_id, r.topic, r.key, r.status, cqrs_discard.reason, r.payload);
+    DELETE FROM @extschema@.cqrs_outbox o WHERE o.id = r.id;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION cqrs_discard(bigint, text) IS
+    'Operator: takes a PENDING, DEAD_LETTERED or DLT_FAILED row out of the outbox for good; the event, who, when and why are kept in cqrs_outbox_audit.';
+REVOKE ALL ON FUNCTION cqrs_discard(bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_discard(bigint, text) TO cqrs_sync_operator;
+
+-- @@OPERATOR_END@@
+
+-----------------------------------------------------------------------------
+-- Cleanup and retention
+-----------------------------------------------------------------------------
+
+-- @@CLEANUP_BEGIN@@
+
+-- Rows approved for purging, for the cleanup pass (a few rows at most; the
+-- relay's updates never add entries, so it costs the relay nothing).
+CREATE INDEX cqrs_outbox_purge_idx ON cqrs_outbox (id)
+    WHERE purge_approved_at IS NOT NULL;
+COMMENT ON INDEX cqrs_outbox_purge_idx IS
+    'Lets the cleanup pass find the failed rows approved for purging without scanning the outbox.';
+
+CREATE FUNCTION cqrs_cleanup(
+    OUT sent bigint,
+    OUT dead_lettered bigint,
+    OUT dlt_failed bigint,
+    OUT read_side bigint,
+    OUT complete boolean)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cqrs_cleanup'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE
+-- operators may clean up, but not delete from the outbox at will
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION cqrs_cleanup() IS
+    'One cleanup pass, for pg_cron or by hand, in the caller''s transaction: deletes SENT rows older than cqrs_sync.sent_retention and purges DEAD_LETTERED/DLT_FAILED rows approved with cqrs_approve_purge() and older than cqrs_sync.dlt_retention (audited), in batches of cqrs_sync.cleanup_batch_size, at most cqrs_sync.cleanup_max_rows_per_call rows per call (complete = false when it stopped early), then prunes the read side (cqrs_prune_read_side()). Never deletes PENDING rows. Returns the rows deleted per status.';
+REVOKE ALL ON FUNCTION cqrs_cleanup() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_cleanup() TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_approve_purge(ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- who approves: the role set with SET ROLE, else the session user (as
+    -- the audit's actor)
+    who text := CASE WHEN current_setting('role') = 'none'
+                     THEN session_user::text ELSE current_setting('role') END;
+    approved bigint[];
+    n_not integer;
+    listed text;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    WITH a AS (
+        UPDATE @extschema@.cqrs_outbox o
+           SET purge_approved_by = who, purge_approved_at = now()
+         WHERE o.id = ANY (ids)
+           AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED')
+           AND o.purge_approved_at IS NULL
+        RETURNING o.id, o.event_id, o.topic, o.key, o.status, o.last_error
+    ), audited AS (
+        INSERT INTO @extschema@.cqrs_outbox_audit
+               (action, outbox_id, event_id, topic, key, status, reason, approver)
+        SELECT 'APPROVE_PURGE', a.id, a.event_id, a.topic, a.key, a.status, a.last_error, who
+          FROM a ORDER BY a.id
+    )
+    SELECT coalesce(array_agg(a.id), '{}') INTO approved FROM a;
+
+    -- say which ids were not approved, and why
+    SELECT count(*),
+           string_agg(format('%s (%s)', coalesce(u.id::text, 'NULL'),
+                             CASE WHEN u.id IS NULL THEN 'not an id'
+                                  WHEN o.id IS NULL THEN 'not found'
+                                  WHEN o.purge_approved_at IS NOT NULL
+                                  THEN 'already approved by ' || o.purge_approved_by
+                                  ELSE o.status::text END),
+                      ', ' ORDER BY u.id) FILTER (WHERE u.n <= 20)
+      INTO n_not, listed
+      FROM (SELECT x.id, row_number() OVER (ORDER BY x.id) AS n
+              FROM (SELECT DISTINCT i AS id FROM unnest(ids) AS i) x
+             WHERE x.id IS NULL OR x.id <> ALL (approved)) u
+      LEFT JOIN @extschema@.cqrs_outbox o ON o.id = u.id;
+    IF n_not > 0 THEN
+        IF n_not > 20 THEN
+            listed := format('%s and %s more', listed, n_not - 20);
+        END IF;
+        RAISE NOTICE '% outbox row(s) not approved for purging: %', n_not, listed
+            USING DETAIL = 'Only DEAD_LETTERED and DLT_FAILED rows that are not yet approved can be approved; the others are left as they are.';
+    END IF;
+    RETURN cardinality(approved);
+END
+$$;
+COMMENT ON FUNCTION cqrs_approve_purge(bigint[]) IS
+    'Operator: approves purging the DEAD_LETTERED and DLT_FAILED outbox rows with these ids (recording who and when, and an APPROVE_PURGE row in cqrs_outbox_audit); the cleanup pass deletes them once older than cqrs_sync.dlt_retention. Ids that do not exist, are in another status or are already approved are left alone and listed in a NOTICE. Returns the number of rows approved.';
+REVOKE ALL ON FUNCTION cqrs_approve_purge(bigint[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_approve_purge(bigint[]) TO cqrs_sync_operator;
+
+-- @@CLEANUP_END@@
+
+-----------------------------------------------------------------------------
+-- Read side (idempotent apply helpers and the inbox)
+-----------------------------------------------------------------------------
+
+-- @@READ_SIDE_BEGIN@@
+
+-- Read services call the helpers below as members of cqrs_sync_reader (plus
+-- their own privileges on the read-model tables).  The role is cluster-wide,
+-- so it may already exist when the extension is created in a second database.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cqrs_sync_reader') THEN
+        CREATE ROLE cqrs_sync_reader NOLOGIN;
+    END IF;
+END
+$$;
+
+-- "C" collation: ids are compared bytewise, which is faster and does not
+-- depend on the operating system's collation rules.
+CREATE TABLE cqrs_inbox (
+    consumer     text COLLATE "C" NOT NULL,
+    event_id     text COLLATE "C" NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
+);
+COMMENT ON TABLE cqrs_inbox IS
+    'Inbox of the read side: one row per (consumer, event) already applied, written by cqrs_mark_processed() and cqrs_apply_delta() in the consumer''s transaction; pruned by cqrs_prune_read_side() after cqrs_sync.inbox_retention.';
+COMMENT ON COLUMN cqrs_inbox.consumer IS 'Name of the consumer (e.g. the read model or consumer group); cqrs_apply_delta() uses "<consumer>/delta/<target oid>".';
+COMMENT ON COLUMN cqrs_inbox.event_id IS 'Id of the event, normally the Kafka header event_id; cqrs_apply_delta() appends the row''s key.';
+COMMENT ON COLUMN cqrs_inbox.processed_at IS 'Start of the transaction that applied the event; drives retention.';
+
+-- Retention deletes by age.
+CREATE INDEX cqrs_inbox_processed_at_idx ON cqrs_inbox (processed_at);
+COMMENT ON INDEX cqrs_inbox_processed_at_idx IS
+    'Lets cqrs_prune_read_side() find expired inbox entries without scanning the table.';
+
+CREATE TABLE cqrs_tombstone (
+    target     regclass NOT NULL,
+    key        jsonb NOT NULL,
+    version    bigint NOT NULL,
+    deleted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target, key)
+);
+COMMENT ON TABLE cqrs_tombstone IS
+    'Rows removed by cqrs_delete() and the version of the delete, so that an older upsert arriving later does not bring them back; pruned by cqrs_prune_read_side() after cqrs_sync.inbox_retention.';
+COMMENT ON COLUMN cqrs_tombstone.target IS 'Read-model table the row was deleted from.';
+COMMENT ON COLUMN cqrs_tombstone.key IS 'Primary key of the deleted row: an object of the key columns'' text representations, e.g. {"id": "42"}.';
+COMMENT ON COLUMN cqrs_tombstone.version IS 'Highest version deleted; upserts of the key with a version up to this one are ignored.';
+COMMENT ON COLUMN cqrs_tombstone.deleted_at IS 'When the tombstone was written or last raised; drives retention.';
+
+-- Both tables are state of the read model: pg_dump must keep their rows.
+SELECT pg_catalog.pg_extension_config_dump('cqrs_inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_tombstone', '');
+
+-- The helpers run as their caller (SECURITY INVOKER): the caller needs its
+-- own privileges on the target table and those of cqrs_sync_reader on the
+-- inbox and the tombstones.
+REVOKE ALL ON cqrs_inbox, cqrs_tombstone FROM PUBLIC;
+GRANT SELECT, INSERT ON cqrs_inbox TO cqrs_sync_reader;
+GRANT SELECT, INSERT, UPDATE ON cqrs_tombstone TO cqrs_sync_reader;
+GRANT SELECT ON cqrs_inbox, cqrs_tombstone TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_mark_processed(consumer text, event_id text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_mark_processed'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_mark_processed(text, text) IS
+    'Records that consumer processed event_id, in the caller''s transaction: true the first time, false if it was already recorded (then skip the event).';
+
+CREATE FUNCTION cqrs_upsert(target regclass, "row" jsonb, version bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_upsert'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_upsert(regclass, jsonb, bigint) IS
+    'Inserts or updates the row of target with the primary key in row (a JSON object of columns) if version is higher than the stored one and than any tombstone of the key; returns whether it was applied. Columns missing from row keep their value (or default).';
+
+CREATE FUNCTION cqrs_delete(target regclass, key jsonb, version bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_delete'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_delete(regclass, jsonb, bigint) IS
+    'Deletes the row of target with the primary key key unless its version is higher than version, and records a tombstone so that an older upsert arriving later does not bring it back; returns whether anything changed.';
+
+CREATE FUNCTION cqrs_apply_delta(target regclass, key jsonb, deltas jsonb,
+                                 consumer text, event_id text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_apply_delta'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_apply_delta(regclass, jsonb, jsonb, text, text) IS
+    'Adds the numbers in deltas (e.g. {"likes": 1}) to the columns of the row of target with the primary key key, once per (consumer, event_id, target, key); creates a missing row from the deltas unless the key was deleted. Returns whether the deltas were added.';
+
+CREATE FUNCTION cqrs_prune_read_side(older_than interval DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cqrs_prune_read_side'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION cqrs_prune_read_side(interval) IS
+    'Deletes inbox entries and tombstones older than older_than (default: cqrs_sync.inbox_retention; 0 there keeps them) and tombstones of dropped tables; returns the number of rows deleted.';
+
+REVOKE ALL ON FUNCTION cqrs_mark_processed(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_upsert(regclass, jsonb, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_delete(regclass, jsonb, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_apply_delta(regclass, jsonb, jsonb, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_prune_read_side(interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_mark_processed(text, text) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_upsert(regclass, jsonb, bigint) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_delete(regclass, jsonb, bigint) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_apply_delta(regclass, jsonb, jsonb, text, text) TO cqrs_sync_reader;
+GRANT EXECUTE ON FUNCTION cqrs_prune_read_side(interval) TO cqrs_sync_operator;
+
+-- @@READ_SIDE_END@@

@@ -1,0 +1,127 @@
+# Upgrades keep every row and end in exactly the schema of a fresh install:
+# version 0.1.0 is installed and filled (outbox rows in every status, audit,
+# inbox, tombstones), then ALTER EXTENSION cqrs_sync UPDATE.  A second
+# database gets a fresh CREATE EXTENSION.  Both are compared with
+# pg_dump --schema-only after every member object was detached from the
+# extension in a scratch copy (pg_dump does not print extension members), so
+# tables, columns, defaults, constraints, indexes, functions, views, grants
+# and comments all take part.  Also: the C library serves the 0.1.0 SQL
+# definitions until the update (versioned entry points).
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use IPC::Run ();
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = new_node('upgrade', _create_extension => 0, 'cqrs_sync.relay_enabled' => 'off');
+
+my $default = $node->safe_psql('postgres',
+	"SELECT default_version FROM pg_available_extensions WHERE name = 'cqrs_sync'");
+my @versions = split /\n/, $node->safe_psql('postgres',
+	"SELECT version FROM pg_available_extension_versions WHERE name = 'cqrs_sync' ORDER BY version");
+ok((grep { $_ eq '0.1.0' } @versions), "0.1.0 is still installable (versions: @versions)");
+isnt($default, '0.1.0', "the default version ($default) is newer than 0.1.0");
+
+# ---- 0.1.0, with data ------------------------------------------------------
+$node->safe_psql('postgres', 'CREATE DATABASE old');
+$node->safe_psql('old', "CREATE EXTENSION cqrs_sync VERSION '0.1.0'");
+$node->safe_psql('old', q{
+	SELECT cqrs_enqueue('orders', 'k' || g, jsonb_build_object('n', g)) FROM generate_series(1, 10) g;
+	UPDATE cqrs_outbox SET status = 'SENT', sent_at = now() WHERE id <= 4;
+	UPDATE cqrs_outbox SET status = 'DEAD_LETTERED', last_error = 'too large' WHERE id = 5;
+	UPDATE cqrs_outbox SET status = 'DLT_FAILED', last_error = 'dlt refused', dlt_retry_count = 1 WHERE id = 6;
+	SELECT cqrs_discard(7, 'test data');
+	SELECT cqrs_retry(6);
+	UPDATE cqrs_outbox SET status = 'DLT_FAILED' WHERE id = 6;
+	SELECT cqrs_approve_purge(ARRAY[5]);
+	CREATE TABLE board (id bigint PRIMARY KEY, title text, likes bigint NOT NULL DEFAULT 0, version bigint);
+	SELECT cqrs_mark_processed('board-view', 'e' || g) FROM generate_series(1, 5) g;
+	SELECT cqrs_upsert('board', '{"id": 1, "title": "a"}', 3);
+	SELECT cqrs_upsert('board', '{"id": 2, "title": "b"}', 3);
+	SELECT cqrs_delete('board', '{"id": 2}', 4);
+	SELECT cqrs_apply_delta('board', '{"id": 1}', '{"likes": 2}', 'board-view', 'd1');
+});
+is($node->safe_psql('old', "SELECT (cqrs_outbox_stats()).pending"), '3',
+	'0.1.0 stats work with the new library (its own entry points)');
+ok(defined $node->safe_psql('old', "SELECT state FROM cqrs_stats_relay"),
+	'0.1.0 relay view works with the new library');
+
+my $snapshot = q{
+	SELECT 'outbox', count(*), string_agg(id || ':' || status || ':' || event_id, ',' ORDER BY id) FROM cqrs_outbox
+	UNION ALL SELECT 'audit', count(*), string_agg(action || ':' || outbox_id, ',' ORDER BY audit_id) FROM cqrs_outbox_audit
+	UNION ALL SELECT 'inbox', count(*), string_agg(consumer || ':' || event_id, ',' ORDER BY consumer, event_id) FROM cqrs_inbox
+	UNION ALL SELECT 'tombstone', count(*), string_agg(key::text || ':' || version, ',') FROM cqrs_tombstone
+	UNION ALL SELECT 'board', count(*), string_agg(id || ':' || title || ':' || likes || ':' || version, ',' ORDER BY id) FROM board
+	UNION ALL SELECT 'seq', 1, (SELECT last_value::text FROM cqrs_outbox_id_seq)
+};
+my $before = $node->safe_psql('old', $snapshot);
+
+my ($rc, $out, $err) = $node->psql('old', 'ALTER EXTENSION cqrs_sync UPDATE');
+is($rc, 0, 'ALTER EXTENSION cqrs_sync UPDATE succeeds') or diag($err);
+is($node->safe_psql('old', "SELECT extversion FROM pg_extension WHERE extname = 'cqrs_sync'"),
+	$default, "updated to $default");
+is($node->safe_psql('old', $snapshot), $before, 'no row lost or changed by the update');
+is($node->safe_psql('old', "SELECT cqrs_enqueue('orders', 'k', '{}') > 10"), 't',
+	'the id sequence continues after the update');
+
+# ---- a fresh install ------------------------------------------------------------
+$node->safe_psql('postgres', 'CREATE DATABASE fresh');
+$node->safe_psql('fresh', 'CREATE EXTENSION cqrs_sync');
+$node->safe_psql('fresh',
+	'CREATE TABLE board (id bigint PRIMARY KEY, title text, likes bigint NOT NULL DEFAULT 0, version bigint)');
+
+# ---- compare the schemas ------------------------------------------------------------
+# A scratch copy of each database in which every member object is detached
+# from the extension, so that pg_dump --schema-only prints it.
+sub schema_of
+{
+	my ($db) = @_;
+	my $copy = "${db}_schema";
+	$node->safe_psql('postgres', "CREATE DATABASE $copy TEMPLATE $db");
+	my $detach = $node->safe_psql($copy, q{
+		SELECT string_agg(format('ALTER EXTENSION cqrs_sync DROP %s %s;', o.type, o.identity), E'\n'
+		                  ORDER BY o.type, o.identity)
+		  FROM pg_depend d
+		  CROSS JOIN LATERAL pg_identify_object(d.classid, d.objid, d.objsubid) o
+		 WHERE d.refclassid = 'pg_extension'::regclass
+		   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'cqrs_sync')
+		   AND d.deptype = 'e'});
+	$node->safe_psql($copy, $detach);
+	my ($dump, $stderr) = ('', '');
+	IPC::Run::run([ 'pg_dump', '--schema-only', '--no-owner', '-d', $node->connstr($copy) ],
+		'<', \undef, '>', \$dump, '2>', \$stderr)
+	  or die "pg_dump $copy failed: $stderr";
+	$node->safe_psql('postgres', "DROP DATABASE $copy");
+	# the extension's recorded version and the test's own data differ by design
+	$dump =~ s/^(--|\\restrict |\\unrestrict ).*\n//mg;
+	$dump =~ s/\n{2,}/\n\n/g;
+	return $dump;
+}
+
+my $old_schema   = schema_of('old');
+my $fresh_schema = schema_of('fresh');
+cmp_ok(length($fresh_schema), '>', 10_000, 'the dump holds the extension\'s objects');
+like($fresh_schema, qr/CREATE TABLE public\.cqrs_outbox /, 'the outbox table is in the dump');
+like($fresh_schema, qr/GRANT .* ON FUNCTION public\.cqrs_enqueue/, 'grants are in the dump');
+
+if ($old_schema eq $fresh_schema)
+{
+	pass('the updated schema equals a fresh install');
+}
+else
+{
+	fail('the updated schema equals a fresh install');
+	my $dir = PostgreSQL::Test::Utils::tempdir('schemas');
+	PostgreSQL::Test::Utils::append_to_file("$dir/updated.sql", $old_schema);
+	PostgreSQL::Test::Utils::append_to_file("$dir/fresh.sql",   $fresh_schema);
+	my ($d) = ('');
+	IPC::Run::run([ 'diff', '-u', "$dir/updated.sql", "$dir/fresh.sql" ], '>', \$d);
+	diag($d);
+}
+
+$node->stop;
+done_testing();
