@@ -146,12 +146,24 @@ CREATE FUNCTION cqrs_relay_state(
     OUT last_error_at timestamptz,
     OUT state text,
     OUT paused_topic text,
-    OUT paused_reason text)
+    OUT paused_reason text,
+    OUT stalled_partitions text,
+    OUT "window" bigint,
+    OUT transactions bigint,
+    OUT acks bigint,
+    OUT ack_wait_seconds double precision,
+    OUT ack_wait_max_ms double precision,
+    OUT record_seconds double precision,
+    OUT claim_seconds double precision,
+    OUT commit_seconds double precision,
+    OUT flush_seconds double precision,
+    OUT produce_seconds double precision,
+    OUT poll_seconds double precision)
 RETURNS record
-AS 'MODULE_PATHNAME', 'cqrs_relay_state'
+AS 'MODULE_PATHNAME', 'cqrs_relay_state_0_2'
 LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION cqrs_relay_state() IS
-    'Counters and state of the relay worker since the server started (shared memory, kept across worker restarts); NULLs when cqrs_sync is not in shared_preload_libraries.';
+    'Counters, phase timers and state of the relay worker since the server started (shared memory, kept across worker restarts); NULLs when cqrs_sync is not in shared_preload_libraries.';
 
 -- Failed rows, for counts, the dead-letter topic list and cleanup.
 CREATE INDEX cqrs_outbox_failed_idx ON cqrs_outbox (topic)
@@ -237,10 +249,24 @@ CREATE VIEW cqrs_stats_relay AS
            extract(epoch FROM now() - s.relay_last_error_at)::float8 AS last_error_age_seconds,
            s.oldest_pending_age_seconds,
            s.table_bytes,
-           s.index_bytes
-      FROM @extschema@.cqrs_outbox_stats() s;
+           s.index_bytes,
+           r.stalled_partitions,
+           coalesce(cardinality(string_to_array(r.stalled_partitions, ', ')), 0) AS stalled_partition_count,
+           coalesce(r."window", 0) AS "window",
+           coalesce(r.transactions, 0) AS transactions,
+           coalesce(r.acks, 0) AS acks,
+           coalesce(r.ack_wait_seconds, 0) AS ack_wait_seconds,
+           coalesce(r.ack_wait_max_ms, 0) AS ack_wait_max_ms,
+           coalesce(r.record_seconds, 0) AS record_seconds,
+           coalesce(r.claim_seconds, 0) AS claim_seconds,
+           coalesce(r.commit_seconds, 0) AS commit_seconds,
+           coalesce(r.flush_seconds, 0) AS flush_seconds,
+           coalesce(r.produce_seconds, 0) AS produce_seconds,
+           coalesce(r.poll_seconds, 0) AS poll_seconds
+      FROM @extschema@.cqrs_outbox_stats() s,
+           @extschema@.cqrs_relay_state() r;
 COMMENT ON VIEW cqrs_stats_relay IS
-    'One row: whether the relay runs and is paused (and on what), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age and the outbox size; for exporters.';
+    'One row: whether the relay runs and what it does (running, paused on a topic, waiting for broker, partition stalled, recording failed, no producer), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age, the outbox size, the partitions whose keys wait, the rows between claim and recorded outcome (window), and the seconds spent per phase (record, claim, commit, flush, produce, poll) with the delivery reports and their total and longest wait; for exporters.';
 
 CREATE FUNCTION cqrs_dlt_depth_partitions(
     OUT topic text,
@@ -277,9 +303,17 @@ RETURNS void
 AS 'MODULE_PATHNAME', 'cqrs_wake_relay_sql'
 LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION cqrs_wake_relay() IS
-    'Wakes the relay when the calling transaction commits (the operator functions use it), so a row made PENDING is sent at once.';
+    'Wakes the relay when the calling transaction commits and has it scan the outbox from the start (the operator functions use it), so a row made PENDING again is sent at once.';
 REVOKE ALL ON FUNCTION cqrs_wake_relay() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_wake_relay() TO cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_discard_check(id bigint, key text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'cqrs_discard_check'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_discard_check(bigint, text) IS
+    'Internal, for cqrs_discard(): keeps the relay from sending outbox row id (and later rows of its key) while the calling transaction may commit, and raises object_in_use (55006) if the relay has the row in flight already.';
+REVOKE ALL ON FUNCTION cqrs_discard_check(bigint, text) FROM PUBLIC;
 
 CREATE FUNCTION cqrs_retry(id bigint)
 RETURNS boolean
@@ -381,6 +415,8 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Sent rows leave the outbox through cqrs_cleanup().';
     END IF;
+    -- the relay must not send it from now on; refused if it is in flight
+    PERFORM @extschema@.cqrs_discard_check(r.id, r.key);
     INSERT INTO @extschema@.cqrs_outbox_audit
            (action, outbox_id, event_id, topic, key, status, reason, payload)
     VALUES ('DISCARD', r.id, r.event_id, r.topic, r.key, r.status, cqrs_discard.reason, r.payload);
@@ -389,7 +425,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION cqrs_discard(bigint, text) IS
-    'Operator: takes a PENDING, DEAD_LETTERED or DLT_FAILED row out of the outbox for good; the event, who, when and why are kept in cqrs_outbox_audit.';
+    'Operator: takes a PENDING, DEAD_LETTERED or DLT_FAILED row out of the outbox for good; the event, who, when and why are kept in cqrs_outbox_audit. Refused with object_in_use (55006) while the relay has the row in flight: a discarded event is never delivered.';
 REVOKE ALL ON FUNCTION cqrs_discard(bigint, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_discard(bigint, text) TO cqrs_sync_operator;
 

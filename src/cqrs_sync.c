@@ -16,6 +16,7 @@
 #include "cleanup_worker.h"
 #include "cqrs_sync.h"
 #include "enqueue.h"
+#include "monitor_worker.h"
 #include "relay_worker.h"
 #include "shmem.h"
 
@@ -103,8 +104,8 @@ define_settings(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("cqrs_sync.batch_size",
-							"Outbox rows the relay claims and produces per batch.",
-							"A crash can duplicate at most one batch.",
+							"Most outbox rows the relay has between claiming them and recording their outcome.",
+							"The relay claims, produces and records continuously within this window; a crash can duplicate at most this many messages.",
 							&cqrs_batch_size,
 							5000, 1, 100000,
 							PGC_SIGHUP,
@@ -130,7 +131,7 @@ define_settings(void)
 							 NULL, NULL, NULL);
 
 	DefineCustomIntVariable("cqrs_sync.dlt_depth_interval",
-							"How often the relay asks Kafka how many messages each dead-letter topic holds.",
+							"How often the monitor worker asks Kafka how many messages each dead-letter topic holds.",
 							"The figures are in the view cqrs_dlt_depth; 0 turns the polling off.",
 							&cqrs_dlt_depth_interval_ms,
 							30000, 0, 3600 * 1000,
@@ -140,7 +141,7 @@ define_settings(void)
 
 	DefineCustomStringVariable("cqrs_sync.read_side_dlt_topics",
 							   "Further dead-letter topics whose depth the relay watches, comma-separated.",
-							   "For example the dead-letter topics of the read side's consumers; the relay watches the dead-letter topics it writes to by itself.",
+							   "For example the dead-letter topics of the read side's consumers; the dead-letter topics of the outbox are watched by themselves.",
 							   &cqrs_read_side_dlt_topics,
 							   "",
 							   PGC_SIGHUP,
@@ -179,4 +180,5 @@ _PG_init(void)
 	if (cqrs_relay_enabled)
 		cqrs_relay_register();
 	cqrs_cleanup_register();
+	cqrs_monitor_register();
 }

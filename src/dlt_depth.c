@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * dlt_depth.c
- *	  Dead-letter topic depth: the relay asks Kafka for the low and high
- *	  watermark offsets of every partition of the dead-letter topics it
+ *	  Dead-letter topic depth: the monitor worker asks Kafka for the low and
+ *	  high watermark offsets of every partition of the dead-letter topics it
  *	  knows of and publishes them in shared memory; cqrs_dlt_depth() (the
  *	  cqrs_dlt_depth view) reads them.  An operator sees from SQL, and an
  *	  exporter from there, whether any dead-letter topic holds messages.
@@ -22,7 +22,7 @@
 
 PG_FUNCTION_INFO_V1(cqrs_dlt_depth);
 
-/* Short: a slow or absent broker must not stall the relay for long. */
+/* A slow or absent broker delays only the monitor worker's next round. */
 #define DEPTH_TIMEOUT_MS 1000
 
 /*

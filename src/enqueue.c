@@ -25,6 +25,7 @@
 
 PG_FUNCTION_INFO_V1(cqrs_enqueue);
 PG_FUNCTION_INFO_V1(cqrs_wake_relay_sql);
+PG_FUNCTION_INFO_V1(cqrs_discard_check);
 
 /* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH). */
 #define KAFKA_TOPIC_MAX_LEN 249
@@ -41,8 +42,9 @@ cqrs_xact_callback(XactEvent event, void *arg)
 {
 	if (wake_at_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
 	{
+		/* rows anywhere in the outbox may be PENDING again: rescan */
 		if (event == XACT_EVENT_COMMIT)
-			cqrs_wake_relay();
+			cqrs_request_rescan();
 		wake_at_commit = false;
 	}
 	if (!enqueued_in_xact)
@@ -78,7 +80,9 @@ cqrs_enqueue_init(void)
 }
 
 /*
- * cqrs_wake_relay() -> void: wake the relay when this transaction commits.
+ * cqrs_wake_relay() -> void: when this transaction commits, wake the relay
+ * and have it scan the outbox from the start (an operator made rows PENDING
+ * again, below where the relay's scan has got to).
  */
 Datum
 cqrs_wake_relay_sql(PG_FUNCTION_ARGS)
@@ -246,4 +250,47 @@ cqrs_enqueue(PG_FUNCTION_ARGS)
 	SPI_finish();
 
 	PG_RETURN_INT64(id);
+}
+
+/*
+ * cqrs_discard_check(id bigint, key text) -> void: called by cqrs_discard()
+ * before it deletes outbox row id.  Registers the discard in the in-flight
+ * registry (the relay then does not produce the row, nor later rows of its
+ * key, while this transaction may commit), then refuses if the relay has
+ * the row in flight already: a discarded event is never delivered.  See the
+ * handshake in shmem.c.
+ */
+Datum
+cqrs_discard_check(PG_FUNCTION_ARGS)
+{
+	int64		id;
+	uint64		keyhash;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("id must not be null")));
+	id = PG_GETARG_INT64(0);
+	if (cqrs_shared == NULL)
+		PG_RETURN_VOID();		/* not preloaded: no relay */
+
+	if (PG_ARGISNULL(1))
+		keyhash = cqrs_key_hash(NULL, 0);
+	else
+	{
+		text	   *key = PG_GETARG_TEXT_PP(1);
+
+		keyhash = cqrs_key_hash(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
+	}
+	/* cleared at commit or abort by cqrs_xact_callback */
+	enqueued_in_xact = true;
+	cqrs_inflight_register_discard(keyhash, id);
+
+	if (cqrs_inflight_ids_contains(id))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("outbox row " INT64_FORMAT " is being sent right now", id),
+				 errdetail("The relay has handed it to Kafka and waits for its acknowledgement; if Kafka accepts it, it is delivered and becomes SENT."),
+				 errhint("Look at the row again once it is SENT or has failed (its status and last_error in cqrs_outbox). During a Kafka outage a row stays in flight until the broker answers.")));
+	PG_RETURN_VOID();
 }

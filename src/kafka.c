@@ -1,39 +1,83 @@
 /*-------------------------------------------------------------------------
  *
  * kafka.c
- *	  The relay's Kafka producer.
+ *	  cqrs_sync's Kafka clients.
  *
- * librdkafka calls our callbacks only from rd_kafka_poll()/rd_kafka_flush()
- * in the worker's own thread: delivery reports, errors, and logs (log.queue
- * is on and the log queue is forwarded to the main queue).  The callbacks
- * still never ereport(): they only record, and the worker reports.
+ * librdkafka calls our callbacks from rd_kafka_poll() in the worker's own
+ * thread (delivery reports, errors, logs: log.queue is on and the log queue
+ * is forwarded to the main queue); the partitioner runs in any thread.  None
+ * of them calls elog, allocates with palloc or takes a PostgreSQL lock: they
+ * only record, and the worker reports (cqrs_kafka_emit_logs,
+ * cqrs_kafka_take_error).  librdkafka announces work on its queues by writing
+ * to a pipe (rd_kafka_queue_io_event_enable), which the worker waits on
+ * beside its latch.
  *
- * Extra producer properties come from the file named by
+ * Extra client properties come from the file named by
  * cqrs_sync.kafka_config_file, never from SQL: some properties run commands
- * (sasl.kerberos.kinit.cmd) and some are secrets (sasl.password).  Their
- * values are never logged.
+ * (sasl.kerberos.kinit.cmd) and some are secrets (sasl.password).  The file
+ * must be a regular file owned by the server's OS user or root and not
+ * accessible to group or others.  No value from it is ever written to a log,
+ * an error or a view: the values of sensitive properties are redacted from
+ * every text librdkafka hands us.
+ *
+ * The relay's producer chooses partitions with its own partitioner (the Java
+ * client's murmur2, random for NULL keys) so that the relay knows, before a
+ * message is acknowledged, which partition it waits on.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include <fcntl.h>
+#include <pthread.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "lib/stringinfo.h"
 #include "storage/fd.h"
 #include "utils/memutils.h"
 
 #include "cqrs_sync.h"
 #include "kafka.h"
-#include "shmem.h"
+#include "topics.h"
 
-/* What the current producer was built from, to notice changes on SIGHUP. */
+/* What the current client was built from, to notice changes on SIGHUP. */
 static char *built_brokers = NULL;
 static char *built_config_file = NULL;
-static time_t built_config_mtime = 0;
-static time_t built_config_ctime = 0;
+static struct stat built_config_stat;
 
-/* Last error reported by librdkafka's error callback, for the worker. */
-static rd_kafka_resp_err_t last_client_error = RD_KAFKA_RESP_ERR_NO_ERROR;
+/* Values of sensitive properties read from the file, to redact. */
+static List *secrets = NIL;
+
+/* The pipe librdkafka writes to when one of our queues gets work. */
+static int	event_pipe[2] = {-1, -1};
+
+/* The relay's queue of DescribeConfigs results, and the main queue. */
+static rd_kafka_queue_t *admin_queue = NULL;
+static rd_kafka_queue_t *main_queue = NULL;
+
+static CqrsDeliveryHook delivery_hook = NULL;
+
+/*
+ * Log lines and the last client error, recorded by the callbacks and served
+ * by the worker.  The mutex is for safety should librdkafka ever call the
+ * log callback from one of its threads (it does not with log.queue on).
+ */
+#define LOG_RING 64
+#define LOG_LINE 512
+static pthread_mutex_t cb_mutex = PTHREAD_MUTEX_INITIALIZER;
+static struct
+{
+	int			level;
+	char		text[LOG_LINE];
+}			log_ring[LOG_RING];
+static int	log_head = 0;		/* next to write */
+static int	log_count = 0;
+static int	log_dropped = 0;
+static bool error_pending = false;
+static char error_text[LOG_LINE];
+
+/* ---- callbacks (no elog, no palloc) ------------------------------------ */
 
 static void
 delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *rkmessage, void *opaque)
@@ -43,58 +87,238 @@ delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *rkmessage, void *opaqu
 	if (msg == NULL)
 		return;
 	msg->err = rkmessage->err;
+	if (rkmessage->partition >= 0)
+		pg_atomic_write_u32(&msg->partition, (uint32) rkmessage->partition + 1);
 	msg->done = true;
+	if (delivery_hook)
+		delivery_hook(msg);
 }
 
 static void
 error_callback(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
-	char		buf[CQRS_ERROR_LEN];
-
-	/* runs inside rd_kafka_poll() in the worker's thread (main queue) */
-	last_client_error = (rd_kafka_resp_err_t) err;
-	snprintf(buf, sizeof(buf), "kafka: %s: %s",
+	pthread_mutex_lock(&cb_mutex);
+	snprintf(error_text, sizeof(error_text), "kafka: %s: %s",
 			 rd_kafka_err2name((rd_kafka_resp_err_t) err), reason);
-	if (cqrs_shared)
-		cqrs_relay_note_failure(buf, 0);
+	error_pending = true;
+	pthread_mutex_unlock(&cb_mutex);
 }
 
 static void
 log_callback(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
-	/*
-	 * With log.queue=true and the log queue forwarded to the main queue,
-	 * this runs inside rd_kafka_poll() in the worker's own thread, where
-	 * ereport is safe.
-	 */
-	ereport(level <= 4 ? LOG : DEBUG1,
-			(errmsg_internal("cqrs_sync relay: librdkafka %s: %s", fac, buf)));
+	pthread_mutex_lock(&cb_mutex);
+	if (log_count == LOG_RING)
+		log_dropped++;
+	else
+	{
+		log_ring[log_head].level = level;
+		snprintf(log_ring[log_head].text, LOG_LINE, "%s: %s", fac, buf);
+		log_head = (log_head + 1) % LOG_RING;
+		log_count++;
+	}
+	pthread_mutex_unlock(&cb_mutex);
 }
+
+/*
+ * The Java client's partitioning: murmur2 of the key, a random available
+ * partition for a NULL key.  Records the choice in the message and the
+ * partition count in the topic's state (atomics: any thread).
+ */
+static int32_t
+partitioner(const rd_kafka_topic_t *rkt, const void *key, size_t keylen,
+			int32_t partition_cnt, void *rkt_opaque, void *msg_opaque)
+{
+	CqrsMessage *msg = (CqrsMessage *) msg_opaque;
+	int32_t		p;
+
+	if (key == NULL)
+		p = rd_kafka_msg_partitioner_murmur2_random(rkt, key, keylen, partition_cnt,
+													rkt_opaque, msg_opaque);
+	else
+		p = rd_kafka_msg_partitioner_murmur2(rkt, key, keylen, partition_cnt,
+											 rkt_opaque, msg_opaque);
+	if (msg != NULL && p >= 0)
+	{
+		pg_atomic_write_u32(&msg->partition, (uint32) p + 1);
+		if (msg->tstate)
+			pg_atomic_write_u32(&msg->tstate->partition_cnt, (uint32) partition_cnt);
+	}
+	return p;
+}
+
+/* ---- the worker's side of the callbacks ---------------------------------- */
+
+void
+cqrs_kafka_set_delivery_hook(CqrsDeliveryHook hook)
+{
+	delivery_hook = hook;
+}
+
+/*
+ * Replace every occurrence of a secret value in text (NUL-terminated, in a
+ * buffer of at least strlen(text) + 1 bytes) by "***".
+ */
+void
+cqrs_kafka_redact(char *text)
+{
+	ListCell   *lc;
+
+	foreach(lc, secrets)
+	{
+		const char *secret = lfirst(lc);
+		size_t		slen = strlen(secret);
+		char	   *hit;
+
+		if (slen == 0)
+			continue;
+		while ((hit = strstr(text, secret)) != NULL)
+		{
+			size_t		rest = strlen(hit + slen);
+
+			/* "***" is never longer than what it replaces when slen >= 3 */
+			if (slen >= 3)
+			{
+				memcpy(hit, "***", 3);
+				memmove(hit + 3, hit + slen, rest + 1);
+			}
+			else
+				memset(hit, '*', slen);
+		}
+	}
+}
+
+/* Write librdkafka's log lines to the server log (the worker's thread). */
+void
+cqrs_kafka_emit_logs(const char *who)
+{
+	for (;;)
+	{
+		int			level;
+		char		text[LOG_LINE];
+		int			dropped;
+
+		pthread_mutex_lock(&cb_mutex);
+		if (log_count == 0)
+		{
+			dropped = log_dropped;
+			log_dropped = 0;
+			pthread_mutex_unlock(&cb_mutex);
+			if (dropped > 0)
+				ereport(LOG,
+						(errmsg("%s: %d librdkafka log lines were dropped", who, dropped)));
+			return;
+		}
+		{
+			int			tail = (log_head - log_count + LOG_RING) % LOG_RING;
+
+			level = log_ring[tail].level;
+			memcpy(text, log_ring[tail].text, LOG_LINE);
+			log_count--;
+		}
+		pthread_mutex_unlock(&cb_mutex);
+
+		cqrs_kafka_redact(text);
+		ereport(level <= 4 ? LOG : DEBUG1,
+				(errmsg_internal("%s: librdkafka %s", who, text)));
+	}
+}
+
+/* The last error librdkafka reported, if one came since the last call. */
+bool
+cqrs_kafka_take_error(char *buf, size_t len)
+{
+	bool		had;
+
+	pthread_mutex_lock(&cb_mutex);
+	had = error_pending;
+	if (had)
+		strlcpy(buf, error_text, len);
+	error_pending = false;
+	pthread_mutex_unlock(&cb_mutex);
+	if (had)
+		cqrs_kafka_redact(buf);
+	return had;
+}
+
+static void ensure_event_pipe(void);
+
+/* The fd that becomes readable when a client queue has work. */
+int
+cqrs_kafka_event_fd(void)
+{
+	ensure_event_pipe();
+	return event_pipe[0];
+}
+
+/* Empty the pipe before serving the queues. */
+void
+cqrs_kafka_drain_events(void)
+{
+	char		buf[64];
+
+	if (event_pipe[0] < 0)
+		return;
+	while (read(event_pipe[0], buf, sizeof(buf)) > 0)
+		;
+}
+
+/* Serve delivery reports, errors and logs; returns the events served. */
+int
+cqrs_kafka_serve(rd_kafka_t *rk)
+{
+	return rk ? rd_kafka_poll(rk, 0) : 0;
+}
+
+/* ---- the properties file ------------------------------------------------ */
 
 static bool
 sensitive_property(const char *name)
 {
 	return strstr(name, "password") != NULL ||
 		strstr(name, "secret") != NULL ||
-		strstr(name, ".key") != NULL ||
-		strstr(name, "jaas") != NULL;
+		strstr(name, "key") != NULL ||
+		strstr(name, "jaas") != NULL ||
+		strstr(name, "token") != NULL ||
+		strstr(name, "oauthbearer.config") != NULL ||
+		strstr(name, "credential") != NULL;
 }
 
-/* Set one property; never reveals the value of a sensitive one. */
+/* Remove every occurrence of value from librdkafka's error text. */
+static void
+redact_value(char *text, size_t len, const char *value)
+{
+	char	   *hit;
+	size_t		vlen = strlen(value);
+
+	if (vlen == 0)
+		return;
+	while ((hit = strstr(text, value)) != NULL)
+	{
+		size_t		rest = strlen(hit + vlen);
+
+		if (vlen >= 3)
+		{
+			memcpy(hit, "***", 3);
+			memmove(hit + 3, hit + vlen, rest + 1);
+		}
+		else
+			memset(hit, '*', vlen);
+	}
+}
+
+/* Set one property; never reveals its value. */
 static bool
 conf_set(rd_kafka_conf_t *conf, const char *name, const char *value,
 		 const char *origin, char *errbuf, size_t errlen)
 {
-	char		rderr[256];
+	char		rderr[512];
 
 	if (rd_kafka_conf_set(conf, name, value, rderr, sizeof(rderr)) == RD_KAFKA_CONF_OK)
 		return true;
-	if (sensitive_property(name))
-		snprintf(errbuf, errlen, "invalid librdkafka property \"%s\" (%s)",
-				 name, origin);
-	else
-		snprintf(errbuf, errlen, "invalid librdkafka property \"%s\" (%s): %s",
-				 name, origin, rderr);
+	redact_value(rderr, sizeof(rderr), value);
+	snprintf(errbuf, errlen, "invalid librdkafka property \"%s\" (%s): %s",
+			 name, origin, rderr);
 	return false;
 }
 
@@ -112,31 +336,75 @@ trim(char *s)
 	return s;
 }
 
-/* Apply name=value lines of the properties file. */
+/* Properties cqrs_sync decides itself; the file may not set them. */
+static bool
+reserved_property(const char *name)
+{
+	return strcmp(name, "partitioner") == 0 ||
+		strcmp(name, "bootstrap.servers") == 0 ||
+		strcmp(name, "metadata.broker.list") == 0 ||
+		strcmp(name, "enable.idempotence") == 0 ||
+		strcmp(name, "acks") == 0 ||
+		strcmp(name, "request.required.acks") == 0 ||
+		strcmp(name, "log.queue") == 0 ||
+		strcmp(name, "batch.size") == 0;
+}
+
+/* One name=value line of the properties file. */
+static bool
+apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
+		   char *errbuf, size_t errlen)
+{
+	char	   *s = trim(line);
+	char	   *eq;
+	char	   *name;
+	char	   *value;
+	char		origin[MAXPGPATH + 32];
+
+	if (*s == '\0' || *s == '#')
+		return true;
+	eq = strchr(s, '=');
+	if (eq == NULL)
+	{
+		snprintf(errbuf, errlen, "line %d of librdkafka settings file \"%s\" is not name=value",
+				 lineno, path);
+		return false;
+	}
+	*eq = '\0';
+	name = trim(s);
+	value = trim(eq + 1);
+	if (reserved_property(name))
+	{
+		snprintf(errbuf, errlen,
+				 "librdkafka settings file \"%s\" line %d sets \"%s\", which cqrs_sync sets itself",
+				 path, lineno, name);
+		return false;
+	}
+	if (sensitive_property(name) && value[0] != '\0')
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		secrets = lappend(secrets, pstrdup(value));
+		MemoryContextSwitchTo(old);
+	}
+	snprintf(origin, sizeof(origin), "%s line %d", path, lineno);
+	return conf_set(conf, name, value, origin, errbuf, errlen);
+}
+
+/*
+ * Apply the name=value lines of the properties file.  The checks are made on
+ * the opened file, so the file checked is the file read.
+ */
 static bool
 read_config_file(rd_kafka_conf_t *conf, const char *path,
 				 char *errbuf, size_t errlen)
 {
 	FILE	   *fp;
 	struct stat st;
-	char		line[4096];
+	StringInfoData line;
 	int			lineno = 0;
 	bool		ok = true;
-
-	if (stat(path, &st) != 0)
-	{
-		snprintf(errbuf, errlen, "could not stat librdkafka settings file \"%s\": %m", path);
-		return false;
-	}
-	if (st.st_mode & (S_IWGRP | S_IWOTH))
-	{
-		snprintf(errbuf, errlen,
-				 "librdkafka settings file \"%s\" is writable by group or others; it may name commands to run, so only its owner may write it",
-				 path);
-		return false;
-	}
-	built_config_mtime = st.st_mtime;
-	built_config_ctime = st.st_ctime;
+	int			c;
 
 	fp = AllocateFile(path, "r");
 	if (fp == NULL)
@@ -144,85 +412,156 @@ read_config_file(rd_kafka_conf_t *conf, const char *path,
 		snprintf(errbuf, errlen, "could not open librdkafka settings file \"%s\": %m", path);
 		return false;
 	}
-	while (ok && fgets(line, sizeof(line), fp) != NULL)
+	if (fstat(fileno(fp), &st) != 0)
 	{
-		char	   *s = trim(line);
-		char	   *eq;
-		char		origin[MAXPGPATH + 32];
-
-		lineno++;
-		if (*s == '\0' || *s == '#')
-			continue;
-		eq = strchr(s, '=');
-		if (eq == NULL)
-		{
-			snprintf(errbuf, errlen, "line %d of librdkafka settings file \"%s\" is not name=value",
-					 lineno, path);
-			ok = false;
-			break;
-		}
-		*eq = '\0';
-		snprintf(origin, sizeof(origin), "%s line %d", path, lineno);
-		ok = conf_set(conf, trim(s), trim(eq + 1), origin, errbuf, errlen);
+		snprintf(errbuf, errlen, "could not stat librdkafka settings file \"%s\": %m", path);
+		FreeFile(fp);
+		return false;
 	}
+	if (!S_ISREG(st.st_mode))
+	{
+		snprintf(errbuf, errlen, "librdkafka settings file \"%s\" is not a regular file", path);
+		FreeFile(fp);
+		return false;
+	}
+	if (st.st_uid != geteuid() && st.st_uid != 0)
+	{
+		snprintf(errbuf, errlen,
+				 "librdkafka settings file \"%s\" must be owned by the database server's user or root; it may name commands to run and hold secrets",
+				 path);
+		FreeFile(fp);
+		return false;
+	}
+	if (st.st_mode & (S_IRWXG | S_IRWXO))
+	{
+		snprintf(errbuf, errlen,
+				 "librdkafka settings file \"%s\" has group or world access; it may name commands to run and hold secrets, so only its owner may read or write it (chmod 0600)",
+				 path);
+		FreeFile(fp);
+		return false;
+	}
+	built_config_stat = st;
+
+	initStringInfo(&line);
+	do
+	{
+		c = getc(fp);
+		if (c == EOF || c == '\n')
+		{
+			lineno++;
+			if (line.len > 0)
+				ok = apply_line(conf, line.data, path, lineno, errbuf, errlen);
+			resetStringInfo(&line);
+		}
+		else
+			appendStringInfoChar(&line, (char) c);
+	} while (ok && c != EOF);
+	if (ok && ferror(fp))
+	{
+		snprintf(errbuf, errlen, "could not read librdkafka settings file \"%s\": %m", path);
+		ok = false;
+	}
+	pfree(line.data);
 	FreeFile(fp);
 	return ok;
 }
 
+/* ---- clients -------------------------------------------------------------- */
+
+static void
+ensure_event_pipe(void)
+{
+	if (event_pipe[0] >= 0)
+		return;
+	if (pipe(event_pipe) != 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not create a pipe for librdkafka events: %m")));
+	if (fcntl(event_pipe[0], F_SETFL, O_NONBLOCK) != 0 ||
+		fcntl(event_pipe[1], F_SETFL, O_NONBLOCK) != 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not make the librdkafka event pipe non-blocking: %m")));
+}
+
 /*
- * Create the idempotent producer; batch_bytes > 0 caps its record batches.
+ * Create a client: the relay's idempotent producer (role CQRS_KAFKA_RELAY;
+ * batch_bytes > 0 caps its record batches) or a plain one for metadata.
  * Returns NULL and fills errbuf on error.
  */
 rd_kafka_t *
-cqrs_kafka_create(int batch_bytes, char *errbuf, size_t errlen)
+cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errlen)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	rd_kafka_topic_conf_t *tconf = rd_kafka_topic_conf_new();
 	rd_kafka_t *rk;
 	char		rderr[512];
 	char		batch_size[32];
+	bool		relay = (role == CQRS_KAFKA_RELAY);
+
+	ensure_event_pipe();
+
+	/* our partitioner; topic-level properties set below land in tconf */
+	if (relay)
+		rd_kafka_topic_conf_set_partitioner_cb(tconf, partitioner);
+	rd_kafka_conf_set_default_topic_conf(conf, tconf);
 
 	/* defaults the properties file may change */
-	if (!conf_set(conf, "client.id", "cqrs_sync", "default", errbuf, errlen) ||
-		!conf_set(conf, "linger.ms", "1", "default", errbuf, errlen) ||
-		!conf_set(conf, "partitioner", "murmur2_random", "default", errbuf, errlen) ||
+	if (!conf_set(conf, "client.id", relay ? "cqrs_sync" : "cqrs_sync-monitor",
+				  "default", errbuf, errlen) ||
+		!conf_set(conf, "linger.ms", "0", "default", errbuf, errlen) ||
 		!conf_set(conf, "reconnect.backoff.max.ms", "1000", "default", errbuf, errlen) ||
 		/* an outage pauses delivery; it never fails messages */
 		!conf_set(conf, "message.timeout.ms", "0", "default", errbuf, errlen))
 		goto fail;
 
-	built_config_mtime = 0;
+	list_free_deep(secrets);
+	secrets = NIL;
+	memset(&built_config_stat, 0, sizeof(built_config_stat));
 	if (cqrs_kafka_config_file && cqrs_kafka_config_file[0] != '\0' &&
 		!read_config_file(conf, cqrs_kafka_config_file, errbuf, errlen))
 		goto fail;
 
-	/* never a record batch larger than the smallest topic limit seen */
-	if (batch_bytes > 0)
+	/* never a record batch larger than the smallest topic limit known */
+	if (relay && batch_bytes > 0)
 	{
 		snprintf(batch_size, sizeof(batch_size), "%d", batch_bytes);
-		if (!conf_set(conf, "batch.size", batch_size, "smallest max.message.bytes", errbuf, errlen))
+		if (!conf_set(conf, "batch.size", batch_size, "largest batch the topics accept",
+					  errbuf, errlen))
 			goto fail;
 	}
 
 	/* what the relay's guarantees rest on; the file cannot change these */
 	if (!conf_set(conf, "bootstrap.servers", cqrs_brokers, "cqrs_sync.brokers", errbuf, errlen) ||
-		!conf_set(conf, "enable.idempotence", "true", "required", errbuf, errlen) ||
-		!conf_set(conf, "acks", "all", "required", errbuf, errlen) ||
 		!conf_set(conf, "log.queue", "true", "required", errbuf, errlen))
 		goto fail;
+	if (relay &&
+		(!conf_set(conf, "enable.idempotence", "true", "required", errbuf, errlen) ||
+		 !conf_set(conf, "acks", "all", "required", errbuf, errlen)))
+		goto fail;
 
-	rd_kafka_conf_set_dr_msg_cb(conf, delivery_report);
+	if (relay)
+		rd_kafka_conf_set_dr_msg_cb(conf, delivery_report);
 	rd_kafka_conf_set_error_cb(conf, error_callback);
 	rd_kafka_conf_set_log_cb(conf, log_callback);
 
 	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, rderr, sizeof(rderr));
 	if (rk == NULL)
 	{
-		snprintf(errbuf, errlen, "could not create Kafka producer: %s", rderr);
+		cqrs_kafka_redact(rderr);
+		snprintf(errbuf, errlen, "could not create a Kafka client: %s", rderr);
 		rd_kafka_conf_destroy(conf);	/* only freed by a successful rd_kafka_new */
 		return NULL;
 	}
 	/* serve librdkafka's logs from rd_kafka_poll() in this thread */
 	rd_kafka_set_log_queue(rk, NULL);
+	main_queue = rd_kafka_queue_get_main(rk);
+	rd_kafka_queue_io_event_enable(main_queue, event_pipe[1], "m", 1);
+	if (relay)
+	{
+		admin_queue = rd_kafka_queue_new(rk);
+		rd_kafka_queue_io_event_enable(admin_queue, event_pipe[1], "a", 1);
+	}
 
 	if (built_brokers)
 		pfree(built_brokers);
@@ -231,7 +570,6 @@ cqrs_kafka_create(int batch_bytes, char *errbuf, size_t errlen)
 		pfree(built_config_file);
 	built_config_file = MemoryContextStrdup(TopMemoryContext,
 											cqrs_kafka_config_file ? cqrs_kafka_config_file : "");
-	last_client_error = RD_KAFKA_RESP_ERR_NO_ERROR;
 	return rk;
 
 fail:
@@ -240,9 +578,10 @@ fail:
 }
 
 /*
- * Destroy the producer, waiting up to timeout_ms for messages in flight.
- * Messages still queued after that are purged (their delivery reports say
- * so), so nothing is reported delivered that was not.
+ * Destroy a client, waiting up to timeout_ms for messages in flight.
+ * Messages still queued after that are purged: their delivery reports (with
+ * _PURGE_* errors) are served before the client goes, so nothing is reported
+ * delivered that was not.
  */
 void
 cqrs_kafka_destroy(rd_kafka_t *rk, int timeout_ms)
@@ -253,10 +592,21 @@ cqrs_kafka_destroy(rd_kafka_t *rk, int timeout_ms)
 		rd_kafka_flush(rk, timeout_ms);
 	rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	rd_kafka_poll(rk, 0);
+	if (admin_queue)
+	{
+		rd_kafka_queue_destroy(admin_queue);
+		admin_queue = NULL;
+	}
+	if (main_queue)
+	{
+		rd_kafka_queue_io_event_enable(main_queue, -1, NULL, 0);
+		rd_kafka_queue_destroy(main_queue);
+		main_queue = NULL;
+	}
 	rd_kafka_destroy(rk);
 }
 
-/* Did the brokers or the properties file change since the producer was built? */
+/* Did the brokers or the properties file change since the client was built? */
 bool
 cqrs_kafka_config_changed(void)
 {
@@ -267,12 +617,16 @@ cqrs_kafka_config_changed(void)
 		return true;
 	if (built_config_file == NULL || strcmp(built_config_file, file) != 0)
 		return true;
-	/* ctime: a chmod counts, the file's permissions are checked too */
+	/* ctime: a chmod or chown counts, the file's permissions are checked too */
 	if (file[0] != '\0' && stat(file, &st) == 0 &&
-		(st.st_mtime != built_config_mtime || st.st_ctime != built_config_ctime))
+		(st.st_mtime != built_config_stat.st_mtime ||
+		 st.st_ctime != built_config_stat.st_ctime ||
+		 st.st_ino != built_config_stat.st_ino))
 		return true;
 	return false;
 }
+
+/* ---- producing -------------------------------------------------------------- */
 
 /*
  * Hand one message to the producer.  The message's memory must live until
@@ -283,6 +637,7 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 {
 	rd_kafka_headers_t *hdrs = rd_kafka_headers_new(msg->nheaders + 1);
 	rd_kafka_resp_err_t err;
+	rd_kafka_topic_t *rkt = msg->tstate ? cqrs_topic_handle(rk, msg->tstate) : NULL;
 
 	for (int i = 0; i < msg->nheaders; i++)
 		rd_kafka_header_add(hdrs, msg->header_names[i], -1,
@@ -291,75 +646,42 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 
 	msg->done = false;
 	msg->err = RD_KAFKA_RESP_ERR_NO_ERROR;
-	err = rd_kafka_producev(rk,
-							RD_KAFKA_V_TOPIC(msg->topic),
-							RD_KAFKA_V_KEY(msg->key, msg->key ? msg->keylen : 0),
-							RD_KAFKA_V_VALUE((void *) msg->value, msg->valuelen),
-							RD_KAFKA_V_HEADERS(hdrs),
-							RD_KAFKA_V_MSGFLAGS(0),
-							RD_KAFKA_V_OPAQUE(msg),
-							RD_KAFKA_V_END);
+	pg_atomic_write_u32(&msg->partition, 0);
+	if (rkt)
+		err = rd_kafka_producev(rk,
+								RD_KAFKA_V_RKT(rkt),
+								RD_KAFKA_V_KEY(msg->key, msg->key ? msg->keylen : 0),
+								RD_KAFKA_V_VALUE((void *) msg->value, msg->valuelen),
+								RD_KAFKA_V_HEADERS(hdrs),
+								RD_KAFKA_V_MSGFLAGS(0),
+								RD_KAFKA_V_OPAQUE(msg),
+								RD_KAFKA_V_END);
+	else
+		err = rd_kafka_producev(rk,
+								RD_KAFKA_V_TOPIC(msg->topic),
+								RD_KAFKA_V_KEY(msg->key, msg->key ? msg->keylen : 0),
+								RD_KAFKA_V_VALUE((void *) msg->value, msg->valuelen),
+								RD_KAFKA_V_HEADERS(hdrs),
+								RD_KAFKA_V_MSGFLAGS(0),
+								RD_KAFKA_V_OPAQUE(msg),
+								RD_KAFKA_V_END);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		rd_kafka_headers_destroy(hdrs);
 	return err;
 }
 
 /*
- * The topic's max.message.bytes, asked with DescribeConfigs; -1 when Kafka
- * did not say (the topic does not exist yet, the broker is unreachable, no
- * permission to describe it).  The broker rejects a whole record batch, and
- * every message in it, when the batch exceeds this limit, so the relay keeps
- * batches and messages below it.
+ * The partition a keyed message goes to, given the topic's partition count
+ * (the same function the partitioner uses); -1 for a NULL key, which goes to
+ * a random partition.
  */
-int
-cqrs_kafka_topic_limit(rd_kafka_t *rk, const char *topic, int timeout_ms)
+int32
+cqrs_kafka_partition_of(const CqrsMessage *msg, int32 partition_cnt)
 {
-	rd_kafka_ConfigResource_t *res;
-	rd_kafka_AdminOptions_t *opts;
-	rd_kafka_queue_t *queue;
-	rd_kafka_event_t *ev;
-	char		errstr[256];
-	int			limit = -1;
-
-	res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
-	opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS);
-	rd_kafka_AdminOptions_set_request_timeout(opts, timeout_ms, errstr, sizeof(errstr));
-	queue = rd_kafka_queue_new(rk);
-
-	rd_kafka_DescribeConfigs(rk, &res, 1, opts, queue);
-	ev = rd_kafka_queue_poll(queue, timeout_ms + 1000);
-	if (ev != NULL && rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR_NO_ERROR)
-	{
-		const rd_kafka_DescribeConfigs_result_t *result =
-			rd_kafka_event_DescribeConfigs_result(ev);
-		const rd_kafka_ConfigResource_t **resources;
-		size_t		nres = 0;
-
-		resources = result ?
-			rd_kafka_DescribeConfigs_result_resources(result, &nres) : NULL;
-		if (nres == 1 &&
-			rd_kafka_ConfigResource_error(resources[0]) == RD_KAFKA_RESP_ERR_NO_ERROR)
-		{
-			const rd_kafka_ConfigEntry_t **entries;
-			size_t		nentries = 0;
-
-			entries = rd_kafka_ConfigResource_configs(resources[0], &nentries);
-			for (size_t i = 0; i < nentries; i++)
-			{
-				const char *value = rd_kafka_ConfigEntry_value(entries[i]);
-
-				if (strcmp(rd_kafka_ConfigEntry_name(entries[i]), "max.message.bytes") == 0 &&
-					value != NULL)
-					limit = atoi(value);
-			}
-		}
-	}
-	if (ev != NULL)
-		rd_kafka_event_destroy(ev);
-	rd_kafka_queue_destroy(queue);
-	rd_kafka_AdminOptions_destroy(opts);
-	rd_kafka_ConfigResource_destroy(res);
-	return limit;
+	if (msg->key == NULL || partition_cnt <= 0)
+		return -1;
+	return rd_kafka_msg_partitioner_murmur2(NULL, msg->key, msg->keylen,
+											partition_cnt, NULL, NULL);
 }
 
 /*
@@ -382,7 +704,18 @@ cqrs_kafka_message_size(const CqrsMessage *msg)
 bool
 cqrs_kafka_fatal(rd_kafka_t *rk, char *errbuf, size_t errlen)
 {
-	return rd_kafka_fatal_error(rk, errbuf, errlen) != RD_KAFKA_RESP_ERR_NO_ERROR;
+	if (rk == NULL || rd_kafka_fatal_error(rk, errbuf, errlen) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		return false;
+	cqrs_kafka_redact(errbuf);
+	return true;
+}
+
+/* "NAME: description" of an error code, in buf. */
+const char *
+cqrs_kafka_error_text(rd_kafka_resp_err_t err, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
+	return buf;
 }
 
 /* DESIGN.md section 5: what each delivery failure means. */
@@ -423,5 +756,79 @@ cqrs_kafka_classify(rd_kafka_resp_err_t err)
 			/* timeouts, purges, transport: the message may be fine */
 		default:
 			return CQRS_FAIL_TRANSIENT;
+	}
+}
+
+/* ---- topic limits ------------------------------------------------------------- */
+
+/* Ask for a topic's max.message.bytes; the answer comes to the admin queue. */
+void
+cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic)
+{
+	rd_kafka_ConfigResource_t *res;
+	rd_kafka_AdminOptions_t *opts;
+	char		errstr[256];
+
+	if (rk == NULL || admin_queue == NULL)
+		return;
+	res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
+	opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS);
+	rd_kafka_AdminOptions_set_request_timeout(opts, 10000, errstr, sizeof(errstr));
+	/* the topic's name comes back with the answer, also when it failed */
+	rd_kafka_AdminOptions_set_opaque(opts, strdup(topic));
+	rd_kafka_DescribeConfigs(rk, &res, 1, opts, admin_queue);
+	rd_kafka_AdminOptions_destroy(opts);
+	rd_kafka_ConfigResource_destroy(res);
+}
+
+/*
+ * Hand every DescribeConfigs answer that arrived to hook: the topic and its
+ * max.message.bytes, or -1 when Kafka did not say (no such topic yet, no
+ * permission to describe it, timeout).
+ */
+void
+cqrs_kafka_collect_limits(CqrsLimitHook hook)
+{
+	rd_kafka_event_t *ev;
+
+	if (admin_queue == NULL)
+		return;
+	while ((ev = rd_kafka_queue_poll(admin_queue, 0)) != NULL)
+	{
+		const rd_kafka_DescribeConfigs_result_t *result =
+			rd_kafka_event_DescribeConfigs_result(ev);
+		const rd_kafka_ConfigResource_t **resources = NULL;
+		size_t		nres = 0;
+		char	   *asked = rd_kafka_event_opaque(ev);
+		int			limit = -1;
+
+		if (result)
+			resources = rd_kafka_DescribeConfigs_result_resources(result, &nres);
+		for (size_t r = 0; r < nres; r++)
+		{
+
+			if (rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+				rd_kafka_ConfigResource_error(resources[r]) == RD_KAFKA_RESP_ERR_NO_ERROR)
+			{
+				const rd_kafka_ConfigEntry_t **entries;
+				size_t		nentries = 0;
+
+				entries = rd_kafka_ConfigResource_configs(resources[r], &nentries);
+				for (size_t i = 0; i < nentries; i++)
+				{
+					const char *value = rd_kafka_ConfigEntry_value(entries[i]);
+
+					if (strcmp(rd_kafka_ConfigEntry_name(entries[i]), "max.message.bytes") == 0 &&
+						value != NULL)
+						limit = atoi(value);
+				}
+			}
+		}
+		if (asked)
+		{
+			hook(asked, limit);
+			free(asked);
+		}
+		rd_kafka_event_destroy(ev);
 	}
 }

@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * kafka.h
- *	  The relay's Kafka producer (librdkafka): creation from settings and
- *	  the superuser-owned properties file, producing, delivery reports and
- *	  failure classification.
+ *	  cqrs_sync's Kafka clients (librdkafka): creation from settings and the
+ *	  superuser-owned properties file, producing, delivery reports, failure
+ *	  classification, topic limits, and the log lines librdkafka wants to
+ *	  write (served by the worker, with secrets redacted).
  *
  *-------------------------------------------------------------------------
  */
@@ -11,6 +12,8 @@
 #define CQRS_KAFKA_H
 
 #include <librdkafka/rdkafka.h>
+
+#include "port/atomics.h"
 
 /* How a delivery failure is handled (DESIGN.md section 5). */
 typedef enum CqrsFailureClass
@@ -21,11 +24,21 @@ typedef enum CqrsFailureClass
 	CQRS_FAIL_FATAL				/* producer unusable: re-create it */
 } CqrsFailureClass;
 
-/* One message of a batch, as the relay hands it to the producer. */
+/* Which client: the relay's idempotent producer, or a plain one for metadata. */
+typedef enum CqrsKafkaRole
+{
+	CQRS_KAFKA_RELAY,
+	CQRS_KAFKA_MONITOR
+} CqrsKafkaRole;
+
+struct CqrsTopic;
+
+/* One message as the relay hands it to the producer. */
 typedef struct CqrsMessage
 {
 	int64		id;				/* outbox id */
 	const char *topic;
+	struct CqrsTopic *tstate;	/* the relay's state of the topic */
 	const char *key;			/* NULL for a NULL key */
 	int			keylen;
 	const char *value;
@@ -35,18 +48,39 @@ typedef struct CqrsMessage
 	const char **header_names;
 	const char **header_values;
 
-	/* filled by the delivery report */
+	/* partition + 1 as chosen by the partitioner (0: not yet) */
+	pg_atomic_uint32 partition;
+
+	/* filled by the delivery report, in the worker's thread */
 	bool		done;
 	rd_kafka_resp_err_t err;
 } CqrsMessage;
 
-extern rd_kafka_t *cqrs_kafka_create(int batch_bytes, char *errbuf, size_t errlen);
-extern int	cqrs_kafka_topic_limit(rd_kafka_t *rk, const char *topic, int timeout_ms);
-extern int	cqrs_kafka_message_size(const CqrsMessage *msg);
+/* Called for every delivery report, inside rd_kafka_poll(); must not elog. */
+typedef void (*CqrsDeliveryHook) (CqrsMessage *msg);
+
+extern rd_kafka_t *cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes,
+									 char *errbuf, size_t errlen);
 extern void cqrs_kafka_destroy(rd_kafka_t *rk, int timeout_ms);
-extern rd_kafka_resp_err_t cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg);
-extern CqrsFailureClass cqrs_kafka_classify(rd_kafka_resp_err_t err);
+extern void cqrs_kafka_set_delivery_hook(CqrsDeliveryHook hook);
+extern int	cqrs_kafka_event_fd(void);
+extern void cqrs_kafka_drain_events(void);
+extern int	cqrs_kafka_serve(rd_kafka_t *rk);
+extern void cqrs_kafka_emit_logs(const char *who);
+extern bool cqrs_kafka_take_error(char *buf, size_t len);
 extern bool cqrs_kafka_fatal(rd_kafka_t *rk, char *errbuf, size_t errlen);
 extern bool cqrs_kafka_config_changed(void);
+extern void cqrs_kafka_redact(char *text);
+
+extern rd_kafka_resp_err_t cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg);
+extern int	cqrs_kafka_message_size(const CqrsMessage *msg);
+extern int32 cqrs_kafka_partition_of(const CqrsMessage *msg, int32 partition_cnt);
+extern CqrsFailureClass cqrs_kafka_classify(rd_kafka_resp_err_t err);
+extern const char *cqrs_kafka_error_text(rd_kafka_resp_err_t err, char *buf, size_t len);
+
+/* topic limits (max.message.bytes), asked asynchronously */
+typedef void (*CqrsLimitHook) (const char *topic, int limit);
+extern void cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic);
+extern void cqrs_kafka_collect_limits(CqrsLimitHook hook);
 
 #endif							/* CQRS_KAFKA_H */

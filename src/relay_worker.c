@@ -1,44 +1,59 @@
 /*-------------------------------------------------------------------------
  *
  * relay_worker.c
- *	  The outbox relay background worker.
+ *	  The outbox relay background worker: its loop, its session settings,
+ *	  its transactions, error recovery, and the producer's life cycle.
  *
- * One batch: read the outbox sequence's high-water mark, then the in-flight
- * registry, then claim up to cqrs_sync.batch_size PENDING rows (id order)
- * at or below the mark, in a short transaction.  Decide which rows may go:
- * a row waits when an earlier row of its key waits (retry backoff, still
- * uncommitted, or failed in this round).  Produce the rest, wait for every
- * delivery report, then in a second short transaction mark SENT exactly the
- * rows Kafka acknowledged, and record failures.  A crash between the
- * acknowledgement and that commit re-sends at most one batch; nothing is
- * ever marked SENT without a successful delivery report.
+ * The loop waits on three things at once: its latch (set by committing
+ * enqueuers, signals and operators), librdkafka's event pipe (a delivery
+ * report, an error or a log line is ready) and postmaster death.  Each turn
+ * it serves librdkafka, turns reports into outcomes, and, when there are
+ * outcomes to record or rows may be ready, runs one short transaction that
+ * records the outcomes and claims the next rows (relay_pipeline.c), then
+ * produces them.  It never waits for delivery reports: rows are produced
+ * while earlier ones are in flight, up to a window of cqrs_sync.batch_size
+ * rows between the outbox and their recorded outcome.
  *
- * A "round" is a sequence of batches that walks the PENDING rows from the
- * lowest id upward; the keys held in a round stay held until it ends, so a
- * later row never overtakes an earlier row of its key.
+ * Durability: the relay commits its own bookkeeping asynchronously, and
+ * counts rows whose recording is not flushed yet into the window; before
+ * producing rows that would overfill it, it flushes.  So a crash duplicates
+ * at most one window of messages.  Before producing rows whose commit may not
+ * be flushed (an enqueuer with synchronous_commit = off), it flushes the WAL
+ * up to that commit and, where synchronous standbys are configured, waits for
+ * them: an event is never published for a transaction a crash then loses.
+ *
+ * Errors: the relay pins its session settings, so that ALTER DATABASE or
+ * ALTER ROLE settings (read-only transactions, timeouts, isolation,
+ * search_path) cannot break it.  An error in its transaction is reported,
+ * rolled back, and retried with a growing pause; outcomes are kept in
+ * memory meanwhile and nothing is produced again.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include <setjmp.h>
+
 #include "access/xact.h"
-#include "common/hashfn.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "libpq/pqsignal.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "portability/instr_time.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "replication/syncrep.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
-#include "storage/pmsignal.h"
 #include "storage/proc.h"
-#include "utils/array.h"
+#include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
-#include "utils/hsearch.h"
-#include "utils/jsonb.h"
+#include "utils/inval.h"
+#include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -46,79 +61,50 @@
 #include "utils/wait_event.h"
 
 #include "cqrs_sync.h"
-#include "dlt_depth.h"
-#include "enqueue.h"
-#include "kafka.h"
+#include "relay.h"
 #include "relay_worker.h"
 #include "shmem.h"
-#include "topics.h"
 #include "util.h"
 
 PGDLLEXPORT void cqrs_relay_main(Datum main_arg);
 
 /* How long a shutting-down relay waits for messages in flight. */
-#define SHUTDOWN_FLUSH_MS	5000
-/* A batch unacknowledged this long means Kafka is unreachable (state). */
-#define WAITING_BROKER_MS	5000
+#define SHUTDOWN_FLUSH_MS	1000
+/* librdkafka's batch.size default, the largest the relay uses. */
+#define DEFAULT_BATCH_BYTES 1000000
+/* How often stalls are looked for, and state published at least. */
+#define CHECK_MS			1000
 
-typedef enum RowFate
-{
-	ROW_HELD,					/* not produced: an earlier row of its key waits */
-	ROW_PRODUCED,				/* handed to the producer */
-	ROW_SENT,					/* acknowledged, to be marked SENT */
-	ROW_FAILED,					/* failure to record */
-	ROW_REDO,					/* acknowledged, but an earlier row of its key
-								 * failed: stays PENDING and is sent again
-								 * after that row */
-	ROW_TO_DLT,					/* retry budget spent: to the dead-letter topic */
-	ROW_DEAD,					/* acknowledged by the dead-letter topic */
-	ROW_DLT_FAILED				/* the dead-letter topic refused it too */
-} RowFate;
+rd_kafka_t *relay_producer = NULL;
+int			relay_producer_batch_bytes = DEFAULT_BATCH_BYTES;
+static int	wanted_batch_bytes = DEFAULT_BATCH_BYTES;
 
-typedef struct RelayRow
-{
-	CqrsMessage msg;
-	uint64		keyhash;		/* the key's hash, as the in-flight registry has it */
-	uint64		holdhash;		/* hash of (topic, key): the unit of ordering */
-	int			retry_count;
-	bool		waiting;		/* next_attempt_at is in the future */
-	TimestampTz next_attempt_at;
-	RowFate		fate;
-	CqrsTopic  *topic;			/* the relay's state of msg.topic */
-	char	   *error_text;		/* why it failed, when not librdkafka's text */
-	char	   *dlt_error;		/* why the dead-letter publish failed */
-	bool		newly_paused;	/* its failure paused its topic */
-	struct RelayRow *source;	/* a dead-letter message: the row it carries */
-} RelayRow;
-
-/* SQLSTATEs of the relay's alerts (class CQ: cqrs_sync) */
-#define CQRS_ERRCODE_DLT_FAILED		MAKE_SQLSTATE('C','Q','0','0','1')
-#define CQRS_ERRCODE_TOPIC_PAUSED	MAKE_SQLSTATE('C','Q','0','0','2')
-
-static rd_kafka_t *producer = NULL;
-static int	producer_batch_bytes = 1000000; /* librdkafka's batch.size default */
-
-/* Plans, prepared once for the extension's schema. */
+/* Plans, prepared for the extension's current schema. */
 static Oid	plans_ext = InvalidOid;
-static SPIPlanPtr hw_plan = NULL;
-static SPIPlanPtr scan_plan = NULL;
-static SPIPlanPtr sent_plan = NULL;
-static SPIPlanPtr sent_delete_plan = NULL;
-static SPIPlanPtr fail_plan = NULL;
-static SPIPlanPtr dead_plan = NULL;
-static SPIPlanPtr dltfail_plan = NULL;
-static SPIPlanPtr pause_plan = NULL;
-static SPIPlanPtr dlt_topics_plan = NULL;
+static Oid	outbox_relid = InvalidOid;
+static bool plans_valid = false;
+static bool extension_changed = false;
+static bool extension_missing = false;
 
-static MemoryContext batch_ctx = NULL;
-static MemoryContext round_ctx = NULL;
+/* Rows recorded in WAL that may not be flushed yet, and up to where. */
+static int	unflushed_rows = 0;
+static XLogRecPtr unflushed_lsn = InvalidXLogRecPtr;
+/* Claimed rows' commits that may not be flushed yet. */
+static XLogRecPtr rows_lsn = InvalidXLogRecPtr;
 
-/* Round state: where the next batch starts, and the keys held so far. */
-static int64 round_after = 0;
-static HTAB *held_keys = NULL;
-static TimestampTz round_wake_at = 0;	/* earliest next_attempt_at held */
+/* Errors in a row of the relay's transactions, for the pause between tries. */
+static int	txn_errors = 0;
+static TimestampTz retry_txn_at = 0;
+static char txn_error[CQRS_ERROR_LEN];
 
-static CqrsInflight *inflight = NULL;
+static TimestampTz next_poll_at = 0;	/* the fallback scan */
+static TimestampTz next_check_at = 0;
+static TimestampTz max_reset_at = 0;	/* of ack_wait_max_us */
+static TimestampTz producer_retry_at = 0;
+static char producer_error[CQRS_ERROR_LEN];
+static bool wake_claim = true;	/* the latch was set: rows may be ready */
+
+static WaitEventSet *wait_set = NULL;
 
 /*
  * Register the relay; called from _PG_init during shared_preload_libraries.
@@ -140,6 +126,42 @@ relay_detach_shmem(int code, Datum arg)
 }
 
 /*
+ * Session settings the relay depends on, whatever ALTER DATABASE or ALTER
+ * ROLE set for its database or user: its transactions must be able to write,
+ * must not time out in the middle, must take a fresh snapshot per statement
+ * (the scan's must be taken after the registry was read), and resolve names
+ * only where the relay says.
+ */
+static void
+pin_settings(void)
+{
+	static const char *const pins[][2] = {
+		{"default_transaction_read_only", "off"},
+		{"default_transaction_isolation", "read committed"},
+		{"default_transaction_deferrable", "off"},
+		{"statement_timeout", "0"},
+		{"lock_timeout", "5s"},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"idle_session_timeout", "0"},
+		{"search_path", "pg_catalog, pg_temp"},
+		{"session_replication_role", "origin"},
+		{"jit", "off"},
+		{"check_function_bodies", "on"},
+	};
+
+	for (int i = 0; i < lengthof(pins); i++)
+		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/* The outbox table changed (or all relations): look at the extension again. */
+static void
+relay_relcache_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == outbox_relid)
+		plans_valid = false;
+}
+
+/*
  * Prepare the statements for the extension's current schema.  Returns false
  * when the extension does not exist (yet) in this database.  Inside a
  * transaction, SPI connected.
@@ -147,1053 +169,504 @@ relay_detach_shmem(int code, Datum arg)
 static bool
 ensure_plans(void)
 {
-	Oid			ext = get_extension_oid("cqrs_sync", true);
-	char	   *schema;
+	Oid			ext;
 	char	   *outbox;
-	char	   *seq;
 	int			ret;
-	Oid			scan_types[3] = {INT8OID, INT8OID, INT4OID};
-	Oid			sent_types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
-	Oid			fail_types[4] = {INT8ARRAYOID, INT4ARRAYOID, FLOAT8ARRAYOID, TEXTARRAYOID};
-	Oid			dead_types[3] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID};
-	Oid			pause_types[3] = {TEXTOID, TEXTOID, INT4OID};
+	bool		isnull;
+	Oid			seq;
 
-	if (!OidIsValid(ext))
-		return false;
-	if (ext == plans_ext)
+	if (plans_valid)
 		return true;
+	ext = get_extension_oid("cqrs_sync", true);
+	if (!OidIsValid(ext))
+	{
+		if (OidIsValid(plans_ext))
+			extension_changed = true;
+		plans_ext = InvalidOid;
+		return false;
+	}
+	if (OidIsValid(plans_ext) && ext != plans_ext)
+	{
+		/* dropped and created again: nothing in flight belongs to it */
+		extension_changed = true;
+		plans_ext = InvalidOid;
+		return false;
+	}
 
-	schema = cqrs_extension_schema(ext);
-	outbox = psprintf("%s.cqrs_outbox", quote_identifier(schema));
-
-	ret = SPI_execute(psprintf("SELECT pg_catalog.pg_get_serial_sequence(%s, 'id')",
-							   quote_literal_cstr(outbox)), true, 1);
+	outbox = psprintf("%s.cqrs_outbox",
+					  quote_identifier(cqrs_extension_schema(ext)));
+	ret = SPI_execute(psprintf("SELECT %s::pg_catalog.regclass::pg_catalog.oid,"
+							   " pg_catalog.pg_get_serial_sequence(%s, 'id')::pg_catalog.regclass::pg_catalog.oid",
+							   quote_literal_cstr(outbox), quote_literal_cstr(outbox)),
+					  true, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "cqrs_sync relay: could not find the sequence of %s", outbox);
-	seq = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	if (seq == NULL)
+		elog(ERROR, "cqrs_sync relay: could not find %s", outbox);
+	outbox_relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+												  SPI_tuptable->tupdesc, 1, &isnull));
+	seq = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+										 SPI_tuptable->tupdesc, 2, &isnull));
+	if (isnull)
 		elog(ERROR, "cqrs_sync relay: %s.id has no sequence", outbox);
 
-	if (hw_plan)
-	{
-		SPI_freeplan(hw_plan);
-		SPI_freeplan(scan_plan);
-		SPI_freeplan(sent_plan);
-		SPI_freeplan(sent_delete_plan);
-		SPI_freeplan(fail_plan);
-		SPI_freeplan(dead_plan);
-		SPI_freeplan(dltfail_plan);
-		SPI_freeplan(pause_plan);
-		SPI_freeplan(dlt_topics_plan);
-	}
-	hw_plan = cqrs_keep_plan(psprintf("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM %s",
-								 seq), 0, NULL);
-	scan_plan = cqrs_keep_plan(psprintf(
-								   "SELECT id, event_id::text, topic, key, payload::text, headers,"
-								   " retry_count, coalesce(next_attempt_at > now(), false),"
-								   " next_attempt_at"
-								   " FROM %s WHERE status = 'PENDING' AND id > $1 AND id <= $2"
-								   " ORDER BY id LIMIT $3", outbox),
-						  3, scan_types);
-	sent_plan = cqrs_keep_plan(psprintf(
-								   "UPDATE %s SET status = 'SENT', sent_at = $2,"
-								   " next_attempt_at = NULL, last_error = NULL"
-								   " WHERE id = ANY ($1) AND status = 'PENDING'", outbox),
-						  2, sent_types);
-	sent_delete_plan = cqrs_keep_plan(psprintf(
-										  "DELETE FROM %s WHERE id = ANY ($1) AND status = 'PENDING'",
-										  outbox),
-								 1, sent_types);
-	fail_plan = cqrs_keep_plan(psprintf(
-								   "UPDATE %s o SET retry_count = o.retry_count + f.inc,"
-								   " next_attempt_at = now() + f.delay_ms * interval '1 millisecond',"
-								   " last_error = f.err"
-								   " FROM unnest($1, $2, $3, $4) AS f(id, inc, delay_ms, err)"
-								   " WHERE o.id = f.id AND o.status = 'PENDING'", outbox),
-						  4, fail_types);
-	dead_plan = cqrs_keep_plan(psprintf(
-								   "UPDATE %s o SET status = 'DEAD_LETTERED', retry_count = f.cnt,"
-								   " last_error = f.err, next_attempt_at = NULL"
-								   " FROM unnest($1, $2, $3) AS f(id, cnt, err)"
-								   " WHERE o.id = f.id AND o.status = 'PENDING'", outbox),
-						  3, dead_types);
-	dltfail_plan = cqrs_keep_plan(psprintf(
-									  "WITH u AS (UPDATE %s o SET status = 'DLT_FAILED', retry_count = f.cnt,"
-									  " dlt_retry_count = o.dlt_retry_count + 1,"
-									  " last_error = f.err, next_attempt_at = NULL"
-									  " FROM unnest($1, $2, $3) AS f(id, cnt, err)"
-									  " WHERE o.id = f.id AND o.status = 'PENDING'"
-									  " RETURNING o.id, o.event_id, o.topic, o.key, o.dlt_retry_count, f.err)"
-									  " SELECT pg_catalog.pg_notify('cqrs_sync_alert',"
-									  " pg_catalog.json_build_object('alert', 'dlt_failed', 'outbox_id', id,"
-									  " 'event_id', event_id, 'topic', topic, 'key', key,"
-									  " 'dlt_retry_count', dlt_retry_count,"
-									  " 'error', pg_catalog.left(err, 2000))::text) FROM u", outbox),
-							 3, dead_types);
-	pause_plan = cqrs_keep_plan("SELECT pg_catalog.pg_notify('cqrs_sync_alert',"
-						   " pg_catalog.json_build_object('alert', 'topic_paused', 'topic', $1,"
-						   " 'error', pg_catalog.left($2, 2000), 'paused_for_ms', $3)::text)",
-						   3, pause_types);
-	dlt_topics_plan = cqrs_keep_plan(psprintf(
-										 "SELECT DISTINCT topic || pg_catalog.current_setting('cqrs_sync.dlt_suffix')"
-										 " FROM %s WHERE status = 'DEAD_LETTERED'", outbox),
-								0, NULL);
+	pipeline_prepare(outbox, seq);
+	record_prepare(outbox);
 	plans_ext = ext;
+	plans_valid = true;
 	return true;
 }
 
-/* A set of 64-bit hashes (held, refused or failed keys) in memory context cxt. */
-static HTAB *
-key_set_create(const char *name, MemoryContext cxt)
+static int64
+elapsed_us(instr_time start)
 {
-	HASHCTL		ctl;
+	instr_time	now;
 
-	ctl.keysize = sizeof(uint64);
-	ctl.entrysize = sizeof(uint64);
-	ctl.hcxt = cxt;
-	return hash_create(name, 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	INSTR_TIME_SET_CURRENT(now);
+	INSTR_TIME_SUBTRACT(now, start);
+	return INSTR_TIME_GET_MICROSEC(now);
 }
 
-static bool
-key_held(uint64 keyhash)
+/* ---- the producer ------------------------------------------------------------------ */
+
+/* A message was refused for a batch's size: smaller batches from now on. */
+void
+relay_want_batch_bytes(int bytes)
 {
-	bool		found;
-
-	hash_search(held_keys, &keyhash, HASH_FIND, &found);
-	return found;
-}
-
-static void
-hold_key(uint64 keyhash)
-{
-	bool		found;
-
-	hash_search(held_keys, &keyhash, HASH_ENTER, &found);
-}
-
-static void
-start_round(void)
-{
-	MemoryContextReset(round_ctx);
-	held_keys = key_set_create("cqrs_sync held keys", round_ctx);
-	round_after = 0;
-	round_wake_at = 0;
-}
-
-static char *
-datum_text(HeapTuple tup, TupleDesc desc, int col, bool *isnull)
-{
-	Datum		d = SPI_getbinval(tup, desc, col, isnull);
-
-	return *isnull ? NULL : TextDatumGetCString(d);
-}
-
-/* Copy the scanned rows into batch memory. */
-static RelayRow *
-copy_rows(uint64 nrows)
-{
-	RelayRow   *rows = palloc0(sizeof(RelayRow) * nrows);
-	TupleDesc	desc = SPI_tuptable->tupdesc;
-
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		RelayRow   *row = &rows[i];
-		CqrsMessage *msg = &row->msg;
-		bool		isnull;
-		Datum		d;
-
-		msg->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		msg->event_id = datum_text(tup, desc, 2, &isnull);
-		msg->topic = datum_text(tup, desc, 3, &isnull);
-		msg->key = datum_text(tup, desc, 4, &isnull);
-		msg->keylen = msg->key ? strlen(msg->key) : 0;
-		row->keyhash = cqrs_key_hash(msg->key, msg->keylen);
-		row->holdhash = hash_combine64(cqrs_key_hash(msg->topic, strlen(msg->topic)),
-									   row->keyhash);
-		msg->value = datum_text(tup, desc, 5, &isnull);
-		msg->valuelen = strlen(msg->value);
-
-		d = SPI_getbinval(tup, desc, 6, &isnull);
-		if (!isnull)
-		{
-			Jsonb	   *jb = DatumGetJsonbPCopy(d);
-			JsonbIterator *it = JsonbIteratorInit(&jb->root);
-			JsonbValue	v;
-			JsonbIteratorToken tok;
-			int			n = JB_ROOT_COUNT(jb);
-
-			msg->header_names = palloc(sizeof(char *) * n);
-			msg->header_values = palloc(sizeof(char *) * n);
-			while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-			{
-				if (tok == WJB_KEY)
-					msg->header_names[msg->nheaders] =
-						pnstrdup(v.val.string.val, v.val.string.len);
-				else if (tok == WJB_VALUE)
-					msg->header_values[msg->nheaders++] =
-						(v.type == jbvString) ?
-						pnstrdup(v.val.string.val, v.val.string.len) : "";
-			}
-		}
-
-		row->retry_count = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
-		row->waiting = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
-		d = SPI_getbinval(tup, desc, 9, &isnull);
-		row->next_attempt_at = isnull ? 0 : DatumGetTimestampTz(d);
-	}
-	return rows;
+	bytes = Max(bytes, 1024);
+	if (bytes < wanted_batch_bytes)
+		wanted_batch_bytes = bytes;
 }
 
 /*
- * Claim the next batch of the round.  Returns the rows (in batch memory)
- * and their count; *ninflight_out is the number of in-flight slots seen.
+ * Destroy the producer: purging its queues fires the reports of what was in
+ * flight (with _PURGE_* errors); anything still unreported failed with err.
+ * Nothing without a successful report becomes SENT; the rows go again.
  */
-static RelayRow *
-claim_batch(uint64 *nrows_out, bool *ext_missing)
+static void
+destroy_producer(rd_kafka_resp_err_t err)
 {
-	RelayRow   *rows = NULL;
-	int64		hw;
-	bool		isnull;
-	int			ninflight;
-	Datum		args[3];
-	int			ret;
+	if (relay_producer == NULL)
+		return;
+	cqrs_topics_forget_producer();
+	cqrs_kafka_destroy(relay_producer, 0);
+	relay_producer = NULL;
+	pipeline_abandon_inflight(err);
+	pipeline_serve_reports();
+	cqrs_kafka_emit_logs("cqrs_sync relay");
+}
 
-	*nrows_out = 0;
-	*ext_missing = false;
+static bool
+create_producer(TimestampTz now)
+{
+	char		errbuf[1024];
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay: claiming a batch");
-
-	if (!ensure_plans())
+	if (relay_producer != NULL)
+		return true;
+	if (producer_retry_at != 0 && now < producer_retry_at)
+		return false;
+	relay_producer = cqrs_kafka_create(CQRS_KAFKA_RELAY, relay_producer_batch_bytes,
+									   errbuf, sizeof(errbuf));
+	if (relay_producer == NULL)
 	{
-		*ext_missing = true;
-		goto done;
+		if (strcmp(errbuf, producer_error) != 0)
+			ereport(WARNING,
+					(errcode(ERRCODE_CONFIG_FILE_ERROR),
+					 errmsg("cqrs_sync relay: %s", errbuf),
+					 errhint("Fix cqrs_sync.brokers or cqrs_sync.kafka_config_file and reload the configuration.")));
+		strlcpy(producer_error, errbuf, sizeof(producer_error));
+		cqrs_relay_note_failure(errbuf, 0);
+		producer_retry_at = TimestampTzPlusMilliseconds(now, 5000);
+		return false;
 	}
+	producer_error[0] = '\0';
+	producer_retry_at = 0;
+	return true;
+}
 
-	/* 1. the high-water mark: every id at or below it was handed out */
-	ret = SPI_execute_plan(hw_plan, NULL, NULL, true, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "cqrs_sync relay: could not read the outbox sequence");
-	hw = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-									 SPI_tuptable->tupdesc, 1, &isnull));
+/* Serve librdkafka: reports, errors, logs; re-create a fatally failed producer. */
+static void
+serve_kafka(void)
+{
+	char		errbuf[CQRS_ERROR_LEN];
+	instr_time	t0;
 
-	/* 2. who may still commit an id at or below it */
-	ninflight = cqrs_inflight_snapshot(inflight, cqrs_shared->nslots);
+	INSTR_TIME_SET_CURRENT(t0);
+	cqrs_kafka_drain_events();
+	cqrs_kafka_serve(relay_producer);
+	pipeline_serve_reports();
+	cqrs_relay_add_phase(CQRS_PHASE_POLL, elapsed_us(t0));
+	cqrs_kafka_emit_logs("cqrs_sync relay");
+	if (cqrs_kafka_take_error(errbuf, sizeof(errbuf)))
+		cqrs_relay_note_failure(errbuf, 0);
+	cqrs_kafka_collect_limits(pipeline_learn_limit);
 
-	/* 3. the rows visible now (a new snapshot, taken after step 2) */
-	args[0] = Int64GetDatum(round_after);
-	args[1] = Int64GetDatum(hw);
-	args[2] = Int32GetDatum(cqrs_batch_size);
-	ret = SPI_execute_plan(scan_plan, args, NULL, false, cqrs_batch_size);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "cqrs_sync relay: outbox scan failed: %s",
-			 SPI_result_code_string(ret));
-
-	if (SPI_processed > 0)
+	/* a fatal error, whenever it came: between polls as well as in one */
+	if (cqrs_kafka_fatal(relay_producer, errbuf, sizeof(errbuf)))
 	{
-		MemoryContext old = MemoryContextSwitchTo(batch_ctx);
-		TimestampTz now = GetCurrentTimestamp();
-
-		rows = copy_rows(SPI_processed);
-		*nrows_out = SPI_processed;
-		MemoryContextSwitchTo(old);
-
-		/* decide, in id order, which rows may go now */
-		for (uint64 i = 0; i < *nrows_out; i++)
-		{
-			RelayRow   *row = &rows[i];
-
-			if (key_held(row->holdhash))
-				row->fate = ROW_HELD;
-			else if (row->waiting ||
-					 cqrs_inflight_holds(inflight, ninflight, row->msg.id, row->keyhash))
-			{
-				row->fate = ROW_HELD;
-				hold_key(row->holdhash);
-				if (row->waiting && row->next_attempt_at > now &&
-					(round_wake_at == 0 || row->next_attempt_at < round_wake_at))
-					round_wake_at = row->next_attempt_at;
-			}
-			else
-				row->fate = ROW_PRODUCED;
-		}
+		ereport(WARNING,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("cqrs_sync relay: fatal Kafka producer error: %s", errbuf),
+				 errdetail("The producer is re-created; unacknowledged rows stay PENDING and are sent again.")));
+		cqrs_relay_note_failure(errbuf, 0);
+		pg_atomic_fetch_add_u64(&cqrs_shared->producer_restarts, 1);
+		destroy_producer(RD_KAFKA_RESP_ERR__FATAL);
 	}
+}
 
-done:
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	return rows;
+/* Keep batch.size within the smallest limit known; re-create when drained. */
+static void
+adjust_batch_size(void)
+{
+	int			min_limit = cqrs_topics_min_limit();
+
+	if (min_limit > 0 && min_limit < wanted_batch_bytes)
+		wanted_batch_bytes = min_limit;
+	if (wanted_batch_bytes == relay_producer_batch_bytes || relay_producer == NULL)
+		return;
+	if (!pipeline_idle())
+		return;					/* not while messages are in flight */
+	ereport(LOG,
+			(errmsg("cqrs_sync relay: producer batch.size lowered from %d to %d bytes",
+					relay_producer_batch_bytes, wanted_batch_bytes),
+			 errdetail("A topic accepts smaller record batches: its max.message.bytes, or a batch Kafka refused as too large.")));
+	destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
+	relay_producer_batch_bytes = wanted_batch_bytes;
 }
 
 /* The Kafka settings changed: what was learned of the topics may be wrong. */
 static void
-forget_kafka_state(void)
+reload_settings(void)
 {
-	cqrs_topics_forget_limits();
-	producer_batch_bytes = 1000000;
-}
-
-/*
- * Give up on the messages of the batch still in flight: destroy the
- * producer (purging its queues fires their delivery reports with _PURGE_*
- * errors) and count any report still missing as failed with err.  Nothing
- * without a successful report becomes SENT; the rows stay PENDING.
- */
-static void
-abandon_inflight(RelayRow *rows, uint64 nrows, rd_kafka_resp_err_t err)
-{
-	cqrs_kafka_destroy(producer, 0);
-	producer = NULL;
-	for (uint64 i = 0; i < nrows; i++)
-		if (rows[i].fate == ROW_PRODUCED && !rows[i].msg.done)
-		{
-			rows[i].msg.done = true;
-			rows[i].msg.err = err;
-		}
-}
-
-/*
- * Wait for every delivery report of the batch.  While Kafka is unreachable
- * this waits (message.timeout.ms is infinite by default): an outage pauses
- * the relay, it never fails messages.  It stops waiting on a fatal producer
- * error, on SIGTERM after SHUTDOWN_FLUSH_MS, and on a reload that changes
- * the Kafka settings.
- */
-static void
-await_delivery(RelayRow *rows, uint64 nrows)
-{
-	TimestampTz shutdown_deadline = 0;
-	TimestampTz started = GetCurrentTimestamp();
-	bool		said_waiting = false;
-
-	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay: awaiting delivery reports");
-	for (;;)
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	if (relay_producer && cqrs_kafka_config_changed())
 	{
-		bool		pending = false;
-		char		errbuf[512];
-
-		rd_kafka_flush(producer, 100);
-
-		for (uint64 i = 0; i < nrows && !pending; i++)
-			if (rows[i].fate == ROW_PRODUCED && !rows[i].msg.done)
-				pending = true;
-		if (!pending)
-		{
-			if (said_waiting)
-				cqrs_relay_set_state(CQRS_RELAY_RUNNING, NULL, NULL);
-			return;
-		}
-		if (!said_waiting &&
-			TimestampDifferenceExceeds(started, GetCurrentTimestamp(), WAITING_BROKER_MS))
-		{
-			/* an outage: the batch waits, nothing fails */
-			cqrs_relay_set_state(CQRS_RELAY_WAITING_BROKER, NULL,
-								 cqrs_shared->last_error);
-			said_waiting = true;
-		}
-
-		if (cqrs_kafka_fatal(producer, errbuf, sizeof(errbuf)))
-		{
-			ereport(WARNING,
-					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("cqrs_sync relay: fatal Kafka producer error: %s", errbuf),
-					 errdetail("The producer is re-created; unacknowledged rows stay PENDING and are sent again.")));
-			cqrs_relay_note_failure(errbuf, 0);
-			pg_atomic_fetch_add_u64(&cqrs_shared->producer_restarts, 1);
-			abandon_inflight(rows, nrows, RD_KAFKA_RESP_ERR__FATAL);
-			return;
-		}
-
-		if (!PostmasterIsAlive())
-			proc_exit(1);
-
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			if (cqrs_kafka_config_changed())
-			{
-				ereport(LOG,
-						(errmsg("cqrs_sync relay: Kafka settings changed, re-creating the producer"),
-						 errdetail("Unacknowledged rows stay PENDING and are sent again.")));
-				abandon_inflight(rows, nrows, RD_KAFKA_RESP_ERR__PURGE_QUEUE);
-				forget_kafka_state();
-				return;
-			}
-		}
-
-		if (ShutdownRequestPending)
-		{
-			TimestampTz now = GetCurrentTimestamp();
-
-			if (shutdown_deadline == 0)
-				shutdown_deadline = TimestampTzPlusMilliseconds(now, SHUTDOWN_FLUSH_MS);
-			else if (now >= shutdown_deadline)
-			{
-				abandon_inflight(rows, nrows, RD_KAFKA_RESP_ERR__PURGE_QUEUE);
-				return;
-			}
-		}
-	}
-}
-
-static int
-backoff_ms(rd_kafka_resp_err_t err, CqrsFailureClass cls, int retry_count)
-{
-	int			shift;
-
-	/* we withdrew it ourselves (reload, shutdown): try again at once */
-	if (err == RD_KAFKA_RESP_ERR__PURGE_QUEUE || err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT)
-		return 0;
-	if (cls != CQRS_FAIL_MESSAGE)
-		return cqrs_retry_backoff_ms;
-	shift = Min(retry_count, 6);
-	return (int) Min((int64) cqrs_retry_backoff_ms << shift, (int64) PG_INT32_MAX);
-}
-
-static char *
-describe_error(RelayRow *row)
-{
-	if (row->error_text)
-		return row->error_text;
-	return psprintf("%s: %s", rd_kafka_err2name(row->msg.err),
-					rd_kafka_err2str(row->msg.err));
-}
-
-/*
- * Fail a message before it reaches the producer (it alone exceeds its
- * topic's limit): the same outcome as the broker's MSG_SIZE_TOO_LARGE,
- * without poisoning a batch of other messages.
- */
-static void
-fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
-{
-	row->msg.done = true;
-	row->msg.err = err;
-	row->error_text = text;
-}
-
-/*
- * Learn the limits of the batch's topics and keep the producer's batches
- * below the smallest.  No message is in flight between batches, so the
- * producer can be re-created here.
- */
-static void
-apply_topic_limits(RelayRow *rows, uint64 nrows)
-{
-	int			min_limit;
-
-	for (uint64 i = 0; i < nrows; i++)
-		if (rows[i].fate == ROW_PRODUCED && !rows[i].msg.done)
-			rows[i].topic = cqrs_topic(rows[i].msg.topic);
-	for (uint64 i = 0; i < nrows; i++)
-		if (rows[i].fate == ROW_PRODUCED && !rows[i].msg.done)
-			(void) cqrs_topic_limit(producer, rows[i].topic);
-
-	min_limit = cqrs_topics_min_limit();
-	if (min_limit > 0 && min_limit < producer_batch_bytes)
-	{
-		char		errbuf[1024];
-		rd_kafka_t *rk;
-
-		rk = cqrs_kafka_create(min_limit, errbuf, sizeof(errbuf));
-		if (rk == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_CONFIG_FILE_ERROR),
-					 errmsg("cqrs_sync relay: %s", errbuf)));
 		ereport(LOG,
-				(errmsg("cqrs_sync relay: a topic accepts record batches of at most %d bytes; producer batch.size lowered to it",
-						min_limit)));
-		cqrs_kafka_destroy(producer, 0);
-		producer = rk;
-		producer_batch_bytes = min_limit;
+				(errmsg("cqrs_sync relay: Kafka settings changed, re-creating the producer"),
+				 errdetail("Unacknowledged rows stay PENDING and are sent again.")));
+		destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
+		cqrs_topics_forget_limits();
+		relay_producer_batch_bytes = wanted_batch_bytes = DEFAULT_BATCH_BYTES;
 	}
+	producer_retry_at = 0;
+	wake_claim = true;
 }
+
+/* ---- the relay's transaction -------------------------------------------------------- */
 
 /*
- * Produce the rows whose fate is ROW_PRODUCED, in id order.  A row whose
- * key already failed in this batch is held; a paused topic's rows are held;
- * a message larger than its topic accepts fails without being produced.
- * Returns how many rows got an outcome to wait for.
- */
-static int
-produce_rows(RelayRow *rows, uint64 nrows)
-{
-	HTAB	   *refused_keys = key_set_create("cqrs_sync refused keys",
-												  CurrentMemoryContext);
-	int			nproduced = 0;
-	TimestampTz now = GetCurrentTimestamp();
-
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		RelayRow   *row = &rows[i];
-		rd_kafka_resp_err_t err;
-		int			limit;
-		int			size;
-
-		if (row->fate != ROW_PRODUCED)
-			continue;
-		if (row->msg.done)
-		{
-			/* failed before it got here (e.g. no valid dead-letter topic) */
-			nproduced++;
-			continue;
-		}
-		if (row->topic == NULL)
-			row->topic = cqrs_topic(row->msg.topic);
-		if (hash_search(refused_keys, &row->holdhash, HASH_FIND, NULL))
-		{
-			/* an earlier row of this key could not even be queued */
-			row->fate = ROW_HELD;
-			continue;
-		}
-		if (cqrs_topic_paused(row->topic, now))
-		{
-			row->fate = ROW_HELD;
-			hold_key(row->holdhash);
-			if (round_wake_at == 0 || row->topic->paused_until < round_wake_at)
-				round_wake_at = row->topic->paused_until;
-			continue;
-		}
-
-		nproduced++;
-		limit = row->topic->limit;
-		size = cqrs_kafka_message_size(&row->msg);
-		if (limit > 0 && size > limit)
-			limit = cqrs_topic_refresh_limit(producer, row->topic);
-		if (limit > 0 && size > limit)
-		{
-			fail_locally(row, RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
-						 psprintf("MSG_SIZE_TOO_LARGE: message of %d bytes exceeds max.message.bytes %d of topic \"%s\"",
-								  size, limit, row->msg.topic));
-			hash_search(refused_keys, &row->holdhash, HASH_ENTER, NULL);
-			continue;
-		}
-		while ((err = cqrs_kafka_produce(producer, &row->msg)) == RD_KAFKA_RESP_ERR__QUEUE_FULL)
-			rd_kafka_poll(producer, 10);
-		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
-		{
-			fail_locally(row, err, NULL);
-			hash_search(refused_keys, &row->holdhash, HASH_ENTER, NULL);
-		}
-	}
-	return nproduced;
-}
-
-/*
- * Publish the rows that spent their retry budget to their dead-letter
- * topics: same key and value, the row's headers plus x-original-topic,
- * x-failure-source, x-retry-count and x-last-error (and event_id).  Their
- * fate becomes ROW_DEAD (acknowledged), ROW_DLT_FAILED (the dead-letter
- * topic refused it too) or, when the attempt was interrupted (fatal producer
- * error, shutdown, reload), ROW_FAILED: the row stays PENDING.
+ * One transaction: record the outcomes that came in, then claim up to limit
+ * rows (limit 0: record only).  Committed asynchronously.
  */
 static void
-dead_letter(RelayRow *rows, uint64 nrows)
+relay_transaction(int limit, TimestampTz now)
 {
-	RelayRow   *dlt;
-	int			ndlt = 0;
-	int			nproduced;
-
-	for (uint64 i = 0; i < nrows; i++)
-		if (rows[i].fate == ROW_TO_DLT)
-			ndlt++;
-	if (ndlt == 0)
-		return;
-
-	dlt = palloc0(sizeof(RelayRow) * ndlt);
-	ndlt = 0;
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		RelayRow   *row = &rows[i];
-		RelayRow   *d;
-		CqrsMessage *m;
-		int			nh = row->msg.nheaders;
-
-		if (row->fate != ROW_TO_DLT)
-			continue;
-		d = &dlt[ndlt++];
-		d->source = row;
-		d->fate = ROW_PRODUCED;
-		d->keyhash = row->keyhash;
-		d->holdhash = row->holdhash;
-		m = &d->msg;
-		*m = row->msg;
-		m->done = false;
-		m->err = RD_KAFKA_RESP_ERR_NO_ERROR;
-		m->topic = psprintf("%s%s", row->msg.topic, cqrs_dlt_suffix);
-		m->nheaders = nh + 4;
-		m->header_names = palloc(sizeof(char *) * (nh + 4));
-		m->header_values = palloc(sizeof(char *) * (nh + 4));
-		for (int h = 0; h < nh; h++)
-		{
-			m->header_names[h] = row->msg.header_names[h];
-			m->header_values[h] = row->msg.header_values[h];
-		}
-		m->header_names[nh] = "x-original-topic";
-		m->header_values[nh] = row->msg.topic;
-		m->header_names[nh + 1] = "x-failure-source";
-		m->header_values[nh + 1] = "OUTBOX_RELAY";
-		m->header_names[nh + 2] = "x-retry-count";
-		m->header_values[nh + 2] = psprintf("%d", row->retry_count + 1);
-		m->header_names[nh + 3] = "x-last-error";
-		m->header_values[nh + 3] = describe_error(row);
-
-		if (!cqrs_topic_name_valid(m->topic))
-			fail_locally(d, RD_KAFKA_RESP_ERR__INVALID_ARG,
-						 psprintf("invalid dead-letter topic name \"%s\"", m->topic));
-		else
-			d->topic = cqrs_topic(m->topic);
-	}
-
-	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay: dead-lettering");
-	apply_topic_limits(dlt, ndlt);
-	nproduced = produce_rows(dlt, ndlt);
-	if (nproduced > 0 && producer != NULL)
-		await_delivery(dlt, ndlt);
-
-	for (int i = 0; i < ndlt; i++)
-	{
-		RelayRow   *d = &dlt[i];
-		RelayRow   *row = d->source;
-		CqrsFailureClass cls;
-
-		if (d->fate == ROW_HELD)
-		{
-			/* its dead-letter topic is paused: try again later */
-			row->fate = ROW_FAILED;
-			row->dlt_error = psprintf("dead-letter topic \"%s\" is paused", d->msg.topic);
-			continue;
-		}
-		if (d->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		{
-			row->fate = ROW_DEAD;
-			cqrs_topic_resume(d->topic);
-			d->topic->dlt_written = true;
-			continue;
-		}
-		cls = cqrs_kafka_classify(d->msg.err);
-		row->dlt_error = psprintf("dead-letter topic \"%s\": %s", d->msg.topic,
-								  describe_error(d));
-		if (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG)
-			row->fate = ROW_DLT_FAILED;
-		else
-			row->fate = ROW_FAILED; /* interrupted: not the DLT's verdict */
-	}
-}
-
-/*
- * Sort the batch's delivery reports into outcomes, in id order per key:
- * SENT; REDO (acknowledged, but an earlier row of its key failed, so it is
- * sent again after that one); FAILED (retry later); TO_DLT (budget spent).
- */
-static void
-classify_outcomes(RelayRow *rows, uint64 nrows)
-{
-	HTAB	   *failed_keys = key_set_create("cqrs_sync failed keys",
-												 CurrentMemoryContext);
-
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		RelayRow   *row = &rows[i];
-		bool		found;
-		CqrsFailureClass cls;
-
-		if (row->fate != ROW_PRODUCED)
-			continue;
-		hash_search(failed_keys, &row->holdhash, HASH_FIND, &found);
-		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		{
-			row->fate = found ? ROW_REDO : ROW_SENT;
-			if (!found && row->topic)
-				cqrs_topic_resume(row->topic);
-			continue;
-		}
-
-		hash_search(failed_keys, &row->holdhash, HASH_ENTER, &found);
-		hold_key(row->holdhash);
-		cls = cqrs_kafka_classify(row->msg.err);
-		row->fate = ROW_FAILED;
-		if (cls == CQRS_FAIL_MESSAGE && row->retry_count + 1 > cqrs_max_retries)
-			row->fate = ROW_TO_DLT;
-		else if (cls == CQRS_FAIL_CONFIG && row->topic &&
-				 !cqrs_topic_paused(row->topic, GetCurrentTimestamp()) &&
-				 cqrs_topic_pause(row->topic, cqrs_retry_backoff_ms, describe_error(row)))
-			row->newly_paused = true;	/* once per batch, not per row */
-	}
-}
-
-/* Execute a kept plan whose outcome must be expected. */
-static void
-run_plan(SPIPlanPtr plan, Datum *args, int expected, const char *what)
-{
-	int			ret = SPI_execute_plan(plan, args, NULL, false, 0);
-
-	if (ret != expected)
-		elog(ERROR, "cqrs_sync relay: %s failed: %s", what, SPI_result_code_string(ret));
-}
-
-/* Build an array of the given element type from n datums. */
-static Datum
-make_array(Datum *elems, int n, Oid elemtype)
-{
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-
-	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
-	return PointerGetDatum(construct_array(elems, n, elemtype, typlen, typbyval, typalign));
-}
-
-/*
- * Record the batch's outcome in one short transaction: SENT rows, retries,
- * dead-lettered rows, DLT_FAILED rows (with a NOTIFY on cqrs_sync_alert),
- * and alerts for topics newly paused.
- */
-static void
-record_outcome(RelayRow *rows, uint64 nrows, TimestampTz acked_at)
-{
-	Datum	   *sent_ids = palloc(sizeof(Datum) * nrows);
-	Datum	   *f_ids = palloc(sizeof(Datum) * nrows);
-	Datum	   *f_inc = palloc(sizeof(Datum) * nrows);
-	Datum	   *f_delay = palloc(sizeof(Datum) * nrows);
-	Datum	   *f_err = palloc(sizeof(Datum) * nrows);
-	Datum	   *d_ids = palloc(sizeof(Datum) * nrows);
-	Datum	   *d_cnt = palloc(sizeof(Datum) * nrows);
-	Datum	   *d_err = palloc(sizeof(Datum) * nrows);
-	Datum	   *x_ids = palloc(sizeof(Datum) * nrows);
-	Datum	   *x_cnt = palloc(sizeof(Datum) * nrows);
-	Datum	   *x_err = palloc(sizeof(Datum) * nrows);
-	int			nsent = 0,
-				nfail = 0,
-				ndead = 0,
-				nxfail = 0;
-	char	   *first_error = NULL;
-
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		RelayRow   *row = &rows[i];
-		char	   *err;
-
-		switch (row->fate)
-		{
-			case ROW_SENT:
-				sent_ids[nsent++] = Int64GetDatum(row->msg.id);
-				break;
-			case ROW_FAILED:
-				{
-					CqrsFailureClass cls = cqrs_kafka_classify(row->msg.err);
-
-					err = describe_error(row);
-					if (row->dlt_error)
-						err = psprintf("%s; %s", err, row->dlt_error);
-					f_ids[nfail] = Int64GetDatum(row->msg.id);
-					f_inc[nfail] = Int32GetDatum(cls == CQRS_FAIL_MESSAGE ? 1 : 0);
-					f_delay[nfail] = Float8GetDatum((cls == CQRS_FAIL_CONFIG && row->topic) ?
-													(double) row->topic->pause_ms :
-													(double) backoff_ms(row->msg.err, cls, row->retry_count));
-					f_err[nfail] = CStringGetTextDatum(err);
-					nfail++;
-					if (first_error == NULL)
-						first_error = psprintf("outbox id " INT64_FORMAT " (topic \"%s\"): %s",
-											   row->msg.id, row->msg.topic, err);
-					break;
-				}
-			case ROW_DEAD:
-				d_ids[ndead] = Int64GetDatum(row->msg.id);
-				d_cnt[ndead] = Int32GetDatum(row->retry_count + 1);
-				d_err[ndead] = CStringGetTextDatum(describe_error(row));
-				ndead++;
-				break;
-			case ROW_DLT_FAILED:
-				err = psprintf("%s; %s", describe_error(row), row->dlt_error);
-				x_ids[nxfail] = Int64GetDatum(row->msg.id);
-				x_cnt[nxfail] = Int32GetDatum(row->retry_count + 1);
-				x_err[nxfail] = CStringGetTextDatum(err);
-				nxfail++;
-				break;
-			default:
-				break;
-		}
-	}
+	instr_time	t0;
+	int			nrec = 0;
+	bool		claimed = false;
+	dlist_head *done = pipeline_done_rows();
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	/* the relay's own bookkeeping: flushed when the window needs it */
+	(void) set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay: recording deliveries");
+	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay");
 
-	if (nsent > 0)
+	if (!ensure_plans())
+		extension_missing = !extension_changed;
+	else
 	{
-		Datum		args[2] = {make_array(sent_ids, nsent, INT8OID),
-		TimestampTzGetDatum(acked_at)};
-
-		/* cqrs_sync.delete_on_sent: a delivered row is not kept at all */
-		if (cqrs_delete_on_sent)
-			run_plan(sent_delete_plan, args, SPI_OK_DELETE, "deleting SENT rows");
-		else
-			run_plan(sent_plan, args, SPI_OK_UPDATE, "marking rows SENT");
-	}
-	if (nfail > 0)
-	{
-		Datum		args[4] = {make_array(f_ids, nfail, INT8OID),
-			make_array(f_inc, nfail, INT4OID),
-			make_array(f_delay, nfail, FLOAT8OID),
-		make_array(f_err, nfail, TEXTOID)};
-
-		run_plan(fail_plan, args, SPI_OK_UPDATE, "recording failures");
-	}
-	if (ndead > 0)
-	{
-		Datum		args[3] = {make_array(d_ids, ndead, INT8OID),
-			make_array(d_cnt, ndead, INT4OID),
-		make_array(d_err, ndead, TEXTOID)};
-
-		run_plan(dead_plan, args, SPI_OK_UPDATE, "recording dead-lettered rows");
-	}
-	if (nxfail > 0)
-	{
-		Datum		args[3] = {make_array(x_ids, nxfail, INT8OID),
-			make_array(x_cnt, nxfail, INT4OID),
-		make_array(x_err, nxfail, TEXTOID)};
-
-		run_plan(dltfail_plan, args, SPI_OK_SELECT, "recording DLT_FAILED rows");
-	}
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		Datum		args[3];
-
-		if (!rows[i].newly_paused)
-			continue;
-		args[0] = CStringGetTextDatum(rows[i].msg.topic);
-		args[1] = CStringGetTextDatum(describe_error(&rows[i]));
-		args[2] = Int32GetDatum(rows[i].topic->pause_ms);
-		run_plan(pause_plan, args, SPI_OK_SELECT, "sending the topic alert");
+		extension_missing = false;
+		INSTR_TIME_SET_CURRENT(t0);
+		nrec = record_outcomes(done, now);
+		cqrs_relay_add_phase(CQRS_PHASE_RECORD, elapsed_us(t0));
+		if (limit > 0)
+		{
+			INSTR_TIME_SET_CURRENT(t0);
+			(void) pipeline_claim(limit, now);
+			claimed = true;
+			cqrs_relay_add_phase(CQRS_PHASE_CLAIM, elapsed_us(t0));
+		}
 	}
 
 	SPI_finish();
 	PopActiveSnapshot();
+	INSTR_TIME_SET_CURRENT(t0);
 	CommitTransactionCommand();
+	cqrs_relay_add_phase(CQRS_PHASE_COMMIT, elapsed_us(t0));
+	pg_atomic_fetch_add_u64(&cqrs_shared->transactions, 1);
+
+	if (claimed)
+	{
+		XLogRecPtr	lsn = pipeline_claimed_lsn();
+
+		pipeline_claim_commit();
+		if (lsn > rows_lsn)
+			rows_lsn = lsn;
+	}
+	if (!extension_missing && !extension_changed)
+	{
+		record_after_commit(done);
+		pipeline_recorded();
+		if (nrec > 0)
+		{
+			unflushed_rows += nrec;
+			unflushed_lsn = XactLastCommitEnd;
+		}
+	}
 	/* let autovacuum see the relay's updates (the outbox is a queue) */
 	pgstat_report_stat(false);
-
-	/* counters and log lines, after the outcome is durable */
-	if (nsent > 0)
-		cqrs_relay_note_success(nsent);
-	if (ndead > 0)
-	{
-		pg_atomic_fetch_add_u64(&cqrs_shared->dead_lettered, ndead);
-		ereport(LOG,
-				(errmsg("cqrs_sync relay: %d message(s) dead-lettered after %d failed attempts or more",
-						ndead, cqrs_max_retries + 1)));
-	}
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		RelayRow   *row = &rows[i];
-
-		if (row->fate == ROW_DLT_FAILED)
-		{
-			char	   *err = psprintf("%s; %s", describe_error(row), row->dlt_error);
-
-			cqrs_relay_note_failure(err, 1);
-			pg_atomic_fetch_add_u64(&cqrs_shared->dlt_failed, 1);
-			ereport(WARNING,
-					(errcode(CQRS_ERRCODE_DLT_FAILED),
-					 errmsg("cqrs_sync relay: outbox row " INT64_FORMAT " could not be dead-lettered; it is DLT_FAILED",
-							row->msg.id),
-					 errdetail("Topic \"%s\", key \"%s\": %s", row->msg.topic,
-							   row->msg.key ? row->msg.key : "", err),
-					 errhint("Remove the cause, then call cqrs_retry(" INT64_FORMAT ") or cqrs_retry_dlt_failed(); cqrs_discard() drops it with a reason.",
-							 row->msg.id)));
-		}
-		else if (row->newly_paused)
-			ereport(WARNING,
-					(errcode(CQRS_ERRCODE_TOPIC_PAUSED),
-					 errmsg("cqrs_sync relay: topic \"%s\" is paused: %s",
-							row->msg.topic, describe_error(row)),
-					 errdetail("Its rows stay PENDING without spending their retry budget; the relay tries again with a growing pause of up to a minute."),
-					 errhint("Check that the topic exists and that the relay's Kafka principal may write to it.")));
-	}
-	if (nfail > 0)
-	{
-		cqrs_relay_note_failure(first_error, nfail);
-		ereport(LOG,
-				(errmsg("cqrs_sync relay: %d message(s) failed, first %s", nfail, first_error),
-				 errdetail("The rows stay PENDING and are tried again after a backoff; later rows of their keys wait.")));
-	}
+	pgstat_report_activity(STATE_IDLE, NULL);
+	txn_errors = 0;
 }
 
-/* Publish whether the relay holds a topic (cqrs_stats_relay.state). */
+/*
+ * Before producing: the claimed rows' commits must be durable (and on
+ * synchronous standbys where configured), and so must the recording of
+ * outcomes when the window would otherwise hold more than its size.
+ */
 static void
-publish_state(void)
+flush_before_producing(void)
 {
-	CqrsTopic  *paused = cqrs_topics_first_paused(GetCurrentTimestamp());
+	XLogRecPtr	flushed = GetFlushRecPtr(NULL);
+	XLogRecPtr	need = InvalidXLogRecPtr;
+	int			cap = Min(cqrs_batch_size, CQRS_MAX_WINDOW);
+	instr_time	t0;
 
-	if (paused)
+	if (unflushed_rows > 0 && unflushed_lsn <= flushed)
+		unflushed_rows = 0;
+	if (rows_lsn > flushed)
+		need = rows_lsn;
+	if (unflushed_rows > 0 && unflushed_rows + pipeline_inflight() > cap &&
+		unflushed_lsn > need)
+		need = unflushed_lsn;
+	if (XLogRecPtrIsInvalid(need))
+	{
+		rows_lsn = InvalidXLogRecPtr;
+		return;
+	}
+
+	INSTR_TIME_SET_CURRENT(t0);
+	XLogFlush(need);
+	if (!XLogRecPtrIsInvalid(rows_lsn))
+		SyncRepWaitForLSN(rows_lsn, false);
+	cqrs_relay_add_phase(CQRS_PHASE_FLUSH, elapsed_us(t0));
+	rows_lsn = InvalidXLogRecPtr;
+	if (unflushed_lsn <= need)
+		unflushed_rows = 0;
+}
+
+/* ---- state ------------------------------------------------------------------------------ */
+
+static void
+publish_state(TimestampTz now)
+{
+	CqrsTopic  *paused;
+	char		stalled[CQRS_STALLED_LEN];
+	int			nstalled = cqrs_topics_stalled_text(stalled, sizeof(stalled));
+
+	cqrs_relay_set_stalled(stalled);
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->window = pipeline_inflight();
+	SpinLockRelease(&cqrs_shared->mutex);
+
+	if (relay_producer == NULL && producer_error[0] != '\0')
+		cqrs_relay_set_state(CQRS_RELAY_NO_PRODUCER, NULL, producer_error);
+	else if (txn_errors > 0)
+		cqrs_relay_set_state(CQRS_RELAY_RECORDING_FAILED, NULL, txn_error);
+	else if (pipeline_broker_waiting(now))
+		cqrs_relay_set_state(CQRS_RELAY_WAITING_BROKER, NULL,
+							 "no delivery report for 5 s; messages wait for Kafka");
+	else if ((paused = cqrs_topics_first_paused(now)) != NULL)
 		cqrs_relay_set_state(CQRS_RELAY_PAUSED, paused->name, paused->pause_reason);
+	else if (nstalled > 0)
+		cqrs_relay_set_state(CQRS_RELAY_PARTITION_STALLED, NULL, stalled);
 	else
 		cqrs_relay_set_state(CQRS_RELAY_RUNNING, NULL, NULL);
 }
 
-static List *
-add_topic_name(List *names, const char *name)
-{
-	ListCell   *lc;
-
-	foreach(lc, names)
-		if (strcmp((char *) lfirst(lc), name) == 0)
-			return names;
-	return lappend(names, pstrdup(name));
-}
-
-/*
- * The dead-letter topics whose depth is watched: those the relay wrote to,
- * those of the outbox's DEAD_LETTERED rows, and the read side's
- * (cqrs_sync.read_side_dlt_topics).
- */
+/* Once a second: stalled partitions, the state, the longest wait figure. */
 static void
-refresh_dlt_depth(void)
+periodic_checks(TimestampTz now)
 {
-	List	   *topics = cqrs_topics_dlt_written();
-	char	   *list;
-	char	   *tok;
-	char	   *save;
-	int			ret;
+	char		alert[CQRS_TOPIC_NAMELEN + 16];
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	if (ensure_plans())
+	if (now < next_check_at)
+		return;
+	next_check_at = TimestampTzPlusMilliseconds(now, CHECK_MS);
+
+	if (pipeline_check_stalls(now, alert, sizeof(alert)) && alert[0] != '\0')
 	{
-		ret = SPI_execute_plan(dlt_topics_plan, NULL, NULL, true, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "cqrs_sync relay: could not list dead-letter topics: %s",
-				 SPI_result_code_string(ret));
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			char	   *name = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
-			MemoryContext old = MemoryContextSwitchTo(batch_ctx);
+		StringInfoData json;
 
-			topics = add_topic_name(topics, name);
-			MemoryContextSwitchTo(old);
-		}
+		ereport(WARNING,
+				(errcode(CQRS_ERRCODE_PARTITION_STALLED),
+				 errmsg("cqrs_sync relay: Kafka partition %s has acknowledged nothing for 5 s while others did", alert),
+				 errdetail("Rows whose key maps to that partition wait; other keys and topics keep flowing."),
+				 errhint("Check the partition's leader and in-sync replicas (min.insync.replicas) on the broker.")));
+		initStringInfo(&json);
+		appendStringInfoString(&json, "{\"alert\":\"partition_stalled\",\"partition\":");
+		escape_json(&json, alert);
+		appendStringInfoChar(&json, '}');
+		record_queue_alert(json.data);
+		pfree(json.data);
 	}
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-
-	list = pstrdup(cqrs_read_side_dlt_topics ? cqrs_read_side_dlt_topics : "");
-	for (tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save))
-		topics = add_topic_name(topics, tok);
-	cqrs_dlt_depth_refresh(producer, topics);
+	if (now >= max_reset_at)
+	{
+		SpinLockAcquire(&cqrs_shared->mutex);
+		cqrs_shared->ack_wait_max_us = 0;
+		SpinLockRelease(&cqrs_shared->mutex);
+		max_reset_at = TimestampTzPlusMilliseconds(now, 60000);
+	}
+	publish_state(now);
 }
 
-/*
- * One batch.  Returns true when more work is ready at once.
- */
-static bool
-relay_batch(void)
-{
-	RelayRow   *rows;
-	uint64		nrows;
-	bool		ext_missing;
-	bool		full;
+/* ---- the loop ------------------------------------------------------------------------------ */
 
-	MemoryContextReset(batch_ctx);
-	rows = claim_batch(&nrows, &ext_missing);
-	if (ext_missing)
-	{
-		static bool said = false;
-
-		if (!said)
-			ereport(LOG,
-					(errmsg("cqrs_sync relay: extension \"cqrs_sync\" does not exist in database \"%s\", waiting",
-							cqrs_database),
-					 errhint("Run CREATE EXTENSION cqrs_sync in database \"%s\".", cqrs_database)));
-		said = true;
-		return false;
-	}
-
-	if (nrows > 0)
-	{
-		MemoryContext old = MemoryContextSwitchTo(batch_ctx);
-
-		apply_topic_limits(rows, nrows);
-		if (produce_rows(rows, nrows) > 0)
-		{
-			TimestampTz acked_at;
-
-			await_delivery(rows, nrows);
-			acked_at = GetCurrentTimestamp();
-			classify_outcomes(rows, nrows);
-			if (producer != NULL)
-				dead_letter(rows, nrows);
-			else
-			{
-				/* the producer is gone (fatal, reload): no DLT attempt now */
-				for (uint64 i = 0; i < nrows; i++)
-					if (rows[i].fate == ROW_TO_DLT)
-						rows[i].fate = ROW_FAILED;
-			}
-			record_outcome(rows, nrows, acked_at);
-		}
-		MemoryContextSwitchTo(old);
-		publish_state();
-	}
-
-	full = (nrows == (uint64) cqrs_batch_size);
-	if (full)
-	{
-		round_after = rows[nrows - 1].msg.id;
-		return true;
-	}
-	start_round();
-	return false;
-}
-
+/* One turn of the loop.  Returns how long it may sleep (ms; 0: go on at once). */
 static long
-sleep_ms(void)
+relay_turn(void)
 {
-	long		ms = cqrs_poll_interval_ms;
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz next_wake;
+	int			room;
+	bool		want_claim;
+	bool		want_record;
+	long		sleep_ms;
 
-	if (cqrs_dlt_depth_interval_ms > 0)
-		ms = Min(ms, cqrs_dlt_depth_interval_ms);
-
-	if (round_wake_at != 0)
+	if (extension_changed)
 	{
-		long		secs;
-		int			usecs;
-
-		TimestampDifference(GetCurrentTimestamp(), round_wake_at, &secs, &usecs);
-		ms = Min(ms, secs * 1000 + usecs / 1000 + 1);
+		/* nothing in flight belongs to the extension now in place */
+		ereport(LOG,
+				(errmsg("cqrs_sync relay: extension \"cqrs_sync\" was dropped or created again; starting over")));
+		destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
+		pipeline_reset();
+		order_reset();
+		extension_changed = false;
+		plans_valid = false;
 	}
-	return ms;
+
+	create_producer(now);
+	serve_kafka();
+	adjust_batch_size();
+
+	next_wake = pipeline_timers(now);
+	periodic_checks(now);
+
+	/* a failed transaction is tried again after a pause */
+	if (txn_errors > 0 && now < retry_txn_at)
+		return Max(1, (retry_txn_at - now) / 1000);
+
+	/* unflushed recordings are flushed before producing, if they must be */
+	room = pipeline_room();
+	want_claim = relay_producer != NULL &&
+		wanted_batch_bytes == relay_producer_batch_bytes &&
+		room > 0 &&
+		(wake_claim || pipeline_more_ready() ||
+		 order_revisit_pending(pipeline_cursor()) || now >= next_poll_at);
+	want_record = pipeline_has_reports() || record_alerts_queued();
+
+	if (want_claim || want_record || (extension_missing && now >= next_poll_at))
+	{
+		if (want_claim || extension_missing)
+		{
+			wake_claim = false;
+			next_poll_at = TimestampTzPlusMilliseconds(now, cqrs_poll_interval_ms);
+		}
+		relay_transaction(want_claim ? room : 0, now);
+		if (extension_missing)
+		{
+			static bool said = false;
+
+			if (!said)
+				ereport(LOG,
+						(errmsg("cqrs_sync relay: extension \"cqrs_sync\" does not exist in database \"%s\", waiting",
+								cqrs_database),
+						 errhint("Run CREATE EXTENSION cqrs_sync in database \"%s\".", cqrs_database)));
+			said = true;
+		}
+	}
+
+	if (pipeline_has_claimed() && relay_producer != NULL)
+	{
+		flush_before_producing();
+		pipeline_produce_claimed();
+		pipeline_serve_reports();	/* those that failed before producing */
+	}
+
+	/* more to do at once? */
+	if (pipeline_has_reports() ||
+		(relay_producer != NULL && pipeline_room() > 0 &&
+		 (pipeline_more_ready() || order_revisit_pending(pipeline_cursor()))))
+		return 0;
+
+	sleep_ms = Max(1, (next_poll_at - now) / 1000);
+	sleep_ms = Min(sleep_ms, CHECK_MS);
+	if (next_wake != 0)
+		sleep_ms = Min(sleep_ms, Max(1, (next_wake - now) / 1000 + 1));
+	if (relay_producer == NULL && producer_retry_at != 0)
+		sleep_ms = Min(sleep_ms, Max(1, (producer_retry_at - now) / 1000 + 1));
+	return sleep_ms;
+}
+
+/* Wait for the latch, librdkafka's pipe, or the timeout. */
+static void
+relay_wait(long timeout_ms)
+{
+	WaitEvent	events[3];
+	int			n;
+
+	n = WaitEventSetWait(wait_set, timeout_ms, events, lengthof(events),
+						 PG_WAIT_EXTENSION);
+	for (int i = 0; i < n; i++)
+		if (events[i].events & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			wake_claim = true;
+		}
+}
+
+/* SIGTERM: record what came back within a second, then go. */
+static void
+relay_shutdown(void)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   SHUTDOWN_FLUSH_MS);
+
+	while (relay_producer != NULL && !pipeline_idle() &&
+		   !pipeline_broker_waiting(GetCurrentTimestamp()) &&
+		   GetCurrentTimestamp() < deadline)
+	{
+		relay_wait(50);
+		serve_kafka();
+		if (pipeline_has_claimed())
+			break;
+	}
+	destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
+	if (!extension_missing && (pipeline_has_reports() || record_alerts_queued()))
+		relay_transaction(0, GetCurrentTimestamp());
+	if (unflushed_rows > 0)
+		XLogFlush(unflushed_lsn);
+	ereport(LOG, (errmsg("cqrs_sync relay shutting down")));
 }
 
 void
 cqrs_relay_main(Datum main_arg)
 {
-	TimestampTz last_depth_at = 0;
+	sigjmp_buf	local_sigjmp_buf;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
+	pin_settings();
 
-	batch_ctx = AllocSetContextCreate(TopMemoryContext, "cqrs_sync relay batch",
-									  ALLOCSET_DEFAULT_SIZES);
-	round_ctx = AllocSetContextCreate(TopMemoryContext, "cqrs_sync relay round",
-									  ALLOCSET_DEFAULT_SIZES);
-	inflight = MemoryContextAlloc(TopMemoryContext,
-								  sizeof(CqrsInflight) * cqrs_shared->nslots);
-	start_round();
+	order_init(cqrs_shared->nslots);
+	pipeline_init();
+	CacheRegisterRelcacheCallback(relay_relcache_callback, (Datum) 0);
 
 	cqrs_shared->relay_pid = MyProcPid;
 	cqrs_shared->relay_latch = MyLatch;
@@ -1203,69 +676,61 @@ cqrs_relay_main(Datum main_arg)
 			(errmsg("cqrs_sync relay started in database \"%s\", brokers \"%s\"",
 					cqrs_database, cqrs_brokers)));
 
+	(void) create_producer(GetCurrentTimestamp());
+	wait_set = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, cqrs_kafka_event_fd(), NULL, NULL);
+
+	/*
+	 * An error in the relay's transaction (a lock timeout, a full disk, a
+	 * dropped table) comes back here: roll back, keep everything in memory,
+	 * and try again after a pause.  Nothing is produced again.
+	 */
+	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
+	{
+		ErrorData  *edata;
+
+		error_context_stack = NULL;
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(TopMemoryContext);
+		edata = CopyErrorData();
+		EmitErrorReport();
+		AbortCurrentTransaction();
+		FlushErrorState();
+		pipeline_claim_abort();
+		plans_valid = false;
+		strlcpy(txn_error, edata->message ? edata->message : "error", sizeof(txn_error));
+		FreeErrorData(edata);
+		cqrs_relay_note_failure(txn_error, 0);
+		txn_errors++;
+		retry_txn_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+												   Min(30000, 500 << Min(txn_errors, 6)));
+		publish_state(GetCurrentTimestamp());
+		RESUME_INTERRUPTS();
+	}
+	PG_exception_stack = &local_sigjmp_buf;
+
 	while (!ShutdownRequestPending)
 	{
-		bool		more = false;
+		long		sleep_ms;
 
-		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
-
 		if (ConfigReloadPending)
+			reload_settings();
+
+		sleep_ms = relay_turn();
+		if (ShutdownRequestPending)
+			break;
+		if (sleep_ms > 0)
+			relay_wait(sleep_ms);
+		else
 		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			if (producer && cqrs_kafka_config_changed())
-			{
-				ereport(LOG,
-						(errmsg("cqrs_sync relay: Kafka settings changed, re-creating the producer")));
-				cqrs_kafka_destroy(producer, SHUTDOWN_FLUSH_MS);
-				producer = NULL;
-				forget_kafka_state();
-			}
-		}
-
-		if (producer == NULL)
-		{
-			char		errbuf[1024];
-
-			producer = cqrs_kafka_create(producer_batch_bytes, errbuf, sizeof(errbuf));
-			if (producer == NULL)
-			{
-				ereport(WARNING,
-						(errcode(ERRCODE_CONFIG_FILE_ERROR),
-						 errmsg("cqrs_sync relay: %s", errbuf),
-						 errhint("Fix cqrs_sync.brokers or cqrs_sync.kafka_config_file and reload the configuration.")));
-				cqrs_relay_note_failure(errbuf, 0);
-				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-								 5000L, PG_WAIT_EXTENSION);
-				continue;
-			}
-		}
-
-		more = relay_batch();
-
-		if (cqrs_dlt_depth_interval_ms > 0 && producer != NULL &&
-			TimestampDifferenceExceeds(last_depth_at, GetCurrentTimestamp(),
-									   cqrs_dlt_depth_interval_ms))
-		{
-			MemoryContext old = MemoryContextSwitchTo(batch_ctx);
-
-			refresh_dlt_depth();
-			MemoryContextSwitchTo(old);
-			last_depth_at = GetCurrentTimestamp();
-		}
-
-		if (!more)
-		{
-			pgstat_report_activity(STATE_IDLE, NULL);
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 sleep_ms(), PG_WAIT_EXTENSION);
+			/* busy: still notice the latch without sleeping */
+			relay_wait(0);
 		}
 	}
 
-	/* SIGTERM: what is in flight was flushed by await_delivery */
-	cqrs_kafka_destroy(producer, SHUTDOWN_FLUSH_MS);
-	producer = NULL;
-	ereport(LOG, (errmsg("cqrs_sync relay shutting down")));
+	relay_shutdown();
 	proc_exit(1);
 }

@@ -7,17 +7,29 @@
  * cannot see: outbox ids are taken at insert, not at commit, so a row with
  * a higher id of some key can become visible while a lower id of the same
  * key is still uncommitted.  Every backend that enqueues publishes in its
- * slot, before it takes an id, a filter of its keys' hashes; after it took
- * its first id, that id.  The slot is cleared when the transaction ends.
+ * slot, before it takes an id, its keys' hashes; after it took its first id,
+ * that id.  The slot is cleared when the transaction ends, after its commit
+ * became visible.
  *
  * The relay reads the outbox sequence's high-water mark first, then the
- * slots, then scans visible rows up to that mark.  Any row r it sees was
- * given its id before the mark was read; a transaction holding a lower id
- * of the same key took that id earlier still, so it had registered before
- * the relay read the slots and is either visible in the scan (committed) or
- * shows in a slot.  The relay holds exactly the keys of such slots for ids
- * above the slot's lowest id.  A long transaction delays only its own keys
- * (and, through filter collisions, rarely a few others).
+ * slots, then scans visible rows up to that mark with a snapshot taken after
+ * the slots were read.  Any row r it sees was given its id before the mark
+ * was read; a transaction holding a lower id of the same key took that id
+ * earlier still, so it had registered before the relay read the slots and is
+ * either visible in the scan (committed) or shows in a slot.  The relay holds
+ * exactly the keys of such slots for ids above the slot's lowest id, and
+ * remembers every slot it saw (slot, generation) so that, when that
+ * transaction ends, it goes back to the transaction's lowest id (see
+ * relay_order.c).  A long or wide transaction delays its own keys: the first
+ * CQRS_SLOT_EXACT keys are kept exactly, more in a Bloom filter large enough
+ * that 10,000 keys hold a foreign key with a probability of about 0.5%.
+ *
+ * A backend that discards an outbox row registers the row's key and id the
+ * same way, and then checks the ids the relay has in flight; the relay, after
+ * publishing the ids it is about to produce, checks for discards registered
+ * since its scan (a Dekker-style handshake: each side writes, then reads the
+ * other's).  So either the relay holds the row, or the discard sees that the
+ * row is in flight and refuses.
  *
  *-------------------------------------------------------------------------
  */
@@ -36,8 +48,10 @@ CqrsShared *cqrs_shared = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
-/* Does this backend's slot hold an enqueue of the current transaction? */
+/* This backend's registration in the current transaction. */
 static bool my_slot_active = false;
+static bool my_slot_overflowed = false;
+static bool my_slot_discarding = false;
 
 static Size
 cqrs_shmem_size(void)
@@ -52,7 +66,7 @@ cqrs_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(cqrs_shmem_size());
-	RequestNamedLWLockTranche("cqrs_sync", 1);
+	RequestNamedLWLockTranche("cqrs_sync", 2);
 }
 
 static void
@@ -67,31 +81,41 @@ cqrs_shmem_startup(void)
 	cqrs_shared = ShmemInitStruct("cqrs_sync", cqrs_shmem_size(), &found);
 	if (!found)
 	{
+		LWLockPadded *locks = GetNamedLWLockTranche("cqrs_sync");
+
+		memset(cqrs_shared, 0, cqrs_shmem_size());
 		cqrs_shared->relay_latch = NULL;
 		cqrs_shared->relay_pid = 0;
+		pg_atomic_init_u32(&cqrs_shared->rescan, 0);
 		pg_atomic_init_u64(&cqrs_shared->events_sent, 0);
 		pg_atomic_init_u64(&cqrs_shared->events_failed, 0);
 		pg_atomic_init_u64(&cqrs_shared->batches, 0);
 		pg_atomic_init_u64(&cqrs_shared->producer_restarts, 0);
 		pg_atomic_init_u64(&cqrs_shared->dead_lettered, 0);
 		pg_atomic_init_u64(&cqrs_shared->dlt_failed, 0);
+		pg_atomic_init_u64(&cqrs_shared->transactions, 0);
+		for (int p = 0; p < CQRS_NPHASES; p++)
+			pg_atomic_init_u64(&cqrs_shared->phase_us[p], 0);
+		pg_atomic_init_u64(&cqrs_shared->acks, 0);
+		pg_atomic_init_u64(&cqrs_shared->ack_wait_us, 0);
 		SpinLockInit(&cqrs_shared->mutex);
-		cqrs_shared->last_success_at = 0;
-		cqrs_shared->last_error_at = 0;
-		cqrs_shared->last_error[0] = '\0';
 		cqrs_shared->relay_state = CQRS_RELAY_RUNNING;
-		cqrs_shared->paused_topic[0] = '\0';
-		cqrs_shared->paused_reason[0] = '\0';
-		cqrs_shared->dlt_lock = &(GetNamedLWLockTranche("cqrs_sync"))->lock;
-		cqrs_shared->ndlt = 0;
+		cqrs_shared->dlt_lock = &locks[0].lock;
+		cqrs_shared->inflight_lock = &locks[1].lock;
+		pg_atomic_init_u32(&cqrs_shared->ndiscarding, 0);
 		cqrs_shared->nslots = MaxBackends;
 		for (int i = 0; i < MaxBackends; i++)
 		{
 			CqrsInflightSlot *slot = &cqrs_shared->slots[i];
 
+			pg_atomic_init_u64(&slot->gen, 0);
 			pg_atomic_init_u64(&slot->min_id, CQRS_SLOT_IDLE);
-			for (int w = 0; w < CQRS_KEYFILTER_WORDS; w++)
-				pg_atomic_init_u64(&slot->filter[w], 0);
+			pg_atomic_init_u32(&slot->nkeys, 0);
+			pg_atomic_init_u32(&slot->discarding, 0);
+			for (int k = 0; k < CQRS_SLOT_EXACT; k++)
+				pg_atomic_init_u64(&slot->keys[k], 0);
+			for (int w = 0; w < CQRS_BLOOM_WORDS; w++)
+				pg_atomic_init_u64(&slot->bloom[w], 0);
 		}
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -127,12 +151,68 @@ my_slot(void)
 	return &cqrs_shared->slots[MyBackendId - 1];
 }
 
-/* Two filter bits per key, from both halves of the hash. */
-static inline void
-filter_bits(uint64 keyhash, int *b1, int *b2)
+/* The Bloom filter bit of a key hash for hash function i. */
+static inline uint32
+bloom_bit(uint64 keyhash, int i)
 {
-	*b1 = (int) (keyhash % CQRS_KEYFILTER_BITS);
-	*b2 = (int) ((keyhash >> 32) % CQRS_KEYFILTER_BITS);
+	/* double hashing from both halves of the (good) 64-bit hash */
+	uint32		h1 = (uint32) keyhash;
+	uint32		h2 = (uint32) (keyhash >> 32) | 1;
+
+	return (h1 + (uint32) i * h2) % CQRS_BLOOM_BITS;
+}
+
+static void
+bloom_add(CqrsInflightSlot *slot, uint64 keyhash)
+{
+	for (int i = 0; i < CQRS_BLOOM_HASHES; i++)
+	{
+		uint32		bit = bloom_bit(keyhash, i);
+
+		pg_atomic_fetch_or_u64(&slot->bloom[bit / 64], UINT64CONST(1) << (bit % 64));
+	}
+}
+
+/* Start this transaction's registration, if not done yet. */
+static void
+register_xact(CqrsInflightSlot *slot)
+{
+	if (my_slot_active)
+		return;
+	pg_atomic_fetch_add_u64(&slot->gen, 1);
+	pg_atomic_write_u32(&slot->nkeys, 0);
+	pg_atomic_write_u64(&slot->min_id, CQRS_SLOT_REGISTERING);
+	my_slot_active = true;
+	my_slot_overflowed = false;
+}
+
+static void
+add_key(CqrsInflightSlot *slot, uint64 keyhash)
+{
+	uint32		n = pg_atomic_read_u32(&slot->nkeys);
+
+	if (n == CQRS_SLOT_OVERFLOW)
+	{
+		bloom_add(slot, keyhash);
+		return;
+	}
+	for (uint32 k = 0; k < n; k++)
+		if (pg_atomic_read_u64(&slot->keys[k]) == keyhash)
+			return;
+	if (n < CQRS_SLOT_EXACT)
+	{
+		pg_atomic_write_u64(&slot->keys[n], keyhash);
+		pg_write_barrier();
+		pg_atomic_write_u32(&slot->nkeys, n + 1);
+		return;
+	}
+	/* too many keys to list: every key so far into the filter, then switch */
+	for (uint32 k = 0; k < n; k++)
+		bloom_add(slot, pg_atomic_read_u64(&slot->keys[k]));
+	bloom_add(slot, keyhash);
+	pg_write_barrier();
+	pg_atomic_write_u32(&slot->nkeys, CQRS_SLOT_OVERFLOW);
+	my_slot_overflowed = true;
 }
 
 /*
@@ -143,21 +223,12 @@ void
 cqrs_inflight_add_key(uint64 keyhash)
 {
 	CqrsInflightSlot *slot = my_slot();
-	int			b1,
-				b2;
 
 	if (slot == NULL)
 		return;
-
-	filter_bits(keyhash, &b1, &b2);
-	pg_atomic_fetch_or_u64(&slot->filter[b1 / 64], UINT64CONST(1) << (b1 % 64));
-	pg_atomic_fetch_or_u64(&slot->filter[b2 / 64], UINT64CONST(1) << (b2 % 64));
-	if (!my_slot_active)
-	{
-		pg_atomic_write_u64(&slot->min_id, CQRS_SLOT_REGISTERING);
-		my_slot_active = true;
-	}
-	/* the filter and the slot state must be visible before the id is taken */
+	register_xact(slot);
+	add_key(slot, keyhash);
+	/* the keys and the slot state must be visible before the id is taken */
 	pg_memory_barrier();
 }
 
@@ -173,6 +244,34 @@ cqrs_inflight_set_min(int64 id)
 		pg_atomic_write_u64(&slot->min_id, (uint64) id);
 }
 
+/*
+ * This transaction discards outbox row id of a key with this hash: the relay
+ * must not produce that row (nor later rows of its key) while it may still
+ * commit.  The caller checks cqrs_inflight_ids_contains(id) afterwards.
+ */
+void
+cqrs_inflight_register_discard(uint64 keyhash, int64 id)
+{
+	CqrsInflightSlot *slot = my_slot();
+	uint64		cur;
+
+	if (slot == NULL)
+		return;
+	register_xact(slot);
+	add_key(slot, keyhash);
+	cur = pg_atomic_read_u64(&slot->min_id);
+	if (cur == CQRS_SLOT_REGISTERING || (uint64) id < cur)
+		pg_atomic_write_u64(&slot->min_id, (uint64) id);
+	if (!my_slot_discarding)
+	{
+		pg_atomic_write_u32(&slot->discarding, 1);
+		pg_atomic_fetch_add_u32(&cqrs_shared->ndiscarding, 1);
+		my_slot_discarding = true;
+	}
+	/* registered before the discard reads the relay's ids in flight */
+	pg_memory_barrier();
+}
+
 /* Transaction end: the transaction is visible (or gone) now. */
 void
 cqrs_inflight_clear(void)
@@ -183,14 +282,24 @@ cqrs_inflight_clear(void)
 		return;
 	pg_atomic_write_u64(&slot->min_id, CQRS_SLOT_IDLE);
 	pg_write_barrier();
-	for (int w = 0; w < CQRS_KEYFILTER_WORDS; w++)
-		pg_atomic_write_u64(&slot->filter[w], 0);
+	pg_atomic_write_u32(&slot->nkeys, 0);
+	if (my_slot_overflowed)
+		for (int w = 0; w < CQRS_BLOOM_WORDS; w++)
+			pg_atomic_write_u64(&slot->bloom[w], 0);
+	if (my_slot_discarding)
+	{
+		pg_atomic_write_u32(&slot->discarding, 0);
+		pg_atomic_fetch_sub_u32(&cqrs_shared->ndiscarding, 1);
+	}
 	my_slot_active = false;
+	my_slot_overflowed = false;
+	my_slot_discarding = false;
 }
 
 /*
- * Copy the active slots.  The caller must have read the sequence's
- * high-water mark before calling this.
+ * Copy the active slots into out[] (at most max).  out[i].bloom must point
+ * to CQRS_BLOOM_WORDS words of the caller's memory.  The caller must have
+ * read the sequence's high-water mark before calling this.
  */
 int
 cqrs_inflight_snapshot(CqrsInflight *out, int max)
@@ -204,37 +313,200 @@ cqrs_inflight_snapshot(CqrsInflight *out, int max)
 	for (int i = 0; i < cqrs_shared->nslots && n < max; i++)
 	{
 		CqrsInflightSlot *slot = &cqrs_shared->slots[i];
+		CqrsInflight *o = &out[n];
 		uint64		min_id = pg_atomic_read_u64(&slot->min_id);
+		uint32		nkeys;
 
 		if (min_id == CQRS_SLOT_IDLE)
 			continue;
 		pg_read_barrier();
-		out[n].min_id = (min_id == CQRS_SLOT_REGISTERING) ? 0 : min_id;
-		for (int w = 0; w < CQRS_KEYFILTER_WORDS; w++)
-			out[n].filter[w] = pg_atomic_read_u64(&slot->filter[w]);
+		o->slot = i;
+		o->gen = pg_atomic_read_u64(&slot->gen);
+		o->min_id = (min_id == CQRS_SLOT_REGISTERING) ? 0 : min_id;
+		nkeys = pg_atomic_read_u32(&slot->nkeys);
+		pg_read_barrier();
+		if (nkeys == CQRS_SLOT_OVERFLOW)
+		{
+			o->nkeys = CQRS_SLOT_OVERFLOW;
+			for (int w = 0; w < CQRS_BLOOM_WORDS; w++)
+				o->bloom[w] = pg_atomic_read_u64(&slot->bloom[w]);
+		}
+		else
+		{
+			o->nkeys = (int) Min(nkeys, CQRS_SLOT_EXACT);
+			for (int k = 0; k < o->nkeys; k++)
+				o->keys[k] = pg_atomic_read_u64(&slot->keys[k]);
+		}
+
+		/*
+		 * A slot that went idle while being read belonged to a transaction
+		 * whose commit is visible now: dropping it is safe.  One that was
+		 * re-registered meanwhile holds a mix of two transactions' keys: it
+		 * is kept, which can only hold more than needed.
+		 */
+		pg_read_barrier();
+		if (pg_atomic_read_u64(&slot->min_id) == CQRS_SLOT_IDLE)
+			continue;
 		n++;
 	}
 	return n;
 }
 
-/* Must the row (id, key) wait for a transaction still in flight? */
+/* Does a copied slot hold this key? */
 bool
-cqrs_inflight_holds(const CqrsInflight *snap, int n, int64 id, uint64 keyhash)
+cqrs_inflight_slot_has_key(const CqrsInflight *slot, uint64 keyhash)
 {
-	int			b1,
-				b2;
+	if (slot->nkeys == CQRS_SLOT_OVERFLOW)
+	{
+		for (int i = 0; i < CQRS_BLOOM_HASHES; i++)
+		{
+			uint32		bit = bloom_bit(keyhash, i);
 
-	filter_bits(keyhash, &b1, &b2);
+			if ((slot->bloom[bit / 64] & (UINT64CONST(1) << (bit % 64))) == 0)
+				return false;
+		}
+		return true;
+	}
+	for (int k = 0; k < slot->nkeys; k++)
+		if (slot->keys[k] == keyhash)
+			return true;
+	return false;
+}
+
+/* Is the transaction that registered as (slot, gen) still in progress? */
+bool
+cqrs_inflight_slot_alive(int slot, uint64 gen)
+{
+	CqrsInflightSlot *s = &cqrs_shared->slots[slot];
+
+	if (pg_atomic_read_u64(&s->min_id) == CQRS_SLOT_IDLE)
+		return false;
+	pg_read_barrier();
+	return pg_atomic_read_u64(&s->gen) == gen;
+}
+
+/* ---- ids in flight ------------------------------------------------------- */
+
+static inline uint32
+id_home(int64 id)
+{
+	/* the finalizer of splitmix64: consecutive ids spread over the table */
+	uint64		h = (uint64) id;
+
+	h = (h ^ (h >> 30)) * UINT64CONST(0xbf58476d1ce4e5b9);
+	h = (h ^ (h >> 27)) * UINT64CONST(0x94d049bb133111eb);
+	h ^= h >> 31;
+	return (uint32) (h & (CQRS_INFLIGHT_IDS - 1));
+}
+
+/* Add ids (relay only).  Never more than CQRS_MAX_WINDOW are present. */
+void
+cqrs_inflight_ids_add(const int64 *ids, int n)
+{
+	int64	   *tab = cqrs_shared->inflight_ids;
+
+	LWLockAcquire(cqrs_shared->inflight_lock, LW_EXCLUSIVE);
 	for (int i = 0; i < n; i++)
 	{
-		if (snap[i].min_id != 0 && (int64) snap[i].min_id > id)
+		uint32		pos = id_home(ids[i]);
+
+		while (tab[pos] != 0 && tab[pos] != ids[i])
+			pos = (pos + 1) & (CQRS_INFLIGHT_IDS - 1);
+		tab[pos] = ids[i];
+	}
+	LWLockRelease(cqrs_shared->inflight_lock);
+}
+
+/* Remove ids (relay only), keeping every probe chain intact. */
+void
+cqrs_inflight_ids_remove(const int64 *ids, int n)
+{
+	int64	   *tab = cqrs_shared->inflight_ids;
+	const uint32 mask = CQRS_INFLIGHT_IDS - 1;
+
+	LWLockAcquire(cqrs_shared->inflight_lock, LW_EXCLUSIVE);
+	for (int i = 0; i < n; i++)
+	{
+		uint32		pos = id_home(ids[i]);
+		uint32		next;
+
+		while (tab[pos] != 0 && tab[pos] != ids[i])
+			pos = (pos + 1) & mask;
+		if (tab[pos] == 0)
 			continue;
-		if ((snap[i].filter[b1 / 64] & (UINT64CONST(1) << (b1 % 64))) &&
-			(snap[i].filter[b2 / 64] & (UINT64CONST(1) << (b2 % 64))))
+		/* backward-shift deletion */
+		for (;;)
+		{
+			tab[pos] = 0;
+			next = (pos + 1) & mask;
+			for (;;)
+			{
+				uint32		home;
+
+				if (tab[next] == 0)
+					goto removed;
+				home = id_home(tab[next]);
+				/* can the entry at next move to the hole at pos? */
+				if (((next - home) & mask) >= ((next - pos) & mask))
+					break;
+				next = (next + 1) & mask;
+			}
+			tab[pos] = tab[next];
+			pos = next;
+		}
+removed:
+		;
+	}
+	LWLockRelease(cqrs_shared->inflight_lock);
+}
+
+/* The relay starts with nothing in flight. */
+void
+cqrs_inflight_ids_reset(void)
+{
+	LWLockAcquire(cqrs_shared->inflight_lock, LW_EXCLUSIVE);
+	memset(cqrs_shared->inflight_ids, 0, sizeof(cqrs_shared->inflight_ids));
+	LWLockRelease(cqrs_shared->inflight_lock);
+}
+
+/* Lookup by the relay, the table's only writer: no lock needed. */
+bool
+cqrs_inflight_ids_contains_local(int64 id)
+{
+	int64	   *tab = cqrs_shared->inflight_ids;
+	uint32		pos = id_home(id);
+
+	while (tab[pos] != 0)
+	{
+		if (tab[pos] == id)
 			return true;
+		pos = (pos + 1) & (CQRS_INFLIGHT_IDS - 1);
 	}
 	return false;
 }
+
+bool
+cqrs_inflight_ids_contains(int64 id)
+{
+	int64	   *tab = cqrs_shared->inflight_ids;
+	uint32		pos = id_home(id);
+	bool		found = false;
+
+	LWLockAcquire(cqrs_shared->inflight_lock, LW_SHARED);
+	while (tab[pos] != 0)
+	{
+		if (tab[pos] == id)
+		{
+			found = true;
+			break;
+		}
+		pos = (pos + 1) & (CQRS_INFLIGHT_IDS - 1);
+	}
+	LWLockRelease(cqrs_shared->inflight_lock);
+	return found;
+}
+
+/* ---- the relay's latch, counters and state -------------------------------- */
 
 /* Wake the relay (at commit of a transaction that enqueued). */
 void
@@ -247,6 +519,19 @@ cqrs_wake_relay(void)
 	latch = cqrs_shared->relay_latch;
 	if (latch != NULL)
 		SetLatch(latch);
+}
+
+/*
+ * An operator made rows PENDING again (anywhere in the outbox): the relay
+ * rescans from the start at its next wake.
+ */
+void
+cqrs_request_rescan(void)
+{
+	if (cqrs_shared == NULL)
+		return;
+	pg_atomic_write_u32(&cqrs_shared->rescan, 1);
+	cqrs_wake_relay();
 }
 
 void
@@ -282,4 +567,20 @@ cqrs_relay_set_state(CqrsRelayState state, const char *topic, const char *reason
 	strlcpy(cqrs_shared->paused_topic, topic ? topic : "", CQRS_TOPIC_NAMELEN);
 	strlcpy(cqrs_shared->paused_reason, reason ? reason : "", CQRS_ERROR_LEN);
 	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/* The partitions whose keys the relay holds ("" when none). */
+void
+cqrs_relay_set_stalled(const char *text)
+{
+	SpinLockAcquire(&cqrs_shared->mutex);
+	strlcpy(cqrs_shared->stalled, text ? text : "", CQRS_STALLED_LEN);
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+void
+cqrs_relay_add_phase(CqrsRelayPhase phase, int64 us)
+{
+	if (us > 0)
+		pg_atomic_fetch_add_u64(&cqrs_shared->phase_us[phase], (uint64) us);
 }

@@ -2,8 +2,9 @@
  *
  * shmem.h
  *	  Shared memory of cqrs_sync: the in-flight enqueue registry that keeps
- *	  per-key order across out-of-order commits, the relay's latch, and the
- *	  relay's counters.
+ *	  per-key order across out-of-order commits, the ids the relay has in
+ *	  flight (so that cqrs_discard() never races a send), the relay's latch,
+ *	  counters, phase timers and state, and the dead-letter topic depths.
  *
  *-------------------------------------------------------------------------
  */
@@ -16,45 +17,77 @@
 #include "storage/spin.h"
 #include "utils/timestamp.h"
 
-/* Bits of the per-transaction key filter (a small Bloom filter). */
-#define CQRS_KEYFILTER_WORDS	8
-#define CQRS_KEYFILTER_BITS		(CQRS_KEYFILTER_WORDS * 64)
+/*
+ * Keys of one enqueuing transaction: the first CQRS_SLOT_EXACT distinct key
+ * hashes exactly; beyond that, a Bloom filter of CQRS_BLOOM_BITS bits and
+ * CQRS_BLOOM_HASHES hashes per key (10,000 keys hold a foreign key with a
+ * probability of about 0.5%).
+ */
+#define CQRS_SLOT_EXACT			16
+#define CQRS_BLOOM_WORDS		2048
+#define CQRS_BLOOM_BITS			(CQRS_BLOOM_WORDS * 64)
+#define CQRS_BLOOM_HASHES		4
 
 /* min_id of a slot: no enqueue in progress / enqueue taking its first id */
 #define CQRS_SLOT_IDLE			((uint64) 0)
 #define CQRS_SLOT_REGISTERING	PG_UINT64_MAX
 
+/* nkeys of a slot whose keys overflowed into the Bloom filter */
+#define CQRS_SLOT_OVERFLOW		(CQRS_SLOT_EXACT + 1)
+
 /*
- * One slot per backend.  A backend that enqueues publishes here, before it
- * takes an outbox id, the hashes of the keys its transaction writes and
- * (once known) the lowest id it took.  It clears the slot at commit/abort.
+ * One slot per backend.  A backend that enqueues (or discards an outbox row)
+ * publishes here, before it takes an outbox id, the hashes of its
+ * transaction's keys and, once known, the lowest id involved.  gen changes
+ * with every transaction that registers, so the relay can tell that a
+ * transaction it saw has ended.  The slot is cleared when the transaction
+ * ends (after its commit became visible).
  */
 typedef struct CqrsInflightSlot
 {
+	pg_atomic_uint64 gen;
 	pg_atomic_uint64 min_id;
-	pg_atomic_uint64 filter[CQRS_KEYFILTER_WORDS];
+	pg_atomic_uint32 nkeys;		/* exact keys, or CQRS_SLOT_OVERFLOW */
+	pg_atomic_uint32 discarding;	/* the transaction discards a row */
+	pg_atomic_uint64 keys[CQRS_SLOT_EXACT];
+	pg_atomic_uint64 bloom[CQRS_BLOOM_WORDS];
 } CqrsInflightSlot;
 
 /* What the relay copies out of an active slot. */
 typedef struct CqrsInflight
 {
+	int			slot;			/* index in CqrsShared.slots */
+	uint64		gen;
 	uint64		min_id;			/* 0 when not yet known: holds all ids */
-	uint64		filter[CQRS_KEYFILTER_WORDS];
+	int			nkeys;			/* exact keys, or CQRS_SLOT_OVERFLOW */
+	uint64		keys[CQRS_SLOT_EXACT];
+	uint64	   *bloom;			/* CQRS_BLOOM_WORDS words when overflowed */
 } CqrsInflight;
 
 #define CQRS_ERROR_LEN 512
 #define CQRS_TOPIC_NAMELEN 250		/* Kafka's 249 and a terminator */
 #define CQRS_DLT_MAX 256			/* DLT partitions whose depth is kept */
+#define CQRS_STALLED_LEN 512		/* text of the stalled partitions */
+
+/* The relay's window of rows in flight is at most this (batch_size's max). */
+#define CQRS_MAX_WINDOW			100000
+/* Slots of the shared table of ids in flight: a power of two > 2 x window. */
+#define CQRS_INFLIGHT_IDS		(1 << 18)
 
 /* What the relay is doing, for cqrs_stats_relay. */
 typedef enum CqrsRelayState
 {
 	CQRS_RELAY_RUNNING = 0,
 	CQRS_RELAY_PAUSED,			/* holding a topic after a configuration error */
-	CQRS_RELAY_WAITING_BROKER	/* a batch waits for an unreachable broker */
+	CQRS_RELAY_WAITING_BROKER,	/* nothing acknowledged for a while */
+	CQRS_RELAY_PARTITION_STALLED,	/* some partitions hold their keys */
+	CQRS_RELAY_RECORDING_FAILED,	/* outcomes cannot be written; retrying */
+	CQRS_RELAY_NO_PRODUCER		/* the producer cannot be created */
 } CqrsRelayState;
 
-/* Depth of one dead-letter topic partition, as the relay last saw it. */
+#define CQRS_RELAY_NSTATES 6
+
+/* Depth of one dead-letter topic partition, as last seen. */
 typedef struct CqrsDltPartition
 {
 	char		topic[CQRS_TOPIC_NAMELEN];
@@ -64,11 +97,24 @@ typedef struct CqrsDltPartition
 	TimestampTz checked_at;
 } CqrsDltPartition;
 
+/* Time the relay spent per phase, in microseconds (cqrs_stats_relay). */
+typedef enum CqrsRelayPhase
+{
+	CQRS_PHASE_RECORD = 0,		/* writing outcomes (SENT, retries, ...) */
+	CQRS_PHASE_CLAIM,			/* high-water mark, registry, scan, copy */
+	CQRS_PHASE_COMMIT,			/* committing the relay's transaction */
+	CQRS_PHASE_FLUSH,			/* WAL flushes before producing */
+	CQRS_PHASE_PRODUCE,			/* handing messages to librdkafka */
+	CQRS_PHASE_POLL,			/* serving delivery reports */
+	CQRS_NPHASES
+} CqrsRelayPhase;
+
 typedef struct CqrsShared
 {
 	/* relay worker */
 	Latch	   *relay_latch;	/* NULL when no relay is running */
 	pid_t		relay_pid;
+	pg_atomic_uint32 rescan;	/* an operator asks for a full rescan */
 
 	/* relay counters since server start */
 	pg_atomic_uint64 events_sent;
@@ -77,6 +123,10 @@ typedef struct CqrsShared
 	pg_atomic_uint64 producer_restarts;
 	pg_atomic_uint64 dead_lettered;
 	pg_atomic_uint64 dlt_failed;
+	pg_atomic_uint64 transactions;
+	pg_atomic_uint64 phase_us[CQRS_NPHASES];
+	pg_atomic_uint64 acks;		/* delivery reports served */
+	pg_atomic_uint64 ack_wait_us;	/* sum of produce -> report times */
 
 	slock_t		mutex;			/* protects the fields below */
 	TimestampTz last_success_at;
@@ -85,32 +135,59 @@ typedef struct CqrsShared
 	int			relay_state;	/* CqrsRelayState */
 	char		paused_topic[CQRS_TOPIC_NAMELEN];
 	char		paused_reason[CQRS_ERROR_LEN];
+	char		stalled[CQRS_STALLED_LEN];	/* "topic[p], ..." */
+	int64		ack_wait_max_us;	/* longest produce -> report in the last
+									 * minute */
+	int64		window;			/* rows in flight */
 
-	/* dead-letter topic depth, written by the relay */
+	/* dead-letter topic depth, written by the monitor worker */
 	LWLock	   *dlt_lock;
 	int			ndlt;
 	CqrsDltPartition dlt[CQRS_DLT_MAX];
+
+	/*
+	 * Ids the relay has handed (or is about to hand) to the producer and not
+	 * yet recorded: open addressing, linear probing, 0 = empty.  Written by
+	 * the relay only, under inflight_lock exclusive; read by cqrs_discard().
+	 */
+	LWLock	   *inflight_lock;
+	pg_atomic_uint32 ndiscarding;	/* slots with a discard registered */
+	int64		inflight_ids[CQRS_INFLIGHT_IDS];
 
 	int			nslots;
 	CqrsInflightSlot slots[FLEXIBLE_ARRAY_MEMBER];
 } CqrsShared;
 
-extern CqrsShared *cqrs_shared;
+extern PGDLLIMPORT CqrsShared *cqrs_shared;
 
 extern void cqrs_shmem_init(void);
 
+/* the in-flight registry: enqueuing (and discarding) backends */
 extern uint64 cqrs_key_hash(const char *key, int len);
 extern void cqrs_inflight_add_key(uint64 keyhash);
 extern void cqrs_inflight_set_min(int64 id);
+extern void cqrs_inflight_register_discard(uint64 keyhash, int64 id);
 extern void cqrs_inflight_clear(void);
+
+/* the in-flight registry: the relay */
 extern int	cqrs_inflight_snapshot(CqrsInflight *out, int max);
-extern bool cqrs_inflight_holds(const CqrsInflight *snap, int n,
-								int64 id, uint64 keyhash);
+extern bool cqrs_inflight_slot_has_key(const CqrsInflight *slot, uint64 keyhash);
+extern bool cqrs_inflight_slot_alive(int slot, uint64 gen);
+
+/* ids in flight, published by the relay */
+extern void cqrs_inflight_ids_add(const int64 *ids, int n);
+extern void cqrs_inflight_ids_remove(const int64 *ids, int n);
+extern void cqrs_inflight_ids_reset(void);
+extern bool cqrs_inflight_ids_contains(int64 id);
+extern bool cqrs_inflight_ids_contains_local(int64 id);
 
 extern void cqrs_wake_relay(void);
+extern void cqrs_request_rescan(void);
 extern void cqrs_relay_note_failure(const char *msg, uint64 nfailed);
 extern void cqrs_relay_note_success(uint64 nsent);
 extern void cqrs_relay_set_state(CqrsRelayState state, const char *topic,
 								 const char *reason);
+extern void cqrs_relay_set_stalled(const char *text);
+extern void cqrs_relay_add_phase(CqrsRelayPhase phase, int64 us);
 
 #endif							/* CQRS_SHMEM_H */

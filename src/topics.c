@@ -7,15 +7,21 @@
  * Limits: librdkafka never splits a record batch, and a broker rejects a
  * whole batch (every message in it, however small) with MSG_SIZE_TOO_LARGE
  * when the batch exceeds the topic's max.message.bytes.  The relay asks each
- * topic's limit with DescribeConfigs, keeps the producer's batch.size at or
- * below the smallest limit, and fails locally only a message that alone
- * exceeds its topic's limit, so a small message is never dead-lettered for
- * the size of its batch.
+ * topic's limit with DescribeConfigs, without waiting for the answer, asks
+ * again every LIMIT_TTL_MS and after every size error, and keeps the
+ * producer's batch.size at or below the smallest limit known (relay_worker.c
+ * re-creates the producer when that changes).  What it does when a limit is
+ * unknown is in relay_pipeline.c (a batch too large is shrunk, free).
  *
  * Pauses: a configuration or permission error (topic authorization, unknown
  * topic) is not the message's fault; the topic is held, with a pause that
  * doubles on each repeated failure up to a minute, and nothing is
- * dead-lettered.
+ * dead-lettered.  While a topic is paused the relay's scans skip its rows;
+ * resume_from remembers where the first skipped one may be.
+ *
+ * Partitions: the relay counts messages in flight per partition; one whose
+ * oldest message waits much longer than others are acknowledged is stalled
+ * (relay_pipeline.c), and its keys are held until it acknowledges again.
  *
  *-------------------------------------------------------------------------
  */
@@ -27,10 +33,13 @@
 #include "kafka.h"
 #include "topics.h"
 
-/* How long an unknown limit is trusted before asking again. */
-#define LIMIT_RECHECK_MS	10000
-/* DescribeConfigs timeout: short, a broker outage must not stall the relay. */
-#define DESCRIBE_TIMEOUT_MS	2000
+/* A known limit is trusted this long; an unknown one is asked again sooner. */
+#define LIMIT_TTL_MS		600000
+/* A new topic's rows wait this long at most for the first answer. */
+#define LIMIT_WAIT_MS		2000
+#define LIMIT_RETRY_MS		10000
+/* A limit that says a message is too large is asked again if older than this. */
+#define LIMIT_FRESH_MS		5000
 #define MAX_PAUSE_MS		60000
 
 static HTAB *topics = NULL;
@@ -57,73 +66,17 @@ cqrs_topic(const char *name)
 	topic = hash_search(topics, key, HASH_ENTER, &found);
 	if (!found)
 	{
+		memset(((char *) topic) + sizeof(topic->name), 0,
+			   sizeof(CqrsTopic) - sizeof(topic->name));
 		topic->limit = -1;
-		topic->limit_checked_at = 0;
-		topic->paused_until = 0;
-		topic->pause_ms = 0;
-		topic->pause_reason[0] = '\0';
-		topic->dlt_written = false;
+		topic->resume_from = PG_INT64_MAX;
+		pg_atomic_init_u32(&topic->partition_cnt, 0);
 	}
 	return topic;
 }
 
-/*
- * The topic's max.message.bytes, asking Kafka when it is not known yet (at
- * most every LIMIT_RECHECK_MS); -1 when Kafka did not say, e.g. because the
- * topic does not exist before its first message creates it.
- */
-int
-cqrs_topic_limit(rd_kafka_t *rk, CqrsTopic *topic)
-{
-	TimestampTz now;
-
-	if (topic->limit > 0)
-		return topic->limit;
-	now = GetCurrentTimestamp();
-	if (topic->limit_checked_at != 0 &&
-		!TimestampDifferenceExceeds(topic->limit_checked_at, now, LIMIT_RECHECK_MS))
-		return -1;
-	topic->limit_checked_at = now;
-	topic->limit = cqrs_kafka_topic_limit(rk, topic->name, DESCRIBE_TIMEOUT_MS);
-	return topic->limit;
-}
-
-/*
- * Ask again for a limit a message exceeds (an operator may have raised it
- * before retrying the message), at most once a second.
- */
-int
-cqrs_topic_refresh_limit(rd_kafka_t *rk, CqrsTopic *topic)
-{
-	TimestampTz now = GetCurrentTimestamp();
-
-	if (!TimestampDifferenceExceeds(topic->limit_checked_at, now, 1000))
-		return topic->limit;
-	topic->limit_checked_at = now;
-	topic->limit = cqrs_kafka_topic_limit(rk, topic->name, DESCRIBE_TIMEOUT_MS);
-	return topic->limit;
-}
-
-/* The smallest limit known, or -1. */
-int
-cqrs_topics_min_limit(void)
-{
-	HASH_SEQ_STATUS seq;
-	CqrsTopic  *topic;
-	int			min = -1;
-
-	if (topics == NULL)
-		return -1;
-	hash_seq_init(&seq, topics);
-	while ((topic = hash_seq_search(&seq)) != NULL)
-		if (topic->limit > 0 && (min < 0 || topic->limit < min))
-			min = topic->limit;
-	return min;
-}
-
-/* Forget what was learned (the Kafka settings changed). */
 void
-cqrs_topics_forget_limits(void)
+cqrs_topics_visit(CqrsTopicVisitor visitor, void *arg)
 {
 	HASH_SEQ_STATUS seq;
 	CqrsTopic  *topic;
@@ -132,16 +85,141 @@ cqrs_topics_forget_limits(void)
 		return;
 	hash_seq_init(&seq, topics);
 	while ((topic = hash_seq_search(&seq)) != NULL)
-	{
-		topic->limit = -1;
-		topic->limit_checked_at = 0;
-	}
+		visitor(topic, arg);
 }
 
+/* The topic's handle for this producer (created once). */
+rd_kafka_topic_t *
+cqrs_topic_handle(rd_kafka_t *rk, CqrsTopic *topic)
+{
+	if (topic->rkt == NULL)
+		topic->rkt = rd_kafka_topic_new(rk, topic->name, NULL);
+	return topic->rkt;
+}
+
+static void
+forget_producer(CqrsTopic *topic, void *arg)
+{
+	if (topic->rkt)
+		rd_kafka_topic_destroy(topic->rkt);
+	topic->rkt = NULL;
+	topic->limit_pending = false;	/* its answer went with the producer */
+}
+
+/* The producer is about to be destroyed: drop what belongs to it. */
+void
+cqrs_topics_forget_producer(void)
+{
+	cqrs_topics_visit(forget_producer, NULL);
+}
+
+/* ---- limits ---------------------------------------------------------------- */
+
+/*
+ * Ask for the topic's limit when it was never asked, when the known limit is
+ * older than LIMIT_TTL_MS, when an unknown one was asked more than
+ * LIMIT_RETRY_MS ago, or (now) at once after a size error.
+ */
+void
+cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
+{
+	TimestampTz t = GetCurrentTimestamp();
+
+	if (topic->limit_pending || rk == NULL)
+		return;
+	if (!now && topic->limit_asked_at != 0 &&
+		!TimestampDifferenceExceeds(topic->limit_asked_at, t,
+									topic->limit > 0 ? LIMIT_TTL_MS : LIMIT_RETRY_MS))
+		return;
+	/* the first time: its rows wait for the answer, briefly */
+	if (topic->limit_asked_at == 0)
+		topic->limit_wait_until = TimestampTzPlusMilliseconds(t, LIMIT_WAIT_MS);
+	topic->limit_asked_at = t;
+	topic->limit_pending = true;
+	cqrs_kafka_request_limit(rk, topic->name);
+}
+
+/*
+ * An answer arrived (-1: Kafka did not say; the last known limit stays).
+ * Returns the lowest id of the rows that waited for it (PG_INT64_MAX: none).
+ */
+int64
+cqrs_topic_learn_limit(const char *name, int limit)
+{
+	CqrsTopic  *topic = cqrs_topic(name);
+	int64		resume = PG_INT64_MAX;
+
+	topic->limit_pending = false;
+	topic->limit_learned_at = GetCurrentTimestamp();
+	if (limit > 0)
+		topic->limit = limit;
+	if (topic->limit_wait_until != 0)
+	{
+		topic->limit_wait_until = 0;
+		if (topic->paused_until == 0)
+		{
+			resume = topic->resume_from;
+			topic->resume_from = PG_INT64_MAX;
+		}
+	}
+	return resume;
+}
+
+/*
+ * Was the limit learned within the last few seconds?  A message is charged
+ * for exceeding it only then: an operator may have raised it meanwhile.
+ */
+bool
+cqrs_topic_limit_fresh(CqrsTopic *topic)
+{
+	return topic->limit_learned_at != 0 &&
+		!TimestampDifferenceExceeds(topic->limit_learned_at, GetCurrentTimestamp(),
+									LIMIT_FRESH_MS);
+}
+
+/* The smallest limit known, or -1. */
+static void
+min_limit(CqrsTopic *topic, void *arg)
+{
+	int		   *min = arg;
+
+	if (topic->limit > 0 && (*min < 0 || topic->limit < *min))
+		*min = topic->limit;
+}
+
+int
+cqrs_topics_min_limit(void)
+{
+	int			min = -1;
+
+	cqrs_topics_visit(min_limit, &min);
+	return min;
+}
+
+static void
+forget_limit(CqrsTopic *topic, void *arg)
+{
+	topic->limit = -1;
+	topic->limit_asked_at = 0;
+	topic->limit_learned_at = 0;
+	topic->limit_pending = false;
+}
+
+/* Forget what was learned (the Kafka settings changed). */
+void
+cqrs_topics_forget_limits(void)
+{
+	cqrs_topics_visit(forget_limit, NULL);
+}
+
+/* ---- pauses ------------------------------------------------------------------ */
+
+/* Do the topic's rows wait now (a pause, or the first answer about its limit)? */
 bool
 cqrs_topic_paused(CqrsTopic *topic, TimestampTz now)
 {
-	return topic->paused_until != 0 && now < topic->paused_until;
+	return (topic->paused_until != 0 && now < topic->paused_until) ||
+		(topic->limit_wait_until != 0 && now < topic->limit_wait_until);
 }
 
 /*
@@ -152,11 +230,14 @@ bool
 cqrs_topic_pause(CqrsTopic *topic, int base_ms, const char *reason)
 {
 	bool		newly = (topic->pause_ms == 0);
+	TimestampTz now = GetCurrentTimestamp();
 
+	/* several failures of one attempt extend nothing */
+	if (cqrs_topic_paused(topic, now))
+		return false;
 	strlcpy(topic->pause_reason, reason, sizeof(topic->pause_reason));
 	topic->pause_ms = newly ? Max(base_ms, 1) : Min(topic->pause_ms * 2, MAX_PAUSE_MS);
-	topic->paused_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													  topic->pause_ms);
+	topic->paused_until = TimestampTzPlusMilliseconds(now, topic->pause_ms);
 	return newly;
 }
 
@@ -168,38 +249,173 @@ cqrs_topic_resume(CqrsTopic *topic)
 	topic->pause_ms = 0;
 }
 
+typedef struct PausedScan
+{
+	TimestampTz now;
+	CqrsTopic  *first;
+	List	   *names;
+	int64		resume_from;
+	TimestampTz next;
+	int64		skipped_from;
+} PausedScan;
+
+static void
+first_paused(CqrsTopic *topic, void *arg)
+{
+	PausedScan *ps = arg;
+
+	/* a configuration error's pause, not the wait for a limit */
+	if (ps->first == NULL && topic->paused_until != 0 && ps->now < topic->paused_until)
+		ps->first = topic;
+}
+
 /* A topic paused now, if any (for the relay's state). */
 CqrsTopic *
 cqrs_topics_first_paused(TimestampTz now)
 {
-	HASH_SEQ_STATUS seq;
-	CqrsTopic  *topic;
+	PausedScan	ps = {.now = now};
 
-	if (topics == NULL)
-		return NULL;
-	hash_seq_init(&seq, topics);
-	while ((topic = hash_seq_search(&seq)) != NULL)
-		if (cqrs_topic_paused(topic, now))
-		{
-			hash_seq_term(&seq);
-			return topic;
-		}
-	return NULL;
+	cqrs_topics_visit(first_paused, &ps);
+	return ps.first;
 }
 
-/* Names of the dead-letter topics the relay wrote to (a List of strings). */
-List *
-cqrs_topics_dlt_written(void)
+static void
+paused_name(CqrsTopic *topic, void *arg)
 {
-	HASH_SEQ_STATUS seq;
-	CqrsTopic  *topic;
-	List	   *names = NIL;
+	PausedScan *ps = arg;
 
-	if (topics == NULL)
-		return NIL;
-	hash_seq_init(&seq, topics);
-	while ((topic = hash_seq_search(&seq)) != NULL)
-		if (topic->dlt_written)
-			names = lappend(names, pstrdup(topic->name));
-	return names;
+	if (cqrs_topic_paused(topic, ps->now))
+		ps->names = lappend(ps->names, topic->name);
+}
+
+/* Names of the topics paused now (pointers into the topics' state). */
+List *
+cqrs_topics_paused_names(TimestampTz now)
+{
+	PausedScan	ps = {.now = now};
+
+	cqrs_topics_visit(paused_name, &ps);
+	return ps.names;
+}
+
+static void
+expire_pause(CqrsTopic *topic, void *arg)
+{
+	PausedScan *ps = arg;
+
+	/* no answer about the limit in time: go on without it */
+	if (topic->limit_wait_until != 0 && ps->now >= topic->limit_wait_until)
+		topic->limit_wait_until = 0;
+	if (topic->paused_until != 0 && ps->now >= topic->paused_until)
+		topic->paused_until = 0;	/* the pause lapsed (pause_ms stays) */
+	if (topic->paused_until == 0 && topic->limit_wait_until == 0)
+	{
+		/* its rows are tried again */
+		ps->resume_from = Min(ps->resume_from, topic->resume_from);
+		topic->resume_from = PG_INT64_MAX;
+		return;
+	}
+	if (topic->paused_until != 0 && (ps->next == 0 || topic->paused_until < ps->next))
+		ps->next = topic->paused_until;
+	if (topic->limit_wait_until != 0 &&
+		(ps->next == 0 || topic->limit_wait_until < ps->next))
+		ps->next = topic->limit_wait_until;
+}
+
+/*
+ * End the pauses that lapsed.  Returns the lowest id their scans skipped
+ * (PG_INT64_MAX: none); *next is set to the end of the next pause (0: none).
+ */
+int64
+cqrs_topics_expire_pauses(TimestampTz now, TimestampTz *next)
+{
+	PausedScan	ps = {.now = now, .resume_from = PG_INT64_MAX};
+
+	cqrs_topics_visit(expire_pause, &ps);
+	*next = ps.next;
+	return ps.resume_from;
+}
+
+static void
+note_skipped(CqrsTopic *topic, void *arg)
+{
+	PausedScan *ps = arg;
+
+	if (cqrs_topic_paused(topic, ps->now))
+		topic->resume_from = Min(topic->resume_from, ps->skipped_from);
+}
+
+/* A scan from id from skipped the rows of every topic paused now. */
+void
+cqrs_topics_note_skipped(TimestampTz now, int64 from)
+{
+	PausedScan	ps = {.now = now, .skipped_from = from};
+
+	cqrs_topics_visit(note_skipped, &ps);
+}
+
+/* ---- partitions ------------------------------------------------------------------ */
+
+/* The state of one partition; NULL when the topic's partitions are unknown. */
+CqrsPartition *
+cqrs_topic_partition(CqrsTopic *topic, int32 partition)
+{
+	int			cnt = (int) pg_atomic_read_u32(&topic->partition_cnt);
+
+	if (partition < 0)
+		return NULL;
+	cnt = Max(cnt, partition + 1);
+	if (cnt > topic->nparts)
+	{
+		CqrsPartition *parts = MemoryContextAllocZero(TopMemoryContext,
+													  sizeof(CqrsPartition) * cnt);
+
+		if (topic->parts)
+		{
+			memcpy(parts, topic->parts, sizeof(CqrsPartition) * topic->nparts);
+			pfree(topic->parts);
+		}
+		for (int p = topic->nparts; p < cnt; p++)
+			parts[p].resume_from = PG_INT64_MAX;
+		topic->parts = parts;
+		topic->nparts = cnt;
+	}
+	return &topic->parts[partition];
+}
+
+typedef struct StalledText
+{
+	char	   *buf;
+	size_t		len;
+	int			n;
+} StalledText;
+
+static void
+stalled_text(CqrsTopic *topic, void *arg)
+{
+	StalledText *st = arg;
+
+	for (int p = 0; p < topic->nparts; p++)
+	{
+		size_t		used;
+
+		if (!topic->parts[p].stalled)
+			continue;
+		used = strlen(st->buf);
+		if (used + 16 < st->len)
+			snprintf(st->buf + used, st->len - used, "%s%s[%d]",
+					 st->n > 0 ? ", " : "", topic->name, p);
+		st->n++;
+	}
+}
+
+/* "topic[p], ..." of the stalled partitions in buf; returns how many. */
+int
+cqrs_topics_stalled_text(char *buf, size_t len)
+{
+	StalledText st = {buf, len, 0};
+
+	buf[0] = '\0';
+	cqrs_topics_visit(stalled_text, &st);
+	return st.n;
 }

@@ -2,8 +2,9 @@
  *
  * topics.h
  *	  What the relay knows about each topic it produces to: the largest
- *	  record batch Kafka accepts (max.message.bytes), and whether the topic
- *	  is paused after a configuration or permission error.
+ *	  record batch Kafka accepts (max.message.bytes), whether the topic is
+ *	  paused after a configuration or permission error, its partition count
+ *	  and which of its partitions stall.
  *
  *-------------------------------------------------------------------------
  */
@@ -13,30 +14,74 @@
 #include <librdkafka/rdkafka.h>
 
 #include "nodes/pg_list.h"
+#include "port/atomics.h"
 #include "utils/timestamp.h"
 
 #define CQRS_TOPIC_MAXLEN 249
 
+/* A partition of a topic, as the relay sees it. */
+typedef struct CqrsPartition
+{
+	TimestampTz last_ack_at;	/* last successful report */
+	bool		stalled;		/* its keys are held */
+	int64		resume_from;	/* lowest id held for it (PG_INT64_MAX: none) */
+	TimestampTz oldest;			/* scratch of the stall check: oldest in
+								 * flight, 0 = none */
+} CqrsPartition;
+
 typedef struct CqrsTopic
 {
 	char		name[CQRS_TOPIC_MAXLEN + 1];	/* hash key */
-	int			limit;			/* max.message.bytes, -1 when unknown */
-	TimestampTz limit_checked_at;
+
+	/* max.message.bytes: -1 when unknown */
+	int			limit;
+	TimestampTz limit_asked_at;
+	TimestampTz limit_learned_at;	/* when the last answer came */
+	bool		limit_pending;	/* a DescribeConfigs is under way */
+
+	/* rows wait for the first answer about the limit, until then at most */
+	TimestampTz limit_wait_until;
+
+	/* pause after a configuration error */
 	TimestampTz paused_until;	/* 0 when not paused */
 	int			pause_ms;		/* length of the current pause */
 	char		pause_reason[256];	/* the error that paused it */
-	bool		dlt_written;	/* a dead-letter topic the relay wrote to */
+	int64		resume_from;	/* lowest id skipped while paused */
+
+	/* partitions: the count is written by the partitioner (any thread) */
+	pg_atomic_uint32 partition_cnt;
+	int			nparts;			/* entries in parts */
+	CqrsPartition *parts;
+
+	rd_kafka_topic_t *rkt;		/* handle of the current producer */
 } CqrsTopic;
 
 extern CqrsTopic *cqrs_topic(const char *name);
-extern int	cqrs_topic_limit(rd_kafka_t *rk, CqrsTopic *topic);
-extern int	cqrs_topic_refresh_limit(rd_kafka_t *rk, CqrsTopic *topic);
+extern rd_kafka_topic_t *cqrs_topic_handle(rd_kafka_t *rk, CqrsTopic *topic);
+extern void cqrs_topics_forget_producer(void);
+
+/* limits */
+extern void cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now);
+extern int64 cqrs_topic_learn_limit(const char *name, int limit);
 extern int	cqrs_topics_min_limit(void);
+extern bool cqrs_topic_limit_fresh(CqrsTopic *topic);
 extern void cqrs_topics_forget_limits(void);
+
+/* pauses */
 extern bool cqrs_topic_paused(CqrsTopic *topic, TimestampTz now);
 extern bool cqrs_topic_pause(CqrsTopic *topic, int base_ms, const char *reason);
-extern CqrsTopic *cqrs_topics_first_paused(TimestampTz now);
-extern List *cqrs_topics_dlt_written(void);
 extern void cqrs_topic_resume(CqrsTopic *topic);
+extern CqrsTopic *cqrs_topics_first_paused(TimestampTz now);
+extern List *cqrs_topics_paused_names(TimestampTz now);
+extern int64 cqrs_topics_expire_pauses(TimestampTz now, TimestampTz *next);
+extern void cqrs_topics_note_skipped(TimestampTz now, int64 from);
+
+/* partitions */
+extern CqrsPartition *cqrs_topic_partition(CqrsTopic *topic, int32 partition);
+extern int	cqrs_topics_stalled_text(char *buf, size_t len);
+
+/* iterate over every topic */
+typedef void (*CqrsTopicVisitor) (CqrsTopic *topic, void *arg);
+extern void cqrs_topics_visit(CqrsTopicVisitor visitor, void *arg);
 
 #endif							/* CQRS_TOPICS_H */

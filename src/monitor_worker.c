@@ -1,0 +1,183 @@
+/*-------------------------------------------------------------------------
+ *
+ * monitor_worker.c
+ *	  The monitor background worker ("cqrs_sync monitor").
+ *
+ * Every cqrs_sync.dlt_depth_interval it asks Kafka for the watermarks of
+ * the partitions of every dead-letter topic it knows of (those of the
+ * outbox's DEAD_LETTERED rows, every one it has seen since it started, and
+ * cqrs_sync.read_side_dlt_topics) and publishes them in shared memory for
+ * the view cqrs_dlt_depth (dlt_depth.c).  Kafka's metadata and watermark
+ * queries block until the broker answers; they run here, in a process of
+ * their own, so that a slow or unreachable partition never delays the
+ * relay.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "cqrs_sync.h"
+#include "dlt_depth.h"
+#include "kafka.h"
+#include "monitor_worker.h"
+#include "util.h"
+
+PGDLLEXPORT void cqrs_monitor_main(Datum main_arg);
+
+static rd_kafka_t *client = NULL;
+
+/* Every dead-letter topic seen since the worker started (TopMemoryContext). */
+static List *seen_topics = NIL;
+
+void
+cqrs_monitor_register(void)
+{
+	cqrs_register_worker("cqrs_monitor_main", "cqrs_sync monitor", 5);
+}
+
+static void
+remember_topic(const char *name)
+{
+	ListCell   *lc;
+	MemoryContext old;
+
+	foreach(lc, seen_topics)
+		if (strcmp((char *) lfirst(lc), name) == 0)
+			return;
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	seen_topics = lappend(seen_topics, pstrdup(name));
+	MemoryContextSwitchTo(old);
+}
+
+/* The dead-letter topics of the outbox's DEAD_LETTERED rows, remembered. */
+static void
+read_dead_letter_topics(void)
+{
+	Oid			ext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "cqrs_sync monitor: listing dead-letter topics");
+	ext = get_extension_oid("cqrs_sync", true);
+	if (OidIsValid(ext))
+	{
+		char	   *sql = psprintf("SELECT DISTINCT topic FROM %s.cqrs_outbox"
+								   " WHERE status = 'DEAD_LETTERED'",
+								   quote_identifier(cqrs_extension_schema(ext)));
+
+		if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "cqrs_sync monitor: could not list dead-letter topics");
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			char	   *topic = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+			remember_topic(psprintf("%s%s", topic, cqrs_dlt_suffix));
+		}
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static void
+refresh(void)
+{
+	List	   *topics = list_copy(seen_topics);
+	char	   *list = pstrdup(cqrs_read_side_dlt_topics ? cqrs_read_side_dlt_topics : "");
+	char	   *save;
+	char		errbuf[1024];
+
+	read_dead_letter_topics();
+	topics = list_copy(seen_topics);
+	for (char *tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save))
+		topics = lappend(topics, tok);
+	if (topics == NIL)
+		return;
+
+	if (client == NULL)
+	{
+		client = cqrs_kafka_create(CQRS_KAFKA_MONITOR, 0, errbuf, sizeof(errbuf));
+		if (client == NULL)
+		{
+			ereport(WARNING,
+					(errcode(ERRCODE_CONFIG_FILE_ERROR),
+					 errmsg("cqrs_sync monitor: %s", errbuf)));
+			return;
+		}
+	}
+	pgstat_report_activity(STATE_RUNNING, "cqrs_sync monitor: asking Kafka for dead-letter topic depth");
+	cqrs_dlt_depth_refresh(client, topics);
+	cqrs_kafka_drain_events();
+	cqrs_kafka_serve(client);
+	cqrs_kafka_emit_logs("cqrs_sync monitor");
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+void
+cqrs_monitor_main(Datum main_arg)
+{
+	MemoryContext loop_cxt;
+	TimestampTz last = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
+	SetConfigOption("statement_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
+
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "cqrs_sync monitor loop",
+									 ALLOCSET_DEFAULT_SIZES);
+	while (!ShutdownRequestPending)
+	{
+		long		timeout = cqrs_dlt_depth_interval_ms > 0 ? cqrs_dlt_depth_interval_ms : 60000;
+		MemoryContext old;
+
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			if (client && cqrs_kafka_config_changed())
+			{
+				cqrs_kafka_destroy(client, 0);
+				client = NULL;
+			}
+			last = 0;
+		}
+		if (cqrs_dlt_depth_interval_ms > 0 &&
+			TimestampDifferenceExceeds(last, GetCurrentTimestamp(), cqrs_dlt_depth_interval_ms))
+		{
+			old = MemoryContextSwitchTo(loop_cxt);
+			refresh();
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(loop_cxt);
+			last = GetCurrentTimestamp();
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout, PG_WAIT_EXTENSION);
+	}
+	cqrs_kafka_destroy(client, 0);
+	proc_exit(1);
+}

@@ -1,0 +1,133 @@
+/*-------------------------------------------------------------------------
+ *
+ * relay.h
+ *	  Private declarations of the outbox relay, shared by its files:
+ *
+ *	  relay_worker.c	the worker: its loop, settings, transactions, error
+ *						recovery, and the producer's life cycle
+ *	  relay_pipeline.c	the pipeline: claiming rows, producing them,
+ *						serving delivery reports, dead-lettering, stalls
+ *	  relay_order.c		per-key order: which rows may go now, and where the
+ *						scan must go back to when a reason to wait ends
+ *	  relay_record.c	recording outcomes in the outbox, and alerts
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CQRS_RELAY_H
+#define CQRS_RELAY_H
+
+#include "executor/spi.h"
+#include "lib/ilist.h"
+#include "utils/timestamp.h"
+
+#include "kafka.h"
+#include "topics.h"
+
+/* SQLSTATEs of the relay's alerts (class CQ: cqrs_sync) */
+#define CQRS_ERRCODE_DLT_FAILED			MAKE_SQLSTATE('C','Q','0','0','1')
+#define CQRS_ERRCODE_TOPIC_PAUSED		MAKE_SQLSTATE('C','Q','0','0','2')
+#define CQRS_ERRCODE_PARTITION_STALLED	MAKE_SQLSTATE('C','Q','0','0','3')
+
+/* What became of a row the relay produced. */
+typedef enum RelayOutcome
+{
+	RO_NONE = 0,				/* still in flight */
+	RO_SENT,					/* acknowledged: mark SENT (or delete) */
+	RO_REDO,					/* acknowledged, but an earlier row of its key
+								 * failed: stays PENDING, sent again after it */
+	RO_RETRY,					/* failed: stays PENDING, tried after delay_ms */
+	RO_DEAD,					/* its dead letter was acknowledged */
+	RO_DLT_FAILED				/* the dead-letter topic refused it too */
+} RelayOutcome;
+
+struct RelayClaim;
+
+/* One outbox row in the relay's hands, from claim to recorded outcome. */
+typedef struct RelayRow
+{
+	CqrsMessage msg;			/* first: the delivery report's opaque */
+	struct RelayClaim *claim;	/* whose memory it lives in */
+	uint64		keyhash;		/* the key's hash, as the registry has it */
+	uint64		holdhash;		/* hash of (topic, key): the unit of order */
+	int			retry_count;
+	TimestampTz produced_at;
+	const char *topic;			/* its topic (msg.topic becomes the DLT's) */
+	bool		dlt;			/* msg is now its dead letter */
+	bool		published;		/* its id is in the shared table */
+	RelayOutcome outcome;
+	int			inc;			/* retry budget spent (RO_RETRY) */
+	int			delay_ms;		/* RO_RETRY */
+	char	   *error;			/* why it failed */
+	char	   *dlt_error;		/* why its dead letter failed */
+	bool		newly_paused;	/* its failure paused its topic */
+	dlist_node	node;			/* in flight, or reported, or done */
+} RelayRow;
+
+/* Rows claimed together share one memory context. */
+typedef struct RelayClaim
+{
+	MemoryContext cxt;
+	int			nopen;			/* rows not yet recorded */
+} RelayClaim;
+
+/* ---- relay_worker.c ---- */
+extern rd_kafka_t *relay_producer;
+extern int	relay_producer_batch_bytes;
+extern void relay_want_batch_bytes(int bytes);
+
+/* ---- relay_pipeline.c ---- */
+extern void pipeline_init(void);
+extern void pipeline_reset(void);
+extern void pipeline_prepare(const char *outbox, Oid seq);
+extern int	pipeline_room(void);
+extern int	pipeline_inflight(void);
+extern bool pipeline_has_reports(void);
+extern bool pipeline_has_claimed(void);
+extern bool pipeline_more_ready(void);
+extern bool pipeline_idle(void);
+extern int64 pipeline_cursor(void);
+extern TimestampTz pipeline_timers(TimestampTz now);
+extern int	pipeline_claim(int limit, TimestampTz now);
+extern XLogRecPtr pipeline_claimed_lsn(void);
+extern void pipeline_claim_commit(void);
+extern void pipeline_claim_abort(void);
+extern void pipeline_produce_claimed(void);
+extern void pipeline_serve_reports(void);
+extern void pipeline_abandon_inflight(rd_kafka_resp_err_t err);
+extern bool pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen);
+extern bool pipeline_broker_waiting(TimestampTz now);
+extern dlist_head *pipeline_done_rows(void);
+extern void pipeline_recorded(void);
+extern void pipeline_learn_limit(const char *topic, int limit);
+
+/* ---- relay_order.c ---- */
+typedef enum OrderVerdict
+{
+	ORDER_GO,					/* produce it now */
+	ORDER_HOLD,					/* it waits; the scan walks past it */
+	ORDER_SKIP					/* it is in flight already */
+} OrderVerdict;
+
+extern void order_init(int nslots);
+extern void order_reset(void);
+extern int64 order_read_registry(int64 hw, int64 cursor);
+extern int64 order_scan_start(int64 cursor);
+extern void order_revisit(int64 from);
+extern bool order_revisit_pending(int64 cursor);
+extern OrderVerdict order_judge(RelayRow *row, bool waiting, TimestampTz next_attempt_at);
+extern void order_hold(RelayRow *row);
+extern bool order_discard_recheck(RelayRow **rows, int n, bool *held, int64 cursor);
+extern void order_produced(RelayRow *row);
+extern RelayOutcome order_acked(RelayRow *row);
+extern bool order_failed(RelayRow *row, bool was_inflight);
+extern void order_recorded(RelayRow *row);
+extern TimestampTz order_expire(TimestampTz now);
+
+/* ---- relay_record.c ---- */
+extern void record_prepare(const char *outbox);
+extern int	record_outcomes(dlist_head *rows, TimestampTz acked_at);
+extern void record_after_commit(dlist_head *rows);
+extern void record_queue_alert(const char *json);
+extern bool record_alerts_queued(void);
+
+#endif							/* CQRS_RELAY_H */

@@ -1,0 +1,1072 @@
+/*-------------------------------------------------------------------------
+ *
+ * relay_pipeline.c
+ *	  The relay's pipeline: rows are claimed from the outbox, produced, and
+ *	  their delivery reports turned into outcomes, continuously, with at most
+ *	  a window of cqrs_sync.batch_size rows between the outbox and their
+ *	  recorded outcome.
+ *
+ * A row's way through the pipeline:
+ *
+ *	 claim (in the relay's transaction, relay_worker.c)
+ *	   -> "claimed": copied into the relay's memory
+ *	   -> produce: published in shared memory as in flight (cqrs_discard()
+ *		  reads that), handed to librdkafka ("in flight")
+ *	   -> delivery report, served in the worker's thread ("reported")
+ *	   -> outcome: SENT, REDO, RETRY, or a dead letter produced (back "in
+ *		  flight"), then DEAD or DLT_FAILED ("done")
+ *	   -> recorded in the next relay transaction (relay_record.c)
+ *
+ * Claiming the next rows does not wait for the reports of the previous
+ * ones: the pipeline keeps producing while earlier rows are in flight, and
+ * records their outcomes in the same transaction that claims the next rows.
+ * Which rows may go is decided by relay_order.c.
+ *
+ * Sizes: a message spends retry budget for its size only when it alone
+ * exceeds its topic's known max.message.bytes, or was alone in its record
+ * batch (it is not smaller than the producer's batch.size).  Otherwise a
+ * MSG_SIZE_TOO_LARGE is the batch's fault: batch.size is halved (the
+ * producer re-created once nothing is in flight), the row is tried again at
+ * once and spends nothing, and the topic's limit is asked again.
+ *
+ * Stalls: a partition whose oldest message waits longer than STALL_MS while
+ * other partitions were acknowledged within that time is stalled (e.g. below
+ * min.insync.replicas: librdkafka retries for ever).  Its keys are held, the
+ * state and an alert name it, and everything else keeps flowing; its first
+ * acknowledgement (or its having nothing in flight any more) ends it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/transam.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "portability/instr_time.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+
+#include "cqrs_sync.h"
+#include "enqueue.h"
+#include "relay.h"
+#include "shmem.h"
+#include "util.h"
+
+/* A partition is stalled when its oldest message waits this long. */
+#define STALL_MS			5000
+
+static MemoryContext pipeline_cxt = NULL;
+
+static dlist_head staged = DLIST_STATIC_INIT(staged);	/* claimed in the open
+														 * transaction */
+static dlist_head claimed = DLIST_STATIC_INIT(claimed); /* to be produced */
+static dlist_head inflight = DLIST_STATIC_INIT(inflight);	/* awaiting report */
+static dlist_head reported = DLIST_STATIC_INIT(reported);	/* report arrived */
+static dlist_head done = DLIST_STATIC_INIT(done);	/* to be recorded */
+static int	n_staged = 0;
+static int	n_claimed = 0;
+static int	n_inflight = 0;
+static int	n_stalled_inflight = 0;
+static int	n_done = 0;
+
+static int64 cursor = 0;		/* every id at or below it was judged */
+static int64 staged_cursor = 0; /* the cursor once the open claim commits */
+static int64 staged_from = 0;	/* where the open claim's scan started */
+static bool last_claim_full = false;
+static XLogRecPtr staged_lsn = InvalidXLogRecPtr;	/* highest commit of the
+													 * claimed rows */
+static RelayClaim *staged_claim = NULL;
+static TimestampTz last_ack_at = 0;
+
+static Oid	seq_oid = InvalidOid;
+static SPIPlanPtr scan_plan = NULL;
+
+static void handle_failure(RelayRow *row, bool was_inflight);
+
+/* ---- set-up ------------------------------------------------------------------- */
+
+static void
+delivery_hook(CqrsMessage *msg)
+{
+	RelayRow   *row = (RelayRow *) msg;
+
+	/* in rd_kafka_poll(), in this thread: list moves only */
+	dlist_delete(&row->node);
+	dlist_push_tail(&reported, &row->node);
+	n_inflight--;
+}
+
+void
+pipeline_init(void)
+{
+	pipeline_cxt = AllocSetContextCreate(TopMemoryContext, "cqrs_sync relay pipeline",
+										 ALLOCSET_DEFAULT_SIZES);
+	cqrs_kafka_set_delivery_hook(delivery_hook);
+	pipeline_reset();
+}
+
+/* The relay starts over: nothing claimed, nothing in flight. */
+void
+pipeline_reset(void)
+{
+	dlist_init(&staged);
+	dlist_init(&claimed);
+	dlist_init(&inflight);
+	dlist_init(&reported);
+	dlist_init(&done);
+	n_staged = n_claimed = n_inflight = n_stalled_inflight = n_done = 0;
+	cursor = 0;
+	last_claim_full = false;
+	staged_claim = NULL;
+	MemoryContextReset(pipeline_cxt);
+	cqrs_inflight_ids_reset();
+}
+
+/* Prepare the scan for the extension's outbox (inside a transaction). */
+void
+pipeline_prepare(const char *outbox, Oid seq)
+{
+	Oid			types[5] = {INT8OID, INT8OID, INT4OID, TIMESTAMPTZOID, TEXTARRAYOID};
+
+	if (scan_plan)
+		SPI_freeplan(scan_plan);
+	scan_plan = cqrs_keep_plan(psprintf(
+										"SELECT id, event_id::text, topic, key, payload::text, headers,"
+										" retry_count, coalesce(next_attempt_at > $4, false),"
+										" next_attempt_at, xmin"
+										" FROM %s WHERE status = 'PENDING' AND id > $1 AND id <= $2"
+										" AND topic <> ALL ($5)"
+										" ORDER BY id LIMIT $3", outbox),
+							   5, types);
+	seq_oid = seq;
+}
+
+/* ---- the window ------------------------------------------------------------------ */
+
+/* Rows in flight in partitions that are not stalled, and waiting to be recorded. */
+int
+pipeline_inflight(void)
+{
+	return n_inflight - n_stalled_inflight + n_done + n_claimed;
+}
+
+/* How many more rows may be claimed now. */
+int
+pipeline_room(void)
+{
+	int			cap = Min(cqrs_batch_size, CQRS_MAX_WINDOW);
+
+	return Max(cap - pipeline_inflight(), 0);
+}
+
+bool
+pipeline_has_reports(void)
+{
+	return n_done > 0;
+}
+
+bool
+pipeline_has_claimed(void)
+{
+	return n_claimed > 0;
+}
+
+/* Did the last claim stop at its limit (more rows are probably ready)? */
+bool
+pipeline_more_ready(void)
+{
+	return last_claim_full;
+}
+
+int64
+pipeline_cursor(void)
+{
+	return cursor;
+}
+
+/*
+ * Reasons to go back that ended: operator retries (a full rescan), lapsed
+ * pauses, retries whose time came.  Returns when the next one ends (0:
+ * none); order_revisit_pending() says whether a claim should go back now.
+ */
+TimestampTz
+pipeline_timers(TimestampTz now)
+{
+	TimestampTz next_pause;
+	TimestampTz next;
+	int64		resume;
+
+	if (pg_atomic_read_u32(&cqrs_shared->rescan) != 0 &&
+		pg_atomic_exchange_u32(&cqrs_shared->rescan, 0) != 0)
+		order_revisit(1);
+	resume = cqrs_topics_expire_pauses(now, &next_pause);
+	if (resume != PG_INT64_MAX)
+		order_revisit(resume);
+	next = order_expire(now);
+	if (next_pause != 0 && (next == 0 || next_pause < next))
+		next = next_pause;
+	return next;
+}
+
+/* Anything in flight at all (stalled partitions included)? */
+bool
+pipeline_idle(void)
+{
+	return n_inflight == 0 && n_done == 0 && n_claimed == 0 &&
+		dlist_is_empty(&reported);
+}
+
+/* ---- claiming ---------------------------------------------------------------------- */
+
+/* The sequence's last value: every id at or below it was handed out. */
+static int64
+high_water_mark(void)
+{
+	LOCAL_FCINFO(fcinfo, 1);
+	Datum		d;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = ObjectIdGetDatum(seq_oid);
+	fcinfo->args[0].isnull = false;
+	d = pg_sequence_last_value(fcinfo);
+	return fcinfo->isnull ? 0 : DatumGetInt64(d);
+}
+
+static char *
+datum_text(HeapTuple tup, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/* Fill the message's headers from the row's headers jsonb (an object of strings). */
+static void
+copy_headers(CqrsMessage *msg, Datum d)
+{
+	Jsonb	   *jb = DatumGetJsonbP(d);
+	JsonbIterator *it = JsonbIteratorInit(&jb->root);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			n = JB_ROOT_COUNT(jb);
+
+	msg->header_names = palloc(sizeof(char *) * (n + 4));
+	msg->header_values = palloc(sizeof(char *) * (n + 4));
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+			msg->header_names[msg->nheaders] =
+				pnstrdup(v.val.string.val, v.val.string.len);
+		else if (tok == WJB_VALUE)
+			msg->header_values[msg->nheaders++] =
+				(v.type == jbvString) ?
+				pnstrdup(v.val.string.val, v.val.string.len) : "";
+	}
+}
+
+static RelayClaim *
+new_claim(void)
+{
+	RelayClaim *claim = MemoryContextAllocZero(pipeline_cxt, sizeof(RelayClaim));
+
+	claim->cxt = AllocSetContextCreate(pipeline_cxt, "cqrs_sync relay claim",
+									   ALLOCSET_DEFAULT_SIZES);
+	return claim;
+}
+
+static void
+release_claim_row(RelayRow *row)
+{
+	RelayClaim *claim = row->claim;
+
+	if (--claim->nopen == 0)
+	{
+		MemoryContextDelete(claim->cxt);
+		pfree(claim);
+	}
+}
+
+/* Is the row's partition stalled?  (Keyed rows of topics whose count is known.) */
+static CqrsPartition *
+stalled_partition(RelayRow *row)
+{
+	CqrsTopic  *topic = row->msg.tstate;
+	int32		cnt = (int32) pg_atomic_read_u32(&topic->partition_cnt);
+	int32		p;
+	CqrsPartition *part;
+
+	if (topic->nparts == 0 || cnt <= 0)
+		return NULL;
+	p = cqrs_kafka_partition_of(&row->msg, cnt);
+	part = cqrs_topic_partition(topic, p);
+	return (part && part->stalled) ? part : NULL;
+}
+
+/*
+ * Claim up to limit rows: read the high-water mark, the in-flight registry,
+ * then scan (a new snapshot: the relay runs at READ COMMITTED) and judge each
+ * row.  Inside the relay's transaction, SPI connected.  The rows that may go
+ * are staged; pipeline_claim_commit() makes them the claimed rows once the
+ * transaction committed.  Returns how many.
+ */
+int
+pipeline_claim(int limit, TimestampTz now)
+{
+	int64		hw;
+	int64		start;
+	List	   *paused;
+	Datum		args[5];
+	Datum	   *names;
+	int			npaused;
+	int			ret;
+	TupleDesc	desc;
+	ListCell   *lc;
+	TransactionId last_xmin = InvalidTransactionId;
+	MemoryContext old;
+
+	Assert(dlist_is_empty(&staged));
+	staged_lsn = InvalidXLogRecPtr;
+
+	/* 1. every id at or below the mark was handed out */
+	hw = high_water_mark();
+
+	/* 2. who may still commit an id at or below it */
+	order_read_registry(hw, cursor);
+
+	/* reasons to go back that ended */
+	(void) pipeline_timers(now);
+	start = order_scan_start(cursor);
+
+	paused = cqrs_topics_paused_names(now);
+	npaused = list_length(paused);
+	names = palloc(sizeof(Datum) * Max(npaused, 1));
+	npaused = 0;
+	foreach(lc, paused)
+		names[npaused++] = CStringGetTextDatum((char *) lfirst(lc));
+	if (npaused > 0)
+		cqrs_topics_note_skipped(now, start + 1);
+
+	/* 3. the rows visible now */
+	args[0] = Int64GetDatum(start);
+	args[1] = Int64GetDatum(hw);
+	args[2] = Int32GetDatum(limit);
+	args[3] = TimestampTzGetDatum(now);
+	args[4] = PointerGetDatum(construct_array(names, npaused, TEXTOID, -1, false, TYPALIGN_INT));
+	ret = SPI_execute_plan(scan_plan, args, NULL, false, limit);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "cqrs_sync relay: outbox scan failed: %s", SPI_result_code_string(ret));
+
+	staged_from = start;
+	last_claim_full = (SPI_processed == (uint64) limit);
+	staged_cursor = last_claim_full ? start : Max(hw, start);
+	if (SPI_processed == 0)
+		return 0;
+
+	desc = SPI_tuptable->tupdesc;
+	staged_claim = new_claim();
+	old = MemoryContextSwitchTo(staged_claim->cxt);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		RelayRow	probe;
+		RelayRow   *row;
+		bool		isnull;
+		bool		waiting;
+		Datum		d;
+		TimestampTz next_at;
+		OrderVerdict verdict;
+		char	   *topic;
+		char	   *key;
+		TransactionId xmin;
+
+		memset(&probe, 0, sizeof(probe));
+		probe.msg.id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		if (last_claim_full)
+			staged_cursor = probe.msg.id;
+		topic = datum_text(tup, desc, 3);
+		key = datum_text(tup, desc, 4);
+		probe.msg.key = key;
+		probe.msg.keylen = key ? strlen(key) : 0;
+		probe.msg.topic = topic;
+		probe.msg.tstate = cqrs_topic(topic);
+		probe.keyhash = cqrs_key_hash(key, probe.msg.keylen);
+		probe.holdhash = hash_combine64(cqrs_key_hash(topic, strlen(topic)), probe.keyhash);
+		waiting = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
+		d = SPI_getbinval(tup, desc, 9, &isnull);
+		next_at = isnull ? 0 : DatumGetTimestampTz(d);
+
+		verdict = order_judge(&probe, waiting, next_at);
+		if (verdict == ORDER_GO)
+		{
+			CqrsTopic  *t = probe.msg.tstate;
+			CqrsPartition *part;
+
+			/* a new topic: its rows wait (briefly) for its limit */
+			cqrs_topic_want_limit(relay_producer, t, false);
+			if (cqrs_topic_paused(t, now))
+			{
+				order_hold(&probe);
+				t->resume_from = Min(t->resume_from, probe.msg.id);
+				verdict = ORDER_HOLD;
+			}
+			else if ((part = stalled_partition(&probe)) != NULL)
+			{
+				order_hold(&probe);
+				part->resume_from = Min(part->resume_from, probe.msg.id);
+				verdict = ORDER_HOLD;
+			}
+		}
+		if (verdict != ORDER_GO)
+		{
+			pfree(topic);
+			if (key)
+				pfree(key);
+			continue;
+		}
+
+		row = palloc(sizeof(RelayRow));
+		*row = probe;
+		pg_atomic_init_u32(&row->msg.partition, 0);
+		row->claim = staged_claim;
+		row->topic = row->msg.topic;
+		row->msg.event_id = datum_text(tup, desc, 2);
+		row->msg.value = datum_text(tup, desc, 5);
+		row->msg.valuelen = strlen(row->msg.value);
+		d = SPI_getbinval(tup, desc, 6, &isnull);
+		if (!isnull)
+			copy_headers(&row->msg, d);
+		row->retry_count = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+
+		/* the commit that made it visible, if it may not be flushed yet */
+		xmin = DatumGetTransactionId(SPI_getbinval(tup, desc, 10, &isnull));
+		if (xmin != last_xmin)
+		{
+			XLogRecPtr	lsn = TransactionIdGetCommitLSN(xmin);
+
+			if (lsn > staged_lsn)
+				staged_lsn = lsn;
+			last_xmin = xmin;
+		}
+
+		staged_claim->nopen++;
+		dlist_push_tail(&staged, &row->node);
+		n_staged++;
+	}
+	MemoryContextSwitchTo(old);
+	if (staged_claim->nopen == 0)
+	{
+		MemoryContextDelete(staged_claim->cxt);
+		pfree(staged_claim);
+		staged_claim = NULL;
+	}
+	return n_staged;
+}
+
+/* The highest commit LSN of the rows just claimed (flush before producing). */
+XLogRecPtr
+pipeline_claimed_lsn(void)
+{
+	return staged_lsn;
+}
+
+/* The claim's transaction committed: its rows are ours. */
+void
+pipeline_claim_commit(void)
+{
+	cursor = Max(staged_cursor, staged_from);
+	while (!dlist_is_empty(&staged))
+	{
+		dlist_node *n = dlist_pop_head_node(&staged);
+
+		dlist_push_tail(&claimed, n);
+		n_claimed++;
+	}
+	n_staged = 0;
+	staged_claim = NULL;
+}
+
+/*
+ * The claim's transaction failed: forget its rows.  Holds it recorded stay;
+ * the scan goes back to where it started, so nothing is skipped.
+ */
+void
+pipeline_claim_abort(void)
+{
+	if (staged_claim)
+	{
+		MemoryContextDelete(staged_claim->cxt);
+		pfree(staged_claim);
+		staged_claim = NULL;
+	}
+	dlist_init(&staged);
+	n_staged = 0;
+	order_revisit(staged_from + 1);
+	last_claim_full = false;
+}
+
+/* ---- producing --------------------------------------------------------------------- */
+
+/* Fail a row before it reaches the producer. */
+static void
+fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
+{
+	row->msg.done = true;
+	row->msg.err = err;
+	if (text)
+		row->error = text;
+	dlist_push_tail(&reported, &row->node);
+}
+
+/* Remove rows from the shared table of ids in flight. */
+static void
+unpublish(RelayRow **rows, int n)
+{
+	int64	   *ids = palloc(sizeof(int64) * Max(n, 1));
+
+	for (int i = 0; i < n; i++)
+		ids[i] = rows[i]->msg.id;
+	cqrs_inflight_ids_remove(ids, n);
+	pfree(ids);
+}
+
+/*
+ * Produce the claimed rows, in id order.  Their ids are published as in
+ * flight first, then discards registered meanwhile are checked (see
+ * shmem.c).  A row whose topic got paused meanwhile, or whose partition
+ * stalled, is held; one that alone exceeds its topic's known limit fails
+ * without being produced.  On QUEUE_FULL the rest stays claimed and is
+ * produced after the next delivery reports.
+ */
+void
+pipeline_produce_claimed(void)
+{
+	RelayRow  **rows;
+	bool	   *held;
+	int64	   *ids;
+	int			n = 0;
+	int			nids = 0;
+	dlist_iter	it;
+	TimestampTz now = GetCurrentTimestamp();
+	instr_time	t0,
+				t1;
+
+	if (n_claimed == 0 || relay_producer == NULL)
+		return;
+
+	INSTR_TIME_SET_CURRENT(t0);
+	rows = palloc(sizeof(RelayRow *) * n_claimed);
+	held = palloc0(sizeof(bool) * n_claimed);
+	ids = palloc(sizeof(int64) * n_claimed);
+	dlist_foreach(it, &claimed)
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+
+		rows[n] = row;
+		if (!row->published)	/* not already (QUEUE_FULL earlier) */
+			ids[nids++] = row->msg.id;
+		row->published = true;
+		n++;
+	}
+	cqrs_inflight_ids_add(ids, nids);
+
+	if (order_discard_recheck(rows, n, held, cursor))
+	{
+		int			nheld = 0;
+
+		for (int i = 0; i < n; i++)
+			if (held[i])
+			{
+				dlist_delete(&rows[i]->node);
+				n_claimed--;
+				rows[nheld++] = rows[i];
+			}
+		unpublish(rows, nheld);
+		for (int i = 0; i < nheld; i++)
+			release_claim_row(rows[i]);
+		n = 0;
+		dlist_foreach(it, &claimed)
+			rows[n++] = dlist_container(RelayRow, node, it.cur);
+	}
+
+	for (int i = 0; i < n; i++)
+	{
+		RelayRow   *row = rows[i];
+		CqrsTopic  *topic = row->msg.tstate;
+		bool		paused = cqrs_topic_paused(topic, now);
+		CqrsPartition *part = paused ? NULL : stalled_partition(row);
+		rd_kafka_resp_err_t err;
+		int			size;
+
+		if (paused || part != NULL)
+		{
+			/* paused or stalled since the claim: the row waits */
+			dlist_delete(&row->node);
+			n_claimed--;
+			order_hold(row);
+			if (paused)
+				topic->resume_from = Min(topic->resume_from, row->msg.id);
+			else
+				part->resume_from = Min(part->resume_from, row->msg.id);
+			unpublish(&row, 1);
+			release_claim_row(row);
+			continue;
+		}
+
+		cqrs_topic_want_limit(relay_producer, topic, false);
+		size = cqrs_kafka_message_size(&row->msg);
+		if (topic->limit > 0 && size > topic->limit)
+		{
+			dlist_delete(&row->node);
+			n_claimed--;
+			if (cqrs_topic_limit_fresh(topic))
+				fail_locally(row, RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+							 psprintf("MSG_SIZE_TOO_LARGE: message of %d bytes exceeds max.message.bytes %d of topic \"%s\"",
+									  size, topic->limit, row->msg.topic));
+			else
+			{
+				/* the limit may have been raised: ask, and try again, free */
+				cqrs_topic_want_limit(relay_producer, topic, true);
+				fail_locally(row, RD_KAFKA_RESP_ERR__RETRY,
+							 psprintf("message of %d bytes exceeds the max.message.bytes %d last known of topic \"%s\"; asking Kafka again",
+									  size, topic->limit, row->msg.topic));
+			}
+			continue;
+		}
+
+		err = cqrs_kafka_produce(relay_producer, &row->msg);
+		if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			break;				/* the rest waits for room in librdkafka's queue */
+		dlist_delete(&row->node);
+		n_claimed--;
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			fail_locally(row, err, NULL);
+			continue;
+		}
+		row->produced_at = now;
+		order_produced(row);
+		dlist_push_tail(&inflight, &row->node);
+		n_inflight++;
+	}
+	INSTR_TIME_SET_CURRENT(t1);
+	INSTR_TIME_SUBTRACT(t1, t0);
+	cqrs_relay_add_phase(CQRS_PHASE_PRODUCE, INSTR_TIME_GET_MICROSEC(t1));
+	pfree(rows);
+	pfree(held);
+	pfree(ids);
+}
+
+/*
+ * The producer is gone (fatal error, new settings, shutdown): rows without a
+ * report failed with err; they stay PENDING and go again.
+ */
+void
+pipeline_abandon_inflight(rd_kafka_resp_err_t err)
+{
+	while (!dlist_is_empty(&inflight))
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, dlist_pop_head_node(&inflight));
+
+		row->msg.done = true;
+		row->msg.err = err;
+		dlist_push_tail(&reported, &row->node);
+		n_inflight--;
+	}
+	n_stalled_inflight = 0;
+}
+
+/* ---- reports ------------------------------------------------------------------------ */
+
+static void
+finish(RelayRow *row, RelayOutcome outcome)
+{
+	row->outcome = outcome;
+	dlist_push_tail(&done, &row->node);
+	n_done++;
+}
+
+static int
+backoff_ms(int retry_count)
+{
+	int			shift = Min(retry_count, 6);
+
+	return (int) Min((int64) cqrs_retry_backoff_ms << shift, (int64) PG_INT32_MAX);
+}
+
+static char *
+error_of(RelayRow *row)
+{
+	char		buf[512];
+
+	if (row->error)
+		return row->error;
+	return pstrdup(cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
+}
+
+/*
+ * Publish a row that spent its retry budget to its dead-letter topic: same
+ * key and value, the row's headers plus x-original-topic, x-failure-source,
+ * x-retry-count and x-last-error (and event_id).
+ */
+static void
+produce_dead_letter(RelayRow *row)
+{
+	MemoryContext old = MemoryContextSwitchTo(row->claim->cxt);
+	CqrsMessage *m = &row->msg;
+	int			nh = m->nheaders;
+	const char **names;
+	const char **values;
+	char	   *dlt_topic = psprintf("%s%s", m->topic, cqrs_dlt_suffix);
+	rd_kafka_resp_err_t err;
+
+	row->error = error_of(row);
+	names = palloc(sizeof(char *) * (nh + 4));
+	values = palloc(sizeof(char *) * (nh + 4));
+	for (int h = 0; h < nh; h++)
+	{
+		names[h] = m->header_names[h];
+		values[h] = m->header_values[h];
+	}
+	names[nh] = "x-original-topic";
+	values[nh] = m->topic;
+	names[nh + 1] = "x-failure-source";
+	values[nh + 1] = "OUTBOX_RELAY";
+	names[nh + 2] = "x-retry-count";
+	values[nh + 2] = psprintf("%d", row->retry_count + 1);
+	names[nh + 3] = "x-last-error";
+	values[nh + 3] = row->error;
+	m->header_names = names;
+	m->header_values = values;
+	m->nheaders = nh + 4;
+	row->dlt = true;
+	MemoryContextSwitchTo(old);
+
+	if (!cqrs_topic_name_valid(dlt_topic) || relay_producer == NULL)
+	{
+		row->dlt_error = relay_producer == NULL ? "the producer is being re-created" :
+			psprintf("invalid dead-letter topic name \"%s\"", dlt_topic);
+		finish(row, relay_producer == NULL ? RO_RETRY : RO_DLT_FAILED);
+		return;
+	}
+	m->topic = dlt_topic;
+	m->tstate = cqrs_topic(dlt_topic);
+	err = cqrs_kafka_produce(relay_producer, m);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		char		buf[512];
+		CqrsFailureClass cls = cqrs_kafka_classify(err);
+
+		row->dlt_error = psprintf("dead-letter topic \"%s\": %s", dlt_topic,
+								  cqrs_kafka_error_text(err, buf, sizeof(buf)));
+		row->delay_ms = backoff_ms(row->retry_count);
+		finish(row, (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG) ?
+			   RO_DLT_FAILED : RO_RETRY);
+		return;
+	}
+	row->produced_at = GetCurrentTimestamp();
+	dlist_push_tail(&inflight, &row->node);
+	n_inflight++;
+}
+
+/* The report of a dead letter. */
+static void
+dead_letter_report(RelayRow *row)
+{
+	CqrsFailureClass cls;
+	char		buf[512];
+
+	if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		cqrs_topic_resume(row->msg.tstate);
+		finish(row, RO_DEAD);
+		return;
+	}
+	cls = cqrs_kafka_classify(row->msg.err);
+	row->dlt_error = psprintf("dead-letter topic \"%s\": %s", row->msg.topic,
+							  cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
+	if (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG)
+		finish(row, RO_DLT_FAILED);
+	else
+	{
+		/* interrupted (outage, purge): not the dead-letter topic's verdict */
+		row->delay_ms = (cls == CQRS_FAIL_TRANSIENT) ? cqrs_retry_backoff_ms : 0;
+		finish(row, RO_RETRY);
+	}
+}
+
+/* Is a size error this message's fault, or its record batch's? */
+static bool
+too_large_alone(RelayRow *row)
+{
+	int			size = cqrs_kafka_message_size(&row->msg);
+	int			limit = row->msg.tstate->limit;
+
+	if (limit > 0 && size > limit)
+		return true;
+	/* a message not smaller than batch.size travels in a batch of its own */
+	return size >= relay_producer_batch_bytes;
+}
+
+/* A row failed (a report, or before it was produced). */
+static void
+handle_failure(RelayRow *row, bool was_inflight)
+{
+	rd_kafka_resp_err_t err = row->msg.err;
+	CqrsFailureClass cls = cqrs_kafka_classify(err);
+	bool		first = order_failed(row, was_inflight);
+
+	row->inc = 0;
+	row->delay_ms = 0;
+
+	if ((err == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ||
+		 err == RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE) && row->error == NULL)
+	{
+		cqrs_topic_want_limit(relay_producer, row->msg.tstate, true);
+		if (!too_large_alone(row))
+		{
+			/* the batch was too large, not the message: smaller batches, free */
+			int			size = cqrs_kafka_message_size(&row->msg);
+
+			relay_want_batch_bytes(Max(relay_producer_batch_bytes / 2, size));
+			row->error = psprintf("record batch too large for topic \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
+								  row->msg.topic, size, relay_producer_batch_bytes);
+			finish(row, RO_RETRY);
+			return;
+		}
+	}
+
+	switch (cls)
+	{
+		case CQRS_FAIL_MESSAGE:
+			if (row->retry_count + 1 > cqrs_max_retries)
+			{
+				produce_dead_letter(row);
+				return;
+			}
+			row->inc = 1;
+			row->delay_ms = first ? backoff_ms(row->retry_count) : 0;
+			break;
+		case CQRS_FAIL_CONFIG:
+			if (cqrs_topic_pause(row->msg.tstate, cqrs_retry_backoff_ms, error_of(row)))
+				row->newly_paused = true;
+			row->msg.tstate->resume_from = Min(row->msg.tstate->resume_from, row->msg.id);
+			row->delay_ms = row->msg.tstate->pause_ms;
+			break;
+		case CQRS_FAIL_FATAL:
+			row->delay_ms = 0;
+			break;
+		case CQRS_FAIL_TRANSIENT:
+			/* withdrawn by us (re-created producer, shutdown): at once */
+			if (err == RD_KAFKA_RESP_ERR__PURGE_QUEUE || err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT)
+				row->delay_ms = 0;
+			else
+				row->delay_ms = first ? cqrs_retry_backoff_ms : 0;
+			break;
+	}
+	finish(row, RO_RETRY);
+}
+
+static void
+unstall(CqrsPartition *part)
+{
+	part->stalled = false;
+	if (part->resume_from != PG_INT64_MAX)
+		order_revisit(part->resume_from);
+	part->resume_from = PG_INT64_MAX;
+}
+
+/* Turn the delivery reports that arrived into outcomes. */
+void
+pipeline_serve_reports(void)
+{
+	TimestampTz now = 0;
+	uint64		nacks = 0;
+	int64		wait_us = 0;
+	int64		wait_max = 0;
+
+	while (!dlist_is_empty(&reported))
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, dlist_pop_head_node(&reported));
+		bool		was_inflight = (row->produced_at != 0);
+
+		if (now == 0)
+			now = GetCurrentTimestamp();
+		if (was_inflight)
+		{
+			int64		us = now - row->produced_at;
+
+			nacks++;
+			wait_us += us;
+			wait_max = Max(wait_max, us);
+		}
+
+		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR && !row->dlt)
+		{
+			int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
+			CqrsPartition *part = cqrs_topic_partition(row->msg.tstate, p);
+
+			last_ack_at = now;
+			if (part)
+			{
+				part->last_ack_at = now;
+				if (part->stalled)
+					unstall(part);
+			}
+			cqrs_topic_resume(row->msg.tstate);
+			finish(row, order_acked(row));
+		}
+		else if (row->dlt && was_inflight)
+			dead_letter_report(row);
+		else
+			handle_failure(row, was_inflight);
+	}
+	if (nacks > 0)
+	{
+		pg_atomic_fetch_add_u64(&cqrs_shared->acks, nacks);
+		pg_atomic_fetch_add_u64(&cqrs_shared->ack_wait_us, (uint64) wait_us);
+		SpinLockAcquire(&cqrs_shared->mutex);
+		cqrs_shared->ack_wait_max_us = Max(cqrs_shared->ack_wait_max_us, wait_max);
+		SpinLockRelease(&cqrs_shared->mutex);
+	}
+}
+
+/* The rows whose outcome is to be recorded. */
+dlist_head *
+pipeline_done_rows(void)
+{
+	return &done;
+}
+
+/* Their outcome is recorded and durable enough: let them go. */
+void
+pipeline_recorded(void)
+{
+	int64	   *ids = palloc(sizeof(int64) * Max(n_done, 1));
+	int			n = 0;
+
+	while (!dlist_is_empty(&done))
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, dlist_pop_head_node(&done));
+
+		order_recorded(row);
+		ids[n++] = row->msg.id;
+		release_claim_row(row);
+	}
+	cqrs_inflight_ids_remove(ids, n);
+	n_done = 0;
+	pfree(ids);
+}
+
+/* ---- stalls ---------------------------------------------------------------------------- */
+
+static void
+clear_oldest(CqrsTopic *topic, void *arg)
+{
+	for (int p = 0; p < topic->nparts; p++)
+		topic->parts[p].oldest = 0;
+}
+
+static void
+end_empty_stalls(CqrsTopic *topic, void *arg)
+{
+	bool	   *changed = arg;
+
+	for (int p = 0; p < topic->nparts; p++)
+	{
+		CqrsPartition *part = &topic->parts[p];
+
+		/* a stalled partition with nothing in flight any more: try it again */
+		if (part->stalled && part->oldest == 0)
+		{
+			unstall(part);
+			*changed = true;
+		}
+	}
+}
+
+/*
+ * Find partitions whose oldest message waits longer than STALL_MS, without
+ * an acknowledgement of theirs for that long, while other partitions were
+ * acknowledged meanwhile; end stalls with nothing in flight.  Returns
+ * whether the set of stalled partitions changed; alert gets the first
+ * newly stalled partition ("topic[p]").
+ */
+bool
+pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
+{
+	bool		changed = false;
+	dlist_iter	it;
+	TimestampTz limit = now - (TimestampTz) STALL_MS * 1000;
+	bool		others_flow = (last_ack_at > limit);
+
+	alert[0] = '\0';
+	cqrs_topics_visit(clear_oldest, NULL);
+	n_stalled_inflight = 0;
+	dlist_foreach(it, &inflight)
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+		int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
+		CqrsPartition *part;
+
+		if (p < 0 || row->dlt)
+			continue;
+		part = cqrs_topic_partition(row->msg.tstate, p);
+		if (part->oldest == 0 || row->produced_at < part->oldest)
+			part->oldest = row->produced_at;
+		if (!part->stalled && others_flow && row->produced_at < limit &&
+			part->last_ack_at < limit)
+		{
+			part->stalled = true;
+			part->resume_from = PG_INT64_MAX;
+			changed = true;
+			if (alert[0] == '\0')
+				snprintf(alert, alertlen, "%s[%d]", row->msg.topic, p);
+		}
+		if (part->stalled)
+			n_stalled_inflight++;
+	}
+	cqrs_topics_visit(end_empty_stalls, &changed);
+	return changed;
+}
+
+/* Has anything been acknowledged within STALL_MS (while rows are in flight)? */
+bool
+pipeline_broker_waiting(TimestampTz now)
+{
+	dlist_iter	it;
+
+	if (n_inflight == 0)
+		return false;
+	if (last_ack_at != 0 && !TimestampDifferenceExceeds(last_ack_at, now, STALL_MS))
+		return false;
+	/* the oldest row in flight waits longer than that */
+	dlist_foreach(it, &inflight)
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+
+		if (TimestampDifferenceExceeds(row->produced_at, now, STALL_MS))
+			return true;
+	}
+	return false;
+}
+
+/* An answer about a topic's limit (a hook of cqrs_kafka_collect_limits). */
+void
+pipeline_learn_limit(const char *topic, int limit)
+{
+	int64		resume = cqrs_topic_learn_limit(topic, limit);
+
+	if (resume != PG_INT64_MAX)
+		order_revisit(resume);
+}
