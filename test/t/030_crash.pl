@@ -69,18 +69,23 @@ my $kills = 0;
 my @back;
 for my $c (0 .. $CHUNKS - 1)
 {
-	ok(enqueue_chunk($c), "chunk $c committed");
-
 	if ($c >= 1 && $c <= 5)
 	{
-		# the relay is draining the chunk just committed
-		usleep(int(rand(60_000)));
+		# the chunk is a backlog the relay drains when it is killed: it is
+		# frozen while the chunk is written, and killed shortly after it
+		# resumed
 		my $pid = relay_pid();
 		ok(defined $pid, "relay running before kill $c");
 		next unless defined $pid;
+		kill 'STOP', $pid;
+		ok(enqueue_chunk($c), "chunk $c committed");
+		kill 'CONT', $pid;
+		usleep(20_000 + int(rand(60_000)));
 		my $t0 = time;
 		kill 'KILL', $pid;
 		$kills++;
+		my $pending = try_psql("SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'") // 0;
+		cmp_ok($pending, '>', 0, "killed while draining a backlog ($pending rows pending)");
 		my $s = relay_back_after($pid, $t0);
 		push @back, $s;
 		ok(defined $s && $s <= 5,
@@ -88,6 +93,7 @@ for my $c (0 .. $CHUNKS - 1)
 	}
 	elsif ($c == 7)
 	{
+		ok(enqueue_chunk($c), "chunk $c committed");
 		usleep(int(rand(60_000)));
 		my $postmaster = $node->{_pid};
 		$node->kill9;
@@ -111,6 +117,10 @@ for my $c (0 .. $CHUNKS - 1)
 		push @back, $s;
 		ok(defined $s && $s <= 5,
 			sprintf('relay back %.2f s after the postmaster restart', $s // -1));
+	}
+	else
+	{
+		ok(enqueue_chunk($c), "chunk $c committed");
 	}
 }
 is($kills, 6, 'six kills: five of the relay, one of the postmaster');

@@ -65,6 +65,16 @@ cmp_ok($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_outbox WHERE stat
 is($node->safe_psql('postgres', 'SELECT paused, state FROM cqrs_stats_relay'),
 	'1|waiting for broker', 'cqrs_stats_relay says the relay waits for the broker');
 
+# cqrs_discard() refuses a row the relay has in flight, and drops one it has not
+my $inflight = $node->safe_psql('postgres', "SELECT min(id) FROM cqrs_outbox WHERE status = 'PENDING'");
+my ($rc, $out, $err) = $node->psql('postgres', "SELECT cqrs_discard($inflight, 'outage test')");
+isnt($rc, 0, 'discarding a row waiting in the producer is refused');
+like($err, qr/is being sent right now/, 'with a reason');
+my ($last, $last_eid) = split /\|/, $node->safe_psql('postgres',
+	"SELECT id, event_id FROM cqrs_outbox WHERE status = 'PENDING' ORDER BY id DESC LIMIT 1");
+($rc, $out, $err) = $node->psql('postgres', "SELECT cqrs_discard($last, 'outage test')");
+is($rc, 0, 'a row not yet claimed is discarded') or diag($err);
+
 broker('resume');
 my $back = time;
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status <> 'SENT'", '0', 30),
@@ -93,6 +103,7 @@ for my $m (@msgs)
 	$last{ $m->{key} } = $id;
 }
 is(scalar(grep { !$seen{$_} } keys %outbox), 0, '0 lost: every event is in Kafka');
+ok(!$seen{$last_eid}, 'the discarded event is not');
 is($disorder // 0, 0, 'per-key order intact (by first delivery)');
 note('messages ' . scalar(@msgs) . ', distinct ' . scalar(keys %seen));
 

@@ -1,0 +1,78 @@
+# Only durable commits are published (issue 12, item 8).  A transaction that
+# enqueues with synchronous_commit = off is visible before its commit record
+# is flushed; if the relay published it and the server then crashed, Kafka
+# would hold an event for data that never existed.  The relay flushes the WAL
+# up to the rows' commits before producing them.
+#
+# To make the window wide: the WAL writer is frozen (SIGSTOP), and a session
+# holds a lock on the row so that the relay's own recording (which would
+# flush the WAL too) waits.  Once the message is in Kafka, every process of
+# the cluster is killed; after the restart the row must exist.
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use IPC::Run ();
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $node = new_node('asynccommit', 'wal_writer_delay' => '10s');
+my $topic = unique_topic('async');
+
+sub pid_of
+{
+	my ($type) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = '$type'");
+}
+
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 30),
+	'warm-up event sent');
+
+my $relay     = pid_of('cqrs_sync relay');
+my $walwriter = pid_of('walwriter');
+ok($relay =~ /^\d+$/ && $walwriter =~ /^\d+$/, 'relay and WAL writer found');
+
+kill 'STOP', $walwriter;
+kill 'STOP', $relay;
+my ($id, $event_id) = split /\|/, $node->safe_psql('postgres',
+	"SET synchronous_commit = off;
+	 SELECT id, event_id FROM cqrs_outbox WHERE id = cqrs_enqueue('$topic', 'A', '{\"n\": 1}')");
+my $locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN');
+$locker->query_safe("SELECT id FROM cqrs_outbox WHERE id = $id FOR UPDATE");
+kill 'CONT', $relay;
+
+# the message reaches Kafka
+my @msgs;
+my $deadline = time + 30;
+while (time < $deadline)
+{
+	@msgs = grep { $_->{key} eq 'A' } kafka_consume($topic, 2, 5, json => 0);
+	last if @msgs;
+	usleep(100_000);
+}
+is(scalar @msgs, 1, 'the event was published');
+
+# crash: every process of the cluster, the frozen WAL writer too
+my $postmaster = $node->{_pid};
+my @children = split ' ', `pgrep -P $postmaster`;
+kill 'KILL', $postmaster, @children;
+for (1 .. 100)
+{
+	last unless grep { kill 0, $_ } ($postmaster, @children);
+	usleep(100_000);
+}
+$node->{_pid} = undef;
+$locker->{run}->kill_kill if $locker->{run};
+$node->start;
+
+is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_outbox WHERE event_id = '$event_id'"),
+	'1', 'after the crash the outbox still holds the published event: its commit was flushed first');
+
+$node->stop;
+done_testing();

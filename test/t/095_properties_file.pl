@@ -1,0 +1,71 @@
+# The librdkafka properties file (issue 12, item 10): its lines may be long
+# (PEM values), it must not be readable by group or others, and no value of
+# it is ever echoed into the server log, last_error or a view, even when
+# librdkafka refuses it.
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $SECRET = 'Sup3r-Secret-Valu3';
+my $dir    = PostgreSQL::Test::Utils::tempdir('props');
+my $props  = "$dir/producer.properties";
+
+sub write_props
+{
+	my ($text, $mode) = @_;
+	open my $fh, '>', $props or die "$props: $!";
+	print $fh $text;
+	close $fh;
+	chmod $mode, $props;
+}
+
+# a line of 10,000 characters
+my $long = 'c' x 10000;
+write_props("# producer settings\nclient.id = $long\nsasl.password = $SECRET\n", 0600);
+
+my $node = new_node(
+	'props',
+	'cqrs_sync.kafka_config_file' => $props,
+	'log_line_prefix'             => '%m [%p] %e ');
+my $topic = unique_topic('props');
+
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 1}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 30),
+	'a file with a 10,000-character line is read whole and used');
+
+# readable by the group: refused
+chmod 0640, $props;
+$node->reload;
+ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'no producer', 30),
+	'a properties file readable by group is refused (state: no producer)');
+like($node->safe_psql('postgres', 'SELECT last_error FROM cqrs_stats_relay'),
+	qr/group or world access/, 'and last_error says why');
+
+# a value librdkafka refuses is not echoed
+write_props("linger.ms = not-a-number-$SECRET\nsasl.password = $SECRET\n", 0600);
+$node->reload;
+ok( wait_for($node,
+		"SELECT last_error LIKE '%linger.ms%' FROM cqrs_stats_relay", 't', 30),
+	'a refused property is reported by name');
+my $log = slurp_file($node->logfile);
+unlike($log, qr/\Q$SECRET\E/, 'the refused value is not in the server log');
+unlike($node->safe_psql('postgres', 'SELECT last_error FROM cqrs_stats_relay'),
+	qr/\Q$SECRET\E/, 'nor in last_error');
+is($node->safe_psql('postgres',
+		"SELECT count(*) FROM cqrs_stats_relay s WHERE s::text LIKE '%$SECRET%'"),
+	'0', 'nor anywhere in the view');
+
+# fixed: it runs again
+write_props("sasl.password = $SECRET\n", 0600);
+$node->reload;
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 2}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '2', 30),
+	'with the file fixed, the relay sends again');
+
+$node->stop;
+done_testing();
