@@ -268,21 +268,14 @@ stop() {
     rm -rf "$STATE/data"
 }
 
-# SIGSTOP / SIGCONT: a sick broker that keeps its sockets and its port.
-freeze() {
+# freeze/thaw: SIGSTOP / SIGCONT, a sick broker that keeps its sockets and
+# its port.
+signal_broker() { # signal what-it-is-now
     local pid
     pid="$(broker_pid)"
-    [ -n "$pid" ] || cqrs_die "no running broker at $ADDR to freeze"
-    kill -STOP "$pid"
-    log "frozen (pid $pid)"
-}
-
-thaw() {
-    local pid
-    pid="$(broker_pid)"
-    [ -n "$pid" ] || cqrs_die "no broker at $ADDR to thaw"
-    kill -CONT "$pid"
-    log "thawed (pid $pid)"
+    [ -n "$pid" ] || cqrs_die "no broker at $ADDR"
+    kill "-$1" "$pid"
+    log "$2 (pid $pid)"
 }
 
 is_frozen() {
@@ -312,8 +305,8 @@ case "${1:-}" in
     stop) stop ;;
     halt) halt ;;
     resume) resume ;;
-    freeze) freeze ;;
-    thaw) thaw ;;
+    freeze) signal_broker STOP frozen ;;
+    thaw) signal_broker CONT thawed ;;
     status) status ;;
     address) echo "$ADDR" ;;
     *)

@@ -3,8 +3,9 @@
 #
 # Builds the test tool test/kafka/NAME.c (mock_cluster, probe_producer) against
 # librdkafka into OUTDIR (default $CQRS_TEST_DIR/bin), unless an up-to-date
-# binary is already there, and prints the binary's path.  These tools are test
-# infrastructure: never part of the extension's build, never committed.
+# binary is already there (newer than NAME.c and test/kafka/*.h), and prints
+# the binary's path.  These tools are test infrastructure: never part of the
+# extension's build, never committed.
 #
 #   "$(bash test/kafka/ctool.sh mock_cluster)" -b 3     # then type commands
 #
@@ -24,7 +25,15 @@ out="$outdir/$name"
 
 [ -f /usr/include/librdkafka/rdkafka_mock.h ] ||
     cqrs_die "librdkafka headers missing (install librdkafka-dev: test/setup-deps.sh)"
-if [ ! -x "$out" ] || [ "$src" -nt "$out" ]; then
+stale=
+if [ ! -x "$out" ]; then
+    stale=1
+else
+    for f in "$src" "$HERE"/*.h; do
+        [ "$f" -nt "$out" ] && stale=1
+    done
+fi
+if [ -n "$stale" ]; then
     mkdir -p "$outdir"
     # built under a temporary name: a concurrent user never runs half a file
     "${CC:-cc}" -std=gnu11 -O1 -g -Wall -Wextra -Werror -Wno-unused-parameter \

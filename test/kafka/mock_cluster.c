@@ -75,16 +75,13 @@
  *
  *-------------------------------------------------------------------------
  */
-#include <ctype.h>
-#include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
+
+#include "linecmd.h"
 
 #define MAX_ARGS	64
 
@@ -136,33 +133,6 @@ static const ApiName api_names[] = {
 
 static rd_kafka_mock_cluster_t *mcluster;
 
-/* One answer line, flushed: the driving test reads it at once. */
-static void
-answer(const char *fmt,...)
-{
-	va_list		ap;
-
-	va_start(ap, fmt);
-	vfprintf(stdout, fmt, ap);
-	va_end(ap);
-	fputc('\n', stdout);
-	fflush(stdout);
-}
-
-static int
-parse_int(const char *s, long min, long max, long *out)
-{
-	char	   *end;
-	long		v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno != 0 || end == s || *end != '\0' || v < min || v > max)
-		return 0;
-	*out = v;
-	return 1;
-}
-
 /* An API by name (case-insensitive) or number; NULL and an error if neither. */
 static const ApiName *
 parse_api(const char *s, char *why, size_t whylen)
@@ -173,7 +143,7 @@ parse_api(const char *s, char *why, size_t whylen)
 	for (const ApiName *a = api_names; a->name; a++)
 		if (strcasecmp(a->name, s) == 0)
 			return a;
-	if (parse_int(s, 0, 32767, &key))
+	if (parse_long(s, 0, 32767, &key))
 	{
 		for (const ApiName *a = api_names; a->name; a++)
 			if (a->key == key)
@@ -225,7 +195,7 @@ parse_err(const char *s, rd_kafka_resp_err_t *out, char *why, size_t whylen)
 			return 1;
 		}
 	}
-	if (parse_int(s, -200, 32767, &code))
+	if (parse_long(s, -200, 32767, &code))
 	{
 		*out = (rd_kafka_resp_err_t) code;
 		return 1;
@@ -239,7 +209,7 @@ parse_broker(const char *s, int allow_all, int32_t *out, char *why, size_t whyle
 {
 	long		id;
 
-	if (!parse_int(s, allow_all ? -1 : 0, INT32_MAX, &id))
+	if (!parse_long(s, allow_all ? -1 : 0, INT32_MAX, &id))
 	{
 		snprintf(why, whylen, "bad broker id \"%s\"%s", s,
 				 allow_all ? " (a broker id, or -1 for all)" : "");
@@ -256,29 +226,6 @@ check_rkerr(rd_kafka_resp_err_t err, char *why, size_t whylen)
 		return 1;
 	snprintf(why, whylen, "%s: %s", rd_kafka_err2name(err), rd_kafka_err2str(err));
 	return 0;
-}
-
-/* Number of words, or -1 when there are too many. */
-static int
-split_words(char *line, char **argv)
-{
-	int			argc = 0;
-	char	   *p = line;
-
-	for (;;)
-	{
-		while (isspace((unsigned char) *p))
-			p++;
-		if (*p == '\0')
-			return argc;
-		if (argc == MAX_ARGS)
-			return -1;
-		argv[argc++] = p;
-		while (*p && !isspace((unsigned char) *p))
-			p++;
-		if (*p)
-			*p++ = '\0';
-	}
 }
 
 static int
@@ -329,7 +276,7 @@ cmd_broker_errors(int argc, char **argv, char *why, size_t whylen)
 		if (at)
 		{
 			*at = '\0';
-			if (!parse_int(at + 1, 0, 3600000, &rtts[n]))
+			if (!parse_long(at + 1, 0, 3600000, &rtts[n]))
 			{
 				snprintf(why, whylen, "bad round-trip time \"%s\"", at + 1);
 				return 0;
@@ -355,8 +302,8 @@ cmd_topic(int argc, char **argv, char *why, size_t whylen)
 				rf = 1;
 
 	if (argc < 3 || argc > 4 ||
-		!parse_int(argv[2], 1, 100000, &parts) ||
-		(argc == 4 && !parse_int(argv[3], 1, 1000, &rf)))
+		!parse_long(argv[2], 1, 100000, &parts) ||
+		(argc == 4 && !parse_long(argv[3], 1, 1000, &rf)))
 	{
 		snprintf(why, whylen, "usage: topic TOPIC PARTITIONS [REPLICATION]");
 		return 0;
@@ -372,7 +319,7 @@ cmd_partition(int argc, char **argv, char *why, size_t whylen)
 	int32_t		broker;
 	int			leader = strcmp(argv[0], "leader") == 0;
 
-	if (argc != 4 || !parse_int(argv[2], 0, INT32_MAX, &part) ||
+	if (argc != 4 || !parse_long(argv[2], 0, INT32_MAX, &part) ||
 		!parse_broker(argv[3], leader, &broker, why, whylen))
 	{
 		snprintf(why, whylen, "usage: %s TOPIC PARTITION BROKER%s", argv[0],
@@ -458,7 +405,7 @@ run_command(int argc, char **argv, char *value, size_t valuelen,
 	}
 	if (strcmp(cmd, "rtt") == 0)
 	{
-		if (argc != 3 || !parse_int(argv[2], 0, 3600000, &a))
+		if (argc != 3 || !parse_long(argv[2], 0, 3600000, &a))
 		{
 			snprintf(why, whylen, "usage: rtt BROKER|-1 MS");
 			return 0;
@@ -484,9 +431,9 @@ run_command(int argc, char **argv, char *value, size_t valuelen,
 	{
 		long		part;
 
-		if (argc != 5 || !parse_int(argv[2], 0, INT32_MAX, &part) ||
-			!parse_int(argv[3], -1, INT32_MAX, &a) ||
-			!parse_int(argv[4], -1, INT32_MAX, &b))
+		if (argc != 5 || !parse_long(argv[2], 0, INT32_MAX, &part) ||
+			!parse_long(argv[3], -1, INT32_MAX, &a) ||
+			!parse_long(argv[4], -1, INT32_MAX, &b))
 		{
 			snprintf(why, whylen, "usage: follower-wmarks TOPIC PARTITION LO HI");
 			return 0;
@@ -523,8 +470,8 @@ run_command(int argc, char **argv, char *value, size_t valuelen,
 	}
 	if (strcmp(cmd, "apiversion") == 0)
 	{
-		if (argc != 4 || !parse_int(argv[2], -1, 100, &a) ||
-			!parse_int(argv[3], -1, 100, &b))
+		if (argc != 4 || !parse_long(argv[2], -1, 100, &a) ||
+			!parse_long(argv[3], -1, 100, &b))
 		{
 			snprintf(why, whylen, "usage: apiversion API MIN MAX");
 			return 0;
@@ -565,7 +512,7 @@ main(int argc, char **argv)
 	{
 		if (strcmp(argv[i], "-b") == 0 && i + 1 < argc)
 		{
-			if (!parse_int(argv[++i], 1, 64, &brokers))
+			if (!parse_long(argv[++i], 1, 64, &brokers))
 				usage(argv[0]);
 		}
 		else if (strcmp(argv[i], "-t") == 0 && i + 1 < argc && ntopics < MAX_ARGS)
@@ -626,8 +573,7 @@ main(int argc, char **argv)
 		char		why[1024] = "";
 		int			n;
 
-		line[strcspn(line, "\r\n")] = '\0';
-		n = split_words(line, words);
+		n = split_words(line, words, MAX_ARGS);
 		if (n == 0)
 			continue;
 		if (n < 0)

@@ -37,16 +37,14 @@
  *
  *-------------------------------------------------------------------------
  */
-#include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
 
 #include <librdkafka/rdkafka.h>
+
+#include "linecmd.h"
 
 typedef struct Sent
 {
@@ -63,18 +61,6 @@ static size_t nsent,
 			sent_cap;
 static size_t ndelivered,
 			nfailed;
-
-static void
-answer(const char *fmt,...)
-{
-	va_list		ap;
-
-	va_start(ap, fmt);
-	vfprintf(stdout, fmt, ap);
-	va_end(ap);
-	fputc('\n', stdout);
-	fflush(stdout);
-}
 
 /* A line on stderr with the wall-clock time, for the test's log. */
 static void
@@ -100,20 +86,6 @@ now_ms(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
-}
-
-static int
-parse_long(const char *s, long min, long max, long *out)
-{
-	char	   *end;
-	long		v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno != 0 || end == s || *end != '\0' || v < min || v > max)
-		return 0;
-	*out = v;
-	return 1;
 }
 
 static void
@@ -365,17 +337,20 @@ main(int argc, char **argv)
 	while (fgets(line, sizeof(line), stdin))
 	{
 		char	   *words[8];
-		int			n = 0;
+		int			n;
 		long		a,
 					b;
 		char		reason[512];
 		rd_kafka_resp_err_t err;
 
-		line[strcspn(line, "\r\n")] = '\0';
-		for (char *tok = strtok(line, " \t"); tok && n < 8; tok = strtok(NULL, " \t"))
-			words[n++] = tok;
+		n = split_words(line, words, 8);
 		if (n == 0)
 			continue;
+		if (n < 0)
+		{
+			answer("error: too many words");
+			continue;
+		}
 		if (strcmp(words[0], "produce") == 0)
 			cmd_produce(rk, n, words);
 		else if (strcmp(words[0], "poll") == 0 && n == 2 && parse_long(words[1], 0, 600000, &a))

@@ -194,9 +194,7 @@ Creates a topic with test/kafka/topic.sh (Kafka's TopicCommand); @configs are
 sub create_topic
 {
 	my ($name, $partitions, @configs) = @_;
-	_kafka_script({}, 'topic.sh', 'create', $name, $partitions, @configs);
-	note("created topic $name ($partitions partitions) @configs");
-	return $name;
+	return _create_topic('create', $name, $partitions, "$partitions partitions", @configs);
 }
 
 =pod
@@ -219,8 +217,16 @@ partition.  Dies on failure.
 sub create_topic_assigned
 {
 	my ($name, $assignment, @configs) = @_;
-	_kafka_script({}, 'topic.sh', 'create-assigned', $name, $assignment, @configs);
-	note("created topic $name (replicas $assignment) @configs");
+	return _create_topic('create-assigned', $name, $assignment, "replicas $assignment",
+		@configs);
+}
+
+# topic.sh $cmd $name $placement @configs, noted as $what
+sub _create_topic
+{
+	my ($cmd, $name, $placement, $what, @configs) = @_;
+	_kafka_script({}, 'topic.sh', $cmd, $name, $placement, @configs);
+	note("created topic $name ($what) @configs");
 	return $name;
 }
 
