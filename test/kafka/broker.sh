@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
-# test/kafka/broker.sh start|stop|halt|resume|status|address
+# test/kafka/broker.sh start|stop|halt|resume|freeze|thaw|status|address
 #
 # A throwaway Apache Kafka 3.9.1 broker in KRaft mode (one combined
 # broker+controller, node.id=1) on 127.0.0.1, for tests.  The jars come from
 # Maven Central (test/kafka/pom.xml) into a cache that survives between runs.
 #
+# With KAFKA_JOIN set, a second (third, ...) broker instead: a broker-only
+# KRaft node (process.roles=broker, node.id=KAFKA_NODE_ID, default 2) that
+# joins the controller quorum of the broker at KAFKA_JOIN (a combined node
+# started by this script: its controller listens on its port+1) and takes
+# that cluster's id.  Topics then reach it through a replica assignment
+# (topic.sh create-assigned).  Used to make some partitions sick (freeze).
+#
 # Environment:
 #   KAFKA_PORT               broker port (default 19092); controller = port+1
+#                            (a joining broker has no controller port)
+#   KAFKA_JOIN               bootstrap address (127.0.0.1:PORT) of the broker
+#                            whose quorum to join; unset: a combined node 1
+#   KAFKA_NODE_ID            node.id of a joining broker (default 2)
+#   KAFKA_CONTROLLER         its controller.quorum.voters (default
+#                            1@<KAFKA_JOIN's host>:<KAFKA_JOIN's port + 1>)
+#   KAFKA_CLUSTER_ID         the cluster id to format the storage with
+#                            (default: a new one; when joining, the joined
+#                            broker's, asked with ClusterTool).  Given to both
+#                            nodes, it lets them start at the same time.
 #   KAFKA_MESSAGE_MAX_BYTES  broker message.max.bytes (default: Kafka's own)
 #   KAFKA_AUTO_CREATE        auto.create.topics.enable (default true)
 #   KAFKA_HEAP               JVM heap (default 512m)
@@ -18,7 +35,10 @@
 #                            data, pid file, server.properties and logs
 #
 # halt stops the broker keeping its data; resume starts it again on that
-# data (a broker outage for failure tests).
+# data (a broker outage for failure tests).  freeze stops the process with
+# SIGSTOP, thaw continues it (SIGCONT): unlike halt, a frozen broker keeps its
+# sockets, so clients' connections hang instead of failing, and the port is
+# never lost to lingering connections.
 # start prints the bootstrap address (127.0.0.1:PORT) on stdout; everything
 # else goes to stderr.
 set -euo pipefail
@@ -30,6 +50,14 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 KAFKA_VERSION=$CQRS_KAFKA_VERSION
 CONTROLLER_PORT=$((KAFKA_PORT + 1))
 ADDR="127.0.0.1:$KAFKA_PORT"
+JOIN="${KAFKA_JOIN:-}"
+if [ -n "$JOIN" ]; then
+    NODE_ID="${KAFKA_NODE_ID:-2}"
+    [[ $JOIN =~ ^([^:,]+):([0-9]+)$ ]] || cqrs_die "KAFKA_JOIN must be one HOST:PORT, not '$JOIN'"
+    VOTERS="${KAFKA_CONTROLLER:-1@${BASH_REMATCH[1]}:$((BASH_REMATCH[2] + 1))}"
+else
+    NODE_ID=1
+fi
 LIB="$CQRS_KAFKA_CACHE/lib"
 STATE="$CQRS_TEST_DIR/kafka-$KAFKA_PORT"
 PIDFILE="$STATE/broker.pid"
@@ -83,8 +111,10 @@ port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# A joining broker answers once it is registered and unfenced (only then
+# does Metadata list it).
 answers() {
-    kcat -L -b "$ADDR" -m 3 2>/dev/null | grep -q "broker 1 at"
+    kcat -L -b "$ADDR" -m 3 2>/dev/null | grep -q "broker $NODE_ID at"
 }
 
 start() {
@@ -95,7 +125,9 @@ start() {
         echo "$ADDR"
         return 0
     fi
-    for p in "$KAFKA_PORT" "$CONTROLLER_PORT"; do
+    local ports=("$KAFKA_PORT")
+    [ -n "$JOIN" ] || ports+=("$CONTROLLER_PORT")
+    for p in "${ports[@]}"; do
         if port_in_use "$p"; then
             cqrs_die "port $p on 127.0.0.1 is in use by another process; set KAFKA_PORT"
         fi
@@ -106,11 +138,22 @@ start() {
 
     rm -rf "$STATE"
     mkdir -p "$STATE/data"
-    cat >"$STATE/server.properties" <<EOF
+    if [ -n "$JOIN" ]; then
+        cat >"$STATE/server.properties" <<EOF
+process.roles=broker
+node.id=$NODE_ID
+controller.quorum.voters=$VOTERS
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+EOF
+    else
+        cat >"$STATE/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
 listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+EOF
+    fi
+    cat >>"$STATE/server.properties" <<EOF
 advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
@@ -140,8 +183,18 @@ EOF
     local jopts=(-Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC
         -Djava.awt.headless=true -Dlog4j.configuration="file:$STATE/log4j.properties")
 
-    local cluster_id
-    cluster_id="$(java "${jopts[@]}" -cp "$LIB/*" kafka.tools.StorageTool random-uuid 2>>"$STATE/kafka.out")"
+    local cluster_id="${KAFKA_CLUSTER_ID:-}"
+    if [ -n "$cluster_id" ]; then
+        :
+    elif [ -n "$JOIN" ]; then
+        # the quorum's own id: a broker formatted with another one is refused
+        cluster_id="$(java "${jopts[@]}" -cp "$LIB/*" org.apache.kafka.tools.ClusterTool \
+            cluster-id --bootstrap-server "$JOIN" 2>>"$STATE/kafka.out" |
+            sed -n 's/^Cluster ID: *//p')" || true
+        [ -n "$cluster_id" ] || cqrs_die "could not read the cluster id of the broker at $JOIN"
+    else
+        cluster_id="$(java "${jopts[@]}" -cp "$LIB/*" kafka.tools.StorageTool random-uuid 2>>"$STATE/kafka.out")"
+    fi
     java "${jopts[@]}" -cp "$LIB/*" kafka.tools.StorageTool format \
         -t "$cluster_id" -c "$STATE/server.properties" >>"$STATE/kafka.out" 2>&1 ||
         { tail -n 30 "$STATE/kafka.out" >&2; cqrs_die "kafka storage format failed"; }
@@ -187,6 +240,8 @@ halt() {
     if [ -n "$pid" ]; then
         log "stopping pid $pid"
         kill -TERM "$pid" 2>/dev/null || true
+        # a frozen broker acts on the TERM only once continued
+        kill -CONT "$pid" 2>/dev/null || true
         local deadline=$((SECONDS + 20))
         while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
             sleep 0.2
@@ -213,6 +268,21 @@ stop() {
     rm -rf "$STATE/data"
 }
 
+# freeze/thaw: SIGSTOP / SIGCONT, a sick broker that keeps its sockets and
+# its port.
+signal_broker() { # signal what-it-is-now
+    local pid
+    pid="$(broker_pid)"
+    [ -n "$pid" ] || cqrs_die "no broker at $ADDR"
+    kill "-$1" "$pid"
+    log "$2 (pid $pid)"
+}
+
+is_frozen() {
+    # the field after the parenthesised command name in /proc/PID/stat: T = stopped
+    [ "$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" = T ]
+}
+
 status() {
     local pid
     pid="$(broker_pid)"
@@ -220,7 +290,9 @@ status() {
         echo "not running"
         return 3
     fi
-    if answers; then
+    if is_frozen "$pid"; then
+        echo "frozen (pid $pid) at $ADDR"
+    elif answers; then
         echo "running (pid $pid) at $ADDR"
     else
         echo "process $pid alive but not answering at $ADDR"
@@ -233,10 +305,12 @@ case "${1:-}" in
     stop) stop ;;
     halt) halt ;;
     resume) resume ;;
+    freeze) signal_broker STOP frozen ;;
+    thaw) signal_broker CONT thawed ;;
     status) status ;;
     address) echo "$ADDR" ;;
     *)
-        echo "usage: $0 start|stop|halt|resume|status|address" >&2
+        echo "usage: $0 start|stop|halt|resume|freeze|thaw|status|address" >&2
         exit 2
         ;;
 esac

@@ -3,6 +3,7 @@
 # (kafka-tools, from the jars test/kafka/broker.sh fetched).
 #
 #   topic.sh create NAME PARTITIONS [config=value ...]
+#   topic.sh create-assigned NAME ASSIGNMENT [config=value ...]
 #   topic.sh alter-config NAME config=value [config=value ...]
 #   topic.sh describe NAME
 #   topic.sh delete NAME
@@ -10,6 +11,14 @@
 #
 # The broker is KAFKA_BROKERS if set, else 127.0.0.1:$KAFKA_PORT (default 19092).
 # Example: topic.sh create orders 4 max.message.bytes=200000
+#
+# create-assigned places every replica explicitly (TopicCommand's
+# --replica-assignment): partitions separated by commas, the replicas of a
+# partition (broker ids, the preferred leader first) by colons; every
+# partition must have the same number of replicas.  E.g. with a second broker
+# (broker.sh with KAFKA_JOIN): "1,2" puts partition 0 on broker 1 and
+# partition 1 on broker 2 only; "1:2,1:2" with min.insync.replicas=2 needs
+# both brokers for every acks=all write.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -50,6 +59,15 @@ case "$cmd" in
         mapfile -d '' cfg < <(configs "$@")
         tool --create --topic "$name" --partitions "$parts" --replication-factor 1 "${cfg[@]}"
         ;;
+    create-assigned)
+        [ $# -ge 2 ] || cqrs_die "usage: $0 create-assigned NAME ASSIGNMENT [config=value ...]"
+        name="$1" assignment="$2"
+        shift 2
+        [[ $assignment =~ ^[0-9]+(:[0-9]+)*(,[0-9]+(:[0-9]+)*)*$ ]] ||
+            cqrs_die "not a replica assignment (e.g. 1,2 or 1:2,2:1): $assignment"
+        mapfile -d '' cfg < <(configs "$@")
+        tool --create --topic "$name" --replica-assignment "$assignment" "${cfg[@]}"
+        ;;
     alter-config)
         [ $# -ge 2 ] || cqrs_die "usage: $0 alter-config NAME config=value [...]"
         name="$1"
@@ -73,7 +91,7 @@ case "$cmd" in
         tool --list
         ;;
     *)
-        echo "usage: $0 create NAME PARTITIONS [config=value ...] | alter-config NAME config=value ... | describe NAME | delete NAME | list" >&2
+        echo "usage: $0 create NAME PARTITIONS [config=value ...] | create-assigned NAME ASSIGNMENT [config=value ...] | alter-config NAME config=value ... | describe NAME | delete NAME | list" >&2
         exit 2
         ;;
 esac

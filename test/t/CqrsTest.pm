@@ -30,15 +30,20 @@ use strict;
 use warnings;
 
 use Exporter 'import';
+use File::Basename ();
+use IO::Socket::INET ();
 use IPC::Run ();
 use JSON::PP ();
+use MIME::Base64 ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
 our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
-  wait_for create_topic);
+  wait_for create_topic create_topic_assigned kafka_broker_start
+  kafka_cluster_start kafka_partition_leaders mock_cluster_start
+  probe_producer_start);
 
 =pod
 
@@ -134,6 +139,32 @@ sub kafka_ping
 
 =pod
 
+=item kafka_partition_leaders($topic, [$bootstrap])
+
+The leader of each partition of $topic as the cluster's metadata says now
+(kcat -L, from $bootstrap, default $ENV{KAFKA_BROKERS}): a hash reference
+partition =E<gt> broker id, -1 for a partition without a leader (e.g. its only
+replica is on a frozen broker the controller has fenced).  Empty if the
+metadata request failed.
+
+=cut
+
+sub kafka_partition_leaders
+{
+	my ($topic, $bootstrap) = @_;
+	my ($out, $err) = ('', '');
+	eval {
+		IPC::Run::run(
+			[ 'kcat', '-L', '-b', $bootstrap // kafka_brokers(), '-t', $topic, '-m', 5 ],
+			'<', \undef, '>', \$out, '2>', \$err,
+			IPC::Run::timeout(15));
+	};
+	my %leader = $out =~ /^\s*partition (\d+), leader (-?\d+),/mg;
+	return \%leader;
+}
+
+=pod
+
 =item unique_topic($prefix)
 
 A topic name not used before: "cqrs-$prefix-<time>-<pid>-<n>".
@@ -163,17 +194,68 @@ Creates a topic with test/kafka/topic.sh (Kafka's TopicCommand); @configs are
 sub create_topic
 {
 	my ($name, $partitions, @configs) = @_;
-	my $repo = $ENV{CQRS_REPO} // die "CQRS_REPO is not set";
-	my ($out, $err) = ('', '');
-	my $ok = eval {
-		IPC::Run::run(
-			[ 'bash', "$repo/test/kafka/topic.sh", 'create', $name, $partitions, @configs ],
-			'<', \undef, '>', \$out, '2>', \$err,
-			IPC::Run::timeout(120));
-	};
-	die "could not create topic $name: $out$err" unless $ok;
-	note("created topic $name ($partitions partitions) @configs");
+	return _create_topic('create', $name, $partitions, "$partitions partitions", @configs);
+}
+
+=pod
+
+=item create_topic_assigned($name, $assignment, @configs)
+
+Creates a topic whose replicas are placed explicitly (test/kafka/topic.sh
+create-assigned, TopicCommand's --replica-assignment) on the cluster of
+$ENV{KAFKA_BROKERS}: partitions separated by commas, each partition's broker
+ids (preferred leader first) by colons, the same number of replicas for every
+partition.  Dies on failure.
+
+  # partition 0 on broker 1, partition 1 on broker 2 only
+  create_topic_assigned($topic, '1,2');
+  # both brokers in every partition, acks=all needs both
+  create_topic_assigned($topic2, '1:2', 'min.insync.replicas=2');
+
+=cut
+
+sub create_topic_assigned
+{
+	my ($name, $assignment, @configs) = @_;
+	return _create_topic('create-assigned', $name, $assignment, "replicas $assignment",
+		@configs);
+}
+
+# topic.sh $cmd $name $placement @configs, noted as $what
+sub _create_topic
+{
+	my ($cmd, $name, $placement, $what, @configs) = @_;
+	_kafka_script({}, 'topic.sh', $cmd, $name, $placement, @configs);
+	note("created topic $name ($what) @configs");
 	return $name;
+}
+
+# Runs test/kafka/$script with @args and the environment overrides in
+# %$env; returns its stdout, dies with its output if it fails.
+sub _kafka_script
+{
+	return _kafka_script_finish(_kafka_script_start(@_));
+}
+
+# The same in two steps, for scripts that run side by side.
+sub _kafka_script_start
+{
+	my ($env, $script, @args) = @_;
+	my $repo = $ENV{CQRS_REPO} // die "CQRS_REPO is not set";
+	my $run  = { what => "$script @args", out => '', err => '' };
+	local @ENV{ keys %$env } = values %$env;
+	$run->{h} = IPC::Run::start([ 'bash', "$repo/test/kafka/$script", @args ],
+		'<', \undef, '>', \$run->{out}, '2>', \$run->{err},
+		IPC::Run::timeout(180));
+	return $run;
+}
+
+sub _kafka_script_finish
+{
+	my ($run) = @_;
+	my $ok = eval { $run->{h}->finish };
+	die "$run->{what} failed: $run->{out}$run->{err}" . ($@ // '') unless $ok;
+	return $run->{out};
 }
 
 =pod
@@ -196,7 +278,8 @@ error here: compare the count in the test so the failure shows.
 
 Options: C<json =E<gt> 0> skips decoding the values (JSON::PP decodes about
 13,000 small values a second: use it for large topics and decode what you
-need).
+need); C<partition =E<gt> N> reads partition N only (e.g. the healthy one of a
+topic with a sick partition, which could never be read to its end).
 
 =cut
 
@@ -206,6 +289,7 @@ sub kafka_consume
 	$expected //= 1;
 	$timeout  //= 30;
 	my $decode   = $opts{json} // 1;
+	my @part     = defined $opts{partition} ? ('-p', $opts{partition}) : ();
 	my $deadline = time + $timeout;
 	my ($out, $count) = ('', 0);
 	my $last_err = '';
@@ -219,7 +303,7 @@ sub kafka_consume
 		eval {
 			IPC::Run::run(
 				[
-					'kcat', '-C', '-b', kafka_brokers(), '-t', $topic,
+					'kcat', '-C', '-b', kafka_brokers(), '-t', $topic, @part,
 					'-o', 'beginning', '-e', '-q',
 					'-f', '%p\t%o\t%k\t%h\t%s\n'
 				],
@@ -310,8 +394,428 @@ sub wait_for
 
 =pod
 
-=back
+=item kafka_broker_start(%opts)
+
+Starts a throwaway Kafka broker of the test's own with test/kafka/broker.sh
+(state under the TAP temporary directory, on a free port) and returns a
+C<CqrsTest::Broker>; every broker started this way is stopped when the test
+exits.  Without C<join> it is a combined broker+controller, node 1, a cluster
+of its own.  With C<join =E<gt> $first-E<gt>bootstrap> it is a broker-only
+KRaft node (node.id C<node_id>, default 2) joining that first broker's
+controller quorum.  Join a broker started here, not the shared
+$ENV{KAFKA_BROKERS}: topics and consumer-offset partitions placed on the
+second broker would break the other tests once it is gone.  Options:
+C<port> (default: a free one), C<join>, C<node_id>, C<env> (a hash of more
+broker.sh settings, e.g. C<{ KAFKA_MESSAGE_MAX_BYTES =E<gt> 200000 }>).
+
+Methods: C<bootstrap> ("127.0.0.1:PORT"), C<node_id>, C<port>, C<pid>,
+C<freeze> (SIGSTOP: the broker keeps its sockets, clients hang),
+C<thaw> (SIGCONT), C<halt> and C<resume> (stop keeping the data, start again
+on the same port: see DESIGN.md section 6 on rebinding), C<stop>, C<status>
+(broker.sh status's line).
+
+  my $b1 = kafka_broker_start();
+  my $b2 = kafka_broker_start(join => $b1->bootstrap);
+
+=item kafka_cluster_start($brokers, %opts)
+
+The same for a cluster of $brokers (default 2) nodes started side by side
+(faster: they share a cluster id made here): node 1 a combined
+broker+controller, nodes 2.. broker-only nodes joining it.  Returns the
+C<CqrsTest::Broker>s, node 1 first.  %opts: C<env> as above.  This is how to
+make some partitions sick while others stay healthy (DESIGN.md section 6):
+
+  my ($b1, $b2) = kafka_cluster_start(2);
+  local $ENV{KAFKA_BROKERS} = $b1->bootstrap;
+  create_topic_assigned($topic, '1,2');   # partition 1 lives on broker 2 only
+  $b2->freeze;  ...;  $b2->thaw;
+
+Verified topology (test/t/007_second_broker.pl): with C<'1,2'> and broker 2
+frozen, an idempotent acks=all producer's messages to partition 0 are
+acknowledged at once while those to partition 1 stay unacknowledged (its
+leader becomes -1 once the controller fences broker 2, 8-9 s in), and are
+delivered within a second or two of the thaw, once each.  With C<'1:2'> and
+C<min.insync.replicas=2> the partition's messages stay unacknowledged too, but
+its leader is broker 1: a produce waiting there for broker 2 holds up every
+later produce of the same client to broker 1 (a broker serves one request per
+connection at a time) until the request times out (librdkafka's
+request.timeout.ms, 30 s by default), so partitions led by broker 1 stall as
+well for that long.
 
 =cut
+
+sub kafka_broker_start
+{
+	my (%opts) = @_;
+	my $port = $opts{port} // _free_port($opts{join} ? 0 : 1);
+	my ($b) = _brokers_start({ %opts, port => $port });
+	return $b;
+}
+
+sub kafka_cluster_start
+{
+	my ($brokers, %opts) = @_;
+	$brokers //= 2;
+	my $first = _free_port(1);
+	my @avoid = ($first, $first + 1);
+	my $id    = _kafka_uuid();
+	my @specs = ({ %opts, port => $first, cluster_id => $id });
+	for my $node (2 .. $brokers)
+	{
+		my $port = _free_port(0, @avoid);
+		push @avoid, $port;
+		push @specs,
+		  { %opts, port => $port, cluster_id => $id,
+			join => "127.0.0.1:$first", node_id => $node };
+	}
+	return _brokers_start(@specs);
+}
+
+# Starts the brokers described by @specs side by side; returns them when all
+# answer (dies if one does not; END stops the others).
+sub _brokers_start
+{
+	my (@specs) = @_;
+	my @brokers;
+	for my $o (@specs)
+	{
+		my $b = bless {
+			port    => $o->{port},
+			node_id => $o->{join} ? ($o->{node_id} // 2) : 1,
+			env     => {
+				%{ $o->{env} // {} },
+				KAFKA_PORT    => $o->{port},
+				CQRS_TEST_DIR => PostgreSQL::Test::Utils::tempdir("kafka$o->{port}"),
+				($o->{cluster_id} ? (KAFKA_CLUSTER_ID => $o->{cluster_id}) : ()),
+				($o->{join} ? (KAFKA_JOIN => $o->{join}, KAFKA_NODE_ID => $o->{node_id} // 2) : ()),
+			},
+		}, 'CqrsTest::Broker';
+		push @CqrsTest::Broker::started, $b;
+		$b->{run} = _kafka_script_start($b->{env}, 'broker.sh', 'start');
+		push @brokers, $b;
+	}
+	for my $b (@brokers)
+	{
+		my $addr = _kafka_script_finish(delete $b->{run});
+		chomp $addr;
+		$b->{bootstrap} = $addr;
+		note("kafka broker node $b->{node_id} at $addr"
+			  . ($b->{env}{KAFKA_JOIN} ? " (joined $b->{env}{KAFKA_JOIN})" : ''));
+	}
+	return @brokers;
+}
+
+# A free port, not one of @avoid; with $pair, port+1 (a combined broker's
+# controller) is free too.
+sub _free_port
+{
+	my ($pair, @avoid) = @_;
+	for (1 .. 50)
+	{
+		my $port = PostgreSQL::Test::Cluster::get_free_port();
+		next if grep { $_ == $port || ($pair && $_ == $port + 1) } @avoid;
+		return $port unless $pair;
+		my $sock = IO::Socket::INET->new(
+			LocalAddr => '127.0.0.1',
+			LocalPort => $port + 1,
+			Proto     => 'tcp',
+			ReuseAddr => 1,
+			Listen    => 1);
+		next unless $sock;
+		close $sock;
+		return $port;
+	}
+	die "no free port for a Kafka broker";
+}
+
+# A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (as
+# kafka-storage random-uuid makes them, never starting with "-").
+sub _kafka_uuid
+{
+	while (1)
+	{
+		my $bytes = join '', map { chr(int(rand(256))) } 1 .. 16;
+		my $id    = MIME::Base64::encode_base64url($bytes);
+		return $id unless $id =~ /^-/;
+	}
+}
+
+=pod
+
+=item mock_cluster_start($brokers, @topics)
+
+Builds (test/kafka/ctool.sh, into the TAP temporary directory) and starts
+test/kafka/mock_cluster, a librdkafka 2.0.2 mock cluster of $brokers brokers
+(default 1) listening on real TCP on 127.0.0.1; @topics are
+"NAME:PARTITIONS[:REPLICATION]" to create at once.  Returns a
+C<CqrsTest::MockCluster>, stopped when the test exits:
+
+  my $mock = mock_cluster_start(3, "$topic:4");
+  $mock->bootstrap;                     # "127.0.0.1:p1,127.0.0.1:p2,..."
+  $mock->cmd('errors Produce OUT_OF_ORDER_SEQUENCE_NUMBER');
+  $mock->cmd('down 2');  $mock->cmd('up 2');
+  my $answer = $mock->try_cmd('errors DescribeConfigs TOPIC_AUTHORIZATION_FAILED');
+  $mock->stop;
+
+C<cmd> sends one command line and returns what follows "ok" in its answer
+(often ''); it dies on an "error: ..." answer, C<try_cmd> returns the answer
+line as it is.  The commands (topic, errors, broker-errors, pending, clear,
+down, up, rtt, rack, leader, follower, follower-wmarks, topic-error,
+coordinator, apiversion, bootstrap) are described at the top of
+test/kafka/mock_cluster.c.  stderr goes to tmp_check/log/<test>_mock_cluster_N.log.
+
+Recipes, verified by test/t/006_mock_cluster.pl against librdkafka 2.0.2:
+
+=over
+
+=item *
+
+A fatal idempotent producer: C<errors Produce OUT_OF_ORDER_SEQUENCE_NUMBER>.
+The producer's next ProduceRequest gets it; when that request is the head of
+its partition's line (always, for a producer idle at the time of the push)
+librdkafka raises a fatal error: rd_kafka_fatal_error() returns
+OUT_OF_ORDER_SEQUENCE_NUMBER, the batch's delivery reports fail with
+OUT_OF_ORDER_SEQUENCE_NUMBER (POSSIBLY_PERSISTED), other queued messages with
+_PURGE_QUEUE, later rd_kafka_producev() calls with _FATAL.  A new producer on
+the same cluster works.  An idle producer sends no request that can turn
+fatal, so the fatal state begins with the first produce after the push.
+
+=item *
+
+A producer fatal from its start: C<errors InitProducerId
+CLUSTER_AUTHORIZATION_FAILED> before it is created (or re-created).
+
+=item *
+
+Not fatal in 2.0.2 (the idempotent producer recovers by bumping its epoch
+itself, or fails the message only): Produce UNKNOWN_PRODUCER_ID (even five
+in a row), INVALID_PRODUCER_EPOCH, PRODUCER_FENCED; InitProducerId errors
+after the start (an idempotent producer without transactional.id never asks
+for a producer id again).
+
+=item *
+
+DescribeConfigs always fails on the mock cluster, with _TIMED_OUT after the
+admin request timeout (the mock names controller 0, which does not exist, and
+topic DescribeConfigs goes to the controller); no error can be injected into
+it.
+
+=back
+
+The mock cluster does not check an idempotent producer's sequences
+(DESIGN.md section 5): use it for error paths, never for loss or duplication
+figures.
+
+=cut
+
+sub mock_cluster_start
+{
+	my ($brokers, @topics) = @_;
+	$brokers //= 1;
+	my $self = CqrsTest::LineProc::_start('CqrsTest::MockCluster', 'mock_cluster',
+		[ '-b', $brokers, map { ('-t', $_) } @topics ]);
+	$self->{bootstrap} = $self->{first_line};
+	die "mock_cluster printed no bootstrap servers: $self->{bootstrap}"
+	  unless $self->{bootstrap} =~ /^\S+:\d+(,\S+:\d+)*$/;
+	note("mock cluster ($brokers brokers) at $self->{bootstrap}");
+	return $self;
+}
+
+=pod
+
+=item probe_producer_start($bootstrap, %properties)
+
+Builds and starts test/kafka/probe_producer: an idempotent librdkafka
+producer with the relay's defaults (acks=all, message.timeout.ms=0,
+linger.ms=1, reconnect.backoff.max.ms=1000), %properties added or overriding
+(e.g. C<'max.in.flight' =E<gt> 1>).  Returns a C<CqrsTest::LineProc> with
+C<cmd>, C<try_cmd> and C<stop> as above; its commands: C<produce TOPIC
+PARTITION KEY [VALUE]>, C<poll MS>, C<wait N MS>, C<report KEY>
+("pending", "delivered PARTITION OFFSET", "failed ERR STATUS"), C<fatal>
+("NO_ERROR" or "ERR REASON"), C<describe-config TOPIC NAME MS> (see
+test/kafka/probe_producer.c).  For checking what the test infrastructure
+does to a librdkafka client, without the relay.
+
+  my $p = probe_producer_start($mock->bootstrap);
+  $p->cmd("produce $topic 0 k1");
+  $p->cmd('wait 1 5000');                 # "1 0 0": delivered failed pending
+  is($p->cmd('report k1'), 'delivered 0 0');
+
+=cut
+
+sub probe_producer_start
+{
+	my ($bootstrap, %props) = @_;
+	my $self = CqrsTest::LineProc::_start('CqrsTest::LineProc', 'probe_producer',
+		[ '-b', $bootstrap, map { ('-X', "$_=$props{$_}") } sort keys %props ]);
+	die "probe_producer did not start: $self->{first_line}"
+	  unless $self->{first_line} eq 'ready';
+	return $self;
+}
+
+package CqrsTest::LineProc;
+
+# A child that answers one line per command line (mock_cluster,
+# probe_producer).  All still running at exit are stopped.
+
+use Time::HiRes qw(usleep);
+
+our @started;
+my %tool_path;
+my $proc_seq = 0;
+
+# Builds test/kafka/$tool.c once per test script.
+sub _tool
+{
+	my ($tool) = @_;
+	return $tool_path{$tool} //= do
+	{
+		my $path = CqrsTest::_kafka_script({}, 'ctool.sh', $tool,
+			"$PostgreSQL::Test::Utils::tmp_check/bin");
+		chomp $path;
+		$path;
+	};
+}
+
+sub _start
+{
+	my ($class, $tool, $args) = @_;
+	my $self = bless { name => $tool, in => '', out => '' }, $class;
+	$proc_seq++;
+	$self->{log} = sprintf('%s/%s_%s_%d.log',
+		$PostgreSQL::Test::Utils::log_path, File::Basename::basename($0, '.pl'),
+		$tool, $proc_seq);
+	$self->{h} = IPC::Run::start([ _tool($tool), @$args ],
+		'<', \$self->{in}, '>', \$self->{out}, '2>', $self->{log});
+	push @started, $self;
+	$self->{first_line} = $self->_line(30);
+	return $self;
+}
+
+sub _line
+{
+	my ($self, $secs) = @_;
+	my $deadline = Time::HiRes::time() + $secs;
+	while ($self->{out} !~ /\n/)
+	{
+		die "$self->{name}: no answer within ${secs}s (log: $self->{log})"
+		  if Time::HiRes::time() > $deadline;
+		die "$self->{name} exited (log: $self->{log})"
+		  unless $self->{h}->pumpable;
+		$self->{h}->pump_nb;
+		usleep(5_000) if $self->{out} !~ /\n/;
+	}
+	$self->{out} =~ s/^([^\n]*)\n//;
+	return $1;
+}
+
+=pod
+
+=back
+
+=head2 CqrsTest::LineProc methods
+
+C<try_cmd($line, $timeout)> sends one command and returns its answer line
+(waits up to $timeout seconds, default 60; dies if none comes).
+C<cmd($line, $timeout)> the same, but returns the text after "ok " and dies
+on any other answer.  C<stop> ends the child (closes its stdin, then kills
+it if it lingers).
+
+=cut
+
+sub try_cmd
+{
+	my ($self, $line, $timeout) = @_;
+	die "$self->{name} is stopped" unless $self->{h};
+	$self->{in} .= "$line\n";
+	my $answer = $self->_line($timeout // 60);
+	Test::More::note("$self->{name}> $line => $answer");
+	return $answer;
+}
+
+sub cmd
+{
+	my ($self, $line, $timeout) = @_;
+	my $answer = $self->try_cmd($line, $timeout);
+	die "$self->{name}: \"$line\" answered: $answer\n" unless $answer =~ /^ok(?: (.*))?$/;
+	return $1 // '';
+}
+
+sub stop
+{
+	my ($self) = @_;
+	my $h = delete $self->{h} or return;
+	eval {
+		$self->{in} .= "quit\n";
+		$h->finish(IPC::Run::timeout(10));
+		1;
+	} or eval { $h->kill_kill(grace => 2) };
+	return;
+}
+
+package CqrsTest::MockCluster;
+
+our @ISA = ('CqrsTest::LineProc');
+
+sub bootstrap { return $_[0]{bootstrap} }
+
+package CqrsTest::Broker;
+
+our @started;
+
+sub bootstrap { return $_[0]{bootstrap} }
+sub node_id   { return $_[0]{node_id} }
+sub port      { return $_[0]{port} }
+
+sub pid
+{
+	my ($self) = @_;
+	my $file = "$self->{env}{CQRS_TEST_DIR}/kafka-$self->{port}/broker.pid";
+	open my $fh, '<', $file or return undef;
+	my $pid = <$fh>;
+	close $fh;
+	chomp $pid if defined $pid;
+	return $pid;
+}
+
+sub _run
+{
+	my ($self, $cmd) = @_;
+	my $out = CqrsTest::_kafka_script($self->{env}, 'broker.sh', $cmd);
+	$self->{stopped} = 1 if $cmd eq 'stop';
+	return $out;
+}
+
+sub freeze { $_[0]->_run('freeze'); return }
+sub thaw   { $_[0]->_run('thaw');   return }
+sub halt   { $_[0]->_run('halt');   return }
+sub resume { $_[0]->_run('resume'); return }
+sub stop   { $_[0]->_run('stop');   return }
+
+# broker.sh status's line, whatever its exit status
+sub status
+{
+	my ($self) = @_;
+	my $run = CqrsTest::_kafka_script_start($self->{env}, 'broker.sh', 'status');
+	eval { $run->{h}->finish };
+	my $out = $run->{out};
+	chomp $out;
+	return $out;
+}
+
+package CqrsTest;
+
+# Children of the helpers above do not outlive the test: probes and mock
+# clusters first, then the brokers, the last started (a joined one) first.
+END
+{
+	local $?;
+	$_->stop for grep { $_->{h} } @CqrsTest::LineProc::started;
+	for my $b (reverse @CqrsTest::Broker::started)
+	{
+		next if $b->{stopped};
+		eval { $b->stop };
+	}
+}
 
 1;
