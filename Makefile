@@ -29,6 +29,15 @@ PG_CONFIG  ?= pg_config
 PGXS       := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# Rebuild objects when a header they include changes (Debian's PostgreSQL is
+# not configured with --enable-depend, so PGXS does not track this).
+# (Each compile writes its own list, src/x.o.d or src/x.bc.d; CFLAGS and
+# BITCODE_CFLAGS are expanded per target, so $@ is the object.)
+override CFLAGS += -MMD -MP -MF $@.d
+override BITCODE_CFLAGS += -MMD -MP -MF $@.d
+-include $(OBJS:.o=.o.d) $(OBJS:.o=.bc.d)
+EXTRA_CLEAN += $(OBJS:.o=.o.d) $(OBJS:.o=.bc.d)
+
 .PHONY: e2e pgtap bench demo test
 
 # pgTAP behaviour tests against the running throwaway cluster (PGPORT/PGHOST).

@@ -60,6 +60,7 @@ typedef struct RelayRow
 	char	   *error;			/* why it failed */
 	char	   *dlt_error;		/* why its dead letter failed */
 	bool		newly_paused;	/* its failure paused its topic */
+	bool		failure_noted;	/* relay_order.c knows of its failure */
 	dlist_node	node;			/* in flight, or reported, or done */
 } RelayRow;
 
@@ -68,6 +69,7 @@ typedef struct RelayClaim
 {
 	MemoryContext cxt;
 	int			nopen;			/* rows not yet recorded */
+	uint64		discard_seq;	/* cqrs_shared->discard_seq before the scan */
 } RelayClaim;
 
 /* ---- relay_worker.c ---- */
@@ -116,10 +118,11 @@ extern void order_revisit(int64 from);
 extern bool order_revisit_pending(int64 cursor);
 extern OrderVerdict order_judge(RelayRow *row, bool waiting, TimestampTz next_attempt_at);
 extern void order_hold(RelayRow *row);
-extern bool order_discard_recheck(RelayRow **rows, int n, bool *held, int64 cursor);
 extern void order_produced(RelayRow *row);
 extern RelayOutcome order_acked(RelayRow *row);
 extern bool order_failed(RelayRow *row, bool was_inflight);
+extern bool order_blocked(RelayRow *row);
+extern bool order_failed_first(RelayRow *row);
 extern void order_recorded(RelayRow *row);
 extern TimestampTz order_expire(TimestampTz now);
 

@@ -431,39 +431,30 @@ order_judge(RelayRow *row, bool waiting, TimestampTz next_attempt_at)
 	return ORDER_GO;
 }
 
+/*
+ * Just before producing a claimed row: has an earlier row of its key failed,
+ * or been held, since the claim?  Then it waits (held) instead.
+ */
+bool
+order_blocked(RelayRow *row)
+{
+	KeyState   *ks = keys_lookup(keystates, row->holdhash);
+
+	if (ks == NULL)
+		return false;
+	if (ks->hold_from < row->msg.id)
+		return true;			/* an earlier row of the key waits now */
+	if (ks->failing_id == 0 || row->msg.id < ks->failing_id)
+		return false;
+	key_hold(ks, row->msg.id);
+	return true;
+}
+
 /* The row waits for a reason of the pipeline's (paused, stalled). */
 void
 order_hold(RelayRow *row)
 {
 	key_hold(key_get(row->holdhash), row->msg.id);
-}
-
-/*
- * Before producing: discards registered since the claim read the registry
- * (the caller published the rows' ids first).  Sets held[i] for rows that
- * must not go after all; returns whether any.
- */
-bool
-order_discard_recheck(RelayRow **rows, int n, bool *held, int64 cursor)
-{
-	bool		any = false;
-
-	pg_memory_barrier();
-	if (pg_atomic_read_u32(&cqrs_shared->ndiscarding) == 0)
-		return false;
-
-	/* read the registry again; watch what is new */
-	order_read_registry(prev_hw, cursor);
-	for (int i = 0; i < n; i++)
-	{
-		held[i] = registry_holds(rows[i]->msg.id, rows[i]->keyhash);
-		if (held[i])
-		{
-			order_hold(rows[i]);
-			any = true;
-		}
-	}
-	return any;
 }
 
 void
@@ -544,6 +535,15 @@ order_failed(RelayRow *row, bool was_inflight)
 		ks->max_inflight = 0;
 	}
 	return first;
+}
+
+/* Is the row its key's earliest unrecorded failure? */
+bool
+order_failed_first(RelayRow *row)
+{
+	KeyState   *ks = keys_lookup(keystates, row->holdhash);
+
+	return ks != NULL && ks->failing_id == row->msg.id;
 }
 
 /*

@@ -334,6 +334,7 @@ pipeline_claim(int limit, TimestampTz now)
 	ListCell   *lc;
 	TransactionId last_xmin = InvalidTransactionId;
 	MemoryContext old;
+	uint64		discard_seq;
 
 	Assert(dlist_is_empty(&staged));
 	staged_lsn = InvalidXLogRecPtr;
@@ -341,7 +342,9 @@ pipeline_claim(int limit, TimestampTz now)
 	/* 1. every id at or below the mark was handed out */
 	hw = high_water_mark();
 
-	/* 2. who may still commit an id at or below it */
+	/* 2. who may still commit an id at or below it (discards too) */
+	discard_seq = pg_atomic_read_u64(&cqrs_shared->discard_seq);
+	pg_memory_barrier();
 	order_read_registry(hw, cursor);
 
 	/* reasons to go back that ended */
@@ -375,6 +378,7 @@ pipeline_claim(int limit, TimestampTz now)
 
 	desc = SPI_tuptable->tupdesc;
 	staged_claim = new_claim();
+	staged_claim->discard_seq = discard_seq;
 	old = MemoryContextSwitchTo(staged_claim->cxt);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -517,7 +521,10 @@ pipeline_claim_abort(void)
 
 /* ---- producing --------------------------------------------------------------------- */
 
-/* Fail a row before it reaches the producer. */
+/*
+ * Fail a row before it reaches the producer.  Its key is blocked at once, so
+ * that later rows of the key in the same claim are not produced behind it.
+ */
 static void
 fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
 {
@@ -525,6 +532,8 @@ fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
 	row->msg.err = err;
 	if (text)
 		row->error = text;
+	(void) order_failed(row, false);
+	row->failure_noted = true;
 	dlist_push_tail(&reported, &row->node);
 }
 
@@ -552,10 +561,10 @@ void
 pipeline_produce_claimed(void)
 {
 	RelayRow  **rows;
-	bool	   *held;
 	int64	   *ids;
 	int			n = 0;
 	int			nids = 0;
+	uint64		seq;
 	dlist_iter	it;
 	TimestampTz now = GetCurrentTimestamp();
 	instr_time	t0,
@@ -566,7 +575,6 @@ pipeline_produce_claimed(void)
 
 	INSTR_TIME_SET_CURRENT(t0);
 	rows = palloc(sizeof(RelayRow *) * n_claimed);
-	held = palloc0(sizeof(bool) * n_claimed);
 	ids = palloc(sizeof(int64) * n_claimed);
 	dlist_foreach(it, &claimed)
 	{
@@ -580,20 +588,31 @@ pipeline_produce_claimed(void)
 	}
 	cqrs_inflight_ids_add(ids, nids);
 
-	if (order_discard_recheck(rows, n, held, cursor))
+	/*
+	 * A discard registered since a row's claim read the registry: the row may
+	 * be being deleted, or deleted already.  The claim's rows go back to the
+	 * outbox and are scanned again (see shmem.c).
+	 */
+	pg_memory_barrier();
+	seq = pg_atomic_read_u64(&cqrs_shared->discard_seq);
+	if (rows[0]->claim->discard_seq != seq || rows[n - 1]->claim->discard_seq != seq)
 	{
 		int			nheld = 0;
+		int64		from = PG_INT64_MAX;
 
 		for (int i = 0; i < n; i++)
-			if (held[i])
+			if (rows[i]->claim->discard_seq != seq)
 			{
 				dlist_delete(&rows[i]->node);
 				n_claimed--;
+				order_hold(rows[i]);
+				from = Min(from, rows[i]->msg.id);
 				rows[nheld++] = rows[i];
 			}
 		unpublish(rows, nheld);
 		for (int i = 0; i < nheld; i++)
 			release_claim_row(rows[i]);
+		order_revisit(from);
 		n = 0;
 		dlist_foreach(it, &claimed)
 			rows[n++] = dlist_container(RelayRow, node, it.cur);
@@ -608,15 +627,18 @@ pipeline_produce_claimed(void)
 		rd_kafka_resp_err_t err;
 		int			size;
 
-		if (paused || part != NULL)
+		if (paused || part != NULL || order_blocked(row))
 		{
-			/* paused or stalled since the claim: the row waits */
+			/*
+			 * paused or stalled since the claim, or an earlier row of its key
+			 * failed meanwhile: the row waits
+			 */
 			dlist_delete(&row->node);
 			n_claimed--;
 			order_hold(row);
 			if (paused)
 				topic->resume_from = Min(topic->resume_from, row->msg.id);
-			else
+			else if (part != NULL)
 				part->resume_from = Min(part->resume_from, row->msg.id);
 			unpublish(&row, 1);
 			release_claim_row(row);
@@ -663,7 +685,6 @@ pipeline_produce_claimed(void)
 	INSTR_TIME_SUBTRACT(t1, t0);
 	cqrs_relay_add_phase(CQRS_PHASE_PRODUCE, INSTR_TIME_GET_MICROSEC(t1));
 	pfree(rows);
-	pfree(held);
 	pfree(ids);
 }
 
@@ -824,7 +845,12 @@ handle_failure(RelayRow *row, bool was_inflight)
 {
 	rd_kafka_resp_err_t err = row->msg.err;
 	CqrsFailureClass cls = cqrs_kafka_classify(err);
-	bool		first = order_failed(row, was_inflight);
+	bool		first;
+
+	if (row->failure_noted)
+		first = order_failed_first(row);
+	else
+		first = order_failed(row, was_inflight);
 
 	row->inc = 0;
 	row->delay_ms = 0;

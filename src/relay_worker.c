@@ -351,6 +351,8 @@ reload_settings(void)
 	wake_claim = true;
 }
 
+static void publish_state(TimestampTz now);
+
 /* ---- the relay's transaction -------------------------------------------------------- */
 
 /*
@@ -420,6 +422,7 @@ relay_transaction(int limit, TimestampTz now)
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	txn_errors = 0;
+	publish_state(GetCurrentTimestamp());
 }
 
 /*

@@ -25,11 +25,13 @@
  * that 10,000 keys hold a foreign key with a probability of about 0.5%.
  *
  * A backend that discards an outbox row registers the row's key and id the
- * same way, and then checks the ids the relay has in flight; the relay, after
- * publishing the ids it is about to produce, checks for discards registered
- * since its scan (a Dekker-style handshake: each side writes, then reads the
- * other's).  So either the relay holds the row, or the discard sees that the
- * row is in flight and refuses.
+ * same way, increments discard_seq, and then checks the ids the relay has in
+ * flight.  The relay reads discard_seq before it reads the registry, and
+ * again after it published the ids it is about to produce; if it moved, the
+ * claimed rows are dropped and scanned again (a Dekker-style handshake: each
+ * side writes, then reads the other's).  So either the discard sees that the
+ * row is in flight and refuses, or the relay sees the discard: in the
+ * registry (still in progress), or as a deleted row (committed).
  *
  *-------------------------------------------------------------------------
  */
@@ -102,7 +104,7 @@ cqrs_shmem_startup(void)
 		cqrs_shared->relay_state = CQRS_RELAY_RUNNING;
 		cqrs_shared->dlt_lock = &locks[0].lock;
 		cqrs_shared->inflight_lock = &locks[1].lock;
-		pg_atomic_init_u32(&cqrs_shared->ndiscarding, 0);
+		pg_atomic_init_u64(&cqrs_shared->discard_seq, 0);
 		cqrs_shared->nslots = MaxBackends;
 		for (int i = 0; i < MaxBackends; i++)
 		{
@@ -265,10 +267,11 @@ cqrs_inflight_register_discard(uint64 keyhash, int64 id)
 	if (!my_slot_discarding)
 	{
 		pg_atomic_write_u32(&slot->discarding, 1);
-		pg_atomic_fetch_add_u32(&cqrs_shared->ndiscarding, 1);
 		my_slot_discarding = true;
 	}
-	/* registered before the discard reads the relay's ids in flight */
+	/* registered, then counted, then the relay's ids are read */
+	pg_memory_barrier();
+	pg_atomic_fetch_add_u64(&cqrs_shared->discard_seq, 1);
 	pg_memory_barrier();
 }
 
@@ -287,10 +290,7 @@ cqrs_inflight_clear(void)
 		for (int w = 0; w < CQRS_BLOOM_WORDS; w++)
 			pg_atomic_write_u64(&slot->bloom[w], 0);
 	if (my_slot_discarding)
-	{
 		pg_atomic_write_u32(&slot->discarding, 0);
-		pg_atomic_fetch_sub_u32(&cqrs_shared->ndiscarding, 1);
-	}
 	my_slot_active = false;
 	my_slot_overflowed = false;
 	my_slot_discarding = false;

@@ -151,7 +151,7 @@ typedef struct CqrsShared
 	 * the relay only, under inflight_lock exclusive; read by cqrs_discard().
 	 */
 	LWLock	   *inflight_lock;
-	pg_atomic_uint32 ndiscarding;	/* slots with a discard registered */
+	pg_atomic_uint64 discard_seq;	/* incremented by every discard */
 	int64		inflight_ids[CQRS_INFLIGHT_IDS];
 
 	int			nslots;

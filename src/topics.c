@@ -39,7 +39,7 @@
 #define LIMIT_WAIT_MS		2000
 #define LIMIT_RETRY_MS		10000
 /* A limit that says a message is too large is asked again if older than this. */
-#define LIMIT_FRESH_MS		5000
+#define LIMIT_FRESH_MS		1000
 #define MAX_PAUSE_MS		60000
 
 static HTAB *topics = NULL;
@@ -232,6 +232,7 @@ cqrs_topic_pause(CqrsTopic *topic, int base_ms, const char *reason)
 	bool		newly = (topic->pause_ms == 0);
 	TimestampTz now = GetCurrentTimestamp();
 
+	topic->failed_at = now;
 	/* several failures of one attempt extend nothing */
 	if (cqrs_topic_paused(topic, now))
 		return false;
@@ -264,8 +265,13 @@ first_paused(CqrsTopic *topic, void *arg)
 {
 	PausedScan *ps = arg;
 
-	/* a configuration error's pause, not the wait for a limit */
-	if (ps->first == NULL && topic->paused_until != 0 && ps->now < topic->paused_until)
+	/*
+	 * A configuration error's pause (not the wait for a limit): while paused,
+	 * and while its retries keep failing (the last failure is less than two
+	 * pauses old); a delivery, or no more rows to try, ends it.
+	 */
+	if (ps->first == NULL && topic->pause_ms != 0 &&
+		!TimestampDifferenceExceeds(topic->failed_at, ps->now, 2 * topic->pause_ms + 1000))
 		ps->first = topic;
 }
 

@@ -45,6 +45,7 @@ typedef struct CqrsTopic
 	/* pause after a configuration error */
 	TimestampTz paused_until;	/* 0 when not paused */
 	int			pause_ms;		/* length of the current pause */
+	TimestampTz failed_at;		/* the last configuration error */
 	char		pause_reason[256];	/* the error that paused it */
 	int64		resume_from;	/* lowest id skipped while paused */
 

@@ -4,10 +4,10 @@
 # commits in between must be either visible to the scan or held by the
 # registry.
 #
-# The window is made wide on purpose: a session holds a lock on the outbox's
-# id sequence, so the relay stops at its high-water-mark read.  Meanwhile
-# transaction A, holding the earlier row of key K, commits; then the lock is
-# released.  The later row of K (committed before) must not reach Kafka
+# The window is made wide on purpose: a session queues for an exclusive lock
+# on the outbox's id sequence, so the relay stops at its high-water-mark
+# read.  Meanwhile transaction A, holding the earlier row of key K, commits;
+# then the lock is released.  The later row of K (committed before) must not reach Kafka
 # before A's row.
 use strict;
 use warnings;
@@ -15,6 +15,7 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use CqrsTest;
+use IPC::Run ();
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
@@ -49,20 +50,29 @@ usleep(500_000);
 is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_outbox WHERE key = 'K' AND status = 'SENT'"),
 	'0', 'the later row of K waits for A');
 
-# L: a lock on the sequence, so the relay stops at its high-water mark read
-my $l = $node->background_psql('postgres');
-$l->query_safe('BEGIN');
-$l->query_safe('ALTER SEQUENCE cqrs_outbox_id_seq RENAME TO cqrs_outbox_id_seq_locked');
+# L asks for an exclusive lock on the sequence; it queues behind A (which
+# holds a lock on it since its nextval), and the relay's high-water mark read
+# queues behind L: the relay stops there, its transaction started.
+my ($l_out, $l_err) = ('', '');
+my $l = IPC::Run::start(
+	[
+		'psql', '-X', '-d', $node->connstr('postgres'), '-c',
+		'BEGIN; ALTER SEQUENCE cqrs_outbox_id_seq RENAME TO cqrs_outbox_id_seq_locked; SELECT pg_sleep(2); ROLLBACK;'
+	],
+	'<', \undef, '>', \$l_out, '2>', \$l_err);
+ok( wait_for($node,
+		"SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'cqrs_outbox_id_seq' AND l.mode = 'AccessExclusiveLock' AND NOT l.granted",
+		'1', 30),
+	'L waits for the sequence lock behind A');
 $node->safe_psql('postgres', 'SELECT cqrs_wake_relay()');
 ok( wait_for($node,
 		"SELECT count(*) FROM pg_locks WHERE pid = $relay AND NOT granted", '1', 30),
-	'the relay waits for the sequence lock, its transaction started');
+	'the relay waits behind L, its transaction started');
 
-# A commits while the relay waits; then the lock goes
+# A commits while the relay waits; L gets the lock, then lets it go
 $a->query_safe('COMMIT');
 $a->quit;
-$l->query_safe('ROLLBACK');
-$l->quit;
+$l->finish;
 
 ok( wait_for($node,
 		"SELECT count(*) FROM cqrs_outbox WHERE key = 'K' AND status = 'SENT'", '2', 30),

@@ -39,9 +39,9 @@ ok($relay =~ /^\d+$/ && $walwriter =~ /^\d+$/, 'relay and WAL writer found');
 
 kill 'STOP', $walwriter;
 kill 'STOP', $relay;
-my ($id, $event_id) = split /\|/, $node->safe_psql('postgres',
-	"SET synchronous_commit = off;
-	 SELECT id, event_id FROM cqrs_outbox WHERE id = cqrs_enqueue('$topic', 'A', '{\"n\": 1}')");
+my $id = $node->safe_psql('postgres',
+	"SET synchronous_commit = off; SELECT cqrs_enqueue('$topic', 'A', '{\"n\": 1}')");
+my $event_id = $node->safe_psql('postgres', "SELECT event_id FROM cqrs_outbox WHERE id = $id");
 my $locker = $node->background_psql('postgres');
 $locker->query_safe('BEGIN');
 $locker->query_safe("SELECT id FROM cqrs_outbox WHERE id = $id FOR UPDATE");
