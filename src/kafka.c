@@ -704,8 +704,15 @@ cqrs_kafka_message_size(const CqrsMessage *msg)
 bool
 cqrs_kafka_fatal(rd_kafka_t *rk, char *errbuf, size_t errlen)
 {
-	if (rk == NULL || rd_kafka_fatal_error(rk, errbuf, errlen) == RD_KAFKA_RESP_ERR_NO_ERROR)
+	char		reason[512];
+	rd_kafka_resp_err_t err;
+
+	if (rk == NULL)
 		return false;
+	err = rd_kafka_fatal_error(rk, reason, sizeof(reason));
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		return false;
+	snprintf(errbuf, errlen, "%s: %s", rd_kafka_err2name(err), reason);
 	cqrs_kafka_redact(errbuf);
 	return true;
 }

@@ -1023,8 +1023,9 @@ end_empty_stalls(CqrsTopic *topic, void *arg)
 
 /*
  * Find partitions whose oldest message waits longer than STALL_MS, without
- * an acknowledgement of theirs for that long, while other partitions were
- * acknowledged meanwhile; end stalls with nothing in flight.  Returns
+ * an acknowledgement of theirs for that long, while another partition was
+ * acknowledged after that message was produced; end stalls with nothing in
+ * flight.  Returns
  * whether the set of stalled partitions changed; alert gets the first
  * newly stalled partition ("topic[p]").
  */
@@ -1034,7 +1035,6 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 	bool		changed = false;
 	dlist_iter	it;
 	TimestampTz limit = now - (TimestampTz) STALL_MS * 1000;
-	bool		others_flow = (last_ack_at > limit);
 
 	alert[0] = '\0';
 	cqrs_topics_visit(clear_oldest, NULL);
@@ -1050,8 +1050,13 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 		part = cqrs_topic_partition(row->msg.tstate, p);
 		if (part->oldest == 0 || row->produced_at < part->oldest)
 			part->oldest = row->produced_at;
-		if (!part->stalled && others_flow && row->produced_at < limit &&
-			part->last_ack_at < limit)
+		/*
+		 * waiting long, nothing acknowledged by its partition for as long,
+		 * while another partition was acknowledged after it was produced:
+		 * not an outage of the whole cluster
+		 */
+		if (!part->stalled && row->produced_at < limit &&
+			part->last_ack_at < limit && last_ack_at > row->produced_at)
 		{
 			part->stalled = true;
 			part->resume_from = PG_INT64_MAX;
@@ -1066,22 +1071,28 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 	return changed;
 }
 
-/* Has anything been acknowledged within STALL_MS (while rows are in flight)? */
+/*
+ * Is the relay waiting for Kafka as a whole: a message of a partition that is
+ * not stalled has waited longer than STALL_MS, and nothing was acknowledged
+ * since it was produced?
+ */
 bool
 pipeline_broker_waiting(TimestampTz now)
 {
 	dlist_iter	it;
+	TimestampTz limit = now - (TimestampTz) STALL_MS * 1000;
 
 	if (n_inflight == 0)
 		return false;
-	if (last_ack_at != 0 && !TimestampDifferenceExceeds(last_ack_at, now, STALL_MS))
-		return false;
-	/* the oldest row in flight waits longer than that */
 	dlist_foreach(it, &inflight)
 	{
 		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+		int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
+		CqrsPartition *part = cqrs_topic_partition(row->msg.tstate, p);
 
-		if (TimestampDifferenceExceeds(row->produced_at, now, STALL_MS))
+		if (part && part->stalled)
+			continue;
+		if (row->produced_at < limit && last_ack_at < row->produced_at)
 			return true;
 	}
 	return false;
