@@ -94,7 +94,7 @@ metrics_known() {
 ok "every cqrs_* metric used is produced by postgres_exporter.yml ($(wc -l <"$TMP/produced") metrics)" metrics_known
 
 alerts_complete() {
-    local want="CqrsSyncDltFailed CqrsSyncDltMessages CqrsSyncOutboxStuck CqrsSyncRelayDown CqrsSyncRelayPaused CqrsSyncDltPublishFailing"
+    local want="CqrsSyncDltFailed CqrsSyncDltMessages CqrsSyncOutboxStuck CqrsSyncRelayDown CqrsSyncRelayPaused CqrsSyncDltPublishFailing CqrsSyncPartitionStalled CqrsSyncRelayRecordingFailed"
     perl -e '
         local $/; my $y = <STDIN>; my @want = split / /, shift; my $bad = 0;
         my @blocks = split /\n(?=\s+- alert:)/, $y; shift @blocks;
