@@ -84,6 +84,7 @@ extern void pipeline_prepare(const char *outbox, Oid seq);
 extern int	pipeline_room(void);
 extern int	pipeline_inflight(void);
 extern bool pipeline_has_reports(void);
+extern TimestampTz pipeline_oldest_report(void);
 extern bool pipeline_has_claimed(void);
 extern bool pipeline_more_ready(void);
 extern bool pipeline_idle(void);

@@ -78,6 +78,7 @@ static int	n_claimed = 0;
 static int	n_inflight = 0;
 static int	n_stalled_inflight = 0;
 static int	n_done = 0;
+static TimestampTz first_done_at = 0;	/* when the oldest done row got there */
 
 static int64 cursor = 0;		/* every id at or below it was judged */
 static int64 staged_cursor = 0; /* the cursor once the open claim commits */
@@ -92,6 +93,7 @@ static Oid	seq_oid = InvalidOid;
 static SPIPlanPtr scan_plan = NULL;
 
 static void handle_failure(RelayRow *row, bool was_inflight);
+static void size_checks_forget(void);
 
 /* ---- set-up ------------------------------------------------------------------- */
 
@@ -128,6 +130,7 @@ pipeline_reset(void)
 	cursor = 0;
 	last_claim_full = false;
 	staged_claim = NULL;
+	size_checks_forget();
 	MemoryContextReset(pipeline_cxt);
 	cqrs_inflight_ids_reset();
 }
@@ -537,6 +540,61 @@ fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
 	dlist_push_tail(&reported, &row->node);
 }
 
+/*
+ * Rows found larger than their topic's known limit, and when: such a row is
+ * charged for its size only on a later attempt, once Kafka answered about the
+ * limit after that (an operator may have raised it meanwhile).  Forgotten at
+ * a restart: at most one more free attempt per row.
+ */
+typedef struct SizeCheck
+{
+	int64		id;
+	char		status;
+	TimestampTz asked_at;
+} SizeCheck;
+
+#define SH_PREFIX		sizechecks
+#define SH_ELEMENT_TYPE SizeCheck
+#define SH_KEY_TYPE		int64
+#define SH_KEY			id
+#define SH_HASH_KEY(tb, key) ((uint32) ((key) ^ ((key) >> 32)))
+#define SH_EQUAL(tb, a, b) ((a) == (b))
+#define SH_SCOPE		static inline
+#define SH_DECLARE
+#define SH_DEFINE
+#include "lib/simplehash.h"
+
+static sizechecks_hash *size_checks = NULL;
+
+static void
+size_checks_forget(void)
+{
+	size_checks = NULL;			/* its memory goes with pipeline_cxt */
+}
+
+/*
+ * May the row be charged for exceeding its topic's known limit?  Only when
+ * the limit was learned after the row was last found too large; otherwise
+ * note it now (the caller asks Kafka again).
+ */
+static bool
+size_checked(RelayRow *row, CqrsTopic *topic)
+{
+	SizeCheck  *sc;
+	bool		found;
+
+	if (size_checks == NULL)
+		size_checks = sizechecks_create(pipeline_cxt, 64, NULL);
+	sc = sizechecks_insert(size_checks, row->msg.id, &found);
+	if (found && !topic->limit_pending && topic->limit_learned_at > sc->asked_at)
+	{
+		sizechecks_delete_item(size_checks, sc);
+		return true;
+	}
+	sc->asked_at = GetCurrentTimestamp();
+	return false;
+}
+
 /* Remove rows from the shared table of ids in flight. */
 static void
 unpublish(RelayRow **rows, int n)
@@ -651,7 +709,7 @@ pipeline_produce_claimed(void)
 		{
 			dlist_delete(&row->node);
 			n_claimed--;
-			if (cqrs_topic_limit_fresh(topic))
+			if (size_checked(row, topic))
 				fail_locally(row, RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
 							 psprintf("MSG_SIZE_TOO_LARGE: message of %d bytes exceeds max.message.bytes %d of topic \"%s\"",
 									  size, topic->limit, row->msg.topic));
@@ -714,7 +772,15 @@ finish(RelayRow *row, RelayOutcome outcome)
 {
 	row->outcome = outcome;
 	dlist_push_tail(&done, &row->node);
-	n_done++;
+	if (n_done++ == 0)
+		first_done_at = GetCurrentTimestamp();
+}
+
+/* Since when the oldest outcome waits to be recorded. */
+TimestampTz
+pipeline_oldest_report(void)
+{
+	return first_done_at;
 }
 
 static int

@@ -14,12 +14,14 @@
  * while earlier ones are in flight, up to a window of cqrs_sync.batch_size
  * rows between the outbox and their recorded outcome.
  *
- * Durability: the relay commits its own bookkeeping asynchronously, and
- * counts rows whose recording is not flushed yet into the window; before
- * producing rows that would overfill it, it flushes.  So a crash duplicates
- * at most one window of messages.  Before producing rows whose commit may not
- * be flushed (an enqueuer with synchronous_commit = off), it flushes the WAL
- * up to that commit and, where synchronous standbys are configured, waits for
+ * Durability: claims are read-only transactions (nothing to flush: a new
+ * event goes out at once); outcomes are recorded in batches, at most
+ * RECORD_DELAY_MS after the first came back, in transactions committed with
+ * synchronous_commit = local.  Rows between their claim and their durable
+ * outcome are at most the window, so a crash duplicates at most that many
+ * messages.  Before producing rows whose commit may not be flushed (an
+ * enqueuer with synchronous_commit = off), the relay flushes the WAL up to
+ * that commit and, where synchronous standbys are configured, waits for
  * them: an event is never published for a transaction a crash then loses.
  *
  * Errors: the relay pins its session settings, so that ALTER DATABASE or
@@ -74,6 +76,8 @@ PGDLLEXPORT void cqrs_relay_main(Datum main_arg);
 #define DEFAULT_BATCH_BYTES 1000000
 /* How often stalls are looked for, and state published at least. */
 #define CHECK_MS			1000
+/* Outcomes wait at most this long to be recorded together. */
+#define RECORD_DELAY_MS		10
 
 rd_kafka_t *relay_producer = NULL;
 int			relay_producer_batch_bytes = DEFAULT_BATCH_BYTES;
@@ -86,9 +90,6 @@ static bool plans_valid = false;
 static bool extension_changed = false;
 static bool extension_missing = false;
 
-/* Rows recorded in WAL that may not be flushed yet, and up to where. */
-static int	unflushed_rows = 0;
-static XLogRecPtr unflushed_lsn = InvalidXLogRecPtr;
 /* Claimed rows' commits that may not be flushed yet. */
 static XLogRecPtr rows_lsn = InvalidXLogRecPtr;
 
@@ -98,6 +99,7 @@ static TimestampTz retry_txn_at = 0;
 static char txn_error[CQRS_ERROR_LEN];
 
 static TimestampTz next_poll_at = 0;	/* the fallback scan */
+static TimestampTz next_record_at = 0;	/* outcomes wait until then */
 static TimestampTz next_check_at = 0;
 static TimestampTz max_reset_at = 0;	/* of ack_wait_max_us */
 static TimestampTz producer_retry_at = 0;
@@ -353,25 +355,27 @@ reload_settings(void)
 
 static void publish_state(TimestampTz now);
 
-/* ---- the relay's transaction -------------------------------------------------------- */
+/* ---- the relay's transactions -------------------------------------------------------- */
 
 /*
- * One transaction: record the outcomes that came in, then claim up to limit
- * rows (limit 0: record only).  Committed asynchronously.
+ * One transaction: record the outcomes that came back (record), then claim
+ * up to limit rows (limit 0: no claim).  A claim alone writes nothing: it has
+ * no commit record to flush, so a new event goes out without waiting for a
+ * disk.  Recording commits with synchronous_commit = local: durable on this
+ * server before anything else is produced, without waiting for standbys.
  */
 static void
-relay_transaction(int limit, TimestampTz now)
+relay_transaction(bool record, int limit, TimestampTz now)
 {
 	instr_time	t0;
-	int			nrec = 0;
 	bool		claimed = false;
 	dlist_head *done = pipeline_done_rows();
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	/* the relay's own bookkeeping: flushed when the window needs it */
-	(void) set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION,
-							 GUC_ACTION_LOCAL, true, 0, false);
+	if (record)
+		(void) set_config_option("synchronous_commit", "local", PGC_SUSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay");
@@ -381,9 +385,12 @@ relay_transaction(int limit, TimestampTz now)
 	else
 	{
 		extension_missing = false;
-		INSTR_TIME_SET_CURRENT(t0);
-		nrec = record_outcomes(done, now);
-		cqrs_relay_add_phase(CQRS_PHASE_RECORD, elapsed_us(t0));
+		if (record)
+		{
+			INSTR_TIME_SET_CURRENT(t0);
+			(void) record_outcomes(done, now);
+			cqrs_relay_add_phase(CQRS_PHASE_RECORD, elapsed_us(t0));
+		}
 		if (limit > 0)
 		{
 			INSTR_TIME_SET_CURRENT(t0);
@@ -408,57 +415,40 @@ relay_transaction(int limit, TimestampTz now)
 		if (lsn > rows_lsn)
 			rows_lsn = lsn;
 	}
-	if (!extension_missing && !extension_changed)
+	if (record && !extension_missing && !extension_changed)
 	{
 		record_after_commit(done);
 		pipeline_recorded();
-		if (nrec > 0)
-		{
-			unflushed_rows += nrec;
-			unflushed_lsn = XactLastCommitEnd;
-		}
+		/* let autovacuum see the relay's updates (the outbox is a queue) */
+		pgstat_report_stat(false);
 	}
-	/* let autovacuum see the relay's updates (the outbox is a queue) */
-	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	txn_errors = 0;
 	publish_state(GetCurrentTimestamp());
 }
 
 /*
- * Before producing: the claimed rows' commits must be durable (and on
- * synchronous standbys where configured), and so must the recording of
- * outcomes when the window would otherwise hold more than its size.
+ * Before producing rows whose commit may not be flushed (their writer used
+ * synchronous_commit = off): flush the WAL up to it, and wait for
+ * synchronous standbys where they are configured.  Rows from ordinary
+ * commits need nothing: their commit was flushed before they became
+ * visible.
  */
 static void
 flush_before_producing(void)
 {
-	XLogRecPtr	flushed = GetFlushRecPtr(NULL);
-	XLogRecPtr	need = InvalidXLogRecPtr;
-	int			cap = Min(cqrs_batch_size, CQRS_MAX_WINDOW);
 	instr_time	t0;
 
-	if (unflushed_rows > 0 && unflushed_lsn <= flushed)
-		unflushed_rows = 0;
-	if (rows_lsn > flushed)
-		need = rows_lsn;
-	if (unflushed_rows > 0 && unflushed_rows + pipeline_inflight() > cap &&
-		unflushed_lsn > need)
-		need = unflushed_lsn;
-	if (XLogRecPtrIsInvalid(need))
+	if (XLogRecPtrIsInvalid(rows_lsn) || rows_lsn <= GetFlushRecPtr(NULL))
 	{
 		rows_lsn = InvalidXLogRecPtr;
 		return;
 	}
-
 	INSTR_TIME_SET_CURRENT(t0);
-	XLogFlush(need);
-	if (!XLogRecPtrIsInvalid(rows_lsn))
-		SyncRepWaitForLSN(rows_lsn, false);
+	XLogFlush(rows_lsn);
+	SyncRepWaitForLSN(rows_lsn, false);
 	cqrs_relay_add_phase(CQRS_PHASE_FLUSH, elapsed_us(t0));
 	rows_lsn = InvalidXLogRecPtr;
-	if (unflushed_lsn <= need)
-		unflushed_rows = 0;
 }
 
 /* ---- state ------------------------------------------------------------------------------ */
@@ -537,6 +527,7 @@ relay_turn(void)
 	int			room;
 	bool		want_claim;
 	bool		want_record;
+	bool		record_urgent;
 	long		sleep_ms;
 
 	if (extension_changed)
@@ -562,14 +553,28 @@ relay_turn(void)
 	if (txn_errors > 0 && now < retry_txn_at)
 		return Max(1, (retry_txn_at - now) / 1000);
 
-	/* unflushed recordings are flushed before producing, if they must be */
 	room = pipeline_room();
 	want_claim = relay_producer != NULL &&
 		wanted_batch_bytes == relay_producer_batch_bytes &&
 		room > 0 &&
 		(wake_claim || pipeline_more_ready() ||
 		 order_revisit_pending(pipeline_cursor()) || now >= next_poll_at);
-	want_record = pipeline_has_reports() || record_alerts_queued();
+
+	/*
+	 * Outcomes are recorded in batches: once the oldest waited RECORD_DELAY_MS,
+	 * when the window fills, or with a claim that is due anyway.  A new event
+	 * never waits for a recording's flush.
+	 */
+	record_urgent = pipeline_has_reports() &&
+		(now >= pipeline_oldest_report() + RECORD_DELAY_MS * 1000 ||
+		 room < Min(cqrs_batch_size, CQRS_MAX_WINDOW) / 2);
+	/* a claim for new commits goes first; one for a backlog takes them along */
+	want_record = record_alerts_queued() || record_urgent ||
+		(pipeline_has_reports() && want_claim && !wake_claim);
+	if (pipeline_has_reports() && !want_record && !want_claim)
+		next_record_at = pipeline_oldest_report() + RECORD_DELAY_MS * 1000;
+	else
+		next_record_at = 0;
 
 	if (want_claim || want_record || (extension_missing && now >= next_poll_at))
 	{
@@ -578,7 +583,7 @@ relay_turn(void)
 			wake_claim = false;
 			next_poll_at = TimestampTzPlusMilliseconds(now, cqrs_poll_interval_ms);
 		}
-		relay_transaction(want_claim ? room : 0, now);
+		relay_transaction(want_record, want_claim ? room : 0, now);
 		if (extension_missing)
 		{
 			static bool said = false;
@@ -600,15 +605,22 @@ relay_turn(void)
 	}
 
 	/* more to do at once? */
-	if (pipeline_has_reports() ||
+	if (record_alerts_queued() ||
 		(relay_producer != NULL && pipeline_room() > 0 &&
 		 (pipeline_more_ready() || order_revisit_pending(pipeline_cursor()))))
 		return 0;
 
+	/* timers the turn itself set (a retry recorded just now) count too */
+	now = GetCurrentTimestamp();
+	next_wake = pipeline_timers(now);
+	if (order_revisit_pending(pipeline_cursor()) && pipeline_room() > 0)
+		return 0;
 	sleep_ms = Max(1, (next_poll_at - now) / 1000);
 	sleep_ms = Min(sleep_ms, CHECK_MS);
 	if (next_wake != 0)
 		sleep_ms = Min(sleep_ms, Max(1, (next_wake - now) / 1000 + 1));
+	if (next_record_at != 0)
+		sleep_ms = Min(sleep_ms, Max(1, (next_record_at - now) / 1000 + 1));
 	if (relay_producer == NULL && producer_retry_at != 0)
 		sleep_ms = Min(sleep_ms, Max(1, (producer_retry_at - now) / 1000 + 1));
 	return sleep_ms;
@@ -649,9 +661,7 @@ relay_shutdown(void)
 	}
 	destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
 	if (!extension_missing && (pipeline_has_reports() || record_alerts_queued()))
-		relay_transaction(0, GetCurrentTimestamp());
-	if (unflushed_rows > 0)
-		XLogFlush(unflushed_lsn);
+		relay_transaction(true, 0, GetCurrentTimestamp());
 	ereport(LOG, (errmsg("cqrs_sync relay shutting down")));
 }
 

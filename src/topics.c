@@ -38,8 +38,6 @@
 /* A new topic's rows wait this long at most for the first answer. */
 #define LIMIT_WAIT_MS		2000
 #define LIMIT_RETRY_MS		10000
-/* A limit that says a message is too large is asked again if older than this. */
-#define LIMIT_FRESH_MS		1000
 #define MAX_PAUSE_MS		60000
 
 static HTAB *topics = NULL;
@@ -163,18 +161,6 @@ cqrs_topic_learn_limit(const char *name, int limit)
 		}
 	}
 	return resume;
-}
-
-/*
- * Was the limit learned within the last few seconds?  A message is charged
- * for exceeding it only then: an operator may have raised it meanwhile.
- */
-bool
-cqrs_topic_limit_fresh(CqrsTopic *topic)
-{
-	return topic->limit_learned_at != 0 &&
-		!TimestampDifferenceExceeds(topic->limit_learned_at, GetCurrentTimestamp(),
-									LIMIT_FRESH_MS);
 }
 
 /* The smallest limit known, or -1. */

@@ -65,7 +65,6 @@ extern void cqrs_topics_forget_producer(void);
 extern void cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now);
 extern int64 cqrs_topic_learn_limit(const char *name, int limit);
 extern int	cqrs_topics_min_limit(void);
-extern bool cqrs_topic_limit_fresh(CqrsTopic *topic);
 extern void cqrs_topics_forget_limits(void);
 
 /* pauses */

@@ -4,7 +4,12 @@
 # (a) drain: a backlog of 200,000 PENDING rows of ~300-byte JSON over 1,000
 #     keys, committed in one transaction; events/s from COMMIT returned until
 #     the last row is SENT (acknowledged by Kafka and recorded);
-# (b) latency: commit-to-consumer p50/p99 at a steady 1,000 events/s.
+# (b) latency: commit-to-consumer p50/p99 at a steady 1,000 events/s, from
+#     the consumer's receipt (and from sent_at, the recorded outcome);
+# (c) the relay's CPU per event and where its time goes (cqrs_stats_relay's
+#     phase timers) in each run, and this machine's limits measured in the
+#     same run (test/bench/machine_limit.sh: kcat's idempotent producer, the
+#     relay's SQL without Kafka), to set the drain rate against.
 # Figures, not assertions: timing belongs here, not in the tests.
 #
 # Environment: BENCH_ROWS (200000), BENCH_RATE (1000), BENCH_SECONDS (30),
@@ -44,8 +49,30 @@ PSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d postgres)
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; PostgreSQL $("$PG_BINDIR/postgres" -V | awk '{print $3}'), Kafka 3.9.1 on loopback"
 echo "relay: batch_size $("${PSQL[@]}" -Atc 'SHOW cqrs_sync.batch_size')"
 
+RELAY_PID="$("${PSQL[@]}" -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'")"
+relay_cpu() { awk '{print $14 + $15}' "/proc/$RELAY_PID/stat"; }   # clock ticks
+PHASES="SELECT concat_ws(' ', record_seconds, claim_seconds, commit_seconds, flush_seconds,
+                         produce_seconds, poll_seconds, acks, ack_wait_seconds, transactions)
+          FROM cqrs_relay_state()"
+# relay_report LABEL EVENTS CPU0 PHASES0: CPU per event and seconds per phase since the marks
+relay_report() {
+    local now cpu1
+    now="$("${PSQL[@]}" -Atc "$PHASES")"
+    cpu1="$(relay_cpu)"
+    awk -v label="$1" -v n="$2" -v c0="$3" -v c1="$cpu1" -v tick="$(getconf CLK_TCK)" \
+        -v a="$4" -v b="$now" 'BEGIN {
+        split(a, x, " "); split(b, y, " ");
+        acks = y[7] - x[7];
+        printf "%s: relay CPU %.2f s, %.1f us per event; %d transactions; mean produce->report %.2f ms\n",
+               label, (c1 - c0) / tick, (c1 - c0) / tick * 1e6 / n, y[9] - x[9],
+               acks > 0 ? (y[8] - x[8]) * 1000 / acks : 0;
+        printf "%s: seconds per phase: record %.2f, claim %.2f, commit %.2f, flush %.2f, produce %.2f, poll %.2f\n",
+               label, y[1] - x[1], y[2] - x[2], y[3] - x[3], y[4] - x[4], y[5] - x[5], y[6] - x[6] }'
+}
+
 for run in $(seq 1 "$RUNS"); do
     "${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
+    cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
     t0=$("${PSQL[@]}" -At <<SQL
 SELECT count(cqrs_enqueue('bench.drain', 'key-' || (g % 1000),
        jsonb_build_object('type', 'CommentAdded', 'board_id', g % 1000, 'seq', g,
@@ -63,6 +90,7 @@ SQL
                       round((extract(epoch FROM max(sent_at)) - $t0)::numeric, 2),
                       round(count(*) / (extract(epoch FROM max(sent_at)) - $t0)))
           FROM cqrs_outbox"
+    relay_report "drain run $run" "$ROWS" "$cpu0" "$ph0"
 done
 
 # the same backlog with cqrs_sync.delete_on_sent: rows are deleted at their
@@ -83,12 +111,15 @@ awk -v n="$ROWS" -v a="$t0" -v b="$t1" 'BEGIN { printf "drain with delete_on_sen
 "${PSQL[@]}" -c "ALTER SYSTEM RESET cqrs_sync.delete_on_sent" -c "SELECT pg_reload_conf()" >/dev/null
 
 "${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
+cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
 "$VENV/bin/python" "$HERE/latency.py" "host=$PGHOST port=$PGPORT user=$PGUSER dbname=postgres" \
     "127.0.0.1:$KAFKA_PORT" bench.latency "$RATE" "$SECS"
+relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'")" "$cpu0" "$ph0"
 "${PSQL[@]}" -At -F ' ' -c "
     SELECT format('latency: enqueue->SENT recorded ms  p50 %s  p99 %s (server clock, includes the commit)',
                   round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2),
                   round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2))
       FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'
        AND created_at > (SELECT min(created_at) + interval '2 s' FROM cqrs_outbox)"
-ps -o rss=,comm= -C postgres | sort -n | tail -1 | awk '{printf "largest postgres process RSS: %.0f MiB\n", $1/1024}'
+awk '/^(VmRSS|VmHWM|RssAnon)/ {printf "%s %.0f MiB  ", $1, $2/1024} END {print "(relay; RssAnon is its own memory, VmRSS counts shared buffers it touched)"}' "/proc/$RELAY_PID/status"
+ROWS="$ROWS" bash "$HERE/machine_limit.sh" "127.0.0.1:$KAFKA_PORT"
