@@ -156,36 +156,37 @@ cqrs_kafka_set_delivery_hook(CqrsDeliveryHook hook)
 }
 
 /*
- * Replace every occurrence of a secret value in text (NUL-terminated, in a
- * buffer of at least strlen(text) + 1 bytes) by "***".
+ * Replace every occurrence of value in text (NUL-terminated) by "***"; the
+ * text never grows.
  */
+static void
+redact_value(char *text, const char *value)
+{
+	size_t		vlen = strlen(value);
+	char	   *hit;
+
+	if (vlen == 0)
+		return;
+	while ((hit = strstr(text, value)) != NULL)
+	{
+		if (vlen >= 3)
+		{
+			memcpy(hit, "***", 3);
+			memmove(hit + 3, hit + vlen, strlen(hit + vlen) + 1);
+		}
+		else
+			memset(hit, '*', vlen);
+	}
+}
+
+/* Redact every secret value of the properties file from text. */
 void
 cqrs_kafka_redact(char *text)
 {
 	ListCell   *lc;
 
 	foreach(lc, secrets)
-	{
-		const char *secret = lfirst(lc);
-		size_t		slen = strlen(secret);
-		char	   *hit;
-
-		if (slen == 0)
-			continue;
-		while ((hit = strstr(text, secret)) != NULL)
-		{
-			size_t		rest = strlen(hit + slen);
-
-			/* "***" is never longer than what it replaces when slen >= 3 */
-			if (slen >= 3)
-			{
-				memcpy(hit, "***", 3);
-				memmove(hit + 3, hit + slen, rest + 1);
-			}
-			else
-				memset(hit, '*', slen);
-		}
-	}
+		redact_value(text, (const char *) lfirst(lc));
 }
 
 /* Write librdkafka's log lines to the server log (the worker's thread). */
@@ -284,29 +285,6 @@ sensitive_property(const char *name)
 		strstr(name, "credential") != NULL;
 }
 
-/* Remove every occurrence of value from librdkafka's error text. */
-static void
-redact_value(char *text, size_t len, const char *value)
-{
-	char	   *hit;
-	size_t		vlen = strlen(value);
-
-	if (vlen == 0)
-		return;
-	while ((hit = strstr(text, value)) != NULL)
-	{
-		size_t		rest = strlen(hit + vlen);
-
-		if (vlen >= 3)
-		{
-			memcpy(hit, "***", 3);
-			memmove(hit + 3, hit + vlen, rest + 1);
-		}
-		else
-			memset(hit, '*', vlen);
-	}
-}
-
 /* Set one property; never reveals its value. */
 static bool
 conf_set(rd_kafka_conf_t *conf, const char *name, const char *value,
@@ -316,7 +294,7 @@ conf_set(rd_kafka_conf_t *conf, const char *name, const char *value,
 
 	if (rd_kafka_conf_set(conf, name, value, rderr, sizeof(rderr)) == RD_KAFKA_CONF_OK)
 		return true;
-	redact_value(rderr, sizeof(rderr), value);
+	redact_value(rderr, value);
 	snprintf(errbuf, errlen, "invalid librdkafka property \"%s\" (%s): %s",
 			 name, origin, rderr);
 	return false;

@@ -28,7 +28,7 @@ ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1'
 	'warm-up event sent');
 
 # freeze the relay while the backlog is written
-kill 'STOP', $relay;
+$relay = freeze_relay($node);
 
 my $a = $node->background_psql('postgres');
 $a->query_safe('BEGIN');

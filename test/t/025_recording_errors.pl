@@ -107,7 +107,7 @@ ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$lock_topic'
 	'warm-up row sent');
 # the row is enqueued and locked before the relay can claim it: the relay is
 # frozen meanwhile
-kill 'STOP', $pid;
+$pid = freeze_relay($node);
 my $lid = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$lock_topic', 'L', '{\"n\": 1}')");
 $locker->query_safe('BEGIN');
 $locker->query_safe("SELECT id FROM cqrs_outbox WHERE id = $lid FOR UPDATE");

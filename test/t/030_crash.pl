@@ -77,7 +77,7 @@ for my $c (0 .. $CHUNKS - 1)
 		my $pid = relay_pid();
 		ok(defined $pid, "relay running before kill $c");
 		next unless defined $pid;
-		kill 'STOP', $pid;
+		$pid = freeze_relay($node);
 		ok(enqueue_chunk($c), "chunk $c committed");
 		kill 'CONT', $pid;
 		usleep(int(rand(40_000)));

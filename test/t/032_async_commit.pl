@@ -37,8 +37,8 @@ my $relay     = pid_of('cqrs_sync relay');
 my $walwriter = pid_of('walwriter');
 ok($relay =~ /^\d+$/ && $walwriter =~ /^\d+$/, 'relay and WAL writer found');
 
-kill 'STOP', $walwriter;
-kill 'STOP', $relay;
+$walwriter = freeze_waiting($node, 'walwriter', 'WalWriterMain');
+$relay     = freeze_relay($node);
 my $id = $node->safe_psql('postgres',
 	"SET synchronous_commit = off; SELECT cqrs_enqueue('$topic', 'A', '{\"n\": 1}')");
 my $event_id = $node->safe_psql('postgres', "SELECT event_id FROM cqrs_outbox WHERE id = $id");

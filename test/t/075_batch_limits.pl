@@ -17,21 +17,9 @@ use IPC::Run ();
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $port = PostgreSQL::Test::Cluster::get_free_port();    # the controller takes +1
-local $ENV{KAFKA_PORT}              = $port;
-local $ENV{KAFKA_MESSAGE_MAX_BYTES} = '200000';
-local $ENV{KAFKA_AUTO_CREATE}       = 'true';
-local $ENV{CQRS_TEST_DIR}           = PostgreSQL::Test::Utils::tempdir('limits');
-sub script
-{
-	my (@cmd) = @_;
-	my ($out, $err) = ('', '');
-	IPC::Run::run([ 'bash', @cmd ], '<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(180))
-	  or die "@cmd failed: $out$err";
-	return $out;
-}
-my $brokers = script("$ENV{CQRS_REPO}/test/kafka/broker.sh", 'start');
-chomp $brokers;
+my $broker = kafka_broker_start(
+	env => { KAFKA_MESSAGE_MAX_BYTES => '200000', KAFKA_AUTO_CREATE => 'true' });
+my $brokers = $broker->bootstrap;
 local $ENV{KAFKA_BROKERS} = $brokers;
 
 my $node = new_node(
@@ -59,7 +47,7 @@ like($log, qr/batch\.size lowered/, 'the producer\'s batch.size was lowered');
 
 # ---- a limit raised by an operator is learned again --------------------------------
 my $big = unique_topic('raised');
-script("$ENV{CQRS_REPO}/test/kafka/topic.sh", 'create', $big, 1, 'max.message.bytes=200000');
+create_topic($big, 1, 'max.message.bytes=200000');
 $node->safe_psql('postgres', "SELECT cqrs_enqueue('$big', 'small', '{}')");
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$big' AND status = 'SENT'", '1', 60),
 	'the topic works');
@@ -68,11 +56,12 @@ my $id = $node->safe_psql('postgres',
 ok( wait_for($node,
 		"SELECT status IN ('DEAD_LETTERED', 'DLT_FAILED') FROM cqrs_outbox WHERE id = $id", 't', 60),
 	'a message larger than the topic allows fails for its own size');
-script("$ENV{CQRS_REPO}/test/kafka/topic.sh", 'alter-config', $big, 'max.message.bytes=1000000');
+my ($out, $err) = ('', '');
+IPC::Run::run([ 'bash', "$ENV{CQRS_REPO}/test/kafka/topic.sh", 'alter-config', $big, 'max.message.bytes=1000000' ],
+	'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(120)) or die "alter-config: $out$err";
 $node->safe_psql('postgres', "SELECT cqrs_retry($id)");
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $id", 'SENT', 60),
 	'after the operator raised the limit, cqrs_retry() sends it');
 
 $node->stop;
-script("$ENV{CQRS_REPO}/test/kafka/broker.sh", 'stop');
 done_testing();

@@ -19,25 +19,12 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use CqrsTest;
-use IPC::Run ();
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-my $port = PostgreSQL::Test::Cluster::get_free_port();    # the controller takes +1
-local $ENV{KAFKA_PORT}        = $port;
-local $ENV{KAFKA_AUTO_CREATE} = 'false';
-local $ENV{CQRS_TEST_DIR}     = PostgreSQL::Test::Utils::tempdir('interrupts');
-sub script
-{
-	my (@cmd) = @_;
-	my ($out, $err) = ('', '');
-	IPC::Run::run([ 'bash', @cmd ], '<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(180))
-	  or die "@cmd failed: $out$err";
-	return $out;
-}
-my $brokers = script("$ENV{CQRS_REPO}/test/kafka/broker.sh", 'start');
-chomp $brokers;
+my $broker = kafka_broker_start(env => { KAFKA_AUTO_CREATE => 'false' });
+my $brokers = $broker->bootstrap;
 local $ENV{KAFKA_BROKERS} = $brokers;
 
 my $props = PostgreSQL::Test::Utils::tempdir('props') . '/producer.properties';
@@ -86,8 +73,8 @@ sub relay_pid
 
 # ---- a retry wakes the relay at its time -------------------------------------------
 my $small = unique_topic('small');
-script("$ENV{CQRS_REPO}/test/kafka/topic.sh", 'create', $small, 1, 'max.message.bytes=200000');
-script("$ENV{CQRS_REPO}/test/kafka/topic.sh", 'create', "$small.DLT", 1);
+create_topic($small, 1, 'max.message.bytes=200000');
+create_topic("$small.DLT", 1);
 app_sql("SELECT cqrs_enqueue('$small', 'k', '{}')");
 ok(app_wait("SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 60), 'the topic works');
 my $t0 = time;
@@ -117,7 +104,7 @@ app_sql("SELECT cqrs_enqueue('$small', 'k', '{}')");
 ok(app_wait("SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT' AND topic = '$small'", '2', 30),
 	'caught up: the relay is idle');
 my $halted_at = app_sql('SELECT now()');
-script("$ENV{CQRS_REPO}/test/kafka/broker.sh", 'halt');
+$broker->halt;
 ok( app_wait(
 		"SELECT last_error_at > '$halted_at' AND last_error ~ 'TRANSPORT|ALL_BROKERS_DOWN' FROM cqrs_relay_state()",
 		't', 30),
@@ -172,5 +159,4 @@ ok($gone, sprintf('the relay exited %.1f s after the postmaster died', time - $t
 kill 'KILL', @others;
 $node->{_pid} = undef;
 
-script("$ENV{CQRS_REPO}/test/kafka/broker.sh", 'stop');
 done_testing();

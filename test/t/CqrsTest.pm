@@ -43,7 +43,7 @@ use Time::HiRes qw(time usleep);
 our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   wait_for create_topic create_topic_assigned kafka_broker_start
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
-  probe_producer_start);
+  probe_producer_start freeze_relay freeze_waiting);
 
 =pod
 
@@ -353,6 +353,56 @@ sub _parse_kcat
 	}
 	return sort { $a->{partition} <=> $b->{partition} || $a->{offset} <=> $b->{offset} }
 	  @msgs;
+}
+
+=pod
+
+=item freeze_relay($node), freeze_waiting($node, $backend_type, $wait_event)
+
+Stop a process of the node (the relay worker; any process by its
+C<backend_type>) with SIGSTOP at a safe moment and return its pid (thaw it
+with C<kill 'CONT', $pid>).  A process stopped at a random moment may hold a
+lock others need (a WAL insertion lock in the middle of its transaction, the
+WAL write lock), and every other session would hang.  These processes hold
+none while they wait for work: this sends SIGSTOP, then looks at the
+process's reported wait event (C<$wait_event>; the relay's is its
+C<Extension> wait), which a process sets right before waiting and clears
+right after; if the process was not stopped inside that wait, it is let go
+and tried again.  Dies after 30 s.
+
+  my $relay = freeze_relay($node);
+  my $walwriter = freeze_waiting($node, 'walwriter', 'WalWriterMain');
+
+=cut
+
+sub freeze_waiting
+{
+	my ($node, $type, $wait_event) = @_;
+	my $waiting = "backend_type = '$type' AND (wait_event = '$wait_event' OR wait_event_type = '$wait_event')";
+	my $deadline = time + 30;
+	while (time < $deadline)
+	{
+		my $row = $node->safe_psql('postgres',
+			"SELECT pid FROM pg_stat_activity WHERE $waiting");
+		if ($row =~ /^(\d+)$/)
+		{
+			my $pid = $1;
+			kill 'STOP', $pid;
+			# reported after the stop: still waiting means stopped in the wait
+			my $still = $node->safe_psql('postgres',
+				"SELECT count(*) FROM pg_stat_activity WHERE pid = $pid AND $waiting");
+			return $pid if $still eq '1';
+			kill 'CONT', $pid;
+		}
+		usleep(int(rand(20_000)));
+	}
+	die "freeze_waiting: no $type caught in its wait ($wait_event)";
+}
+
+sub freeze_relay
+{
+	my ($node) = @_;
+	return freeze_waiting($node, 'cqrs_sync relay', 'Extension');
 }
 
 =pod
