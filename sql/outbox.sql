@@ -96,6 +96,9 @@ SELECT has_table_privilege('public', 'cqrs_outbox', 'INSERT') AS public_insert,
        has_table_privilege('cqrs_sync_writer', 'cqrs_outbox', 'INSERT') AS writer_insert,
        has_function_privilege('cqrs_sync_writer', 'cqrs_enqueue(text,text,jsonb,jsonb)', 'EXECUTE') AS writer_enqueue,
        has_table_privilege('pg_monitor', 'cqrs_outbox', 'SELECT') AS monitor_select;
+-- monitoring reads the bookkeeping columns, never an event's content
+SELECT a.attname, has_column_privilege('pg_monitor', 'cqrs_outbox', a.attname, 'SELECT') AS monitor_select
+  FROM pg_attribute a WHERE a.attrelid = 'cqrs_outbox'::regclass AND a.attnum > 0 ORDER BY a.attnum;
 
 -- a role holding cqrs_sync_writer enqueues, but cannot write the outbox directly
 CREATE ROLE cqrs_regress_app LOGIN IN ROLE cqrs_sync_writer;

@@ -4,7 +4,7 @@
  *	  The read side: the entry points of the idempotent apply helpers and
  *	  their lock protocol.  (The target cache is in apply_cache.c, JSON to
  *	  Datum and keys in apply_json.c, the SQL and its plans in
- *	  apply_plans.c.)
+ *	  apply_plans.c, who may write what in apply_acl.c.)
  *
  *	  A read service calls these inside its own transaction, so that an
  *	  event applied twice, or out of order, changes nothing:
@@ -13,32 +13,47 @@
  *	  CONFLICT DO NOTHING; the primary key, not a read-then-check, decides
  *	  whether the event is new.
  *
- *	  cqrs_upsert(target, row, version): INSERT ... ON CONFLICT (primary key)
- *	  DO UPDATE ... WHERE stored version < incoming version, unless a
- *	  tombstone of the key has a version >= the incoming one.
+ *	  cqrs_upsert(target, row, version): UPDATE ... WHERE stored version <
+ *	  incoming version; if no row was updated, INSERT ... ON CONFLICT
+ *	  (primary key) DO UPDATE ... WHERE stored version < incoming version,
+ *	  unless a tombstone of the key has a version >= the incoming one.
  *
  *	  cqrs_delete(target, key, version): deletes the row if its version is
  *	  <= version and records a tombstone (cqrs_tombstone) with the version,
  *	  so that a later, older upsert does not bring the row back.
  *
  *	  cqrs_apply_delta(target, key, deltas, consumer, event_id): adds numeric
- *	  deltas once per (consumer, event, target, key), deduplicated in the
- *	  inbox under a derived consumer name.
+ *	  deltas once per (consumer, target, event, key), remembered in
+ *	  cqrs_delta_inbox.
  *
  *	  All of them run as the caller (SECURITY INVOKER): the caller needs the
- *	  privileges on the target table, and on cqrs_inbox/cqrs_tombstone the
- *	  ones granted to cqrs_sync_reader.
+ *	  privileges on the target table.  The extension's own tables are
+ *	  written as their owner, after the checks of apply_acl.c.
+ *
+ *	  Version 0.1.0's SQL definitions call the symbols without suffix, which
+ *	  keep using 0.1.0's tables (delta memory in the inbox, tombstones found
+ *	  by their exact key, no consumer owners) until ALTER EXTENSION ...
+ *	  UPDATE points the functions at the _0_2 symbols.
  *
  *	  Deletes versus creates.  A row lock serializes an upsert and a delete
  *	  of an existing row, but not a delete of a missing row (which only
  *	  writes a tombstone) and the insert of that row: neither sees the
  *	  other's uncommitted work.  So cqrs_delete() takes a transaction-level
  *	  advisory lock on (target, hash of the key) before it reads anything,
- *	  and an upsert that inserted a new row takes the same lock afterwards
- *	  and re-checks the tombstones with a fresh snapshot; if a delete with
- *	  a version >= its own committed meanwhile, it removes the row it
- *	  inserted and reports "not applied".  Updates of existing rows, the
- *	  common case, take no extra lock.
+ *	  and an insert of a new row takes the same lock afterwards and re-checks
+ *	  the tombstones with a fresh snapshot; if a delete committed meanwhile,
+ *	  the insert removes the row it made and reports "not applied".  Updates
+ *	  of existing rows, the common case, take no extra lock.
+ *
+ *	  Deltas versus creates.  A delta for a missing row first inserts the
+ *	  row (its key, the defaults), with ON CONFLICT DO NOTHING: the unique
+ *	  index makes it wait for any transaction that is inserting the key (an
+ *	  upsert re-creating a deleted row), and then add to that row.  Only
+ *	  when its own insert made the row does it look for a tombstone, under
+ *	  the key's lock; a delta for a deleted row is recorded and dropped.
+ *	  Under REPEATABLE READ, a row created or deleted by a transaction the
+ *	  caller's snapshot cannot see is a serialization failure, never a lost
+ *	  delta.
  *
  *-------------------------------------------------------------------------
  */
@@ -47,29 +62,31 @@
 #include <limits.h>
 
 #include "access/xact.h"
-#include "catalog/pg_type.h"
-#include "common/hashfn.h"
-#include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
-#include "storage/lmgr.h"
 #include "storage/lock.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
-#include "utils/timestamp.h"
 
 #include "apply.h"
+#include "apply_acl.h"
 #include "apply_cache.h"
 #include "apply_json.h"
 #include "apply_plans.h"
 
+/* 0.1.0's SQL definitions */
 PG_FUNCTION_INFO_V1(cqrs_mark_processed);
 PG_FUNCTION_INFO_V1(cqrs_upsert);
 PG_FUNCTION_INFO_V1(cqrs_delete);
 PG_FUNCTION_INFO_V1(cqrs_apply_delta);
-PG_FUNCTION_INFO_V1(cqrs_prune_read_side);
+/* 0.2.0's */
+PG_FUNCTION_INFO_V1(cqrs_mark_processed_0_2);
+PG_FUNCTION_INFO_V1(cqrs_upsert_0_2);
+PG_FUNCTION_INFO_V1(cqrs_delete_0_2);
+PG_FUNCTION_INFO_V1(cqrs_apply_delta_0_2);
 
 /*
  * locktag_field4 of the advisory locks on (target, key hash); the user-level
@@ -79,14 +96,14 @@ PG_FUNCTION_INFO_V1(cqrs_prune_read_side);
  */
 #define CQRS_KEY_LOCK_FIELD4	0x4351
 
+/* Attempts of a delta at a row that others keep creating and deleting */
+#define DELTA_ATTEMPTS	3
+
 /* Settings */
 char	   *cqrs_version_column = NULL;
 int			cqrs_inbox_retention = 7 * 24 * 3600;
 
 static bool settings_defined = false;
-
-/* The plans on the extension's tables, for the schema of the running helper */
-static const ApplyExtPlans *ext = NULL;
 
 static bool
 check_version_column(char **newval, void **extra, GucSource source)
@@ -144,32 +161,12 @@ helper_namespace(FunctionCallInfo fcinfo)
 
 /* Serializes deletes and inserts of one key of one target */
 static void
-lock_key(ApplyTarget *t, Jsonb *key)
+lock_key(ApplyTarget *t, ApplyKey *key)
 {
 	LOCKTAG		tag;
-	uint32		h = hash_bytes((const unsigned char *) key, VARSIZE(key));
 
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, t->relid, h, CQRS_KEY_LOCK_FIELD4);
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, t->relid, key->hash, CQRS_KEY_LOCK_FIELD4);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
-}
-
-/*
- * The version of the key's tombstone, seen with a fresh snapshot; false if
- * there is none.
- */
-static bool
-tombstone_version(ApplyTarget *t, Jsonb *key, int64 *version)
-{
-	Datum		values[2];
-	bool		isnull;
-
-	values[0] = ObjectIdGetDatum(t->relid);
-	values[1] = JsonbPGetDatum(key);
-	if (apply_run_plan(ext->tomb_check, values, NULL, true, true) == 0)
-		return false;
-	*version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-										   SPI_tuptable->tupdesc, 1, &isnull));
-	return true;
 }
 
 /* Removes a row this transaction just inserted, found to be stale */
@@ -201,25 +198,15 @@ check_not_empty(text *t, const char *name)
 				 errmsg("%s must not be empty", name)));
 }
 
-/* Records (consumer, event_id) in the inbox; true if it was not there. */
-static bool
-inbox_insert(text *consumer, text *event_id)
-{
-	Datum		values[2];
-
-	values[0] = PointerGetDatum(consumer);
-	values[1] = PointerGetDatum(event_id);
-	return apply_run_plan(ext->inbox, values, NULL, false, false) == 1;
-}
-
 /*
  * cqrs_mark_processed(consumer text, event_id text) RETURNS boolean
  */
-Datum
-cqrs_mark_processed(PG_FUNCTION_ARGS)
+static Datum
+mark_processed(FunctionCallInfo fcinfo, bool version2)
 {
 	text	   *consumer;
 	text	   *event_id;
+	const ApplyExtPlans *ext;
 	bool		result;
 
 	check_not_null(fcinfo, 0, "consumer");
@@ -230,22 +217,37 @@ cqrs_mark_processed(PG_FUNCTION_ARGS)
 	check_not_empty(event_id, "event_id");
 
 	apply_enter();
-	ext = apply_ensure_ext_plans(helper_namespace(fcinfo));
-	result = inbox_insert(consumer, event_id);
+	ext = apply_ensure_ext_plans(helper_namespace(fcinfo), version2);
+	if (version2)
+		apply_check_consumer(ext, consumer);
+	result = apply_inbox_insert(ext, consumer, event_id);
 	apply_leave();
 
 	PG_RETURN_BOOL(result);
 }
 
+Datum
+cqrs_mark_processed(PG_FUNCTION_ARGS)
+{
+	return mark_processed(fcinfo, false);
+}
+
+Datum
+cqrs_mark_processed_0_2(PG_FUNCTION_ARGS)
+{
+	return mark_processed(fcinfo, true);
+}
+
 /*
  * cqrs_upsert(target regclass, row jsonb, version bigint) RETURNS boolean
  */
-Datum
-cqrs_upsert(PG_FUNCTION_ARGS)
+static Datum
+upsert(FunctionCallInfo fcinfo, bool version2)
 {
 	Oid			relid;
 	Jsonb	   *row;
 	int64		version;
+	const ApplyExtPlans *ext;
 	ApplyTarget *t;
 	JsonMember *members;
 	int			nmembers;
@@ -253,13 +255,12 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 	int		   *colidx;
 	Datum	   *values;
 	char	   *nulls;
-	Datum		pkvals[INDEX_MAX_KEYS];
+	ApplyKey	key;
 	bool		seen[INDEX_MAX_KEYS] = {0};
 	int			cursor = 0;
 	ConvertContext cc = {"row", NULL, NULL};
 	ErrorContextCallback errcb;
 	ColumnSetPlan *p;
-	Jsonb	   *key;
 	bool		result = false;
 
 	check_not_null(fcinfo, 0, "target");
@@ -270,7 +271,7 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 	version = PG_GETARG_INT64(2);
 
 	apply_enter();
-	ext = apply_ensure_ext_plans(helper_namespace(fcinfo));
+	ext = apply_ensure_ext_plans(helper_namespace(fcinfo), version2);
 	t = apply_get_target(relid, ext->nsp);
 
 	apply_check_version_range(t, version);
@@ -282,8 +283,8 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 
 	nmembers = apply_json_members(row, &members);
 	colidx = palloc(sizeof(int) * Max(nmembers, 1));
-	values = palloc(sizeof(Datum) * (nmembers + 3));
-	nulls = palloc(nmembers + 4);
+	values = palloc(sizeof(Datum) * (nmembers + 1));
+	nulls = palloc(nmembers + 1);
 
 	errcb.callback = apply_convert_error_callback;
 	errcb.arg = &cc;
@@ -324,7 +325,7 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 				ereport(ERROR,
 						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 						 errmsg("primary key column \"%s\" must not be null", c->name)));
-			pkvals[c->pkpos] = values[ncols];
+			key.vals[c->pkpos] = values[ncols];
 			seen[c->pkpos] = true;
 		}
 		colidx[ncols++] = j;
@@ -345,23 +346,24 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 		result = true;
 	else
 	{
-		key = apply_canonical_key(t, pkvals);
-		values[ncols + 1] = ObjectIdGetDatum(relid);
-		values[ncols + 2] = JsonbPGetDatum(key);
-		nulls[ncols + 1] = nulls[ncols + 2] = ' ';
-		nulls[ncols + 3] = '\0';
-		if (apply_run_plan(p->plan2, values, nulls, false, false) == 1)
+		int64		tv;
+		Jsonb	   *stored;
+
+		/* no row, or a newer one: insert, unless the key was deleted */
+		apply_key_make(t, &key);
+		if (apply_tombstone_find(ext, t, &key, false, &tv, &stored) && tv >= version)
+			result = false;
+		else if (apply_run_plan(p->plan2, values, nulls, false, false) == 1)
 		{
 			result = true;
 			if (apply_row_is_new(t))
 			{
-				int64		tv;
-
 				/* a delete of the key may have committed meanwhile */
-				lock_key(t, key);
-				if (tombstone_version(t, key, &tv) && tv >= version)
+				lock_key(t, &key);
+				if (apply_tombstone_find(ext, t, &key, true, &tv, &stored) &&
+					tv >= version)
 				{
-					undo_insert(t, pkvals, version);
+					undo_insert(t, key.vals, version);
 					result = false;
 				}
 			}
@@ -372,19 +374,31 @@ cqrs_upsert(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(result);
 }
 
+Datum
+cqrs_upsert(PG_FUNCTION_ARGS)
+{
+	return upsert(fcinfo, false);
+}
+
+Datum
+cqrs_upsert_0_2(PG_FUNCTION_ARGS)
+{
+	return upsert(fcinfo, true);
+}
+
 /*
  * cqrs_delete(target regclass, key jsonb, version bigint) RETURNS boolean
  */
-Datum
-cqrs_delete(PG_FUNCTION_ARGS)
+static Datum
+delete_row(FunctionCallInfo fcinfo, bool version2)
 {
 	Oid			relid;
 	Jsonb	   *keyarg;
 	int64		version;
+	const ApplyExtPlans *ext;
 	ApplyTarget *t;
-	Datum		pkvals[INDEX_MAX_KEYS + 1];
-	Datum		tvalues[3];
-	Jsonb	   *key;
+	ApplyKey	key;
+	Datum		values[INDEX_MAX_KEYS + 1];
 	uint64		deleted;
 	bool		result;
 
@@ -396,57 +410,65 @@ cqrs_delete(PG_FUNCTION_ARGS)
 	version = PG_GETARG_INT64(2);
 
 	apply_enter();
-	ext = apply_ensure_ext_plans(helper_namespace(fcinfo));
+	ext = apply_ensure_ext_plans(helper_namespace(fcinfo), version2);
 	t = apply_get_target(relid, ext->nsp);
 	apply_check_version_range(t, version);
-	apply_parse_key(t, keyarg, pkvals);
-	key = apply_canonical_key(t, pkvals);
+	apply_parse_key(t, keyarg, key.vals);
+	apply_key_make(t, &key);
+
+	/* a tombstone is written only by who may delete from the table */
+	apply_check_target_privilege(t, ACL_DELETE, 0, NULL);
 
 	/* before reading anything: see the comment at the top of the file */
-	lock_key(t, key);
+	lock_key(t, &key);
 
-	pkvals[t->npk] = Int64GetDatum(version);
-	deleted = apply_run_plan(t->delete_plan, pkvals, NULL, false, true);
+	memcpy(values, key.vals, sizeof(Datum) * t->npk);
+	values[t->npk] = Int64GetDatum(version);
+	deleted = apply_run_plan(t->delete_plan, values, NULL, false, true);
 	if (deleted == 0 &&
-		apply_run_plan(t->exists_plan, pkvals, NULL, true, true) > 0)
+		apply_run_plan(t->exists_plan, values, NULL, true, true) > 0)
 	{
 		/* the row is newer than this delete */
 		result = false;
 	}
 	else
-	{
-		tvalues[0] = ObjectIdGetDatum(relid);
-		tvalues[1] = JsonbPGetDatum(key);
-		tvalues[2] = Int64GetDatum(version);
-		result = apply_run_plan(ext->tomb_write, tvalues, NULL, false, false) > 0 ||
-			deleted > 0;
-	}
+		result = apply_tombstone_write(ext, t, &key, version) || deleted > 0;
 	apply_leave();
 
 	PG_RETURN_BOOL(result);
+}
+
+Datum
+cqrs_delete(PG_FUNCTION_ARGS)
+{
+	return delete_row(fcinfo, false);
+}
+
+Datum
+cqrs_delete_0_2(PG_FUNCTION_ARGS)
+{
+	return delete_row(fcinfo, true);
 }
 
 /*
  * cqrs_apply_delta(target regclass, key jsonb, deltas jsonb, consumer text,
  *					event_id text) RETURNS boolean
  *
- * Deduplicated in cqrs_inbox as consumer "<consumer>/delta/<target oid>",
- * event id "<event_id> <canonical key>", so that one event can add to
- * several rows and tables, and a cqrs_mark_processed(consumer, event_id) in
- * the same transaction does not suppress it.
+ * Remembered per (consumer, target, event_id, key), so that one event can
+ * add to several rows and tables, and a cqrs_mark_processed(consumer,
+ * event_id) in the same transaction does not suppress it.
  */
-Datum
-cqrs_apply_delta(PG_FUNCTION_ARGS)
+static Datum
+apply_delta(FunctionCallInfo fcinfo, bool version2)
 {
 	Oid			relid;
 	Jsonb	   *keyarg;
 	Jsonb	   *deltas;
 	text	   *consumer;
 	text	   *event_id;
+	const ApplyExtPlans *ext;
 	ApplyTarget *t;
-	Datum		pkvals[INDEX_MAX_KEYS];
-	Jsonb	   *key;
-	char	   *keytext;
+	ApplyKey	key;
 	JsonMember *members;
 	int			nmembers;
 	int		   *colidx;
@@ -471,10 +493,10 @@ cqrs_apply_delta(PG_FUNCTION_ARGS)
 	check_not_empty(event_id, "event_id");
 
 	apply_enter();
-	ext = apply_ensure_ext_plans(helper_namespace(fcinfo));
+	ext = apply_ensure_ext_plans(helper_namespace(fcinfo), version2);
 	t = apply_get_target(relid, ext->nsp);
-	apply_parse_key(t, keyarg, pkvals);
-	key = apply_canonical_key(t, pkvals);
+	apply_parse_key(t, keyarg, key.vals);
+	apply_key_make(t, &key);
 
 	if (!JB_ROOT_IS_OBJECT(deltas))
 		ereport(ERROR,
@@ -485,8 +507,8 @@ cqrs_apply_delta(PG_FUNCTION_ARGS)
 
 	nmembers = apply_json_members(deltas, &members);
 	colidx = palloc(sizeof(int) * Max(nmembers, 1));
-	values = palloc(sizeof(Datum) * (t->npk + nmembers + 2));
-	memcpy(values, pkvals, sizeof(Datum) * t->npk);
+	values = palloc(sizeof(Datum) * (t->npk + nmembers));
+	memcpy(values, key.vals, sizeof(Datum) * t->npk);
 
 	errcb.callback = apply_convert_error_callback;
 	errcb.arg = &cc;
@@ -531,12 +553,16 @@ cqrs_apply_delta(PG_FUNCTION_ARGS)
 	}
 	error_context_stack = errcb.previous;
 
-	/* the inbox decides first */
-	keytext = JsonbToCString(NULL, &key->root, VARSIZE(key));
-	if (!inbox_insert(cstring_to_text(psprintf("%s/delta/%u",
-											   text_to_cstring(consumer), relid)),
-					  cstring_to_text(psprintf("%s %s",
-											   text_to_cstring(event_id), keytext))))
+	/* who may record events under the consumer, and add to the table */
+	if (version2)
+	{
+		apply_check_consumer(ext, consumer);
+		if (nmembers > 0)
+			apply_check_target_privilege(t, ACL_UPDATE, nmembers, colidx);
+	}
+
+	/* the memory decides first */
+	if (!apply_delta_memory_insert(ext, t, consumer, event_id, &key))
 		goto done;
 	result = true;
 	if (nmembers == 0)
@@ -546,7 +572,7 @@ cqrs_apply_delta(PG_FUNCTION_ARGS)
 	if (apply_run_plan(p->plan, values, NULL, false, false) > 0)
 		goto done;
 
-	/* no row: create one from the deltas, unless the key was deleted */
+	/* no row: create one from the defaults, unless the key was deleted */
 	for (int j = 0; j < t->ncols; j++)
 	{
 		ApplyColumn *c = &t->cols[j];
@@ -558,27 +584,40 @@ cqrs_apply_delta(PG_FUNCTION_ARGS)
 			ereport(ERROR,
 					(errcode(ERRCODE_NOT_NULL_VIOLATION),
 					 errmsg("cannot create the missing row %s of relation \"%s\" from deltas",
-							keytext, t->relname),
+							key.text, t->relname),
 					 errdetail("Column \"%s\" is NOT NULL and has no default.", c->name),
 					 errhint("Create the row with cqrs_upsert() before applying deltas, or give the column a default.")));
 	}
-	values[t->npk + nmembers] = ObjectIdGetDatum(relid);
-	values[t->npk + nmembers + 1] = JsonbPGetDatum(key);
-	if (apply_run_plan(p->plan2, values, NULL, false, false) == 0)
+	for (int attempt = 1;; attempt++)
 	{
-		result = false;			/* the row was deleted */
-		goto done;
-	}
-	if (apply_row_is_new(t))
-	{
-		int64		tv;
-
-		lock_key(t, key);
-		if (tombstone_version(t, key, &tv))
+		if (apply_run_plan(p->plan2, values, NULL, false, false) > 0)
 		{
-			undo_insert(t, pkvals, PG_INT64_MAX);
-			result = false;
+			int64		tv;
+			Jsonb	   *stored;
+
+			/* this transaction made the row: was the key deleted? */
+			lock_key(t, &key);
+			if (apply_tombstone_find(ext, t, &key, true, &tv, &stored))
+			{
+				undo_insert(t, key.vals, PG_INT64_MAX);
+				result = false;
+			}
+			else if (apply_run_plan(p->plan, values, NULL, false, false) != 1)
+				elog(ERROR, "cqrs_sync: row %s of relation \"%s\" vanished after its insert",
+					 key.text, t->relname);
+			break;
 		}
+		/* another transaction made the row and committed: add to it */
+		if (apply_run_plan(p->plan, values, NULL, false, true) > 0)
+			break;
+		if (attempt == DELTA_ATTEMPTS)
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not apply deltas to row %s of relation \"%s\"",
+							key.text, t->relname),
+					 errdetail("Other transactions created and deleted the row %d times meanwhile.",
+							   DELTA_ATTEMPTS),
+					 errhint("Retry the transaction.")));
 	}
 
 done:
@@ -586,65 +625,14 @@ done:
 	PG_RETURN_BOOL(result);
 }
 
-/*
- * cqrs_prune_read_side(older_than interval DEFAULT NULL) RETURNS bigint
- *
- * Deletes inbox entries and tombstones older than older_than (default
- * cqrs_sync.inbox_retention; 0 keeps them for ever) and tombstones of
- * dropped tables.  Returns the number of rows deleted.
- */
 Datum
-cqrs_prune_read_side(PG_FUNCTION_ARGS)
+cqrs_apply_delta(PG_FUNCTION_ARGS)
 {
-	Interval   *older;
-	Interval	zero;
-	const char *schema;
-	Datum		values[1];
-	Oid			argtypes[1] = {INTERVALOID};
-	int64		total = 0;
-	int			rc;
+	return apply_delta(fcinfo, false);
+}
 
-	memset(&zero, 0, sizeof(zero));
-	if (PG_ARGISNULL(0))
-	{
-		if (cqrs_inbox_retention <= 0)
-			PG_RETURN_INT64(0);
-		older = palloc0(sizeof(Interval));
-		older->time = (int64) cqrs_inbox_retention * USECS_PER_SEC;
-	}
-	else
-	{
-		older = PG_GETARG_INTERVAL_P(0);
-		if (DatumGetBool(DirectFunctionCall2(interval_lt,
-											 IntervalPGetDatum(older),
-											 IntervalPGetDatum(&zero))))
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("older_than must not be negative")));
-	}
-	values[0] = IntervalPGetDatum(older);
-
-	apply_enter();
-	schema = quote_identifier(get_namespace_name(helper_namespace(fcinfo)));
-	rc = SPI_execute_with_args(psprintf("DELETE FROM %s.cqrs_inbox "
-										"WHERE processed_at OPERATOR(pg_catalog.<) "
-										"(pg_catalog.now() OPERATOR(pg_catalog.-) $1)",
-										schema),
-							   1, argtypes, values, NULL, false, 0);
-	if (rc != SPI_OK_DELETE)
-		elog(ERROR, "could not prune the inbox: %s", SPI_result_code_string(rc));
-	total += SPI_processed;
-	rc = SPI_execute_with_args(psprintf("DELETE FROM %s.cqrs_tombstone tb "
-										"WHERE tb.deleted_at OPERATOR(pg_catalog.<) "
-										"(pg_catalog.now() OPERATOR(pg_catalog.-) $1) "
-										"OR NOT EXISTS (SELECT FROM pg_catalog.pg_class c "
-										"WHERE c.oid OPERATOR(pg_catalog.=) tb.target)",
-										schema),
-							   1, argtypes, values, NULL, false, 0);
-	if (rc != SPI_OK_DELETE)
-		elog(ERROR, "could not prune the tombstones: %s", SPI_result_code_string(rc));
-	total += SPI_processed;
-	apply_leave();
-
-	PG_RETURN_INT64(total);
+Datum
+cqrs_apply_delta_0_2(PG_FUNCTION_ARGS)
+{
+	return apply_delta(fcinfo, true);
 }

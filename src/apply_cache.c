@@ -289,9 +289,8 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 	t->partitioned = rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE;
 	t->qualname = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
 											 t->relname);
-	t->tombstone = psprintf("%s.cqrs_tombstone",
-							quote_identifier(get_namespace_name(extnsp)));
 	t->extnsp = extnsp;
+	t->key_fixed_format = false;
 	strlcpy(t->version_name, vername, NAMEDATALEN);
 
 	/* columns */
@@ -335,8 +334,9 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		c->addable = is_addable_type(c->basetype);
 		c->generated = att->attgenerated != '\0';
 		c->identity_always = att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS;
-		c->needs_value = att->attnotnull && !att->atthasdef &&
-			att->attidentity == '\0' && !c->generated;
+		c->has_default = att->atthasdef || att->attidentity != '\0' ||
+			c->generated;
+		c->needs_value = att->attnotnull && !c->has_default;
 		c->pkpos = -1;
 		getTypeInputInfo(c->basetype, &func, &c->ioparam);
 		fmgr_info_cxt(func, &c->input, t->cxt);
@@ -380,8 +380,6 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		AttrNumber	attnum = idx->rd_index->indkey.values[k];
 		ApplyColumn *c;
 		TypeCacheEntry *tce;
-		Oid			func;
-		bool		varlena;
 
 		if (attnum <= 0 || byattnum[attnum] < 0)
 			elog(ERROR, "unexpected primary key column %d of relation \"%s\"",
@@ -389,8 +387,8 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		t->pk_idx[k] = byattnum[attnum];
 		c = &t->cols[t->pk_idx[k]];
 		c->pkpos = k;
-		getTypeOutputInfo(c->basetype, &func, &varlena);
-		fmgr_info_cxt(func, &c->output, t->cxt);
+		apply_describe_key_column(c, idx, k, t->cxt);
+		t->key_fixed_format |= c->fixed_format;
 		tce = lookup_type_cache(c->basetype, TYPECACHE_EQ_OPR);
 		if (!OidIsValid(tce->eq_opr))
 			ereport(ERROR,

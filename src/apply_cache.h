@@ -38,11 +38,19 @@ typedef struct ApplyColumn
 	bool		generated;
 	bool		identity_always;
 	bool		needs_value;	/* NOT NULL, no default, not identity */
+	bool		has_default;	/* a default, an identity or generated */
 	int			pkpos;			/* position in the primary key, or -1 */
 	FmgrInfo	input;
 	Oid			ioparam;
-	FmgrInfo	output;			/* primary key columns only */
-	char	   *eqop;			/* "OPERATOR(nsp.=)", primary key columns only */
+	/* primary key columns only: */
+	FmgrInfo	output;
+	char	   *eqop;			/* "OPERATOR(nsp.=)" */
+	Oid			keycoll;		/* the primary key's collation of the column */
+	bool		key_by_text;	/* no hash function fits the key's equality:
+								 * hash and compare the text form */
+	FmgrInfo	keyhash;		/* hash function consistent with keyeq */
+	FmgrInfo	keyeq;			/* the primary key's equality */
+	bool		fixed_format;	/* text form depends on DateStyle & co. */
 } ApplyColumn;
 
 /* A plan for one set of columns, in JSON member order */
@@ -50,8 +58,8 @@ typedef struct ColumnSetPlan
 {
 	int			ncols;
 	int		   *colidx;			/* indexes into ApplyTarget.cols */
-	SPIPlanPtr	plan;			/* upsert; or delta UPDATE */
-	SPIPlanPtr	plan2;			/* delta: INSERT of a missing row */
+	SPIPlanPtr	plan;			/* UPDATE of an existing row */
+	SPIPlanPtr	plan2;			/* INSERT of a missing row */
 } ColumnSetPlan;
 
 typedef struct ApplyTarget
@@ -59,17 +67,18 @@ typedef struct ApplyTarget
 	Oid			relid;			/* hash key: must be first */
 	bool		valid;
 	MemoryContext cxt;
-	Oid			extnsp;			/* schema of cqrs_tombstone in the plans */
+	Oid			extnsp;			/* the extension's schema when described */
 	char		version_name[NAMEDATALEN];
 	char	   *relname;
 	char	   *qualname;		/* quoted schema.table */
-	char	   *tombstone;		/* quoted schema.cqrs_tombstone */
 	bool		partitioned;
 	int			ncols;
 	ApplyColumn *cols;			/* sorted like JSON object keys */
 	int			version_idx;
 	int			npk;
 	int			pk_idx[INDEX_MAX_KEYS]; /* in primary key order */
+	bool		key_fixed_format;	/* some key column's text form depends on
+									 * settings (see apply_json.c) */
 	SPIPlanPtr	delete_plan;	/* DELETE ... WHERE pk AND version <= $v */
 	SPIPlanPtr	exists_plan;	/* SELECT version ... WHERE pk */
 	List	   *upsert_plans;	/* of ColumnSetPlan */

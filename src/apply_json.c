@@ -15,14 +15,25 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/relation.h"
+#include "access/stratnum.h"
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
+#include "utils/syscache.h"
 
 #include "apply_json.h"
+
+PG_FUNCTION_INFO_V1(cqrs_tombstone_key_hash);
 
 /* The kind of a JSON document's root, for messages */
 const char *
@@ -337,36 +348,261 @@ apply_check_version_range(ApplyTarget *t, int64 version)
 }
 
 /*
- * The canonical form of a key, as stored in cqrs_tombstone: an object of
- * the key columns' text representations, e.g. {"id": "42"}.  Equal keys
- * give equal documents whatever JSON spelled them ("42" or 42; "ABC" or
- * "abc" for a uuid).
+ * Keys.
+ *
+ * A key is stored (cqrs_tombstone.key, cqrs_delta_inbox.key) in a canonical
+ * form: an object of the key columns' text representations, e.g. {"id":
+ * "42"}.  Types whose text form depends on settings (dates and times on
+ * DateStyle and IntervalStyle, floats on extra_float_digits) are written
+ * with fixed settings, so that every session spells a key the same way.
+ *
+ * Keys the table holds equal are not always spelled the same: numeric 42
+ * and 42.0, float -0 and 0, citext 'ABC' and 'abc', text under a
+ * nondeterministic collation, one instant in two time zones.  So a key
+ * also has a hash, by the hash functions consistent with the primary key's
+ * equality (with its collation): equal keys, equal hashes.  Tombstones are
+ * found by (target, hash) and then compared with that equality, the stored
+ * text parsed back into the column's type.  A key column whose type has no
+ * such hash function is hashed and compared by its text form.
+ * ------------------------------------------------------------------------
  */
-Jsonb *
-apply_canonical_key(ApplyTarget *t, Datum *pkvals)
+
+/* Fixed output settings for the text forms, while a key is written or read */
+static int
+fixed_format_begin(void)
+{
+	int			level = NewGUCNestLevel();
+
+	(void) set_config_option("datestyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("intervalstyle", "postgres", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return level;
+}
+
+static void
+fixed_format_end(int level)
+{
+	AtEOXact_GUC(true, level);
+}
+
+static bool
+text_form_depends_on_settings(Oid typid)
+{
+	switch (typid)
+	{
+		case DATEOID:
+		case TIMEOID:
+		case TIMETZOID:
+		case TIMESTAMPOID:
+		case TIMESTAMPTZOID:
+		case INTERVALOID:
+		case FLOAT4OID:
+		case FLOAT8OID:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * Describes the k-th column of the primary key index idx for keys: its
+ * output function, its collation in the key, and the equality and hash
+ * functions of the key's operator family.  c->basetype and c->input must be
+ * set.
+ */
+void
+apply_describe_key_column(ApplyColumn *c, Relation idx, int k, MemoryContext cxt)
+{
+	Oid			func;
+	bool		varlena;
+	Oid			opcintype = idx->rd_opcintype[k];
+	Oid			eqop;
+	RegProcedure hashfn = InvalidOid;
+	RegProcedure rhashfn = InvalidOid;
+
+	getTypeOutputInfo(c->basetype, &func, &varlena);
+	fmgr_info_cxt(func, &c->output, cxt);
+	c->keycoll = idx->rd_indcollation[k];
+	c->fixed_format = text_form_depends_on_settings(c->basetype);
+
+	eqop = get_opfamily_member(idx->rd_opfamily[k], opcintype, opcintype,
+							   BTEqualStrategyNumber);
+	c->key_by_text = !OidIsValid(eqop) ||
+		!get_op_hash_functions(eqop, &hashfn, &rhashfn) ||
+		!OidIsValid(hashfn);
+	if (!c->key_by_text)
+	{
+		fmgr_info_cxt(hashfn, &c->keyhash, cxt);
+		fmgr_info_cxt(get_opcode(eqop), &c->keyeq, cxt);
+	}
+}
+
+static uint32
+key_column_hash(ApplyColumn *c, Datum value, const char *text)
+{
+	if (c->key_by_text)
+		return hash_bytes((const unsigned char *) text, strlen(text));
+	return DatumGetUInt32(FunctionCall1Coll(&c->keyhash, c->keycoll, value));
+}
+
+/*
+ * Fills in a key's canonical form, its text and its hash from key->vals
+ * (the primary key values, in primary key order).
+ */
+void
+apply_key_make(ApplyTarget *t, ApplyKey *key)
 {
 	JsonbParseState *st = NULL;
 	JsonbValue *res;
+	char	   *texts[INDEX_MAX_KEYS];
+	int			level = 0;
 
+	if (t->key_fixed_format)
+		level = fixed_format_begin();
+	for (int k = 0; k < t->npk; k++)
+		texts[k] = OutputFunctionCall(&t->cols[t->pk_idx[k]].output, key->vals[k]);
+	if (t->key_fixed_format)
+		fixed_format_end(level);
+
+	key->hash = 0;
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	for (int k = 0; k < t->npk; k++)
 	{
 		ApplyColumn *c = &t->cols[t->pk_idx[k]];
 		JsonbValue	jk;
 		JsonbValue	jv;
-		char	   *s = OutputFunctionCall(&c->output, pkvals[k]);
 
+		key->hash = hash_combine(key->hash, key_column_hash(c, key->vals[k], texts[k]));
 		jk.type = jbvString;
 		jk.val.string.val = c->name;
 		jk.val.string.len = c->namelen;
 		pushJsonbValue(&st, WJB_KEY, &jk);
 		jv.type = jbvString;
-		jv.val.string.val = s;
-		jv.val.string.len = strlen(s);
+		jv.val.string.val = texts[k];
+		jv.val.string.len = strlen(texts[k]);
 		pushJsonbValue(&st, WJB_VALUE, &jv);
 	}
 	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
-	return JsonbValueToJsonb(res);
+	key->canonical = JsonbValueToJsonb(res);
+	key->text = JsonbToCString(NULL, &key->canonical->root, VARSIZE(key->canonical));
+}
+
+/* The text a stored key holds for a column, or NULL */
+static char *
+stored_text(Jsonb *stored, ApplyColumn *c)
+{
+	JsonbValue	v;
+
+	if (!JB_ROOT_IS_OBJECT(stored) ||
+		getKeyJsonValueFromContainer(&stored->root, c->name, c->namelen, &v) == NULL ||
+		v.type != jbvString)
+		return NULL;
+	return pnstrdup(v.val.string.val, v.val.string.len);
+}
+
+/*
+ * Whether a stored key (a tombstone's) is the same key as key for the
+ * table: each column's stored text, parsed back into the column's type,
+ * equal by the primary key's equality.
+ */
+bool
+apply_key_matches(ApplyTarget *t, ApplyKey *key, Jsonb *stored)
+{
+	bool		match = true;
+	int			level = 0;
+
+	if (t->key_fixed_format)
+		level = fixed_format_begin();
+	for (int k = 0; k < t->npk && match; k++)
+	{
+		ApplyColumn *c = &t->cols[t->pk_idx[k]];
+		char	   *text = stored_text(stored, c);
+
+		if (text == NULL)
+			match = false;
+		else if (c->key_by_text)
+		{
+			char	   *mine = OutputFunctionCall(&c->output, key->vals[k]);
+
+			match = strcmp(text, mine) == 0;
+		}
+		else
+		{
+			Datum		v = InputFunctionCall(&c->input, text, c->ioparam, -1);
+
+			match = DatumGetBool(FunctionCall2Coll(&c->keyeq, c->keycoll, v,
+												   key->vals[k]));
+		}
+	}
+	if (t->key_fixed_format)
+		fixed_format_end(level);
+	return match;
+}
+
+/*
+ * cqrs_tombstone_key_hash(target regclass, key jsonb) RETURNS integer
+ *
+ * The hash of a stored key of target, from the table's primary key alone
+ * (no version column needed): what cqrs_tombstone.key_hash holds.  0 when
+ * the table, its primary key or a key column is gone.  For the update from
+ * 0.1.0, which had no key_hash.
+ */
+Datum
+cqrs_tombstone_key_hash(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Jsonb	   *stored = PG_GETARG_JSONB_P(1);
+	Relation	rel;
+	Relation	idx;
+	Oid			pkoid;
+	uint32		hash = 0;
+	bool		complete = true;
+	int			level;
+
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+		PG_RETURN_INT32(0);
+	rel = relation_open(relid, AccessShareLock);
+	pkoid = RelationGetPrimaryKeyIndex(rel);
+	if (!OidIsValid(pkoid))
+	{
+		relation_close(rel, AccessShareLock);
+		PG_RETURN_INT32(0);
+	}
+	idx = index_open(pkoid, AccessShareLock);
+	level = fixed_format_begin();
+	for (int k = 0; k < idx->rd_index->indnkeyatts && complete; k++)
+	{
+		AttrNumber	attnum = idx->rd_index->indkey.values[k];
+		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), attnum - 1);
+		ApplyColumn c;
+		Oid			func;
+		char	   *text;
+		Datum		v;
+
+		memset(&c, 0, sizeof(c));
+		c.name = NameStr(att->attname);
+		c.namelen = strlen(c.name);
+		c.basetype = getBaseType(att->atttypid);
+		getTypeInputInfo(c.basetype, &func, &c.ioparam);
+		fmgr_info(func, &c.input);
+		apply_describe_key_column(&c, idx, k, CurrentMemoryContext);
+		text = stored_text(stored, &c);
+		if (text == NULL)
+			complete = false;
+		else
+		{
+			v = c.key_by_text ? (Datum) 0 :
+				InputFunctionCall(&c.input, text, c.ioparam, -1);
+			hash = hash_combine(hash, key_column_hash(&c, v, text));
+		}
+	}
+	fixed_format_end(level);
+	index_close(idx, AccessShareLock);
+	relation_close(rel, AccessShareLock);
+	PG_RETURN_INT32(complete ? (int32) hash : 0);
 }
 
 /*

@@ -9,6 +9,7 @@
 #define CQRS_APPLY_JSON_H
 
 #include "utils/jsonb.h"
+#include "utils/rel.h"
 
 #include "apply_cache.h"
 
@@ -38,7 +39,20 @@ extern void apply_convert_error_callback(void *arg);
 extern Datum apply_json_to_datum(ApplyColumn *c, JsonbValue *v, bool *isnull);
 extern void apply_check_row_version(ApplyTarget *t, JsonMember *m, int64 version);
 extern void apply_check_version_range(ApplyTarget *t, int64 version);
-extern Jsonb *apply_canonical_key(ApplyTarget *t, Datum *pkvals);
 extern void apply_parse_key(ApplyTarget *t, Jsonb *key, Datum *pkvals);
+
+/* A key of a target: its values, canonical form and hash (apply_key_make) */
+typedef struct ApplyKey
+{
+	Datum		vals[INDEX_MAX_KEYS];	/* in primary key order */
+	Jsonb	   *canonical;		/* {"col": "text form", ...} */
+	char	   *text;			/* canonical, as JSON text */
+	uint32		hash;			/* equal keys, equal hashes */
+} ApplyKey;
+
+extern void apply_describe_key_column(ApplyColumn *c, Relation idx, int k,
+									  MemoryContext cxt);
+extern void apply_key_make(ApplyTarget *t, ApplyKey *key);
+extern bool apply_key_matches(ApplyTarget *t, ApplyKey *key, Jsonb *stored);
 
 #endif							/* CQRS_APPLY_JSON_H */

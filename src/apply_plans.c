@@ -6,8 +6,9 @@
  *	  SQL is built once per (target, column set) with quoted identifiers and
  *	  schema-qualified operators, prepared with SPI and kept with the
  *	  target's cache entry; values are always parameters.  The statements
- *	  on the extension's own tables (the inbox and the tombstones) are
- *	  prepared once per schema.
+ *	  on the extension's own tables (the inbox, the delta memory, the
+ *	  tombstones, the consumers) are prepared once per schema and run as
+ *	  the tables' owner (see apply_acl.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -18,6 +19,7 @@
 #include "access/tableam.h"
 #include "access/transam.h"
 #include "access/xact.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_operator.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -30,6 +32,8 @@
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 
+#include "apply_acl.h"
+#include "apply_json.h"
 #include "apply_plans.h"
 #include "util.h"
 
@@ -37,7 +41,8 @@
 #define MAX_PLANS_PER_TARGET	64
 
 /* Plans on the extension's own tables, and the schema they were made for */
-static ApplyExtPlans ext_plans = {InvalidOid, NULL, NULL, NULL};
+static ApplyExtPlans ext_plans_v1;
+static ApplyExtPlans ext_plans_v2;
 
 /*
  * Runs a plan.  With "latest", it sees everything committed up to now even
@@ -95,53 +100,242 @@ apply_operator_sql(Oid opno)
 	return res;
 }
 
-/* The plans on cqrs_inbox and cqrs_tombstone, for the extension's schema */
-const ApplyExtPlans *
-apply_ensure_ext_plans(Oid nsp)
+static void
+forget(ApplyExtPlans *p)
 {
+	apply_retire_plan(p->inbox);
+	apply_retire_plan(p->delta_inbox);
+	apply_retire_plan(p->tomb_find);
+	apply_retire_plan(p->tomb_insert);
+	apply_retire_plan(p->tomb_raise);
+	apply_retire_plan(p->consumer_get);
+	apply_retire_plan(p->consumer_claim);
+	memset(p, 0, sizeof(*p));
+}
+
+/*
+ * The statements on the extension's own tables, for its schema nsp.
+ * version2: the tables of version 0.2.0 (delta memory, tombstones found by
+ * hash, consumers); else those of 0.1.0, for its SQL definitions still
+ * calling this library before ALTER EXTENSION ... UPDATE.  Every name is
+ * schema-qualified; the statements run as the tables' owner.
+ */
+const ApplyExtPlans *
+apply_ensure_ext_plans(Oid nsp, bool version2)
+{
+	ApplyExtPlans *p = version2 ? &ext_plans_v2 : &ext_plans_v1;
 	const char *schema;
-	char	   *sql;
-	Oid			inbox_types[2] = {TEXTOID, TEXTOID};
+	Oid			inbox_relid;
+	HeapTuple	tup;
+	Oid			text2[2] = {TEXTOID, TEXTOID};
+	Oid			delta_types[4] = {TEXTOID, REGCLASSOID, TEXTOID, TEXTOID};
+	Oid			find_types[2] = {REGCLASSOID, INT4OID};
+	Oid			insert_types[4] = {REGCLASSOID, JSONBOID, INT8OID, INT4OID};
 	Oid			tomb_types[3] = {REGCLASSOID, JSONBOID, INT8OID};
 
-	if (ext_plans.nsp == nsp && ext_plans.inbox && ext_plans.tomb_write &&
-		ext_plans.tomb_check)
-		return &ext_plans;
-
-	apply_retire_plan(ext_plans.inbox);
-	apply_retire_plan(ext_plans.tomb_write);
-	apply_retire_plan(ext_plans.tomb_check);
-	ext_plans.inbox = ext_plans.tomb_write = ext_plans.tomb_check = NULL;
-	ext_plans.nsp = InvalidOid;
+	if (p->nsp == nsp && p->inbox != NULL)
+		return p;
+	forget(p);
 
 	schema = quote_identifier(get_namespace_name(nsp));
+	inbox_relid = get_relname_relid("cqrs_inbox", nsp);
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(inbox_relid));
+	if (!HeapTupleIsValid(tup))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"%s.cqrs_inbox\" does not exist", schema),
+				 errhint("The read-side helpers need the tables of CREATE EXTENSION cqrs_sync.")));
+	p->owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
 
-	sql = psprintf("INSERT INTO %s.cqrs_inbox (consumer, event_id) VALUES ($1, $2) "
-				   "ON CONFLICT DO NOTHING", schema);
-	ext_plans.inbox = cqrs_keep_plan(sql, 2, inbox_types);
+	p->inbox = cqrs_keep_plan(psprintf("INSERT INTO %s.cqrs_inbox (consumer, event_id) VALUES ($1, $2) "
+									   "ON CONFLICT DO NOTHING", schema),
+							  2, text2);
+	if (version2)
+	{
+		p->consumer_relid = get_relname_relid("cqrs_consumer", nsp);
+		p->delta_inbox = cqrs_keep_plan(psprintf("INSERT INTO %s.cqrs_delta_inbox (consumer, target, event_id, key) "
+												 "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+												 schema),
+										4, delta_types);
+		p->tomb_find = cqrs_keep_plan(psprintf("SELECT tb.version, tb.key FROM %s.cqrs_tombstone tb "
+											   "WHERE tb.target OPERATOR(pg_catalog.=) $1 "
+											   "AND tb.key_hash OPERATOR(pg_catalog.=) $2",
+											   schema),
+									  2, find_types);
+		p->tomb_insert = cqrs_keep_plan(psprintf("INSERT INTO %s.cqrs_tombstone AS tb (target, key, version, key_hash) "
+												 "VALUES ($1, $2, $3, $4) "
+												 "ON CONFLICT (target, key) DO UPDATE "
+												 "SET version = excluded.version, deleted_at = pg_catalog.now(), "
+												 "key_hash = excluded.key_hash "
+												 "WHERE tb.version OPERATOR(pg_catalog.<) excluded.version",
+												 schema),
+										4, insert_types);
+		p->tomb_raise = cqrs_keep_plan(psprintf("UPDATE %s.cqrs_tombstone tb "
+												"SET version = $3, deleted_at = pg_catalog.now() "
+												"WHERE tb.target OPERATOR(pg_catalog.=) $1 "
+												"AND tb.key OPERATOR(pg_catalog.=) $2 "
+												"AND tb.version OPERATOR(pg_catalog.<) $3",
+												schema),
+									   3, tomb_types);
+		p->consumer_get = cqrs_keep_plan(psprintf("SELECT c.owner FROM %s.cqrs_consumer c "
+												  "WHERE c.consumer OPERATOR(pg_catalog.=) $1",
+												  schema),
+										 1, text2);
+		p->consumer_claim = cqrs_keep_plan(psprintf("INSERT INTO %s.cqrs_consumer (consumer, owner) "
+													"VALUES ($1, $2) ON CONFLICT DO NOTHING",
+													schema),
+										   2, text2);
+	}
+	else
+	{
+		p->tomb_find = cqrs_keep_plan(psprintf("SELECT tb.version, tb.key FROM %s.cqrs_tombstone tb "
+											   "WHERE tb.target OPERATOR(pg_catalog.=) $1 "
+											   "AND tb.key OPERATOR(pg_catalog.=) $2",
+											   schema),
+									  2, tomb_types);
+		p->tomb_insert = cqrs_keep_plan(psprintf("INSERT INTO %s.cqrs_tombstone AS tb (target, key, version) "
+												 "VALUES ($1, $2, $3) "
+												 "ON CONFLICT (target, key) DO UPDATE "
+												 "SET version = excluded.version, deleted_at = pg_catalog.now() "
+												 "WHERE tb.version OPERATOR(pg_catalog.<) excluded.version",
+												 schema),
+										3, tomb_types);
+	}
+	p->version2 = version2;
+	p->nsp = nsp;
+	return p;
+}
 
-	sql = psprintf("INSERT INTO %s.cqrs_tombstone AS tb (target, key, version) "
-				   "VALUES ($1, $2, $3) "
-				   "ON CONFLICT (target, key) DO UPDATE "
-				   "SET version = excluded.version, deleted_at = pg_catalog.now() "
-				   "WHERE tb.version OPERATOR(pg_catalog.<) excluded.version",
-				   schema);
-	ext_plans.tomb_write = cqrs_keep_plan(sql, 3, tomb_types);
+/* Runs a statement on the extension's tables as their owner. */
+static uint64
+run_as_owner(const ApplyExtPlans *ext, SPIPlanPtr plan, Datum *values,
+			 bool read_only, bool latest)
+{
+	ApplyUser	save;
+	uint64		n;
 
-	sql = psprintf("SELECT tb.version FROM %s.cqrs_tombstone tb "
-				   "WHERE tb.target OPERATOR(pg_catalog.=) $1 "
-				   "AND tb.key OPERATOR(pg_catalog.=) $2", schema);
-	ext_plans.tomb_check = cqrs_keep_plan(sql, 2, tomb_types);
+	apply_become_owner(ext, &save);
+	n = apply_run_plan(plan, values, NULL, read_only, latest);
+	apply_restore_user(&save);
+	return n;
+}
 
-	ext_plans.nsp = nsp;
-	return &ext_plans;
+/* Records (consumer, event_id) in the inbox; true if it was not there. */
+bool
+apply_inbox_insert(const ApplyExtPlans *ext, text *consumer, text *event_id)
+{
+	Datum		values[2];
+
+	values[0] = PointerGetDatum(consumer);
+	values[1] = PointerGetDatum(event_id);
+	return run_as_owner(ext, ext->inbox, values, false, false) == 1;
+}
+
+/*
+ * Records that consumer added the deltas of event_id to the key's row of
+ * target; true if it had not.  0.1.0 kept this in the inbox, under the
+ * consumer "<consumer>/delta/<target oid>" and the event id "<event_id>
+ * <key>".
+ */
+bool
+apply_delta_memory_insert(const ApplyExtPlans *ext, ApplyTarget *t,
+						  text *consumer, text *event_id, ApplyKey *key)
+{
+	Datum		values[4];
+
+	if (!ext->version2)
+		return apply_inbox_insert(ext,
+								  cstring_to_text(psprintf("%s/delta/%u", text_to_cstring(consumer),
+														   t->relid)),
+								  cstring_to_text(psprintf("%s %s", text_to_cstring(event_id),
+														   key->text)));
+	values[0] = PointerGetDatum(consumer);
+	values[1] = ObjectIdGetDatum(t->relid);
+	values[2] = PointerGetDatum(event_id);
+	values[3] = CStringGetTextDatum(key->text);
+	return run_as_owner(ext, ext->delta_inbox, values, false, false) == 1;
+}
+
+/*
+ * The tombstone of the key: true and its version and stored key if there is
+ * one.  With latest, seen with a fresh snapshot (see apply_run_plan()).
+ */
+bool
+apply_tombstone_find(const ApplyExtPlans *ext, ApplyTarget *t, ApplyKey *key,
+					 bool latest, int64 *version, Jsonb **stored)
+{
+	Datum		values[2];
+	uint64		n;
+	int64	   *versions;
+	Jsonb	  **keys;
+	bool		found = false;
+
+	values[0] = ObjectIdGetDatum(t->relid);
+	values[1] = ext->version2 ? Int32GetDatum((int32) key->hash) :
+		JsonbPGetDatum(key->canonical);
+	n = run_as_owner(ext, ext->tomb_find, values, true, latest);
+
+	/* the candidates, out of SPI's result before anything else runs */
+	versions = palloc(sizeof(int64) * Max(n, 1));
+	keys = palloc(sizeof(Jsonb *) * Max(n, 1));
+	for (uint64 i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		versions[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												  SPI_tuptable->tupdesc, 1, &isnull));
+		keys[i] = DatumGetJsonbPCopy(SPI_getbinval(SPI_tuptable->vals[i],
+												   SPI_tuptable->tupdesc, 2, &isnull));
+	}
+	for (uint64 i = 0; i < n; i++)
+	{
+		/* 0.1.0 found the key itself; 0.2.0 its hash, which may collide */
+		if (ext->version2 && !apply_key_matches(t, key, keys[i]))
+			continue;
+		if (!found || versions[i] > *version)
+		{
+			*version = versions[i];
+			*stored = keys[i];
+		}
+		found = true;
+	}
+	return found;
+}
+
+/*
+ * Records a tombstone of the key with version, or raises the key's
+ * tombstone to it; true if it changed.  The caller holds the key's lock.
+ */
+bool
+apply_tombstone_write(const ApplyExtPlans *ext, ApplyTarget *t, ApplyKey *key,
+					  int64 version)
+{
+	Datum		values[4];
+	int64		old;
+	Jsonb	   *stored;
+
+	values[0] = ObjectIdGetDatum(t->relid);
+	values[2] = Int64GetDatum(version);
+	if (ext->version2 && apply_tombstone_find(ext, t, key, true, &old, &stored))
+	{
+		/* the key's tombstone, as another spelling of the key wrote it */
+		if (old >= version)
+			return false;
+		values[1] = JsonbPGetDatum(stored);
+		return run_as_owner(ext, ext->tomb_raise, values, false, true) > 0;
+	}
+	values[1] = JsonbPGetDatum(key->canonical);
+	values[3] = Int32GetDatum((int32) key->hash);
+	return run_as_owner(ext, ext->tomb_insert, values, false, ext->version2) > 0;
 }
 
 /* A schema was renamed or dropped: prepare the plans again. */
 void
 apply_forget_ext_plans(void)
 {
-	ext_plans.nsp = InvalidOid;
+	ext_plans_v1.nsp = InvalidOid;
+	ext_plans_v2.nsp = InvalidOid;
 }
 
 /*
@@ -289,7 +483,7 @@ append_pk_list(StringInfo sql, ApplyTarget *t)
 
 /*
  * Two statements per column set.  Parameters: the row's columns in JSON
- * member order, then the version, the target and the canonical key.
+ * member order, then the version.
  *
  * plan, for the common case of a newer version of an existing row:
  * UPDATE target AS t SET <non-key cols> = $.., version = $v
@@ -297,9 +491,9 @@ append_pk_list(StringInfo sql, ApplyTarget *t)
  * It needs no tombstone check: a row that exists is newer than any
  * tombstone of its key (it was inserted after the check below).
  *
- * plan2, when the UPDATE found nothing (no row, or a newer one):
+ * plan2, when the UPDATE found nothing (no row, or a newer one) and no
+ * tombstone stops the version (checked before, see apply.c):
  * INSERT INTO target AS t (<cols>, version) SELECT $1.., $v
- * WHERE NOT EXISTS (tombstone of the key with version >= $v)
  * ON CONFLICT (<pk>) DO UPDATE SET <non-key cols> = excluded.., version
  * WHERE t.version IS NULL OR t.version < excluded.version
  * RETURNING whether the row is new (see returning_sql())
@@ -320,15 +514,13 @@ apply_upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 		return p;
 	trim_plans(&t->upsert_plans);
 
-	argtypes = palloc(sizeof(Oid) * (ncols + 3));
+	argtypes = palloc(sizeof(Oid) * (ncols + 1));
 	for (int i = 0; i < ncols; i++)
 	{
 		argtypes[i] = t->cols[colidx[i]].basetype;
 		overriding |= t->cols[colidx[i]].identity_always;
 	}
 	argtypes[ncols] = INT8OID;
-	argtypes[ncols + 1] = REGCLASSOID;
-	argtypes[ncols + 2] = JSONBOID;
 
 	initStringInfo(&sql);
 	appendStringInfo(&sql, "UPDATE %s AS t SET ", t->qualname);
@@ -361,12 +553,6 @@ apply_upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 					 overriding ? "OVERRIDING SYSTEM VALUE " : "");
 	for (int i = 0; i <= ncols; i++)
 		appendStringInfo(&sql, "%s$%d", i > 0 ? ", " : "", i + 1);
-	appendStringInfo(&sql,
-					 " WHERE NOT EXISTS (SELECT FROM %s tb"
-					 " WHERE tb.target OPERATOR(pg_catalog.=) $%d"
-					 " AND tb.key OPERATOR(pg_catalog.=) $%d"
-					 " AND tb.version OPERATOR(pg_catalog.>=) $%d)",
-					 t->tombstone, ncols + 2, ncols + 3, ncols + 1);
 	appendStringInfoString(&sql, " ON CONFLICT (");
 	append_pk_list(&sql, t);
 	appendStringInfoString(&sql, ") DO UPDATE SET ");
@@ -381,7 +567,7 @@ apply_upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 					 " WHERE t.%s IS NULL OR t.%s OPERATOR(pg_catalog.<) excluded.%s",
 					 ver->qname, ver->qname, ver->qname, ver->qname, ver->qname);
 	appendStringInfoString(&sql, returning_sql(t));
-	plan2 = cqrs_keep_plan(sql.data, ncols + 3, argtypes);
+	plan2 = cqrs_keep_plan(sql.data, ncols + 1, argtypes);
 
 	p = new_plan_entry(t, &t->upsert_plans, ncols, colidx);
 	p->plan = plan;
@@ -390,14 +576,18 @@ apply_upsert_plan(ApplyTarget *t, int ncols, int *colidx)
 }
 
 /*
- * UPDATE target AS t SET <col> = t.<col> + $d.. WHERE <pk>
- * and, for a missing row:
- * INSERT INTO target AS t (<pk>, <cols>) SELECT $1..
- * WHERE NOT EXISTS (any tombstone of the key)
- * ON CONFLICT (<pk>) DO UPDATE SET <col> = t.<col> + excluded.<col>..
- * RETURNING whether the row is new
- * Parameters: the key columns in primary key order, then the deltas, then
- * (INSERT only) target and canonical key.
+ * Two statements per column set.  Parameters: the key columns in primary
+ * key order, then (UPDATE only) the deltas.
+ *
+ * plan: UPDATE target AS t SET <col> = COALESCE(t.<col>, 0) + $d.. WHERE <pk>
+ * (a NULL counts from 0).
+ *
+ * plan2, for a missing row: INSERT INTO target AS t (<pk>, <delta columns
+ * without default>) VALUES ($1.., 0..) ON CONFLICT (<pk>) DO NOTHING
+ * RETURNING true.  The other columns take their defaults; the deltas are
+ * then added by plan, so that a row created from deltas starts from the
+ * defaults.  DO NOTHING waits for a concurrent insert of the key and
+ * returns no row if it committed.
  */
 ColumnSetPlan *
 apply_delta_plan(ApplyTarget *t, int ncols, int *colidx)
@@ -414,19 +604,14 @@ apply_delta_plan(ApplyTarget *t, int ncols, int *colidx)
 		return p;
 	trim_plans(&t->delta_plans);
 
-	argtypes = palloc(sizeof(Oid) * (n + 2));
+	argtypes = palloc(sizeof(Oid) * n);
 	for (int k = 0; k < t->npk; k++)
 	{
 		argtypes[k] = t->cols[t->pk_idx[k]].basetype;
 		overriding |= t->cols[t->pk_idx[k]].identity_always;
 	}
 	for (int i = 0; i < ncols; i++)
-	{
 		argtypes[t->npk + i] = t->cols[colidx[i]].basetype;
-		overriding |= t->cols[colidx[i]].identity_always;
-	}
-	argtypes[n] = REGCLASSOID;
-	argtypes[n + 1] = JSONBOID;
 
 	initStringInfo(&sql);
 	appendStringInfo(&sql, "UPDATE %s AS t SET ", t->qualname);
@@ -434,7 +619,7 @@ apply_delta_plan(ApplyTarget *t, int ncols, int *colidx)
 	{
 		ApplyColumn *c = &t->cols[colidx[i]];
 
-		appendStringInfo(&sql, "%s%s = t.%s OPERATOR(pg_catalog.+) $%d",
+		appendStringInfo(&sql, "%s%s = COALESCE(t.%s, 0) OPERATOR(pg_catalog.+) $%d",
 						 i > 0 ? ", " : "", c->qname, c->qname, t->npk + i + 1);
 	}
 	appendStringInfoString(&sql, " WHERE ");
@@ -451,28 +636,19 @@ apply_delta_plan(ApplyTarget *t, int ncols, int *colidx)
 	appendStringInfo(&sql, "INSERT INTO %s AS t (", t->qualname);
 	append_pk_list(&sql, t);
 	for (int i = 0; i < ncols; i++)
-		appendStringInfo(&sql, ", %s", t->cols[colidx[i]].qname);
-	appendStringInfo(&sql, ") %sSELECT ",
+		if (!t->cols[colidx[i]].has_default)
+			appendStringInfo(&sql, ", %s", t->cols[colidx[i]].qname);
+	appendStringInfo(&sql, ") %sVALUES (",
 					 overriding ? "OVERRIDING SYSTEM VALUE " : "");
-	for (int i = 0; i < n; i++)
-		appendStringInfo(&sql, "%s$%d", i > 0 ? ", " : "", i + 1);
-	appendStringInfo(&sql,
-					 " WHERE NOT EXISTS (SELECT FROM %s tb"
-					 " WHERE tb.target OPERATOR(pg_catalog.=) $%d"
-					 " AND tb.key OPERATOR(pg_catalog.=) $%d)",
-					 t->tombstone, n + 1, n + 2);
-	appendStringInfoString(&sql, " ON CONFLICT (");
-	append_pk_list(&sql, t);
-	appendStringInfoString(&sql, ") DO UPDATE SET ");
+	for (int k = 0; k < t->npk; k++)
+		appendStringInfo(&sql, "%s$%d", k > 0 ? ", " : "", k + 1);
 	for (int i = 0; i < ncols; i++)
-	{
-		ApplyColumn *c = &t->cols[colidx[i]];
-
-		appendStringInfo(&sql, "%s%s = t.%s OPERATOR(pg_catalog.+) excluded.%s",
-						 i > 0 ? ", " : "", c->qname, c->qname, c->qname);
-	}
-	appendStringInfoString(&sql, returning_sql(t));
-	plan2 = cqrs_keep_plan(sql.data, n + 2, argtypes);
+		if (!t->cols[colidx[i]].has_default)
+			appendStringInfoString(&sql, ", 0");
+	appendStringInfoString(&sql, ") ON CONFLICT (");
+	append_pk_list(&sql, t);
+	appendStringInfoString(&sql, ") DO NOTHING RETURNING true");
+	plan2 = cqrs_keep_plan(sql.data, t->npk, argtypes);
 
 	p = new_plan_entry(t, &t->delta_plans, ncols, colidx);
 	p->plan = plan;

@@ -58,7 +58,8 @@ SET LOCAL cqrs_sync.purge_grace = 0;
 SELECT dead_lettered FROM cqrs_cleanup();
 SELECT results_eq($$SELECT action, session_user_name, actor, approver FROM cqrs_outbox_audit
                      WHERE outbox_id = (SELECT a[3] FROM ids) AND action = 'PURGE'$$,
-                  $$VALUES ('PURGE'::text, session_user::text, session_user::text, 'regress_alice'::text)$$,
+                  $$VALUES ('PURGE'::text, session_user::text COLLATE "default", session_user::text COLLATE "default",
+                            'regress_alice'::text)$$,
                   'the purge names who ran the pass and who approved it');
 SELECT col_is_null('cqrs_outbox_audit', 'session_user_name',
                    'rows written before 0.2.0 have no session user (NULL)');

@@ -8,7 +8,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(19);
+SELECT plan(20);
 SET LOCAL client_min_messages = warning;
 SET LOCAL cqrs_sync.dlt_retention = '7d';
 
@@ -41,8 +41,8 @@ SELECT results_eq($$SELECT purge_approved_by, purge_approved_at FROM cqrs_outbox
                   $$VALUES (NULL::text, NULL::timestamptz)$$, '... clearing it');
 SELECT results_eq($$SELECT action, status::text, approver, session_user_name FROM cqrs_outbox_audit
                      WHERE outbox_id = pg_temp.id('k2') ORDER BY audit_id$$,
-                  $$VALUES ('APPROVE_PURGE'::text, 'DEAD_LETTERED'::text, session_user::text, session_user::text),
-                           ('CANCEL_PURGE', 'DEAD_LETTERED', session_user::text, session_user::text)$$,
+                  $$VALUES ('APPROVE_PURGE'::text, 'DEAD_LETTERED'::text, session_user::text COLLATE "default", session_user::text COLLATE "default"),
+                           ('CANCEL_PURGE', 'DEAD_LETTERED', session_user::text COLLATE "default", session_user::text COLLATE "default")$$,
                   '... and auditing it as CANCEL_PURGE, with whose approval it cancelled');
 SELECT is(cqrs_cancel_purge(ARRAY[pg_temp.id('k2')]), 0, 'a row that is not approved has nothing to cancel');
 SELECT ok(cqrs_retry(pg_temp.id('k3')), 'cqrs_retry() of an approved row');
