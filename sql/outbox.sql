@@ -116,4 +116,15 @@ SELECT pg_describe_object(d.classid, d.objid, 0) AS uncommented
    AND obj_description(d.objid, (SELECT relname FROM pg_class WHERE oid = d.classid)) IS NULL
  ORDER BY 1;
 
+-- every SECURITY DEFINER function pins its search_path, and PUBLIC may
+-- execute none of the functions
+SELECT p.oid::regprocedure AS unsafe, p.prosecdef, p.proconfig,
+       has_function_privilege('public', p.oid, 'EXECUTE') AS public_exec
+  FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'cqrs_sync'
+  JOIN pg_proc p ON p.oid = d.objid
+ WHERE d.deptype = 'e' AND d.classid = 'pg_proc'::regclass
+   AND ((p.prosecdef AND NOT coalesce(array_to_string(p.proconfig, ',') LIKE '%search_path=pg_catalog, pg_temp%', false))
+        OR has_function_privilege('public', p.oid, 'EXECUTE'))
+ ORDER BY 1;
+
 DROP EXTENSION cqrs_sync;

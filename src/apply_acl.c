@@ -173,6 +173,10 @@ apply_check_consumer(const ApplyExtPlans *ext, text *consumer)
 	Oid			owner = InvalidOid;
 	char	   *owner_name = NULL;
 
+	/* superusers use any consumer, and claim none */
+	if (superuser_arg(userid))
+		return;
+
 	prepare_cache(ext->consumer_relid);
 	if (cacheable)
 		entry = hash_search(owners, name, HASH_FIND, NULL);
@@ -184,7 +188,7 @@ apply_check_consumer(const ApplyExtPlans *ext, text *consumer)
 
 		apply_become_owner(ext, &save);
 		owner_name = lookup_owner(ext, consumer);
-		if (owner_name == NULL && !superuser_arg(userid))
+		if (owner_name == NULL)
 		{
 			/* nobody owns it yet: it is the caller's */
 			Datum		values[2];
@@ -195,9 +199,7 @@ apply_check_consumer(const ApplyExtPlans *ext, text *consumer)
 			owner_name = lookup_owner(ext, consumer);
 		}
 		apply_restore_user(&save);
-		if (owner_name == NULL)
-			return;				/* a superuser, on a name nobody owns */
-		owner = get_role_oid(owner_name, true);
+		owner = owner_name ? get_role_oid(owner_name, true) : InvalidOid;
 		if (OidIsValid(owner) && cacheable)
 		{
 			entry = hash_search(owners, name, HASH_ENTER, NULL);
@@ -205,8 +207,7 @@ apply_check_consumer(const ApplyExtPlans *ext, text *consumer)
 		}
 	}
 
-	if ((OidIsValid(owner) && has_privs_of_role(userid, owner)) ||
-		superuser_arg(userid))
+	if (OidIsValid(owner) && has_privs_of_role(userid, owner))
 		return;
 
 	if (owner_name == NULL)

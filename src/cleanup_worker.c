@@ -335,7 +335,9 @@ ensure_plans(void)
 	 * window accounts for (its last row, or the last row deleted when $4
 	 * stopped it), whether that part reached a row enqueued after the
 	 * cutoff, and the ids in it of rows that may need deleting later
-	 * (PENDING, and SENT rows not deleted).
+	 * (PENDING rows, and SENT rows not due yet or beyond $4).  (A due row
+	 * whose ctid changed under the delete is not listed: nobody updates
+	 * SENT rows, and the daily walk from id 0 would find it.)
 	 */
 	plans.sent_window = cqrs_keep_plan(psprintf(
 												"WITH w AS MATERIALIZED ("
@@ -356,7 +358,7 @@ ensure_plans(void)
 												"        coalesce((SELECT bool_or(created_at >= $2) FROM w WHERE id <= f.upto), false),"
 												"        ARRAY(SELECT w.id FROM w WHERE w.id <= f.upto"
 												"                AND (w.status = 'PENDING' OR (w.status = 'SENT'"
-												"                     AND w.id <> ALL (ARRAY(SELECT id FROM d))))"
+												"                     AND (NOT w.sent_at < $2 OR w.id > (SELECT coalesce(max(id), 0) FROM due))))"
 												"              ORDER BY w.id)"
 												"   FROM f", s, s),
 									   4, window_types);
@@ -366,7 +368,8 @@ ensure_plans(void)
 		/*
 		 * The rows the last pass listed: $1 their ids, $2 cutoff, $3 rows it
 		 * may delete.  Returns the rows deleted and the ids of those that
-		 * may still need deleting.
+		 * may still need deleting (PENDING rows, SENT rows not due yet or
+		 * beyond $3).
 		 */
 		plans.sent_listed = cqrs_keep_plan(psprintf(
 													"WITH l AS MATERIALIZED ("
@@ -381,8 +384,9 @@ ensure_plans(void)
 													"    AND o.status = 'SENT' AND o.sent_at < $2"
 													"  RETURNING o.id)"
 													" SELECT (SELECT count(*) FROM d),"
-													"        ARRAY(SELECT l.id FROM l WHERE l.status IN ('PENDING', 'SENT')"
-													"                AND l.id <> ALL (ARRAY(SELECT id FROM d)) ORDER BY l.id)",
+													"        ARRAY(SELECT l.id FROM l WHERE l.status = 'PENDING' OR (l.status = 'SENT'"
+													"                AND (NOT l.sent_at < $2 OR l.id > (SELECT coalesce(max(id), 0) FROM due)))"
+													"              ORDER BY l.id)",
 													s, s),
 										   3, listed_types);
 		plans.state_get = cqrs_keep_plan(psprintf(
