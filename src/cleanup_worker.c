@@ -619,6 +619,36 @@ spend(PassState *ps, int64 n)
 		ps->budget = Max(ps->budget - n, 0);
 }
 
+/*
+ * Starts a batch: returns how many rows it may delete, or 0 when the pass
+ * stops here (the budget is spent: res->complete = false; or the worker is
+ * shutting down).
+ */
+static int
+next_batch(PassState *ps, CleanupResult *res, const char *activity)
+{
+	int			limit = batch_limit(ps);
+
+	if (limit == 0)
+	{
+		res->complete = false;
+		return 0;
+	}
+	if (stop_requested(ps))
+		return 0;
+	batch_begin(ps, activity);
+	return limit;
+}
+
+/* Ends a batch that deleted n rows (the next one pauses first if n > 0) */
+static void
+finish_batch(PassState *ps, int64 n)
+{
+	spend(ps, n);
+	batch_end(ps);
+	ps->pause = (n > 0);
+}
+
 static void
 run_checked(SPIPlanPtr plan, Datum *args, const char *what)
 {
@@ -637,19 +667,12 @@ purge_failed(PassState *ps, TimestampTz cutoff, TimestampTz grace_cutoff,
 
 	for (;;)
 	{
-		int			limit = batch_limit(ps);
+		int			limit = next_batch(ps, res, "cqrs_sync cleanup: purging approved failed rows");
 		Datum		args[4];
 		int64		locked;
 
 		if (limit == 0)
-		{
-			res->complete = false;
 			return;
-		}
-		if (stop_requested(ps))
-			return;
-
-		batch_begin(ps, "cqrs_sync cleanup: purging approved failed rows");
 		args[0] = Int64GetDatum(after);
 		args[1] = TimestampTzGetDatum(cutoff);
 		args[2] = Int32GetDatum(limit);
@@ -659,9 +682,7 @@ purge_failed(PassState *ps, TimestampTz cutoff, TimestampTz grace_cutoff,
 		after = get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
 		res->dead_lettered += get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
 		res->dlt_failed += get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
-		spend(ps, locked);
-		batch_end(ps);
-		ps->pause = (locked > 0);
+		finish_batch(ps, locked);
 
 		if (locked < limit)
 			return;
@@ -806,20 +827,14 @@ delete_sent(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 	/* the rows listed by the last pass, looked up by id */
 	if (!ws.full && ws.npending > 0)
 	{
-		int			limit = batch_limit(ps);
+		int			limit = next_batch(ps, res, "cqrs_sync cleanup: deleting expired SENT rows");
 		Datum		args[3];
 		int64		deleted;
 		int64	   *left;
 		int			nleft;
 
 		if (limit == 0)
-		{
-			res->complete = false;
 			return;
-		}
-		if (stop_requested(ps))
-			return;
-		batch_begin(ps, "cqrs_sync cleanup: deleting expired SENT rows");
 		args[0] = int8_array_datum(ws.pending, ws.npending);
 		args[1] = TimestampTzGetDatum(cutoff);
 		args[2] = Int32GetDatum(limit);
@@ -830,15 +845,13 @@ delete_sent(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 		memcpy(listed, left, sizeof(int64) * nleft);
 		nlisted = nleft;
 		res->sent += deleted;
-		spend(ps, deleted);
-		batch_end(ps);
-		ps->pause = (deleted > 0);
+		finish_batch(ps, deleted);
 	}
 
 	/* the walk */
 	for (;;)
 	{
-		int			limit = batch_limit(ps);
+		int			limit = next_batch(ps, res, "cqrs_sync cleanup: deleting expired SENT rows");
 		Datum		args[4];
 		int64		deleted;
 		int64		visited;
@@ -849,14 +862,7 @@ delete_sent(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 		int			nleft;
 
 		if (limit == 0)
-		{
-			res->complete = false;
 			break;
-		}
-		if (stop_requested(ps))
-			break;
-
-		batch_begin(ps, "cqrs_sync cleanup: deleting expired SENT rows");
 		args[0] = Int64GetDatum(after);
 		args[1] = TimestampTzGetDatum(cutoff);
 		args[2] = Int32GetDatum(window);
@@ -880,9 +886,7 @@ delete_sent(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 			nlisted += nleft;
 		}
 		res->sent += deleted;
-		spend(ps, deleted);
-		batch_end(ps);
-		ps->pause = (deleted > 0);
+		finish_batch(ps, deleted);
 
 		if (visited == 0)
 			break;
@@ -903,18 +907,12 @@ prune_step(PassState *ps, SPIPlanPtr plan, TimestampTz cutoff, bool with_cutoff,
 		return;
 	for (;;)
 	{
-		int			limit = batch_limit(ps);
+		int			limit = next_batch(ps, res, "cqrs_sync cleanup: pruning the inbox and tombstones");
 		Datum		args[2];
 		int64		deleted;
 
 		if (limit == 0)
-		{
-			res->complete = false;
 			return;
-		}
-		if (stop_requested(ps))
-			return;
-		batch_begin(ps, "cqrs_sync cleanup: pruning the inbox and tombstones");
 		if (with_cutoff)
 		{
 			args[0] = TimestampTzGetDatum(cutoff);
@@ -925,9 +923,7 @@ prune_step(PassState *ps, SPIPlanPtr plan, TimestampTz cutoff, bool with_cutoff,
 		run_checked(plan, args, "pruning the read side");
 		deleted = get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 		res->read_side += deleted;
-		spend(ps, deleted);
-		batch_end(ps);
-		ps->pause = (deleted > 0);
+		finish_batch(ps, deleted);
 		if (deleted < limit)
 			return;
 	}
@@ -984,6 +980,40 @@ run_pass(PassState *ps, CleanupResult *res)
 }
 
 /*
+ * A pass in a function, in its caller's transaction: SPI connected, at most
+ * cqrs_sync.cleanup_max_rows_per_call rows.
+ */
+static void
+function_pass_begin(PassState *ps, CleanupResult *res)
+{
+	int64		limit = cqrs_cleanup_max_rows_per_call;
+
+	SPI_connect();
+	if (!ensure_plans())
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("extension \"cqrs_sync\" does not exist")));
+	ps->own_xacts = false;
+	ps->cxt = CurrentMemoryContext;
+	ps->budget = (limit > 0) ? limit : -1;
+	ps->pause = false;
+	memset(res, 0, sizeof(*res));
+	res->complete = true;
+}
+
+static void
+function_pass_end(CleanupResult *res, const char *function, const char *hint)
+{
+	SPI_finish();
+	if (!res->complete)
+		ereport(NOTICE,
+				(errmsg("%s stopped after " INT64_FORMAT " rows, more expired rows may remain",
+						function, (int64) cqrs_cleanup_max_rows_per_call),
+				 errdetail("cqrs_sync.cleanup_max_rows_per_call limits the rows one call deletes, so that the caller's transaction stays short."),
+				 errhint("%s", hint)));
+}
+
+/*
  * cqrs_cleanup(OUT sent bigint, OUT dead_lettered bigint, OUT dlt_failed
  * bigint, OUT read_side bigint, OUT complete boolean) RETURNS record
  *
@@ -997,29 +1027,14 @@ cqrs_cleanup(PG_FUNCTION_ARGS)
 	CleanupResult res;
 	Datum		values[5];
 	bool		nulls[5] = {false, false, false, false, false};
-	int64		limit = cqrs_cleanup_max_rows_per_call;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	SPI_connect();
-	if (!ensure_plans())
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("extension \"cqrs_sync\" does not exist")));
-	ps.own_xacts = false;
-	ps.cxt = CurrentMemoryContext;
-	ps.budget = (limit > 0) ? limit : -1;
-	ps.pause = false;
+	function_pass_begin(&ps, &res);
 	run_pass(&ps, &res);
-	SPI_finish();
-
-	if (!res.complete)
-		ereport(NOTICE,
-				(errmsg("cqrs_cleanup stopped after " INT64_FORMAT " rows, more expired rows may remain",
-						limit),
-				 errdetail("cqrs_sync.cleanup_max_rows_per_call limits the rows one call deletes, so that the caller's transaction stays short."),
-				 errhint("Call cqrs_cleanup() again, or let the cleanup worker (cqrs_sync.cleanup_interval) catch up; it commits after every batch.")));
+	function_pass_end(&res, "cqrs_cleanup",
+					  "Call cqrs_cleanup() again, or let the cleanup worker (cqrs_sync.cleanup_interval) catch up; it commits after every batch.");
 
 	values[0] = Int64GetDatum(res.sent);
 	values[1] = Int64GetDatum(res.dead_lettered);
@@ -1059,7 +1074,6 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	Interval	zero;
 	PassState	ps;
 	CleanupResult res;
-	int64		limit = cqrs_cleanup_max_rows_per_call;
 
 	memset(&zero, 0, sizeof(zero));
 	if (PG_ARGISNULL(0))
@@ -1092,30 +1106,13 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 					 errhint("Prune older entries only, or have a superuser lower cqrs_sync.inbox_retention.")));
 	}
 
-	SPI_connect();
-	if (!ensure_plans())
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("extension \"cqrs_sync\" does not exist")));
-	ps.own_xacts = false;
-	ps.cxt = CurrentMemoryContext;
-	ps.budget = (limit > 0) ? limit : -1;
-	ps.pause = false;
-	memset(&res, 0, sizeof(res));
-	res.complete = true;
+	function_pass_begin(&ps, &res);
 	prune_read_side(&ps,
 					DatumGetTimestampTz(DirectFunctionCall2(timestamptz_mi_interval,
 															TimestampTzGetDatum(pass_start(&ps)),
 															IntervalPGetDatum(older))),
 					&res);
-	SPI_finish();
-
-	if (!res.complete)
-		ereport(NOTICE,
-				(errmsg("cqrs_prune_read_side stopped after " INT64_FORMAT " rows, more expired rows may remain",
-						limit),
-				 errdetail("cqrs_sync.cleanup_max_rows_per_call limits the rows one call deletes, so that the caller's transaction stays short."),
-				 errhint("Call cqrs_prune_read_side() again.")));
+	function_pass_end(&res, "cqrs_prune_read_side", "Call cqrs_prune_read_side() again.");
 	PG_RETURN_INT64(res.read_side);
 }
 
