@@ -214,11 +214,11 @@ SET search_path = pg_catalog, pg_temp
 SET jit = off
 AS $$
     -- PENDING and failed rows are counted exactly, through their partial
-    -- indexes (index-only).  SENT rows are the rest of the table: counted exactly while
-    -- it has at most 1,000 pages (8 MB), estimated above that from the
-    -- planner's statistics (live rows per page at the last VACUUM or
-    -- ANALYZE, times the table's current number of pages) so that a scrape
-    -- never reads a large outbox whole.
+    -- indexes (index-only).  SENT rows are the rest of the table: counted
+    -- exactly while it has at most 1,000 pages (8 MB), estimated above that
+    -- from the planner's statistics (live rows per page at the last VACUUM
+    -- or ANALYZE, times the table's current number of pages) so that a
+    -- scrape never reads a large outbox whole.
     SELECT p.pending,
            CASE WHEN sz.pages <= 1000
                 THEN (SELECT count(*) FROM @extschema@.cqrs_outbox WHERE status = 'SENT')

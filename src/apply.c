@@ -557,8 +557,7 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 	if (version2)
 	{
 		apply_check_consumer(ext, consumer);
-		if (nmembers > 0)
-			apply_check_target_privilege(t, ACL_UPDATE, nmembers, colidx);
+		apply_check_target_privilege(t, ACL_UPDATE, nmembers, colidx);
 	}
 
 	/* the memory decides first */

@@ -82,14 +82,21 @@ apply_check_target_privilege(ApplyTarget *t, AclMode mode, int ncols,
 	Oid			userid = GetUserId();
 	AclResult	result = pg_class_aclcheck(t->relid, userid, mode);
 
-	/* UPDATE and INSERT may also be granted column by column */
-	if (result != ACLCHECK_OK && ncols > 0 &&
-		(mode == ACL_UPDATE || mode == ACL_INSERT))
+	/*
+	 * UPDATE and INSERT may also be granted column by column: on each of the
+	 * columns given, or on any column when none is.
+	 */
+	if (result != ACLCHECK_OK && (mode == ACL_UPDATE || mode == ACL_INSERT))
 	{
-		result = ACLCHECK_OK;
-		for (int i = 0; i < ncols && result == ACLCHECK_OK; i++)
-			result = pg_attribute_aclcheck(t->relid, t->cols[colidx[i]].attnum,
-										   userid, mode);
+		if (ncols == 0)
+			result = pg_attribute_aclcheck_all(t->relid, userid, mode, ACLMASK_ANY);
+		else
+		{
+			result = ACLCHECK_OK;
+			for (int i = 0; i < ncols && result == ACLCHECK_OK; i++)
+				result = pg_attribute_aclcheck(t->relid, t->cols[colidx[i]].attnum,
+											   userid, mode);
+		}
 	}
 	if (result != ACLCHECK_OK)
 		aclcheck_error(result,

@@ -31,7 +31,8 @@ extern void apply_restore_user(ApplyUser *save);
 /*
  * Raises "permission denied for table ..." unless the caller has the
  * privilege on the target (for ACL_UPDATE and ACL_INSERT, on the whole
- * table or on each of the ncols columns given by colidx).
+ * table, or on each of the ncols columns given by colidx, or with ncols 0
+ * on any column).
  */
 extern void apply_check_target_privilege(ApplyTarget *t, AclMode mode,
 										 int ncols, const int *colidx);

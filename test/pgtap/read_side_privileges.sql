@@ -10,7 +10,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(40);
+SELECT plan(41);
 
 CREATE ROLE regress_ledger_view IN ROLE cqrs_sync_reader;
 CREATE ROLE regress_ledger_view_2 IN ROLE regress_ledger_view;   -- a second instance of the service
@@ -71,6 +71,9 @@ SELECT throws_ok($$SELECT cqrs_upsert('ledger', '{"id": 1, "amount": 0}', 99)$$,
 SELECT throws_ok($$SELECT cqrs_apply_delta('ledger', '{"id": 1}', '{"amount": 1}', 'mallory', 'd-3')$$,
                  '42501', 'permission denied for table ledger',
                  'cqrs_apply_delta() on ledger under its own consumer: 42501');
+SELECT throws_ok($$SELECT cqrs_apply_delta('ledger', '{"id": 1}', '{}', 'mallory', 'd-5')$$,
+                 '42501', 'permission denied for table ledger',
+                 '... also with empty deltas, which only record the event');
 SELECT throws_ok($$INSERT INTO cqrs_delta_inbox (consumer, target, event_id, key)
                    VALUES ('ledger-view', 'ledger', 'd-4', '{"id": "1"}')$$,
                  '42501', NULL, 'delta memory of another consumer, directly: 42501');
