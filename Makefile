@@ -6,7 +6,8 @@ EXTVERSION  = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION)
 MODULE_big  = cqrs_sync
 OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
               src/relay_worker.o src/relay_pipeline.o src/relay_order.o src/relay_record.o \
-              src/topics.o src/monitor_worker.o src/dlt_depth.o src/stats.o src/util.o src/apply.o \
+              src/topics.o src/monitor_worker.o src/dlt_depth.o src/stats.o src/util.o \
+              src/apply.o src/apply_acl.o src/apply_cache.o src/apply_json.o src/apply_plans.o \
               src/cleanup_worker.o
 
 DATA        = $(wildcard sql/cqrs_sync--*.sql)
@@ -17,7 +18,7 @@ REGRESS        = outbox operator apply cleanup
 REGRESS_OPTS   = --inputdir=.
 CONTRIB_TESTDB = cqrs_regress
 
-ISOLATION        = apply_concurrency
+ISOLATION        = apply_concurrency apply_races cleanup_inflight
 ISOLATION_OPTS   = --inputdir=test/isolation
 ISOLATION_TESTDB = cqrs_isolation
 

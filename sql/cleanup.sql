@@ -1,8 +1,8 @@
 --
 -- Cleanup and retention, the SQL surface: cqrs_cleanup(),
--- cqrs_approve_purge(), their settings, privileges and errors, and the
--- table sizes in cqrs_outbox_stats().  Runs on any server; no worker is
--- needed (pgTAP test/pgtap/cleanup.sql covers the behaviour in depth).
+-- cqrs_approve_purge(), cqrs_cancel_purge(), their settings, privileges and
+-- errors, and the table sizes in cqrs_outbox_stats().  Runs on any server;
+-- no worker is needed (pgTAP test/pgtap/cleanup.sql covers the behaviour in depth).
 --
 CREATE EXTENSION cqrs_sync;
 
@@ -11,7 +11,7 @@ SELECT p.proname, pg_get_function_arguments(p.oid) AS arguments,
        pg_get_function_result(p.oid) AS result, p.prosecdef AS security_definer,
        p.proconfig
   FROM pg_proc p
- WHERE p.proname IN ('cqrs_cleanup', 'cqrs_approve_purge')
+ WHERE p.proname IN ('cqrs_cleanup', 'cqrs_approve_purge', 'cqrs_cancel_purge')
  ORDER BY 1;
 
 -- the settings (boot values: the test cluster may set others)
@@ -19,12 +19,14 @@ SELECT name, boot_val, unit, context, min_val, max_val
   FROM pg_settings
  WHERE name IN ('cqrs_sync.cleanup_interval', 'cqrs_sync.sent_retention',
                 'cqrs_sync.dlt_retention', 'cqrs_sync.cleanup_batch_size',
-                'cqrs_sync.cleanup_max_rows_per_call', 'cqrs_sync.cleanup_delay')
+                'cqrs_sync.cleanup_max_rows_per_call', 'cqrs_sync.cleanup_delay',
+                'cqrs_sync.purge_grace')
  ORDER BY name;
 SELECT name FROM pg_settings
  WHERE name IN ('cqrs_sync.cleanup_interval', 'cqrs_sync.sent_retention',
                 'cqrs_sync.dlt_retention', 'cqrs_sync.cleanup_batch_size',
-                'cqrs_sync.cleanup_max_rows_per_call', 'cqrs_sync.cleanup_delay')
+                'cqrs_sync.cleanup_max_rows_per_call', 'cqrs_sync.cleanup_delay',
+                'cqrs_sync.purge_grace')
    AND (short_desc IS NULL OR short_desc !~ '\.$' OR extra_desc IS NULL OR extra_desc !~ '\.$');
 
 -- bad values
@@ -35,6 +37,7 @@ SET cqrs_sync.cleanup_batch_size = 0;
 SET cqrs_sync.cleanup_max_rows_per_call = -1;
 SET cqrs_sync.cleanup_interval = '10s';
 SET cqrs_sync.cleanup_delay = '20s';
+SET cqrs_sync.purge_grace = -1;
 \set VERBOSITY default
 -- units
 SET cqrs_sync.sent_retention = '2h';
@@ -50,7 +53,7 @@ SELECT p.proname,
        has_function_privilege('cqrs_sync_operator', p.oid, 'EXECUTE') AS operator_exec,
        has_function_privilege('pg_monitor', p.oid, 'EXECUTE') AS monitor_exec
   FROM pg_proc p
- WHERE p.proname IN ('cqrs_cleanup', 'cqrs_approve_purge')
+ WHERE p.proname IN ('cqrs_cleanup', 'cqrs_approve_purge', 'cqrs_cancel_purge')
  ORDER BY 1;
 
 -- an empty outbox: nothing to do, and a pass says it finished
@@ -71,7 +74,8 @@ UPDATE cqrs_outbox SET last_error = 'MSG_SIZE_TOO_LARGE: Message size too large'
  WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
 SELECT id, key, status FROM cqrs_outbox ORDER BY id;
 
--- approvals: an operator, by role
+-- approvals: an operator (the approver is the session user, postgres here;
+-- the audit's actor the role acted as)
 CREATE ROLE cqrs_regress_op LOGIN IN ROLE cqrs_sync_operator;
 CREATE ROLE cqrs_regress_nobody LOGIN;
 SET ROLE cqrs_regress_op;
@@ -91,8 +95,20 @@ SELECT action, outbox_id, key, status, reason, approver, actor, payload
 INSERT INTO cqrs_inbox (consumer, event_id, processed_at)
 VALUES ('board-view', 'e-old', now() - interval '30 days'), ('board-view', 'e-new', now());
 
--- a pass by the operator: the old SENT rows, the old approved failed rows
--- and the expired inbox entry
+-- a pass right after the approvals: the old SENT rows and the expired inbox
+-- entry, but no approved row before cqrs_sync.purge_grace (1 hour) passed
+SET ROLE cqrs_regress_op;
+SELECT * FROM cqrs_cleanup();
+-- changing one's mind about 7 within the grace period
+SELECT cqrs_cancel_purge(ARRAY[7, 6]) AS cancelled;
+RESET ROLE;
+SELECT action, outbox_id, status, reason, approver, actor
+  FROM cqrs_outbox_audit WHERE action = 'CANCEL_PURGE';
+SELECT cqrs_approve_purge(ARRAY[7]) AS approved_again;
+
+-- an hour later: the pass by the operator purges the old approved rows
+UPDATE cqrs_outbox SET purge_approved_at = purge_approved_at - interval '61 minutes'
+ WHERE purge_approved_at IS NOT NULL;
 SET ROLE cqrs_regress_op;
 SELECT * FROM cqrs_cleanup();
 RESET ROLE;
@@ -106,6 +122,7 @@ SELECT * FROM cqrs_cleanup();
 -- retention settings (superuser only)
 SET cqrs_sync.sent_retention = 0;
 SET cqrs_sync.dlt_retention = 0;
+SET cqrs_sync.purge_grace = 0;
 SELECT * FROM cqrs_cleanup();
 SELECT id, key, status FROM cqrs_outbox ORDER BY id;
 -- -1 keeps rows for ever
@@ -117,6 +134,7 @@ SELECT sent FROM cqrs_cleanup();
 RESET cqrs_sync.sent_retention;
 SELECT sent FROM cqrs_cleanup();
 RESET cqrs_sync.dlt_retention;
+RESET cqrs_sync.purge_grace;
 
 -- one call deletes at most cqrs_sync.cleanup_max_rows_per_call rows
 INSERT INTO cqrs_outbox (topic, key, payload, status, created_at, sent_at)
@@ -134,12 +152,15 @@ SELECT count(*) AS sent_left FROM cqrs_outbox WHERE status = 'SENT';
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 SELECT cqrs_approve_purge(NULL);
+SELECT cqrs_cancel_purge(NULL);
 SET ROLE cqrs_regress_op;
 SET cqrs_sync.sent_retention = 0;
+SET cqrs_sync.purge_grace = 0;
 RESET ROLE;
 SET ROLE cqrs_regress_nobody;
 SELECT * FROM cqrs_cleanup();
 SELECT cqrs_approve_purge(ARRAY[1]);
+SELECT cqrs_cancel_purge(ARRAY[1]);
 RESET ROLE;
 -- operators may not write the outbox or the audit trail directly
 SET ROLE cqrs_regress_op;

@@ -9,6 +9,517 @@
 -- both).  Rows are kept: nothing here drops a table that holds data.
 
 -----------------------------------------------------------------------------
+-- Monitoring sees counts, ages and errors, never an event's key, payload or
+-- headers (pg_monitor had SELECT on both tables).
+-----------------------------------------------------------------------------
+
+REVOKE SELECT ON cqrs_outbox FROM pg_monitor;
+GRANT SELECT (id, event_id, topic, status, retry_count, dlt_retry_count, next_attempt_at,
+              last_error, created_at, sent_at, purge_approved_by, purge_approved_at)
+    ON cqrs_outbox TO pg_monitor;
+
+-- The audit records the person (the session user) besides the role acted
+-- as, and cancelled purge approvals.  Rows audited before have no session
+-- user: the column is added without a default, which is set afterwards.
+ALTER TABLE cqrs_outbox_audit ADD COLUMN session_user_name text;
+ALTER TABLE cqrs_outbox_audit ALTER COLUMN session_user_name SET DEFAULT session_user;
+ALTER TABLE cqrs_outbox_audit DROP CONSTRAINT cqrs_outbox_audit_action_check;
+ALTER TABLE cqrs_outbox_audit ADD CONSTRAINT cqrs_outbox_audit_action_check
+    CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'CANCEL_PURGE', 'PURGE'));
+COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE, CANCEL_PURGE or PURGE.';
+COMMENT ON COLUMN cqrs_outbox_audit.approver IS 'For an approval, its cancellation and a purge: who approved the purge (the session user).';
+COMMENT ON COLUMN cqrs_outbox_audit.actor IS 'Role acted as: the role set with SET ROLE, else the session user (the cleanup worker or cron job for purges).';
+COMMENT ON COLUMN cqrs_outbox_audit.session_user_name IS 'Session user: the person (login role) who acted, whatever role they acted as; NULL for rows audited before version 0.2.0.';
+REVOKE SELECT ON cqrs_outbox_audit FROM pg_monitor;
+GRANT SELECT (audit_id, action, outbox_id, event_id, topic, status, reason, approver, actor, at,
+              session_user_name)
+    ON cqrs_outbox_audit TO pg_monitor;
+
+-- The stats run as the extension's owner, and estimate SENT rows on a large
+-- outbox instead of counting them.
+-- Counts of failed rows per status without reading the table (index-only;
+-- the relay's updates to SENT never add entries).
+CREATE INDEX cqrs_outbox_failed_status_idx ON cqrs_outbox (status)
+    WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
+COMMENT ON INDEX cqrs_outbox_failed_status_idx IS
+    'Lets cqrs_outbox_stats() count DEAD_LETTERED and DLT_FAILED rows with an index-only scan.';
+CREATE OR REPLACE FUNCTION cqrs_outbox_stats(
+    OUT pending bigint,
+    OUT sent bigint,
+    OUT dead_lettered bigint,
+    OUT dlt_failed bigint,
+    OUT oldest_pending_age_seconds double precision,
+    OUT relay_pid integer,
+    OUT relay_events_sent bigint,
+    OUT relay_events_failed bigint,
+    OUT relay_last_success_at timestamptz,
+    OUT relay_last_error text,
+    OUT relay_last_error_at timestamptz,
+    OUT table_bytes bigint,
+    OUT index_bytes bigint,
+    OUT relay_state text,
+    OUT relay_paused_topic text,
+    OUT relay_paused_reason text,
+    OUT relay_dead_lettered bigint,
+    OUT relay_dlt_failed bigint,
+    OUT relay_producer_restarts bigint)
+RETURNS record
+LANGUAGE sql STABLE PARALLEL RESTRICTED
+-- runs as the extension's owner: monitoring roles get the counts, and need
+-- no privilege on the outbox's payloads
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- the plan's cost counts the exact SENT count of small tables, never run on
+-- a large one: compiling it would take longer than the whole call
+SET jit = off
+AS $$
+    -- PENDING and failed rows are counted exactly, through their partial
+    -- indexes (index-only).  SENT rows are the rest of the table: counted
+    -- exactly while it has at most 1,000 pages (8 MB), estimated above that
+    -- from the planner's statistics (live rows per page at the last VACUUM
+    -- or ANALYZE, times the table's current number of pages) so that a
+    -- scrape never reads a large outbox whole.
+    SELECT p.pending,
+           CASE WHEN sz.pages <= 1000
+                THEN (SELECT count(*) FROM @extschema@.cqrs_outbox WHERE status = 'SENT')
+                ELSE greatest(est.live - p.pending - f.dead_lettered - f.dlt_failed, 0)
+           END,
+           f.dead_lettered, f.dlt_failed,
+           coalesce(extract(epoch FROM now() - o.oldest), 0)::float8,
+           r.worker_pid, r.events_sent, r.events_failed,
+           r.last_success_at, r.last_error, r.last_error_at,
+           pg_table_size('@extschema@.cqrs_outbox'::regclass),
+           pg_indexes_size('@extschema@.cqrs_outbox'::regclass),
+           coalesce(r.state, 'stopped'), r.paused_topic, r.paused_reason,
+           r.dead_lettered, r.dlt_failed, r.producer_restarts
+      FROM (SELECT pg_relation_size('@extschema@.cqrs_outbox'::regclass)
+                   / current_setting('block_size')::bigint AS pages) sz,
+           LATERAL (SELECT CASE WHEN c.reltuples >= 0 AND c.relpages > 0
+                                THEN round(c.reltuples / c.relpages * sz.pages)::bigint
+                                ELSE pg_stat_get_live_tuples(c.oid) END AS live
+                      FROM pg_class c
+                     WHERE c.oid = '@extschema@.cqrs_outbox'::regclass) est,
+           (SELECT count(*) AS pending
+              FROM @extschema@.cqrs_outbox WHERE status = 'PENDING') p,
+           (SELECT count(*) FILTER (WHERE status = 'DEAD_LETTERED') AS dead_lettered,
+                   count(*) FILTER (WHERE status = 'DLT_FAILED')    AS dlt_failed
+              FROM @extschema@.cqrs_outbox
+             WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED')) f,
+           -- the first PENDING row in outbox order
+           (SELECT (SELECT created_at FROM @extschema@.cqrs_outbox
+                     WHERE status = 'PENDING' ORDER BY id LIMIT 1) AS oldest) o,
+           @extschema@.cqrs_relay_state() r
+$$;
+COMMENT ON FUNCTION cqrs_outbox_stats() IS
+    'One row for DBAs and exporters: rows per status (PENDING and failed rows exact; SENT rows exact up to 1,000 pages, estimated from the table''s statistics above), age in seconds of the oldest PENDING row (in outbox order), the relay worker''s state, totals and last error, and the size in bytes of the outbox table (with TOAST) and of its indexes.';
+
+-----------------------------------------------------------------------------
+-- Operators: a grace period after approvals, cancelled approvals audited,
+-- approvals by the person; the cleanup's walk remembers where to start
+-----------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION cqrs_retry(id bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r @extschema@.cqrs_outbox;
+BEGIN
+    IF cqrs_retry.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO r FROM @extschema@.cqrs_outbox o WHERE o.id = cqrs_retry.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox row % does not exist', cqrs_retry.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF r.status = 'SENT' THEN
+        RAISE EXCEPTION 'outbox row % was already sent', cqrs_retry.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only PENDING, DEAD_LETTERED and DLT_FAILED rows can be retried.';
+    END IF;
+    -- a retry cancels an approved purge; the audit says so
+    IF r.purge_approved_at IS NOT NULL THEN
+        INSERT INTO @extschema@.cqrs_outbox_audit
+               (action, outbox_id, event_id, topic, key, status, reason, approver)
+        VALUES ('CANCEL_PURGE', r.id, r.event_id, r.topic, r.key, r.status,
+                'cancelled by cqrs_retry()', r.purge_approved_by);
+    END IF;
+    INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
+    VALUES ('RETRY', r.id, r.event_id, r.topic, r.key, r.status, r.last_error);
+    UPDATE @extschema@.cqrs_outbox o
+       SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+           next_attempt_at = NULL, last_error = NULL,
+           purge_approved_by = NULL, purge_approved_at = NULL
+     WHERE o.id = r.id;
+    -- the cleanup's walk may have passed the row: it comes back for it
+    UPDATE @extschema@.cqrs_cleanup_state SET walk_from = r.id WHERE walk_from > r.id;
+    PERFORM @extschema@.cqrs_wake_relay();
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION cqrs_retry(bigint) IS
+    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with its counters reset and any purge approval cancelled, recording the row''s last error (and the cancelled approval) in cqrs_outbox_audit; the relay sends it at once.';
+
+CREATE OR REPLACE FUNCTION cqrs_retry_dlt_failed()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+    lowest bigint;
+BEGIN
+    WITH failed AS (
+        SELECT o.id, o.event_id, o.topic, o.key, o.last_error, o.purge_approved_at, o.purge_approved_by
+          FROM @extschema@.cqrs_outbox o
+         WHERE o.status = 'DLT_FAILED'
+           FOR UPDATE
+    ), audited AS (
+        INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason, approver)
+        SELECT a.action, f.id, f.event_id, f.topic, f.key, 'DLT_FAILED', a.reason, a.approver
+          FROM failed f,
+               LATERAL (VALUES (1, 'CANCEL_PURGE', 'cancelled by cqrs_retry_dlt_failed()', f.purge_approved_by),
+                               (2, 'RETRY', f.last_error, NULL)) AS a(n, action, reason, approver)
+         WHERE a.action = 'RETRY' OR f.purge_approved_at IS NOT NULL
+         ORDER BY f.id, a.n
+    ), reset AS (
+        UPDATE @extschema@.cqrs_outbox o
+           SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+               next_attempt_at = NULL, last_error = NULL,
+               purge_approved_by = NULL, purge_approved_at = NULL
+          FROM failed f
+         WHERE o.id = f.id
+        RETURNING o.id
+    )
+    SELECT count(*), min(id) INTO n, lowest FROM reset;
+    IF n > 0 THEN
+        -- the cleanup's walk may have passed the rows: it comes back for them
+        UPDATE @extschema@.cqrs_cleanup_state SET walk_from = lowest WHERE walk_from > lowest;
+        PERFORM @extschema@.cqrs_wake_relay();
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION cqrs_retry_dlt_failed() IS
+    'Operator: puts every DLT_FAILED row back to PENDING (as cqrs_retry does, audited, cancelling approved purges) and returns how many.';
+
+CREATE OR REPLACE FUNCTION cqrs_approve_purge(ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- who approves: the person (the session user), whatever role they act
+    -- as; the audit row records the role too (actor)
+    who text := session_user;
+    approved bigint[];
+    n_not integer;
+    listed text;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    WITH a AS (
+        UPDATE @extschema@.cqrs_outbox o
+           SET purge_approved_by = who, purge_approved_at = now()
+         WHERE o.id = ANY (ids)
+           AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED')
+           AND o.purge_approved_at IS NULL
+        RETURNING o.id, o.event_id, o.topic, o.key, o.status, o.last_error
+    ), audited AS (
+        INSERT INTO @extschema@.cqrs_outbox_audit
+               (action, outbox_id, event_id, topic, key, status, reason, approver)
+        SELECT 'APPROVE_PURGE', a.id, a.event_id, a.topic, a.key, a.status, a.last_error, who
+          FROM a ORDER BY a.id
+    )
+    SELECT coalesce(array_agg(a.id), '{}') INTO approved FROM a;
+
+    -- say which ids were not approved, and why
+    SELECT count(*),
+           string_agg(format('%s (%s)', coalesce(u.id::text, 'NULL'),
+                             CASE WHEN u.id IS NULL THEN 'not an id'
+                                  WHEN o.id IS NULL THEN 'not found'
+                                  WHEN o.purge_approved_at IS NOT NULL
+                                  THEN 'already approved by ' || o.purge_approved_by
+                                  ELSE o.status::text END),
+                      ', ' ORDER BY u.id) FILTER (WHERE u.n <= 20)
+      INTO n_not, listed
+      FROM (SELECT x.id, row_number() OVER (ORDER BY x.id) AS n
+              FROM (SELECT DISTINCT i AS id FROM unnest(ids) AS i) x
+             WHERE x.id IS NULL OR x.id <> ALL (approved)) u
+      LEFT JOIN @extschema@.cqrs_outbox o ON o.id = u.id;
+    IF n_not > 0 THEN
+        IF n_not > 20 THEN
+            listed := format('%s and %s more', listed, n_not - 20);
+        END IF;
+        RAISE NOTICE '% outbox row(s) not approved for purging: %', n_not, listed
+            USING DETAIL = 'Only DEAD_LETTERED and DLT_FAILED rows that are not yet approved can be approved; the others are left as they are.';
+    END IF;
+    RETURN cardinality(approved);
+END
+$$;
+COMMENT ON FUNCTION cqrs_approve_purge(bigint[]) IS
+    'Operator: approves purging the DEAD_LETTERED and DLT_FAILED outbox rows with these ids (recording who (the session user) and when, and an APPROVE_PURGE row in cqrs_outbox_audit); the cleanup pass deletes them once older than cqrs_sync.dlt_retention and approved more than cqrs_sync.purge_grace ago. Ids that do not exist, are in another status or are already approved are left alone and listed in a NOTICE. Returns the number of rows approved.';
+
+COMMENT ON FUNCTION cqrs_cleanup() IS
+    'One cleanup pass, for pg_cron or by hand, in the caller''s transaction: purges DEAD_LETTERED/DLT_FAILED rows approved with cqrs_approve_purge() more than cqrs_sync.purge_grace ago and older than cqrs_sync.dlt_retention (audited), deletes SENT rows older than cqrs_sync.sent_retention, then prunes the read side (as cqrs_prune_read_side()), in batches of cqrs_sync.cleanup_batch_size, at most cqrs_sync.cleanup_max_rows_per_call rows per call in all (complete = false when it stopped early). Never deletes PENDING rows. Returns the rows deleted per status.';
+
+CREATE FUNCTION cqrs_cancel_purge(ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+    n_not integer;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'ids must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    WITH approved AS (
+        SELECT o.id, o.purge_approved_by
+          FROM @extschema@.cqrs_outbox o
+         WHERE o.id = ANY (ids) AND o.purge_approved_at IS NOT NULL
+           FOR UPDATE
+    ), cancelled AS (
+        UPDATE @extschema@.cqrs_outbox o
+           SET purge_approved_by = NULL, purge_approved_at = NULL
+          FROM approved a
+         WHERE o.id = a.id
+        RETURNING o.id, o.event_id, o.topic, o.key, o.status, a.purge_approved_by
+    ), audited AS (
+        INSERT INTO @extschema@.cqrs_outbox_audit
+               (action, outbox_id, event_id, topic, key, status, reason, approver)
+        SELECT 'CANCEL_PURGE', c.id, c.event_id, c.topic, c.key, c.status,
+               'cancelled with cqrs_cancel_purge()', c.purge_approved_by
+          FROM cancelled c ORDER BY c.id
+    )
+    SELECT count(*) INTO n FROM cancelled;
+
+    SELECT count(DISTINCT i) - n INTO n_not FROM unnest(ids) AS i;
+    IF n_not > 0 THEN
+        RAISE NOTICE '% outbox row(s) had no approval to cancel', n_not
+            USING DETAIL = 'Only rows approved with cqrs_approve_purge() and not yet purged have an approval.';
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION cqrs_cancel_purge(bigint[]) IS
+    'Operator: cancels the purge approvals of the outbox rows with these ids (a CANCEL_PURGE row each in cqrs_outbox_audit, naming the approval cancelled); the rows stay until approved again. Returns the number of approvals cancelled.';
+REVOKE ALL ON FUNCTION cqrs_cancel_purge(bigint[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_cancel_purge(bigint[]) TO cqrs_sync_operator;
+
+-- Where the cleanup pass's walk over SENT rows starts, so that a pass does
+-- not read again the old rows it cannot delete (failed rows nobody
+-- approved).  One row; written by the pass and, to bring the walk back, by
+-- cqrs_retry() and cqrs_retry_dlt_failed().  Not dumped: after a restore
+-- the next pass walks the whole outbox once.
+CREATE TABLE cqrs_cleanup_state (
+    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    walk_from     bigint NOT NULL DEFAULT 0,
+    walk_pending  bigint[] NOT NULL DEFAULT '{}',
+    settled_id    bigint NOT NULL DEFAULT 0,
+    id_sample     bigint NOT NULL DEFAULT 0,
+    id_sampled_at timestamptz,
+    full_walk_at  timestamptz
+);
+COMMENT ON TABLE cqrs_cleanup_state IS
+    'Where the cleanup pass starts its walk over SENT rows (one row).';
+COMMENT ON COLUMN cqrs_cleanup_state.singleton IS 'Always true: the table has one row.';
+COMMENT ON COLUMN cqrs_cleanup_state.walk_from IS 'The walk starts at this outbox id: below it, rows are deleted, failed, or listed in walk_pending.';
+COMMENT ON COLUMN cqrs_cleanup_state.walk_pending IS 'Ids below walk_from of rows that may still need deleting (PENDING, or SENT within the retention when the walk passed them); each pass looks them up by id.';
+COMMENT ON COLUMN cqrs_cleanup_state.settled_id IS 'No transaction that could still commit holds an outbox id up to this one: the walk never moves past ids that may still become visible.';
+COMMENT ON COLUMN cqrs_cleanup_state.id_sample IS 'The id sequence''s value read by the last pass ...';
+COMMENT ON COLUMN cqrs_cleanup_state.id_sampled_at IS '... and when: once every transaction running then has ended, the ids up to id_sample are settled.';
+COMMENT ON COLUMN cqrs_cleanup_state.full_walk_at IS 'When a pass last walked from id 0; it does once a day, so that rows changed by hand are not missed.';
+INSERT INTO cqrs_cleanup_state DEFAULT VALUES;
+REVOKE ALL ON cqrs_cleanup_state FROM PUBLIC;
+GRANT SELECT ON cqrs_cleanup_state TO cqrs_sync_operator;
+
+-----------------------------------------------------------------------------
+-- Read side: no reader writes the extension's tables (the helpers do, as
+-- their owner); consumers have owners; equal keys share a tombstone; the
+-- memory of cqrs_apply_delta() names its table by regclass, not by OID
+-----------------------------------------------------------------------------
+
+REVOKE ALL ON cqrs_inbox, cqrs_tombstone FROM cqrs_sync_reader;
+COMMENT ON TABLE cqrs_inbox IS
+    'Inbox of the read side: one row per (consumer, event) already processed, written by cqrs_mark_processed() in the consumer''s transaction; pruned by the cleanup pass (cqrs_prune_read_side()) after cqrs_sync.inbox_retention.';
+COMMENT ON COLUMN cqrs_inbox.consumer IS 'Name of the consumer (e.g. the read model or consumer group); it belongs to a role (cqrs_consumer).';
+COMMENT ON COLUMN cqrs_inbox.event_id IS 'Id of the event, normally the Kafka header event_id.';
+COMMENT ON COLUMN cqrs_inbox.processed_at IS 'Start of the transaction that processed the event; drives retention.';
+
+COMMENT ON TABLE cqrs_tombstone IS
+    'Rows removed by cqrs_delete() and the version of the delete, so that an older upsert arriving later does not bring them back; pruned by the cleanup pass (cqrs_prune_read_side()) after cqrs_sync.inbox_retention.';
+COMMENT ON COLUMN cqrs_tombstone.key IS 'Primary key of the deleted row, as the first delete spelled it: an object of the key columns'' text representations, e.g. {"id": "42"}.  Keys equal for the table (42 and 42.0, ''ABC'' and ''abc'' for citext) share one tombstone.';
+ALTER TABLE cqrs_tombstone ADD COLUMN key_hash integer;
+COMMENT ON COLUMN cqrs_tombstone.key_hash IS 'Hash of the key by the hash functions of its columns'' types and collations (equal keys, equal hashes); tombstones are found by it and then compared with the types'' equality.';
+CREATE FUNCTION cqrs_set_consumer_owner(consumer text, owner regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF cqrs_set_consumer_owner.consumer IS NULL OR cqrs_set_consumer_owner.owner IS NULL THEN
+        RAISE EXCEPTION 'consumer and owner must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cqrs_set_consumer_owner.consumer = '' THEN
+        RAISE EXCEPTION 'consumer must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO @extschema@.cqrs_consumer AS c (consumer, owner)
+    VALUES (cqrs_set_consumer_owner.consumer, cqrs_set_consumer_owner.owner::text)
+    ON CONFLICT ON CONSTRAINT cqrs_consumer_pkey
+    DO UPDATE SET owner = excluded.owner, claimed_at = now();
+END
+$$;
+COMMENT ON FUNCTION cqrs_set_consumer_owner(text, regrole) IS
+    'Operator: gives a consumer name to a role (also one nobody used yet); from then on only that role, its members and superusers may record events under it.';
+
+CREATE FUNCTION cqrs_tombstone_key_hash(target regclass, key jsonb)
+RETURNS integer
+AS 'MODULE_PATHNAME', 'cqrs_tombstone_key_hash'
+LANGUAGE C STRICT STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION cqrs_tombstone_key_hash(regclass, jsonb) IS
+    'Internal: the key_hash of a tombstone of target (0 when the table or its primary key no longer match the key); the update from 0.1.0 fills cqrs_tombstone.key_hash with it.';
+
+-- The hash of every tombstone; a key that no longer parses as its table's
+-- primary key (its type changed since) gets 0, row by row.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    UPDATE @extschema@.cqrs_tombstone
+       SET key_hash = @extschema@.cqrs_tombstone_key_hash(target, key);
+EXCEPTION WHEN OTHERS THEN
+    FOR r IN SELECT target, key FROM @extschema@.cqrs_tombstone LOOP
+        BEGIN
+            UPDATE @extschema@.cqrs_tombstone
+               SET key_hash = @extschema@.cqrs_tombstone_key_hash(r.target, r.key)
+             WHERE target = r.target AND key = r.key;
+        EXCEPTION WHEN OTHERS THEN
+            UPDATE @extschema@.cqrs_tombstone SET key_hash = 0
+             WHERE target = r.target AND key = r.key;
+        END;
+    END LOOP;
+END
+$$;
+ALTER TABLE cqrs_tombstone ALTER COLUMN key_hash SET NOT NULL;
+CREATE INDEX cqrs_tombstone_key_hash_idx ON cqrs_tombstone (target, key_hash);
+COMMENT ON INDEX cqrs_tombstone_key_hash_idx IS
+    'Finds the tombstone of a key whatever its spelling.';
+CREATE INDEX cqrs_tombstone_deleted_at_idx ON cqrs_tombstone (deleted_at);
+COMMENT ON INDEX cqrs_tombstone_deleted_at_idx IS
+    'Lets cqrs_prune_read_side() find expired tombstones without scanning the table.';
+
+-- What cqrs_apply_delta() added, by target regclass (dumped and restored by
+-- name, so a restored read model keeps its memory).
+CREATE TABLE cqrs_delta_inbox (
+    consumer     text COLLATE "C" NOT NULL,
+    target       regclass NOT NULL,
+    event_id     text COLLATE "C" NOT NULL,
+    key          text COLLATE "C" NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, target, event_id, key)
+);
+COMMENT ON TABLE cqrs_delta_inbox IS
+    'Memory of cqrs_apply_delta(): one row per (consumer, target, event, key) whose deltas were added, written in the consumer''s transaction; pruned by the cleanup pass (cqrs_prune_read_side()) after cqrs_sync.inbox_retention.';
+COMMENT ON COLUMN cqrs_delta_inbox.consumer IS 'Name of the consumer that applied the deltas; it belongs to a role (cqrs_consumer).';
+COMMENT ON COLUMN cqrs_delta_inbox.target IS 'Read-model table the deltas were added to.';
+COMMENT ON COLUMN cqrs_delta_inbox.event_id IS 'Id of the event, normally the Kafka header event_id.';
+COMMENT ON COLUMN cqrs_delta_inbox.key IS 'Primary key of the row the deltas were added to: the JSON object of the key columns'' text representations, e.g. {"board_id": "42"}.';
+COMMENT ON COLUMN cqrs_delta_inbox.processed_at IS 'Start of the transaction that applied the deltas; drives retention.';
+CREATE INDEX cqrs_delta_inbox_processed_at_idx ON cqrs_delta_inbox (processed_at);
+COMMENT ON INDEX cqrs_delta_inbox_processed_at_idx IS
+    'Lets cqrs_prune_read_side() find expired entries without scanning the table.';
+
+-- Who may write a consumer's inbox entries and delta memory.
+CREATE TABLE cqrs_consumer (
+    consumer   text COLLATE "C" PRIMARY KEY,
+    owner      text NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE cqrs_consumer IS
+    'Owners of consumer names: only the owner role and its members (and superusers) may record events under a consumer (cqrs_mark_processed(), cqrs_apply_delta()). A name belongs to the first role that uses it, or to the role an operator gives it to with cqrs_set_consumer_owner().';
+COMMENT ON COLUMN cqrs_consumer.consumer IS 'Consumer name, as passed to cqrs_mark_processed() and cqrs_apply_delta().';
+COMMENT ON COLUMN cqrs_consumer.owner IS 'Name of the role the consumer belongs to (as pg_cron keeps a job''s user: by name, so that a dump restores into another cluster).';
+COMMENT ON COLUMN cqrs_consumer.claimed_at IS 'When the consumer was claimed or last given to a role.';
+
+-- The helpers cache the owners; a change of cqrs_consumer tells every backend.
+CREATE FUNCTION cqrs_consumer_changed()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'cqrs_consumer_changed'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs_consumer_changed() IS
+    'Internal: trigger of cqrs_consumer that invalidates the consumer owners cached by the read-side helpers in every session.';
+REVOKE ALL ON FUNCTION cqrs_consumer_changed() FROM PUBLIC;
+CREATE TRIGGER cqrs_consumer_changed
+    AFTER UPDATE OR DELETE OR TRUNCATE ON cqrs_consumer
+    FOR EACH STATEMENT EXECUTE FUNCTION cqrs_consumer_changed();
+
+SELECT pg_catalog.pg_extension_config_dump('cqrs_delta_inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_consumer', '');
+REVOKE ALL ON cqrs_delta_inbox, cqrs_consumer FROM PUBLIC;
+GRANT SELECT ON cqrs_delta_inbox, cqrs_consumer TO cqrs_sync_operator;
+
+-- 0.1.0 kept the memory of cqrs_apply_delta() in the inbox, as consumer
+-- "<consumer>/delta/<target oid>" and event id "<event_id> <key>" (the key
+-- a JSON object whose text holds ' {"' nowhere but at its start).  Moved,
+-- not lost.
+WITH moved AS (
+    DELETE FROM @extschema@.cqrs_inbox i
+     WHERE i.consumer ~ '/delta/[0-9]+$' AND strpos(i.event_id, ' {"') > 0
+    RETURNING i.consumer, i.event_id, i.processed_at,
+              length(i.event_id) - strpos(reverse(i.event_id), '"{ ') AS key_at
+)
+INSERT INTO @extschema@.cqrs_delta_inbox (consumer, target, event_id, key, processed_at)
+SELECT regexp_replace(m.consumer, '/delta/[0-9]+$', ''),
+       substring(m.consumer FROM '/delta/([0-9]+)$')::oid::regclass,
+       substr(m.event_id, 1, m.key_at - 2),
+       substr(m.event_id, m.key_at),
+       m.processed_at
+  FROM moved m
+    ON CONFLICT DO NOTHING;
+
+CREATE OR REPLACE FUNCTION cqrs_mark_processed(consumer text, event_id text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_mark_processed_0_2'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_mark_processed(text, text) IS
+    'Records that consumer processed event_id, in the caller''s transaction: true the first time, false if it was already recorded (then skip the event). The consumer must belong to the caller''s role (the first use claims it).';
+
+CREATE OR REPLACE FUNCTION cqrs_upsert(target regclass, "row" jsonb, version bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_upsert_0_2'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_upsert(regclass, jsonb, bigint) IS
+    'Inserts or updates the row of target with the primary key in row (a JSON object of columns) if version is higher than the stored one and than any tombstone of the key; returns whether it was applied. Columns missing from row keep their value (or default).';
+
+CREATE OR REPLACE FUNCTION cqrs_delete(target regclass, key jsonb, version bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_delete_0_2'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_delete(regclass, jsonb, bigint) IS
+    'Deletes the row of target with the primary key key unless its version is higher than version, and records a tombstone so that an older upsert arriving later does not bring it back; returns whether anything changed. Needs DELETE on target.';
+
+CREATE OR REPLACE FUNCTION cqrs_apply_delta(target regclass, key jsonb, deltas jsonb,
+                                 consumer text, event_id text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cqrs_apply_delta_0_2'
+LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_apply_delta(regclass, jsonb, jsonb, text, text) IS
+    'Adds the numbers in deltas (e.g. {"likes": 1}) to the columns of the row of target with the primary key key, once per (consumer, target, event_id, key) (a NULL column counts from 0); creates a missing row from the columns'' defaults unless the key was deleted. Returns whether the deltas were added. The consumer must belong to the caller''s role.';
+
+COMMENT ON FUNCTION cqrs_prune_read_side(interval) IS
+    'Deletes inbox entries, delta memory and tombstones older than older_than (default and minimum: cqrs_sync.inbox_retention; 0 there keeps them) and those of dropped tables, in batches of cqrs_sync.cleanup_batch_size, at most cqrs_sync.cleanup_max_rows_per_call rows per call; returns the number of rows deleted.';
+REVOKE ALL ON FUNCTION cqrs_set_consumer_owner(text, regrole) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_tombstone_key_hash(regclass, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_set_consumer_owner(text, regrole) TO cqrs_sync_operator;
+
+-----------------------------------------------------------------------------
 -- The relay's state: stalled partitions, window, phase timers (new layout,
 -- new C entry point; the 0.1.0 one stays for databases not yet updated)
 -----------------------------------------------------------------------------

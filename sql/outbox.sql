@@ -96,6 +96,9 @@ SELECT has_table_privilege('public', 'cqrs_outbox', 'INSERT') AS public_insert,
        has_table_privilege('cqrs_sync_writer', 'cqrs_outbox', 'INSERT') AS writer_insert,
        has_function_privilege('cqrs_sync_writer', 'cqrs_enqueue(text,text,jsonb,jsonb)', 'EXECUTE') AS writer_enqueue,
        has_table_privilege('pg_monitor', 'cqrs_outbox', 'SELECT') AS monitor_select;
+-- monitoring reads the bookkeeping columns, never an event's content
+SELECT a.attname, has_column_privilege('pg_monitor', 'cqrs_outbox', a.attname, 'SELECT') AS monitor_select
+  FROM pg_attribute a WHERE a.attrelid = 'cqrs_outbox'::regclass AND a.attnum > 0 ORDER BY a.attnum;
 
 -- a role holding cqrs_sync_writer enqueues, but cannot write the outbox directly
 CREATE ROLE cqrs_regress_app LOGIN IN ROLE cqrs_sync_writer;
@@ -111,6 +114,17 @@ SELECT pg_describe_object(d.classid, d.objid, 0) AS uncommented
   FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'cqrs_sync'
  WHERE d.deptype = 'e'
    AND obj_description(d.objid, (SELECT relname FROM pg_class WHERE oid = d.classid)) IS NULL
+ ORDER BY 1;
+
+-- every SECURITY DEFINER function pins its search_path, and PUBLIC may
+-- execute none of the functions
+SELECT p.oid::regprocedure AS unsafe, p.prosecdef, p.proconfig,
+       has_function_privilege('public', p.oid, 'EXECUTE') AS public_exec
+  FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'cqrs_sync'
+  JOIN pg_proc p ON p.oid = d.objid
+ WHERE d.deptype = 'e' AND d.classid = 'pg_proc'::regclass
+   AND ((p.prosecdef AND NOT coalesce(array_to_string(p.proconfig, ',') LIKE '%search_path=pg_catalog, pg_temp%', false))
+        OR has_function_privilege('public', p.oid, 'EXECUTE'))
  ORDER BY 1;
 
 DROP EXTENSION cqrs_sync;

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * cleanup_worker.h
- *	  Outbox retention: the cleanup pass, cqrs_cleanup() and the cleanup
- *	  background worker.
+ *	  Retention: the cleanup pass, cqrs_cleanup(), cqrs_prune_read_side()
+ *	  and the cleanup background worker.
  *
  *-------------------------------------------------------------------------
  */
@@ -13,13 +13,14 @@
 extern int	cqrs_cleanup_interval_s;
 extern int	cqrs_sent_retention_s;
 extern int	cqrs_dlt_retention_s;
+extern int	cqrs_purge_grace_s;
 extern int	cqrs_cleanup_batch_size;
 extern int	cqrs_cleanup_max_rows_per_call;
 extern int	cqrs_cleanup_delay_ms;
 
 /*
  * Defines the cleanup settings (cqrs_sync.cleanup_interval,
- * cqrs_sync.sent_retention, cqrs_sync.dlt_retention,
+ * cqrs_sync.sent_retention, cqrs_sync.dlt_retention, cqrs_sync.purge_grace,
  * cqrs_sync.cleanup_batch_size, cqrs_sync.cleanup_max_rows_per_call,
  * cqrs_sync.cleanup_delay).  Call
  * from _PG_init() before MarkGUCPrefixReserved("cqrs_sync").

@@ -7,6 +7,8 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
+
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
@@ -36,6 +38,180 @@ int			cqrs_dlt_depth_interval_ms = 30000;
 char	   *cqrs_read_side_dlt_topics = NULL;
 
 void		_PG_init(void);
+
+/* ------------------------------------------------------------------------
+ * Checks of the settings the relay uses: a bad value is refused when it is
+ * set (ALTER SYSTEM) or ignored, with a log message, by a reload or at
+ * start-up, instead of failing every message later.
+ * ------------------------------------------------------------------------
+ */
+
+static bool
+topic_char(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		(c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+}
+
+/* cqrs_sync.dlt_suffix: appended to a topic name, the result is one too */
+static bool
+check_dlt_suffix(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+
+	if (v == NULL || v[0] == '\0')
+	{
+		GUC_check_errdetail("The dead-letter suffix must not be empty: dead letters would go to the source topic itself.");
+		return false;
+	}
+	if (strlen(v) > 248)
+	{
+		GUC_check_errdetail("The dead-letter suffix must not be longer than 248 bytes: a Kafka topic name has at most 249.");
+		return false;
+	}
+	for (const char *p = v; *p; p++)
+		if (!topic_char(*p))
+		{
+			GUC_check_errdetail("Kafka topic names may hold only ASCII letters, digits, \".\", \"_\" and \"-\"; \"%c\" is not allowed.",
+								*p);
+			return false;
+		}
+	return true;
+}
+
+/* One entry of the broker list: [protocol://]host[:port] */
+static bool
+broker_valid(const char *b)
+{
+	static const char *const protocols[] = {"plaintext", "ssl", "sasl_plaintext", "sasl_ssl"};
+	const char *sep = strstr(b, "://");
+	const char *host = b;
+	const char *end;
+
+	if (sep != NULL)
+	{
+		bool		known = false;
+
+		for (int i = 0; i < lengthof(protocols); i++)
+			known |= (size_t) (sep - b) == strlen(protocols[i]) &&
+				pg_strncasecmp(b, protocols[i], sep - b) == 0;
+		if (!known)
+		{
+			GUC_check_errdetail("Unknown security protocol \"%.*s\" in broker \"%s\"; use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
+								(int) (sep - b), b, b);
+			return false;
+		}
+		host = sep + 3;
+	}
+	if (host[0] == '[')
+	{
+		/* an IPv6 address */
+		end = strchr(host, ']');
+		if (end == NULL || end == host + 1)
+			goto bad;
+		for (const char *p = host + 1; p < end; p++)
+			if (!isxdigit((unsigned char) *p) && *p != ':' && *p != '.')
+				goto bad;
+		end++;
+	}
+	else
+	{
+		end = host;
+		while (*end && *end != ':')
+		{
+			if (!isalnum((unsigned char) *end) && *end != '.' && *end != '-' && *end != '_')
+				goto bad;
+			end++;
+		}
+		if (end == host)
+			goto bad;
+	}
+	if (*end == ':')
+	{
+		long		port = 0;
+		const char *p = end + 1;
+
+		if (*p == '\0')
+			goto bad;
+		for (; *p; p++)
+		{
+			if (!isdigit((unsigned char) *p) || port > 65535)
+				goto bad;
+			port = port * 10 + (*p - '0');
+		}
+		if (port < 1 || port > 65535)
+			goto bad;
+	}
+	else if (*end != '\0')
+		goto bad;
+	return true;
+
+bad:
+	GUC_check_errdetail("Broker \"%s\" is not host:port (the port from 1 to 65535, default 9092), optionally after a security protocol such as SASL_SSL://.",
+						b);
+	return false;
+}
+
+/*
+ * cqrs_sync.brokers: a comma-separated list of brokers (librdkafka also
+ * separates them by spaces)
+ */
+static bool
+check_brokers(char **newval, void **extra, GucSource source)
+{
+	char	   *list = pstrdup(*newval ? *newval : "");
+	int			n = 0;
+	char	   *entry = list;
+
+	for (;;)
+	{
+		char	   *comma = strchr(entry, ',');
+		char	   *tok;
+		char	   *save;
+		int			in_entry = 0;
+
+		if (comma)
+			*comma = '\0';
+		for (tok = strtok_r(entry, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save))
+		{
+			if (!broker_valid(tok))
+				return false;
+			in_entry++;
+		}
+		if (in_entry == 0 && (comma != NULL || n > 0))
+		{
+			GUC_check_errdetail("The broker list has an empty entry.");
+			return false;
+		}
+		n += in_entry;
+		if (comma == NULL)
+			break;
+		entry = comma + 1;
+	}
+	if (n == 0)
+	{
+		GUC_check_errdetail("The relay needs at least one broker, host:port; several are separated by commas.");
+		return false;
+	}
+	return true;
+}
+
+/* cqrs_sync.read_side_dlt_topics: topic names, separated by commas or spaces */
+static bool
+check_topic_list(char **newval, void **extra, GucSource source)
+{
+	char	   *list = pstrdup(*newval ? *newval : "");
+	char	   *save;
+
+	for (char *tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save))
+		if (!cqrs_topic_name_valid(tok))
+		{
+			GUC_check_errdetail("Topic \"%s\" is not a valid Kafka topic name: 1 to 249 ASCII letters, digits, \".\", \"_\" or \"-\", and not \".\" or \"..\".",
+								tok);
+			return false;
+		}
+	return true;
+}
 
 /* Settings only the workers read; they exist only when preloaded. */
 static void
@@ -74,7 +250,7 @@ define_settings(void)
 							   "localhost:9092",
 							   PGC_SIGHUP,
 							   0,
-							   NULL, NULL, NULL);
+							   check_brokers, NULL, NULL);
 
 	DefineCustomStringVariable("cqrs_sync.kafka_config_file",
 							   "File of extra librdkafka producer properties, one name=value per line.",
@@ -87,12 +263,12 @@ define_settings(void)
 
 	DefineCustomStringVariable("cqrs_sync.dlt_suffix",
 							   "Suffix appended to a topic's name to form its dead-letter topic.",
-							   NULL,
+							   "Not empty, and only characters Kafka allows in topic names: ASCII letters, digits, \".\", \"_\" and \"-\".",
 							   &cqrs_dlt_suffix,
 							   ".DLT",
 							   PGC_SIGHUP,
 							   0,
-							   NULL, NULL, NULL);
+							   check_dlt_suffix, NULL, NULL);
 
 	DefineCustomIntVariable("cqrs_sync.max_retries",
 							"Failed attempts of a message before it is dead-lettered.",
@@ -146,7 +322,7 @@ define_settings(void)
 							   "",
 							   PGC_SIGHUP,
 							   0,
-							   NULL, NULL, NULL);
+							   check_topic_list, NULL, NULL);
 
 	DefineCustomIntVariable("cqrs_sync.retry_backoff",
 							"First delay before a failed message is tried again.",

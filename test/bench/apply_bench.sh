@@ -20,7 +20,9 @@
 #
 # Environment: PGHOST, PGPORT, PGUSER (the usual libpq variables);
 # BENCH_DB (cqrs_apply_bench, created if missing; the script owns its
-# tables and the inbox entries of consumers named apply-bench*),
+# tables and the inbox entries and delta memory of consumers named
+# apply-bench*), BENCH_ROLE (run the events as this role, a member of
+# cqrs_sync_reader, as a read service does; default: the connecting user),
 # BENCH_SECONDS (10), BENCH_KEYS (100000), BENCH_ONLY (a regular expression:
 # only the runs whose label matches).
 set -euo pipefail
@@ -57,6 +59,24 @@ CREATE TABLE apply_bench_events (
 CREATE SEQUENCE apply_bench_next;
 SQL
 
+# A read service's role, if asked for: the helpers then check its privileges
+# and its ownership of the consumers, as they do in production.
+ROLE="${BENCH_ROLE:-}"
+if [ -n "$ROLE" ]; then
+    "${PSQL[@]}" <<SQL
+SET client_min_messages = warning;
+DO \$\$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$ROLE') THEN
+        CREATE ROLE $ROLE NOLOGIN;
+    END IF;
+END \$\$;
+GRANT cqrs_sync_reader TO $ROLE;
+GRANT SELECT, INSERT, UPDATE, DELETE ON apply_bench_board TO $ROLE;
+GRANT SELECT ON apply_bench_events TO $ROLE;
+GRANT USAGE, UPDATE ON SEQUENCE apply_bench_next TO $ROLE;
+SQL
+fi
+
 # Fresh state for a run: the boards, N new events, no inbox entries.
 prepare() { # number-of-events
     "${PSQL[@]}" <<SQL
@@ -69,6 +89,12 @@ SELECT g, gen_random_uuid()::text, k,
   FROM (SELECT g, (random() * ($KEYS - 1))::bigint + 1 AS k
           FROM generate_series(1, $1) g) s;
 DELETE FROM cqrs_inbox WHERE consumer LIKE 'apply-bench%';
+-- the memory of cqrs_apply_delta() (version 0.2.0; 0.1.0 kept it in the inbox)
+DO \$\$ BEGIN
+    IF to_regclass('cqrs_delta_inbox') IS NOT NULL THEN
+        DELETE FROM cqrs_delta_inbox WHERE consumer LIKE 'apply-bench%';
+    END IF;
+END \$\$;
 ALTER SEQUENCE apply_bench_next RESTART;
 VACUUM ANALYZE apply_bench_board, apply_bench_events, cqrs_inbox, cqrs_tombstone;
 CHECKPOINT;
@@ -134,7 +160,7 @@ run() { # label script events-per-transaction events-per-statement max-events/s 
     local events=$((SECS * cap)) out tps used
     [[ "$label" =~ ${BENCH_ONLY:-.} ]] || return 0
     prepare "$events"
-    out="$(pgbench -n -c 1 -T "$SECS" -f "$WORK/$script" "$@" "$DB" 2>&1)" || {
+    out="$(PGOPTIONS="${ROLE:+-c role=$ROLE}" pgbench -n -c 1 -T "$SECS" -f "$WORK/$script" "$@" "$DB" 2>&1)" || {
         echo "$out" >&2
         exit 1
     }
@@ -151,7 +177,7 @@ run() { # label script events-per-transaction events-per-statement max-events/s 
 setting() { psql -X -At -d "$DB" -c "SHOW $1"; }
 echo "PostgreSQL $(setting server_version), $(nproc) cores; fsync=$(setting fsync)," \
     "synchronous_commit=$(setting synchronous_commit), wal_sync_method=$(setting wal_sync_method)," \
-    "shared_buffers=$(setting shared_buffers); $SECS s per run, 1 session"
+    "shared_buffers=$(setting shared_buffers); $SECS s per run, 1 session${ROLE:+, as role $ROLE}"
 run "upsert, 1 event/transaction (1 statement)"                upsert_1.sql              1   1 10000 -M prepared
 run "upsert, 1 event/transaction (BEGIN; mark; upsert; COMMIT)" upsert_1_txn.sql         1   1 10000 -M prepared
 run "upsert, 100 events/transaction (1 statement)"             upsert_100.sql          100 100 80000 -M prepared

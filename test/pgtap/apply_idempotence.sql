@@ -17,11 +17,13 @@ CREATE TABLE board_detail (
     version  bigint NOT NULL DEFAULT 0
 );
 
--- The state a consumer leaves behind: the read model, its inbox, its tombstones.
+-- The state a consumer leaves behind: the read model, its inbox, its delta
+-- memory, its tombstones.
 CREATE FUNCTION pg_temp.state() RETURNS jsonb LANGUAGE sql AS $$
     SELECT jsonb_build_object(
         'rows', (SELECT coalesce(jsonb_agg(to_jsonb(b) ORDER BY b.id), '[]') FROM board_detail b),
         'inbox', (SELECT count(*) FROM cqrs_inbox),
+        'delta_memory', (SELECT count(*) FROM cqrs_delta_inbox),
         'tombstones', (SELECT coalesce(jsonb_agg(jsonb_build_object('key', t.key, 'version', t.version)
                                                  ORDER BY t.key), '[]')
                          FROM cqrs_tombstone t WHERE t.target = 'board_detail'::regclass))
@@ -30,6 +32,7 @@ $$;
 CREATE FUNCTION pg_temp.reset() RETURNS void LANGUAGE sql AS $$
     DELETE FROM board_detail;
     DELETE FROM cqrs_inbox;
+    DELETE FROM cqrs_delta_inbox;
     DELETE FROM cqrs_tombstone;
 $$;
 
@@ -189,7 +192,7 @@ BEGIN
     FOREACH v IN ARRAY o LOOP
         PERFORM pg_temp.times(1, (SELECT stmt FROM versioned WHERE version = v));
     END LOOP;
-    RETURN pg_temp.state() - 'inbox';
+    RETURN pg_temp.state() - 'inbox' - 'delta_memory';
 END
 $$;
 

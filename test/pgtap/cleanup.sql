@@ -16,6 +16,8 @@ SET LOCAL client_min_messages = warning;
 -- Defaults, whatever the server's configuration.
 SET LOCAL cqrs_sync.sent_retention = '1d';
 SET LOCAL cqrs_sync.dlt_retention = '7d';
+-- approvals take effect at once here (the grace period: test/pgtap/purge_grace.sql)
+SET LOCAL cqrs_sync.purge_grace = 0;
 SET LOCAL cqrs_sync.cleanup_batch_size = 10000;
 SET LOCAL cqrs_sync.cleanup_max_rows_per_call = 1000000;
 

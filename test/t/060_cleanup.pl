@@ -36,7 +36,10 @@ my $cron = new_node(
 	'cron.database_name'         => 'postgres',
 	'cqrs_sync.relay_enabled'    => 'off',
 	'cqrs_sync.cleanup_interval' => '0',
-	_start                       => 0);
+	# approvals take effect at once here (the grace period after an
+	# approval: test/pgtap/purge_grace.sql)
+	'cqrs_sync.purge_grace' => '0',
+	_start                  => 0);
 # pg_cron's jobs connect through libpq; the test node listens on a socket only
 $cron->append_conf('postgresql.conf', "cron.host = '" . $cron->host . "'\n");
 $cron->start;
@@ -65,6 +68,7 @@ my $node = new_node(
 	'cleanup',
 	'cqrs_sync.relay_enabled'    => 'off',
 	'cqrs_sync.cleanup_interval' => '0',
+	'cqrs_sync.purge_grace'      => '0',    # as above
 	'shared_buffers'             => '256MB',
 	'max_wal_size'               => '4GB');
 

@@ -1,0 +1,693 @@
+/*-------------------------------------------------------------------------
+ *
+ * apply_json.c
+ *	  The read side: JSON to Datum, and keys.
+ *
+ *	  A row, a key or deltas arrive as a JSON object whose members name
+ *	  columns of the target.  The members are matched to the columns in one
+ *	  forward pass (both sorted the way jsonb sorts object keys), and each
+ *	  value becomes a parameter of its column's base type: text and numeric
+ *	  directly, json and jsonb as they are, arrays through an array literal,
+ *	  everything else through the type's input function.  A key's values
+ *	  also have a canonical form, the one stored in cqrs_tombstone.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/relation.h"
+#include "access/stratnum.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
+#include "utils/syscache.h"
+
+#include "apply_json.h"
+
+PG_FUNCTION_INFO_V1(cqrs_tombstone_key_hash);
+
+/* The kind of a JSON document's root, for messages */
+const char *
+apply_jsonb_root_type(Jsonb *jb)
+{
+	JsonbValue	v;
+
+	if (JB_ROOT_IS_SCALAR(jb))
+	{
+		JsonbExtractScalar(&jb->root, &v);
+		return JsonbTypeName(&v);
+	}
+	return JB_ROOT_IS_OBJECT(jb) ? "object" : "array";
+}
+
+const char *
+apply_json_value_type(JsonbValue *v)
+{
+	if (v->type == jbvBinary)
+		return JsonContainerIsArray(v->val.binary.data) ? "array" : "object";
+	return JsonbTypeName(v);
+}
+
+int
+apply_json_members(Jsonb *jb, JsonMember **out)
+{
+	int			n = JB_ROOT_COUNT(jb);
+	JsonMember *m = palloc(sizeof(JsonMember) * Max(n, 1));
+	JsonbIterator *it = JsonbIteratorInit(&jb->root);
+	JsonbIteratorToken tok;
+	JsonbValue	v;
+	int			i = 0;
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			m[i].key = v.val.string.val;
+			m[i].keylen = v.val.string.len;
+		}
+		else if (tok == WJB_VALUE)
+			m[i++].value = v;
+	}
+	*out = m;
+	return i;
+}
+
+char *
+apply_member_name(JsonMember *m)
+{
+	return pnstrdup(m->key, m->keylen);
+}
+
+/*
+ * Columns are sorted the way jsonb sorts object keys (shorter first, then
+ * bytewise), so one forward pass matches the members of an object.
+ */
+int
+apply_column_cmp(const void *a, const void *b)
+{
+	const ApplyColumn *ca = a;
+	const ApplyColumn *cb = b;
+
+	if (ca->namelen != cb->namelen)
+		return ca->namelen < cb->namelen ? -1 : 1;
+	return memcmp(ca->name, cb->name, ca->namelen);
+}
+
+/*
+ * Finds the column of each member; *cursor carries the position between
+ * calls for the members of one object, in order.  Returns -1 if none.
+ */
+int
+apply_find_column(ApplyTarget *t, JsonMember *m, int *cursor)
+{
+	int			j;
+
+	for (j = *cursor; j < t->ncols; j++)
+	{
+		ApplyColumn *c = &t->cols[j];
+
+		if (c->namelen < m->keylen)
+			continue;
+		if (c->namelen > m->keylen)
+			break;
+		{
+			int			r = memcmp(c->name, m->key, m->keylen);
+
+			if (r < 0)
+				continue;
+			if (r > 0)
+				break;
+			*cursor = j + 1;
+			return j;
+		}
+	}
+	*cursor = j;
+	return -1;
+}
+
+static void
+append_quoted_element(StringInfo buf, const char *s, int len)
+{
+	appendStringInfoChar(buf, '"');
+	for (int i = 0; i < len; i++)
+	{
+		if (s[i] == '"' || s[i] == '\\')
+			appendStringInfoChar(buf, '\\');
+		appendStringInfoChar(buf, s[i]);
+	}
+	appendStringInfoChar(buf, '"');
+}
+
+/* A JSON array as an array literal, for the array type's input function */
+static void
+append_array_literal(StringInfo buf, JsonbContainer *arr)
+{
+	JsonbIterator *it = JsonbIteratorInit(arr);
+	JsonbIteratorToken tok;
+	JsonbValue	v;
+	bool		first = true;
+
+	appendStringInfoChar(buf, '{');
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok != WJB_ELEM)
+			continue;
+		if (!first)
+			appendStringInfoChar(buf, ',');
+		first = false;
+		switch (v.type)
+		{
+			case jbvNull:
+				appendStringInfoString(buf, "NULL");
+				break;
+			case jbvString:
+				append_quoted_element(buf, v.val.string.val, v.val.string.len);
+				break;
+			case jbvNumeric:
+				appendStringInfoString(buf,
+									   DatumGetCString(DirectFunctionCall1(numeric_out,
+																		   NumericGetDatum(v.val.numeric))));
+				break;
+			case jbvBool:
+				appendStringInfoString(buf, v.val.boolean ? "true" : "false");
+				break;
+			case jbvBinary:
+				if (JsonContainerIsArray(v.val.binary.data))
+					append_array_literal(buf, v.val.binary.data);
+				else
+				{
+					char	   *s = JsonbToCString(NULL, v.val.binary.data,
+												   v.val.binary.len);
+
+					append_quoted_element(buf, s, strlen(s));
+				}
+				break;
+			default:
+				elog(ERROR, "unexpected jsonb value type %d", (int) v.type);
+		}
+	}
+	appendStringInfoChar(buf, '}');
+}
+
+void
+apply_convert_error_callback(void *arg)
+{
+	ConvertContext *cc = arg;
+
+	if (cc->member && cc->col)
+		errcontext("converting JSON %s member \"%s\" to type %s",
+				   cc->what, apply_member_name(cc->member), cc->col->typname);
+}
+
+/*
+ * A JSON value as a parameter of the column's base type; the statement
+ * coerces it to the column's type modifier and checks its domain.
+ */
+Datum
+apply_json_to_datum(ApplyColumn *c, JsonbValue *v, bool *isnull)
+{
+	char	   *str;
+
+	*isnull = false;
+	if (v->type == jbvNull)
+	{
+		*isnull = true;
+		return (Datum) 0;
+	}
+
+	switch (c->kind)
+	{
+		case COL_JSONB:
+			return JsonbPGetDatum(JsonbValueToJsonb(v));
+		case COL_JSON:
+			{
+				Jsonb	   *jb = JsonbValueToJsonb(v);
+
+				return PointerGetDatum(cstring_to_text(JsonbToCString(NULL, &jb->root,
+																	  VARSIZE(jb))));
+			}
+		case COL_TEXT:
+			if (v->type == jbvString)
+				return PointerGetDatum(cstring_to_text_with_len(v->val.string.val,
+																v->val.string.len));
+			break;
+		case COL_NUMERIC:
+			if (v->type == jbvNumeric)
+				return NumericGetDatum(v->val.numeric);
+			break;
+		case COL_INPUT:
+			break;
+	}
+
+	switch (v->type)
+	{
+		case jbvString:
+			str = pnstrdup(v->val.string.val, v->val.string.len);
+			break;
+		case jbvNumeric:
+			str = DatumGetCString(DirectFunctionCall1(numeric_out,
+													  NumericGetDatum(v->val.numeric)));
+			break;
+		case jbvBool:
+			str = v->val.boolean ? "true" : "false";
+			break;
+		case jbvBinary:
+			if (c->is_array && JsonContainerIsArray(v->val.binary.data))
+			{
+				StringInfoData buf;
+
+				initStringInfo(&buf);
+				append_array_literal(&buf, v->val.binary.data);
+				str = buf.data;
+				break;
+			}
+			ereport(ERROR,
+					(errcode(ERRCODE_DATATYPE_MISMATCH),
+					 errmsg("cannot convert a JSON %s to type %s",
+							apply_json_value_type(v), c->typname),
+					 errhint("Pass the value as a JSON string in the input format of type %s.",
+							 c->typname)));
+			str = NULL;			/* keep the compiler quiet */
+			break;
+		default:
+			elog(ERROR, "unexpected jsonb value type %d", (int) v->type);
+			str = NULL;
+	}
+	return InputFunctionCall(&c->input, str, c->ioparam, -1);
+}
+
+/* The value of the row's version member, which must equal the argument */
+void
+apply_check_row_version(ApplyTarget *t, JsonMember *m, int64 version)
+{
+	char	   *str = NULL;
+	int64		v;
+
+	if (m->value.type == jbvNumeric)
+		str = DatumGetCString(DirectFunctionCall1(numeric_out,
+												  NumericGetDatum(m->value.val.numeric)));
+	else if (m->value.type == jbvString)
+		str = pnstrdup(m->value.val.string.val, m->value.val.string.len);
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("version member \"%s\" of the row must be a JSON number, not a JSON %s",
+						t->version_name, apply_json_value_type(&m->value))));
+	{
+		ConvertContext cc = {"row", m, &t->cols[t->version_idx]};
+		ErrorContextCallback errcb;
+
+		errcb.callback = apply_convert_error_callback;
+		errcb.arg = &cc;
+		errcb.previous = error_context_stack;
+		error_context_stack = &errcb;
+		v = DatumGetInt64(DirectFunctionCall1(int8in, CStringGetDatum(str)));
+		error_context_stack = errcb.previous;
+	}
+	if (v != version)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("version member \"%s\" of the row (" INT64_FORMAT ") differs from the version argument (" INT64_FORMAT ")",
+						t->version_name, v, version),
+				 errhint("Omit the member from the row or pass the same version.")));
+}
+
+/* A version must fit the version column, or no comparison makes sense */
+void
+apply_check_version_range(ApplyTarget *t, int64 version)
+{
+	ApplyColumn *ver = &t->cols[t->version_idx];
+	int64		min = PG_INT64_MIN;
+	int64		max = PG_INT64_MAX;
+
+	if (ver->basetype == INT4OID)
+	{
+		min = PG_INT32_MIN;
+		max = PG_INT32_MAX;
+	}
+	else if (ver->basetype == INT2OID)
+	{
+		min = PG_INT16_MIN;
+		max = PG_INT16_MAX;
+	}
+	if (version < min || version > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("version " INT64_FORMAT " is out of range for version column \"%s\" of relation \"%s\"",
+						version, ver->name, t->relname),
+				 errdetail("The column is of type %s.", ver->typname)));
+}
+
+/*
+ * Keys.
+ *
+ * A key is stored (cqrs_tombstone.key, cqrs_delta_inbox.key) in a canonical
+ * form: an object of the key columns' text representations, e.g. {"id":
+ * "42"}.  Types whose text form depends on settings (dates and times on
+ * DateStyle and IntervalStyle, floats on extra_float_digits) are written
+ * with fixed settings, so that every session spells a key the same way.
+ *
+ * Keys the table holds equal are not always spelled the same: numeric 42
+ * and 42.0, float -0 and 0, citext 'ABC' and 'abc', text under a
+ * nondeterministic collation, one instant in two time zones.  So a key
+ * also has a hash, by the hash functions consistent with the primary key's
+ * equality (with its collation): equal keys, equal hashes.  Tombstones are
+ * found by (target, hash) and then compared with that equality, the stored
+ * text parsed back into the column's type.  A key column whose type has no
+ * such hash function is hashed and compared by its text form.
+ * ------------------------------------------------------------------------
+ */
+
+/* Fixed output settings for the text forms, while a key is written or read */
+static int
+fixed_format_begin(void)
+{
+	int			level = NewGUCNestLevel();
+
+	(void) set_config_option("datestyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("intervalstyle", "postgres", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return level;
+}
+
+static void
+fixed_format_end(int level)
+{
+	AtEOXact_GUC(true, level);
+}
+
+static bool
+text_form_depends_on_settings(Oid typid)
+{
+	switch (typid)
+	{
+		case DATEOID:
+		case TIMEOID:
+		case TIMETZOID:
+		case TIMESTAMPOID:
+		case TIMESTAMPTZOID:
+		case INTERVALOID:
+		case FLOAT4OID:
+		case FLOAT8OID:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * Describes the k-th column of the primary key index idx for keys: its
+ * output function, its collation in the key, and the equality and hash
+ * functions of the key's operator family.  c->basetype and c->input must be
+ * set.
+ */
+void
+apply_describe_key_column(ApplyColumn *c, Relation idx, int k, MemoryContext cxt)
+{
+	Oid			func;
+	bool		varlena;
+	Oid			opcintype = idx->rd_opcintype[k];
+	Oid			eqop;
+	RegProcedure hashfn = InvalidOid;
+	RegProcedure rhashfn = InvalidOid;
+
+	getTypeOutputInfo(c->basetype, &func, &varlena);
+	fmgr_info_cxt(func, &c->output, cxt);
+	c->keycoll = idx->rd_indcollation[k];
+	c->fixed_format = text_form_depends_on_settings(c->basetype);
+
+	eqop = get_opfamily_member(idx->rd_opfamily[k], opcintype, opcintype,
+							   BTEqualStrategyNumber);
+	c->key_by_text = !OidIsValid(eqop) ||
+		!get_op_hash_functions(eqop, &hashfn, &rhashfn) ||
+		!OidIsValid(hashfn);
+	if (!c->key_by_text)
+	{
+		fmgr_info_cxt(hashfn, &c->keyhash, cxt);
+		fmgr_info_cxt(get_opcode(eqop), &c->keyeq, cxt);
+	}
+}
+
+static uint32
+key_column_hash(ApplyColumn *c, Datum value, const char *text)
+{
+	if (c->key_by_text)
+		return hash_bytes((const unsigned char *) text, strlen(text));
+	return DatumGetUInt32(FunctionCall1Coll(&c->keyhash, c->keycoll, value));
+}
+
+/*
+ * Fills in a key's canonical form, its text and its hash from key->vals
+ * (the primary key values, in primary key order).
+ */
+void
+apply_key_make(ApplyTarget *t, ApplyKey *key)
+{
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+	char	   *texts[INDEX_MAX_KEYS];
+	int			level = 0;
+
+	if (t->key_fixed_format)
+		level = fixed_format_begin();
+	for (int k = 0; k < t->npk; k++)
+		texts[k] = OutputFunctionCall(&t->cols[t->pk_idx[k]].output, key->vals[k]);
+	if (t->key_fixed_format)
+		fixed_format_end(level);
+
+	key->hash = 0;
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	for (int k = 0; k < t->npk; k++)
+	{
+		ApplyColumn *c = &t->cols[t->pk_idx[k]];
+		JsonbValue	jk;
+		JsonbValue	jv;
+
+		key->hash = hash_combine(key->hash, key_column_hash(c, key->vals[k], texts[k]));
+		jk.type = jbvString;
+		jk.val.string.val = c->name;
+		jk.val.string.len = c->namelen;
+		pushJsonbValue(&st, WJB_KEY, &jk);
+		jv.type = jbvString;
+		jv.val.string.val = texts[k];
+		jv.val.string.len = strlen(texts[k]);
+		pushJsonbValue(&st, WJB_VALUE, &jv);
+	}
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	key->canonical = JsonbValueToJsonb(res);
+	key->text = JsonbToCString(NULL, &key->canonical->root, VARSIZE(key->canonical));
+}
+
+/* The text a stored key holds for a column, or NULL */
+static char *
+stored_text(Jsonb *stored, ApplyColumn *c)
+{
+	JsonbValue	v;
+
+	if (!JB_ROOT_IS_OBJECT(stored) ||
+		getKeyJsonValueFromContainer(&stored->root, c->name, c->namelen, &v) == NULL ||
+		v.type != jbvString)
+		return NULL;
+	return pnstrdup(v.val.string.val, v.val.string.len);
+}
+
+/*
+ * Whether a stored key (a tombstone's) is the same key as key for the
+ * table: each column's stored text, parsed back into the column's type,
+ * equal by the primary key's equality.
+ */
+bool
+apply_key_matches(ApplyTarget *t, ApplyKey *key, Jsonb *stored)
+{
+	bool		match = true;
+	int			level = 0;
+
+	if (t->key_fixed_format)
+		level = fixed_format_begin();
+	for (int k = 0; k < t->npk && match; k++)
+	{
+		ApplyColumn *c = &t->cols[t->pk_idx[k]];
+		char	   *text = stored_text(stored, c);
+
+		if (text == NULL)
+			match = false;
+		else if (c->key_by_text)
+		{
+			char	   *mine = OutputFunctionCall(&c->output, key->vals[k]);
+
+			match = strcmp(text, mine) == 0;
+		}
+		else
+		{
+			Datum		v = InputFunctionCall(&c->input, text, c->ioparam, -1);
+
+			match = DatumGetBool(FunctionCall2Coll(&c->keyeq, c->keycoll, v,
+												   key->vals[k]));
+		}
+	}
+	if (t->key_fixed_format)
+		fixed_format_end(level);
+	return match;
+}
+
+/*
+ * cqrs_tombstone_key_hash(target regclass, key jsonb) RETURNS integer
+ *
+ * The hash of a stored key of target, from the table's primary key alone
+ * (no version column needed): what cqrs_tombstone.key_hash holds.  0 when
+ * the table, its primary key or a key column is gone.  For the update from
+ * 0.1.0, which had no key_hash.
+ */
+Datum
+cqrs_tombstone_key_hash(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Jsonb	   *stored = PG_GETARG_JSONB_P(1);
+	Relation	rel;
+	Relation	idx;
+	Oid			pkoid;
+	uint32		hash = 0;
+	bool		complete = true;
+	int			level;
+
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+		PG_RETURN_INT32(0);
+	rel = relation_open(relid, AccessShareLock);
+	pkoid = RelationGetPrimaryKeyIndex(rel);
+	if (!OidIsValid(pkoid))
+	{
+		relation_close(rel, AccessShareLock);
+		PG_RETURN_INT32(0);
+	}
+	idx = index_open(pkoid, AccessShareLock);
+	level = fixed_format_begin();
+	for (int k = 0; k < idx->rd_index->indnkeyatts && complete; k++)
+	{
+		AttrNumber	attnum = idx->rd_index->indkey.values[k];
+		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), attnum - 1);
+		ApplyColumn c;
+		Oid			func;
+		char	   *text;
+		Datum		v;
+
+		memset(&c, 0, sizeof(c));
+		c.name = NameStr(att->attname);
+		c.namelen = strlen(c.name);
+		c.basetype = getBaseType(att->atttypid);
+		getTypeInputInfo(c.basetype, &func, &c.ioparam);
+		fmgr_info(func, &c.input);
+		apply_describe_key_column(&c, idx, k, CurrentMemoryContext);
+		text = stored_text(stored, &c);
+		if (text == NULL)
+			complete = false;
+		else
+		{
+			v = c.key_by_text ? (Datum) 0 :
+				InputFunctionCall(&c.input, text, c.ioparam, -1);
+			hash = hash_combine(hash, key_column_hash(&c, v, text));
+		}
+	}
+	fixed_format_end(level);
+	index_close(idx, AccessShareLock);
+	relation_close(rel, AccessShareLock);
+	PG_RETURN_INT32(complete ? (int32) hash : 0);
+}
+
+/*
+ * The primary key values of a key argument: an object naming exactly the
+ * key columns, or for a one-column key also the bare value.
+ */
+void
+apply_parse_key(ApplyTarget *t, Jsonb *key, Datum *pkvals)
+{
+	bool		seen[INDEX_MAX_KEYS] = {0};
+	ConvertContext cc = {"key", NULL, NULL};
+	ErrorContextCallback errcb;
+	bool		isnull;
+
+	errcb.callback = apply_convert_error_callback;
+	errcb.arg = &cc;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+
+	if (JB_ROOT_IS_SCALAR(key) && t->npk == 1)
+	{
+		JsonMember	m;
+		ApplyColumn *c = &t->cols[t->pk_idx[0]];
+
+		JsonbExtractScalar(&key->root, &m.value);
+		m.key = c->name;
+		m.keylen = c->namelen;
+		cc.member = &m;
+		cc.col = c;
+		pkvals[0] = apply_json_to_datum(c, &m.value, &isnull);
+		cc.member = NULL;
+		seen[0] = !isnull;
+		if (isnull)
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("primary key column \"%s\" must not be null", c->name)));
+	}
+	else if (!JB_ROOT_IS_OBJECT(key))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("key must be a JSON object"),
+				 errdetail("It is a JSON %s.", apply_jsonb_root_type(key)),
+				 errhint("Name the primary key columns of \"%s\", for example '{\"%s\": 1}'.",
+						 t->relname, t->cols[t->pk_idx[0]].name)));
+	else
+	{
+		JsonMember *members;
+		int			n = apply_json_members(key, &members);
+		int			cursor = 0;
+
+		for (int i = 0; i < n; i++)
+		{
+			int			j = apply_find_column(t, &members[i], &cursor);
+			ApplyColumn *c;
+
+			if (j < 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_COLUMN),
+						 errmsg("column \"%s\" of relation \"%s\" does not exist",
+								apply_member_name(&members[i]), t->relname),
+						 errdetail("The key names a column the table does not have.")));
+			c = &t->cols[j];
+			if (c->pkpos < 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("column \"%s\" is not part of the primary key of relation \"%s\"",
+								c->name, t->relname),
+						 errhint("A key names exactly the primary key columns.")));
+			cc.member = &members[i];
+			cc.col = c;
+			pkvals[c->pkpos] = apply_json_to_datum(c, &members[i].value, &isnull);
+			cc.member = NULL;
+			if (isnull)
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("primary key column \"%s\" must not be null", c->name)));
+			seen[c->pkpos] = true;
+		}
+	}
+	error_context_stack = errcb.previous;
+
+	for (int k = 0; k < t->npk; k++)
+		if (!seen[k])
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("key lacks primary key column \"%s\" of relation \"%s\"",
+							t->cols[t->pk_idx[k]].name, t->relname)));
+}
