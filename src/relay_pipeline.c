@@ -338,6 +338,8 @@ pipeline_claim(int limit, TimestampTz now)
 	TransactionId last_xmin = InvalidTransactionId;
 	MemoryContext old;
 	uint64		discard_seq;
+	int			nread;
+	int			nskipped = 0;
 
 	Assert(dlist_is_empty(&staged));
 	staged_lsn = InvalidXLogRecPtr;
@@ -374,6 +376,7 @@ pipeline_claim(int limit, TimestampTz now)
 		elog(ERROR, "cqrs_sync relay: outbox scan failed: %s", SPI_result_code_string(ret));
 
 	staged_from = start;
+	nread = SPI_processed;
 	last_claim_full = (SPI_processed == (uint64) limit);
 	staged_cursor = last_claim_full ? start : Max(hw, start);
 	if (SPI_processed == 0)
@@ -414,6 +417,8 @@ pipeline_claim(int limit, TimestampTz now)
 		next_at = isnull ? 0 : DatumGetTimestampTz(d);
 
 		verdict = order_judge(&probe, waiting, next_at);
+		if (verdict == ORDER_SKIP)
+			nskipped++;
 		if (verdict == ORDER_GO)
 		{
 			CqrsTopic  *t = probe.msg.tstate;
@@ -477,6 +482,10 @@ pipeline_claim(int limit, TimestampTz now)
 		pfree(staged_claim);
 		staged_claim = NULL;
 	}
+	ereport(DEBUG1,
+			(errmsg_internal("cqrs_sync relay: claim of ids " INT64_FORMAT " to " INT64_FORMAT " (cursor " INT64_FORMAT "): %d rows read, %d to produce, %d in flight already, %d held",
+							 start + 1, hw, cursor, nread, n_staged, nskipped,
+							 nread - n_staged - nskipped)));
 	return n_staged;
 }
 
