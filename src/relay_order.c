@@ -16,9 +16,11 @@
  *	  in-flight registry (shmem.c) holds the key with a lower id.  Every
  *	  registered transaction the relay sees is watched; when it has ended,
  *	  the scan revisits from its lowest id (or, when that was not yet known,
- *	  from above the high-water mark read before it was first seen), so rows
- *	  it committed below the cursor are never skipped, and rows of its keys
- *	  that were walked past in later batches are seen again after them;
+ *	  from above the high-water mark read before it was first seen), or
+ *	  from the lowest row held because of it if that is lower (one still
+ *	  taking its first id holds every row of its keys, also rows below the
+ *	  ids it will take), so rows it committed below the cursor are never
+ *	  skipped, and rows of its keys that were walked past are seen again;
  *	- the row waits for a retry (next_attempt_at): until that time;
  *	- an earlier row of the key failed and its failure is not yet recorded;
  *	- a later row of the key is in flight (the row was re-scanned): until the
@@ -82,6 +84,8 @@ typedef struct RegKey
 {
 	uint64		keyhash;
 	char		status;
+	bool		shared;			/* listed by more than one slot */
+	int			slot;			/* the (first) slot listing it */
 	uint64		min_id;			/* lowest min_id of the slots holding it; 0 =
 								 * all */
 } RegKey;
@@ -310,8 +314,18 @@ index_slot_keys(CqrsInflight *s)
 		bool		found;
 		RegKey	   *rk = regkeys_insert(regkeys, s->keys[k], &found);
 
-		if (!found || s->min_id < rk->min_id)
+		if (!found)
+		{
+			rk->shared = false;
+			rk->slot = s->slot;
 			rk->min_id = s->min_id;
+		}
+		else
+		{
+			rk->shared = true;
+			if (s->min_id < rk->min_id)
+				rk->min_id = s->min_id;
+		}
 	}
 }
 
@@ -362,26 +376,73 @@ order_read_registry(int64 hw, int64 cursor)
 	return n;
 }
 
-/* May a transaction still in flight commit an earlier row of this key? */
+/*
+ * A row is held because of this registered transaction: when it ends, the
+ * scan must go back at least to the row, whatever ids the transaction took
+ * itself.  (One that was still taking its first id holds every row of its
+ * keys, also rows below its own ids.)
+ */
+static void
+watch_held(int slot, int64 id)
+{
+	if (id < watched_revisit[slot])
+		watched_revisit[slot] = id;
+}
+
+/* Does this registered transaction hold a row of the key with this id? */
+static inline bool
+slot_holds(const CqrsInflight *s, int64 id)
+{
+	return s->min_id == 0 || (int64) s->min_id <= id;
+}
+
+/*
+ * May a transaction still in flight commit an earlier row of this key?  If
+ * so, each such transaction is told that the row waits for it.
+ */
 static bool
 registry_holds(int64 id, uint64 keyhash)
 {
 	RegKey	   *rk;
+	bool		held = false;
 
 	if (nsnap == 0)
 		return false;
 	rk = regkeys_lookup(regkeys, keyhash);
 	if (rk != NULL && (rk->min_id == 0 || (int64) rk->min_id <= id))
-		return true;
+	{
+		held = true;
+		if (!rk->shared)
+			watch_held(rk->slot, id);
+		else
+		{
+			/* listed by several transactions (rare): find them */
+			for (int i = 0; i < nsnap; i++)
+			{
+				CqrsInflight *s = &snap[i];
+
+				if (s->nkeys == CQRS_SLOT_OVERFLOW || !slot_holds(s, id))
+					continue;
+				for (int k = 0; k < s->nkeys; k++)
+					if (s->keys[k] == keyhash)
+					{
+						watch_held(s->slot, id);
+						break;
+					}
+			}
+		}
+	}
 	for (int i = 0; i < noverflowed; i++)
 	{
 		CqrsInflight *s = overflowed[i];
 
-		if ((s->min_id == 0 || (int64) s->min_id <= id) &&
-			cqrs_inflight_slot_has_key(s, keyhash))
-			return true;
+		if (slot_holds(s, id) && cqrs_inflight_slot_has_key(s, keyhash))
+		{
+			held = true;
+			watch_held(s->slot, id);
+		}
 	}
-	return false;
+	return held;
 }
 
 /* ---- rows ------------------------------------------------------------------------- */
