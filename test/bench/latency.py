@@ -1,16 +1,20 @@
 """Commit-to-consumer latency of cqrs_sync at a steady event rate.
 
-Writer threads call cqrs_enqueue() in autocommit mode (one event per
+Writer processes call cqrs_enqueue() in autocommit mode (one event per
 transaction) on a fixed schedule and note when COMMIT returned; a Kafka
-consumer notes when each event arrived.  Latency = arrival - commit return,
-which includes the relay's wake-up, produce, broker ack and the consumer's
-fetch: an upper bound of commit-to-ack.
+consumer, in a process of its own, notes when each event arrived (one
+CLOCK_MONOTONIC for all processes; no thread waits for another's GIL).
+Latency = arrival - commit return, which includes the relay's wake-up, the
+produce, the broker's ack and the consumer's fetch: an upper bound of
+commit-to-ack.  One event is sent and received before the measurement, so
+that the topic exists and the consumer is assigned; after the writers stop,
+the consumer waits up to 10 s for every event.
 
 usage: latency.py DSN BROKERS TOPIC RATE SECONDS
 """
 import json
+import multiprocessing as mp
 import sys
-import threading
 import time
 import uuid
 
@@ -24,19 +28,21 @@ WRITERS = 4
 WARMUP = 2.0
 PAD = "x" * 200
 
-committed = {}
-committed_wall = {}
-arrived = {}
-lock = threading.Lock()
-stop = threading.Event()
+
+def enqueue(conn, c, i):
+    payload = json.dumps({"c": c, "type": "CommentAdded", "board_id": i % 1000,
+                          "author": f"user-{i % 97}", "body": PAD})
+    conn.execute("SELECT cqrs_enqueue(%s, %s, %s::jsonb)", (topic, f"key-{i % 1000}", payload))
 
 
-def writer(n):
+def writer(n, t0, out):
+    """Events n-0, n-1, ... at rate/WRITERS per second from t0; sends back {c: (monotonic, wall)}."""
     per = rate / WRITERS
+    committed = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
-        start = time.monotonic() + n / rate
+        start = t0 + n / rate
         i = 0
-        while not stop.is_set():
+        while True:
             due = start + i / per
             now = time.monotonic()
             if due > now:
@@ -44,64 +50,86 @@ def writer(n):
             if time.monotonic() - start > seconds:
                 break
             c = f"{n}-{i}"
-            payload = json.dumps({"c": c, "type": "CommentAdded", "board_id": i % 1000,
-                                  "author": f"user-{i % 97}", "body": PAD})
-            conn.execute("SELECT cqrs_enqueue(%s, %s, %s::jsonb)",
-                         (topic, f"key-{i % 1000}", payload))
-            t = time.monotonic()
-            with lock:
-                committed[c] = t
-                committed_wall[c] = time.time()
+            enqueue(conn, c, i)
+            committed[c] = (time.monotonic(), time.time())
             i += 1
+    out.send(committed)
+    out.close()
 
 
-def consumer(ready):
+def consumer(ready, done, out):
+    """Notes each event's arrival; after `done` is set, reads until `expected` arrived or 10 s."""
     cons = Consumer({"bootstrap.servers": brokers, "group.id": "lat-" + uuid.uuid4().hex,
                      "auto.offset.reset": "earliest", "enable.auto.commit": False,
                      "fetch.wait.max.ms": 50})
-    cons.subscribe([topic], on_assign=lambda c, p: ready.set())
-    while not stop.is_set():
+    cons.subscribe([topic])
+    arrived = {}
+    deadline = None
+    while True:
         m = cons.poll(0.05)
-        if m is None or m.error():
-            continue
         t = time.monotonic()
-        c = json.loads(m.value())["c"]
-        with lock:
+        if m is not None and not m.error():
+            c = json.loads(m.value())["c"]
             arrived.setdefault(c, t)
+            if c == "warmup":
+                ready.set()
+        if done.is_set():
+            if deadline is None:
+                deadline = t + 10.0
+                expected = out.recv()
+            if t > deadline or expected <= arrived.keys():
+                break
     cons.close()
+    out.send(arrived)
+    out.close()
 
 
 def pct(vals, p):
     return vals[min(len(vals) - 1, int(p / 100.0 * len(vals)))]
 
 
-ready = threading.Event()
-ct = threading.Thread(target=consumer, args=(ready,))
-ct.start()
-ready.wait(30)
-time.sleep(1)
-t0 = time.monotonic()
-ws = [threading.Thread(target=writer, args=(n,)) for n in range(WRITERS)]
-for w in ws:
+ctx = mp.get_context("fork")
+ready, done = ctx.Event(), ctx.Event()
+cons_end, here = ctx.Pipe()
+cp = ctx.Process(target=consumer, args=(ready, done, cons_end))
+cp.start()
+# the topic exists and the consumer reads it before the clock starts
+with psycopg.connect(dsn, autocommit=True) as conn:
+    enqueue(conn, "warmup", 0)
+if not ready.wait(60):
+    sys.exit("latency: the warm-up event did not arrive within 60 s")
+
+t0 = time.monotonic() + 0.5
+pipes = []
+ws = []
+for n in range(WRITERS):
+    a, b = ctx.Pipe()
+    w = ctx.Process(target=writer, args=(n, t0, b))
     w.start()
+    pipes.append(a)
+    ws.append(w)
+committed = {}
+for a in pipes:
+    committed.update(a.recv())
 for w in ws:
     w.join()
 elapsed = time.monotonic() - t0
-time.sleep(2)
-stop.set()
-ct.join()
+done.set()
+here.send(set(committed))
+arrived = here.recv()
+cp.join()
 
-lat = sorted((arrived[c] - t) * 1000 for c, t in committed.items()
+lat = sorted((arrived[c] - t) * 1000 for c, (t, _) in committed.items()
              if c in arrived and t - t0 > WARMUP)
 missing = sum(1 for c in committed if c not in arrived)
 print(f"latency: {len(committed)} events in {elapsed:.1f} s ({len(committed) / elapsed:.0f}/s), "
-      f"{missing} not received")
+      f"{missing} not received within 10 s of the last commit")
 # commit -> SENT: sent_at is when the relay recorded Kafka's acknowledgement
 with psycopg.connect(dsn) as conn:
     sent = dict(conn.execute("SELECT payload->>'c', extract(epoch FROM sent_at)::float8 "
                              "FROM cqrs_outbox WHERE topic = %s AND sent_at IS NOT NULL",
                              (topic,)).fetchall())
-ack = sorted((sent[c] - committed_wall[c]) * 1000 for c, t in committed.items()
+ack = sorted((sent[c] - w) * 1000 for c, (t, w) in committed.items()
              if c in sent and t - t0 > WARMUP)
 print(f"latency: commit->SENT recorded ms (sent_at; outcomes are recorded in batches, <= 10 ms late)  "
       f"p50 {pct(ack, 50):.2f}  p90 {pct(ack, 90):.2f}  "
