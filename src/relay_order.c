@@ -240,6 +240,8 @@ order_scan_start(int64 cursor)
 	if (from > cursor)
 		return cursor;
 	revisit_from = PG_INT64_MAX;
+	if (keystates->members == 0)
+		return from - 1;
 
 	keys_start_iterate(keystates, &it);
 	while ((ks = keys_iterate(keystates, &it)) != NULL)

@@ -1162,12 +1162,17 @@ pipeline_broker_waiting(TimestampTz now)
 	dlist_foreach(it, &inflight)
 	{
 		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
-		int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
-		CqrsPartition *part = cqrs_topic_partition(row->msg.tstate, p);
+		int32		p;
+		CqrsPartition *part;
 
+		/* the list is in the order of production: the rest is younger */
+		if (row->produced_at >= limit)
+			break;
+		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
+		part = cqrs_topic_partition(row->msg.tstate, p);
 		if (part && part->stalled)
 			continue;
-		if (row->produced_at < limit && last_ack_at < row->produced_at)
+		if (last_ack_at < row->produced_at)
 			return true;
 	}
 	return false;
