@@ -149,6 +149,8 @@ pin_settings(void)
 		{"session_replication_role", "origin"},
 		{"jit", "off"},
 		{"check_function_bodies", "on"},
+		/* recordings: durable here, no wait for standbys (see above) */
+		{"synchronous_commit", "local"},
 
 		/*
 		 * Every statement of the relay finds outbox rows by id, a few
@@ -389,9 +391,6 @@ relay_transaction(bool record, int limit, TimestampTz now)
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	if (record)
-		(void) set_config_option("synchronous_commit", "local", PGC_SUSET, PGC_S_SESSION,
-								 GUC_ACTION_LOCAL, true, 0, false);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay");
