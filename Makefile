@@ -39,7 +39,18 @@ override BITCODE_CFLAGS += -MMD -MP -MF $@.d
 -include $(OBJS:.o=.o.d) $(OBJS:.o=.bc.d)
 EXTRA_CLEAN += $(OBJS:.o=.o.d) $(OBJS:.o=.bc.d)
 
-.PHONY: e2e pgtap bench demo test
+.PHONY: e2e pgtap bench demo test dist
+
+# The release archive PGXN takes: every committed file under
+# cqrs_sync-<version>/, as a zip (git archive: nothing untracked, nothing
+# from .git or tmp_check; .gitattributes leaves out the CI's own files).
+# META.json's version must equal the control file's (test/release/check.sh).
+DISTNAME = $(EXTENSION)-$(EXTVERSION)
+EXTRA_CLEAN += $(DISTNAME).zip
+
+dist:
+	git archive --format=zip --prefix=$(DISTNAME)/ -o $(DISTNAME).zip HEAD
+	@echo "$(DISTNAME).zip"
 
 # pgTAP behaviour tests against the running throwaway cluster (PGPORT/PGHOST).
 pgtap:
