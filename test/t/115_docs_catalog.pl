@@ -17,6 +17,7 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use CqrsTest;
+use DocSql;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -24,15 +25,7 @@ my $repo = $ENV{CQRS_REPO} // "$FindBin::RealBin/../..";
 
 my $node = new_node('docs', 'cqrs_sync.relay_enabled' => 'off');
 
-sub slurp_doc
-{
-	my ($file) = @_;
-	open my $fh, '<:encoding(UTF-8)', "$repo/$file" or die "cannot read $file: $!";
-	local $/;
-	my $t = <$fh>;
-	close $fh;
-	return $t;
-}
+sub slurp_doc { return slurp_file_utf8("$repo/$_[0]") }
 
 # ---- settings ---------------------------------------------------------------
 
