@@ -111,6 +111,10 @@ VALUES ('10000000-0000-4000-8000-000000000005', 'board', '1', 'X', 'plain text')
 ALTER TABLE outbox_event DROP COLUMN event_type;
 INSERT INTO outbox_event (event_uuid, aggregate_type, aggregate_id, payload)
 VALUES ('10000000-0000-4000-8000-000000000006', 'board', '1', '{}');
+-- a column the mapping names, of another type now
+ALTER TABLE outbox_event ALTER payload TYPE bytea USING convert_to(payload, 'UTF8');
+INSERT INTO outbox_event (event_uuid, aggregate_type, aggregate_id, payload)
+VALUES ('10000000-0000-4000-8000-000000000007', 'board', '1', '\x7b7d');
 SELECT cqrs_detach_outbox('outbox_event');
 
 -- a fixed topic, no event id of its own (one is generated), no headers

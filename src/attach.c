@@ -293,62 +293,60 @@ route_topic(const char *template, const char *value)
 	return buf.data;
 }
 
+/*
+ * A mapped column's value as a Datum of type want: the column's own if it is
+ * of that type, else its text read by want's input function (for text types,
+ * and for type also, e.g. json for jsonb).  *isnull for SQL NULL; a column of
+ * another type is an error, whose detail says what fits.
+ */
+static Datum
+typed_value(TupleDesc desc, HeapTuple tup, Oid relid, const char *column,
+			const char *option, Oid want, Oid also, PGFunction input,
+			const char *fits, bool *isnull)
+{
+	int			fnum = mapped_column(desc, relid, column, option);
+	Oid			type = column_base_type(desc, fnum);
+	char	   *text;
+
+	if (type == want)
+		return SPI_getbinval(tup, desc, fnum, isnull);
+	if (type != also && TypeCategory(type) != TYPCATEGORY_STRING)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("column \"%s\" of attached outbox table \"%s\" is of type %s",
+						column, get_rel_name(relid), format_type_be(type)),
+				 errdetail("Option \"%s\" of cqrs_attach_outbox() names it. %s", option, fits),
+				 errhint("Detach the table with cqrs_detach_outbox() and attach it again naming its current columns.")));
+	text = SPI_getvalue(tup, desc, fnum);
+	*isnull = (text == NULL);
+	return *isnull ? (Datum) 0 : DirectFunctionCall1(input, CStringGetDatum(text));
+}
+
 static Jsonb *
 payload_value(TupleDesc desc, HeapTuple tup, Oid relid, const char *column)
 {
-	int			fnum = mapped_column(desc, relid, column, "payload");
-	Oid			type = column_base_type(desc, fnum);
 	bool		isnull;
-	Datum		d;
-	char	   *text;
+	Datum		d = typed_value(desc, tup, relid, column, "payload", JSONBOID, JSONOID,
+								jsonb_in,
+								"The payload must be JSON: jsonb, json or a text type holding JSON.",
+								&isnull);
 
-	if (type == JSONBOID)
-	{
-		d = SPI_getbinval(tup, desc, fnum, &isnull);
-		if (!isnull)
-			return DatumGetJsonbP(d);
-		text = NULL;
-	}
-	else if (type == JSONOID || TypeCategory(type) == TYPCATEGORY_STRING)
-		text = SPI_getvalue(tup, desc, fnum);
-	else
-		ereport(ERROR,
-				(errcode(ERRCODE_DATATYPE_MISMATCH),
-				 errmsg("payload column \"%s\" of attached outbox table \"%s\" is of type %s",
-						column, get_rel_name(relid), format_type_be(type)),
-				 errdetail("The payload must be JSON: jsonb, json or a text type holding JSON.")));
 	/* a row without a payload is sent as the JSON value null */
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-											  CStringGetDatum(text ? text : "null")));
+	if (isnull)
+		d = DirectFunctionCall1(jsonb_in, CStringGetDatum("null"));
+	return DatumGetJsonbP(d);
 }
 
 static pg_uuid_t *
 event_id_value(TupleDesc desc, HeapTuple tup, Oid relid, const char *column)
 {
-	int			fnum = mapped_column(desc, relid, column, "event_id");
-	Oid			type = column_base_type(desc, fnum);
 	bool		isnull;
-	Datum		d;
+	Datum		d = typed_value(desc, tup, relid, column, "event_id", UUIDOID, InvalidOid,
+								uuid_in,
+								"Event ids are UUIDs: the column must be of type uuid or a text type holding UUIDs.",
+								&isnull);
 
-	if (type == UUIDOID)
-	{
-		d = SPI_getbinval(tup, desc, fnum, &isnull);
-		return isnull ? NULL : DatumGetUUIDP(d);
-	}
-	if (TypeCategory(type) == TYPCATEGORY_STRING)
-	{
-		char	   *text = SPI_getvalue(tup, desc, fnum);
-
-		if (text == NULL)
-			return NULL;
-		return DatumGetUUIDP(DirectFunctionCall1(uuid_in, CStringGetDatum(text)));
-	}
-	ereport(ERROR,
-			(errcode(ERRCODE_DATATYPE_MISMATCH),
-			 errmsg("event id column \"%s\" of attached outbox table \"%s\" is of type %s",
-					column, get_rel_name(relid), format_type_be(type)),
-			 errdetail("Event ids are UUIDs: the column must be of type uuid or a text type holding UUIDs.")));
-	return NULL;				/* keep the compiler quiet */
+	return isnull ? NULL : DatumGetUUIDP(d);
 }
 
 static Jsonb *
