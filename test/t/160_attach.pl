@@ -109,7 +109,17 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM outboxevent WHERE type <> 
 
 ok( wait_for($node,
 		"SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'", '0', 120),
-	'nothing left PENDING');
+	'nothing left PENDING')
+  or diag(
+	$node->safe_psql('postgres',
+		"SELECT key, count(*), min(id), max(id), max(retry_count), max(next_attempt_at)
+		   FROM cqrs_outbox WHERE status = 'PENDING' GROUP BY key ORDER BY 3 LIMIT 20")
+	  . "\n"
+	  . $node->safe_psql('postgres',
+		'SELECT state, stalled_partitions, "window", paused_topic, last_error FROM cqrs_stats_relay')
+	  . "\n"
+	  . $node->safe_psql('postgres',
+		"SELECT pid, state, backend_type, left(query, 60) FROM pg_stat_activity WHERE backend_type <> 'walsender'"));
 is( $node->safe_psql('postgres',
 		"SELECT status || ' ' || count(*) FROM cqrs_outbox GROUP BY status ORDER BY 1"),
 	"DEAD_LETTERED 1\nSENT 10000",
