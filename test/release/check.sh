@@ -4,7 +4,8 @@
 #  - META.json validates against the PGXN Meta Spec 1.0.0 with PGXN's own
 #    validator (pgxn_meta, from crates.io; test/setup-deps.sh installs it),
 #    which must also reject broken copies (so it really ran); without it, a
-#    check of the spec's required fields and types (said in the output);
+#    check of the spec's required fields and types (said in the output), and
+#    a failure when CI=true;
 #  - META.json's version, its provided extension's version and file, and
 #    debian/changelog's upstream version equal the control file's;
 #  - prereqs name PostgreSQL 15 and pgTAP; LICENSE is the PostgreSQL licence;
@@ -78,6 +79,10 @@ if m.get('release_status') not in (None, 'stable', 'testing', 'unstable'): errs.
 print('; '.join(errs)); sys.exit(1 if errs else 0)
 PY
     ok $? "META.json has the spec's required fields and types"
+    # CI must have validated with PGXN's validator, not only with this
+    if [ "${CI:-}" = true ]; then
+        ok 1 "PGXN's validator pgxn_meta is installed in CI (test/setup-deps.sh installs it with cargo)"
+    fi
 fi
 
 # ---- versions and contents ----------------------------------------------------
