@@ -16,8 +16,9 @@
  *	  in-flight registry (shmem.c) holds the key with a lower id.  Every
  *	  registered transaction the relay sees is watched; when it has ended,
  *	  the scan revisits from its lowest id (or, when that was not yet known,
- *	  from above the high-water mark read before it was first seen), so rows
- *	  it committed below the cursor are never skipped, and rows of its keys
+ *	  from above the high-water mark read before it was first seen, or from
+ *	  the lowest row it held while its lowest id was not known), so rows it
+ *	  committed below the cursor are never skipped, and rows of its keys
  *	  that were walked past in later batches are seen again after them;
  *	- the row waits for a retry (next_attempt_at): until that time;
  *	- an earlier row of the key failed and its failure is not yet recorded;
@@ -362,6 +363,18 @@ order_read_registry(int64 hw, int64 cursor)
 	return n;
 }
 
+/*
+ * A transaction whose lowest id is not known yet holds every row of its keys,
+ * also rows below the revisit point chosen when it was first seen: when it
+ * ends, the scan must go back to the lowest of them, or they stay held.
+ */
+static void
+revisit_unknown_from(const CqrsInflight *s, int64 id)
+{
+	if (watched_gen[s->slot] == s->gen && id < watched_revisit[s->slot])
+		watched_revisit[s->slot] = id;
+}
+
 /* May a transaction still in flight commit an earlier row of this key? */
 static bool
 registry_holds(int64 id, uint64 keyhash)
@@ -372,14 +385,25 @@ registry_holds(int64 id, uint64 keyhash)
 		return false;
 	rk = regkeys_lookup(regkeys, keyhash);
 	if (rk != NULL && (rk->min_id == 0 || (int64) rk->min_id <= id))
+	{
+		if (rk->min_id == 0)
+			for (int i = 0; i < nsnap; i++)
+				if (snap[i].min_id == 0 && snap[i].nkeys != CQRS_SLOT_OVERFLOW &&
+					cqrs_inflight_slot_has_key(&snap[i], keyhash))
+					revisit_unknown_from(&snap[i], id);
 		return true;
+	}
 	for (int i = 0; i < noverflowed; i++)
 	{
 		CqrsInflight *s = overflowed[i];
 
 		if ((s->min_id == 0 || (int64) s->min_id <= id) &&
 			cqrs_inflight_slot_has_key(s, keyhash))
+		{
+			if (s->min_id == 0)
+				revisit_unknown_from(s, id);
 			return true;
+		}
 	}
 	return false;
 }
