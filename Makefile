@@ -8,13 +8,13 @@ OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
               src/relay_worker.o src/relay_pipeline.o src/relay_order.o src/relay_record.o \
               src/topics.o src/monitor_worker.o src/dlt_depth.o src/stats.o src/util.o \
               src/apply.o src/apply_acl.o src/apply_cache.o src/apply_json.o src/apply_plans.o \
-              src/cleanup_worker.o
+              src/cleanup_worker.o src/attach.o
 
 DATA        = $(wildcard sql/cqrs_sync--*.sql)
 DOCS        = README.md
 
 # pg_regress (PG15) reads ./sql/<test>.sql and ./expected/<test>.out
-REGRESS        = outbox operator apply cleanup
+REGRESS        = outbox operator apply cleanup attach
 REGRESS_OPTS   = --inputdir=.
 CONTRIB_TESTDB = cqrs_regress
 
@@ -39,7 +39,18 @@ override BITCODE_CFLAGS += -MMD -MP -MF $@.d
 -include $(OBJS:.o=.o.d) $(OBJS:.o=.bc.d)
 EXTRA_CLEAN += $(OBJS:.o=.o.d) $(OBJS:.o=.bc.d)
 
-.PHONY: e2e pgtap bench demo test
+.PHONY: e2e pgtap bench demo test dist
+
+# The release archive PGXN takes: every committed file under
+# cqrs_sync-<version>/, as a zip (git archive: nothing untracked, nothing
+# from .git or tmp_check; .gitattributes leaves out the CI's own files).
+# META.json's version must equal the control file's (test/release/check.sh).
+DISTNAME = $(EXTENSION)-$(EXTVERSION)
+EXTRA_CLEAN += $(DISTNAME).zip
+
+dist:
+	git archive --format=zip --prefix=$(DISTNAME)/ -o $(DISTNAME).zip HEAD
+	@echo "$(DISTNAME).zip"
 
 # pgTAP behaviour tests against the running throwaway cluster (PGPORT/PGHOST).
 pgtap:

@@ -520,6 +520,299 @@ REVOKE ALL ON FUNCTION cqrs_tombstone_key_hash(regclass, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_set_consumer_owner(text, regrole) TO cqrs_sync_operator;
 
 -----------------------------------------------------------------------------
+-- Adoption: an application's own outbox table, attached (new in 0.2.0)
+-----------------------------------------------------------------------------
+
+-- @@ATTACH_BEGIN@@
+
+-- The trigger of an attached table: publishes each inserted row through the
+-- path of cqrs_enqueue() (its key registered before its outbox id is taken;
+-- the relay woken at commit).  Its one argument is the mapping, as JSON.
+CREATE FUNCTION cqrs_outbox_attached()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'cqrs_outbox_attached'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs_outbox_attached() IS
+    'Internal: AFTER INSERT row trigger of an attached outbox table, created by cqrs_attach_outbox() with the table''s mapping as its argument; publishes each new row through the path of cqrs_enqueue(), only the insert into cqrs_outbox running as its owner.';
+REVOKE ALL ON FUNCTION cqrs_outbox_attached() FROM PUBLIC;
+-- such a trigger lets a table's inserts publish events: writers only may
+-- create one (CREATE TRIGGER needs EXECUTE on the function)
+GRANT EXECUTE ON FUNCTION cqrs_outbox_attached() TO cqrs_sync_writer;
+
+CREATE FUNCTION cqrs_attached_outbox_enqueue(outbox regclass, "row" record)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cqrs_attached_outbox_enqueue'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_attached_outbox_enqueue(regclass, record) IS
+    'Publishes a row of an attached outbox table (a value of the table''s row type) as its trigger would have, in the caller''s transaction, and returns its outbox id, or NULL when its event id is in cqrs_outbox already; cqrs_attach_outbox() uses it to publish the rows already in the table (option backfill).';
+REVOKE ALL ON FUNCTION cqrs_attached_outbox_enqueue(regclass, record) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_attached_outbox_enqueue(regclass, record) TO cqrs_sync_writer;
+
+CREATE FUNCTION cqrs_attach_outbox(outbox regclass, options jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+-- runs as the caller (the table's owner): the backfill's condition is the
+-- caller's SQL
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    known constant text[] := ARRAY['topic', 'route_by', 'key', 'payload', 'event_id',
+                                   'headers', 'backfill', 'backfill_order'];
+    -- Debezium's outbox layout and the EventRouter's defaults
+    defaults constant jsonb := jsonb_build_object(
+        'topic', 'outbox.event.${routedByValue}', 'route_by', 'aggregatetype',
+        'key', 'aggregateid', 'payload', 'payload', 'event_id', 'id',
+        'headers', jsonb_build_object('id', 'id', 'type', 'type'));
+    placeholder constant text := '${routedByValue}';
+    trigfn constant regprocedure := '@extschema@.cqrs_outbox_attached()'::regprocedure;
+    o jsonb := coalesce(options, '{}');
+    m jsonb;
+    opt text;
+    rel record;
+    c record;
+    typ oid;
+    base oid;
+    cat "char";
+    backfill text;
+    has_rows boolean;
+    r record;
+    n bigint := 0;
+    skipped bigint := 0;
+    id bigint;
+BEGIN
+    IF outbox IS NULL THEN
+        RAISE EXCEPTION 'outbox must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(o) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR opt IN SELECT k FROM jsonb_object_keys(o) AS k ORDER BY k LOOP
+        IF NOT opt = ANY (known) THEN
+            RAISE EXCEPTION 'unknown option "%"', opt
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'The options are ' || array_to_string(known, ', ') || '.';
+        END IF;
+    END LOOP;
+
+    SELECT cl.relkind, cl.relowner INTO rel FROM pg_class cl WHERE cl.oid = outbox;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '"%" is not a table', outbox USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF NOT pg_has_role(rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table %', outbox
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_depend d
+                WHERE d.classid = 'pg_class'::regclass AND d.objid = outbox AND d.deptype = 'e') THEN
+        RAISE EXCEPTION 'table % belongs to an extension', outbox
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Attach the application''s own outbox table; cqrs_outbox is published anyway.';
+    END IF;
+
+    -- No row is inserted while the table is attached: every row committed
+    -- before is in the table (and the backfill's snapshot), every later one
+    -- fires the trigger.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', outbox);
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = outbox AND t.tgfoid = trigfn) THEN
+        RAISE EXCEPTION 'table % is already attached', outbox
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'To change its options, detach it with cqrs_detach_outbox() and attach it again.';
+    END IF;
+
+    -- the mapping: the defaults, each replaced by the option of that name
+    m := defaults || (o - 'backfill' - 'backfill_order');
+    IF jsonb_typeof(m->'topic') IS DISTINCT FROM 'string' OR m->>'topic' = '' THEN
+        RAISE EXCEPTION 'option "topic" must be a topic name or a template with %', placeholder
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF position(placeholder IN m->>'topic') > 0 THEN
+        IF jsonb_typeof(m->'route_by') IS DISTINCT FROM 'string' THEN
+            RAISE EXCEPTION 'the topic "%" needs option "route_by"', m->>'topic'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Name the column whose value replaces ' || placeholder || '.';
+        END IF;
+        IF replace(m->>'topic', placeholder, '') !~ '^[A-Za-z0-9._-]*$' THEN
+            RAISE EXCEPTION 'invalid Kafka topic template "%"', m->>'topic'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'Besides ' || placeholder || ', topic names hold only ASCII letters, digits, periods, underscores and hyphens.';
+        END IF;
+    ELSE
+        IF o ? 'route_by' AND jsonb_typeof(o->'route_by') <> 'null' THEN
+            RAISE EXCEPTION 'option "route_by" needs % in option "topic"', placeholder
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF m->>'topic' !~ '^[A-Za-z0-9._-]{1,249}$' OR m->>'topic' IN ('.', '..') THEN
+            RAISE EXCEPTION 'invalid Kafka topic name "%"', m->>'topic'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'Topic names are 1 to 249 ASCII letters, digits, periods, underscores or hyphens, and may not be "." or "..".';
+        END IF;
+        m := m || '{"route_by": null}';
+    END IF;
+    FOREACH opt IN ARRAY ARRAY['route_by', 'key', 'payload', 'event_id'] LOOP
+        IF jsonb_typeof(m->opt) NOT IN ('string', 'null') OR m->>opt = ''
+           OR (opt = 'payload' AND jsonb_typeof(m->opt) = 'null') THEN
+            RAISE EXCEPTION 'option "%" must name a column%', opt,
+                            CASE WHEN opt = 'payload' THEN '' ELSE ' or be null' END
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    IF jsonb_typeof(m->'headers') IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'option "headers" must be a JSON object of header names and columns'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR c IN SELECT h.key, h.value FROM jsonb_each(m->'headers') h LOOP
+        IF c.key = '' OR c.key = 'event_id' THEN
+            RAISE EXCEPTION 'invalid header name "%"', c.key
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'The relay sends every message''s event id as the header event_id.';
+        END IF;
+        IF jsonb_typeof(c.value) <> 'string' THEN
+            RAISE EXCEPTION 'header "%" must name a column', c.key
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+
+    -- every column named exists, and payload and event id have types that fit
+    FOR c IN SELECT x.opt, x.col
+               FROM (VALUES (1, 'route_by', m->>'route_by'), (2, 'key', m->>'key'),
+                            (3, 'payload', m->>'payload'), (4, 'event_id', m->>'event_id')) x(n, opt, col)
+              WHERE x.col IS NOT NULL
+             UNION ALL
+             SELECT 'headers', h.value FROM jsonb_each_text(m->'headers') h
+    LOOP
+        SELECT a.atttypid INTO typ FROM pg_attribute a
+         WHERE a.attrelid = outbox AND a.attname = c.col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'column "%" of table % does not exist', c.col, outbox
+                USING ERRCODE = 'undefined_column',
+                      DETAIL = format('Option "%s" names it.', c.opt),
+                      HINT = 'Without options the table must have Debezium''s outbox layout; for another layout name its columns in the options "topic" (or "route_by"), "key", "payload", "event_id" and "headers".';
+        END IF;
+        LOOP    -- through domains to the base type
+            SELECT t.typbasetype INTO base FROM pg_type t WHERE t.oid = typ AND t.typtype = 'd';
+            EXIT WHEN NOT FOUND;
+            typ := base;
+        END LOOP;
+        SELECT t.typcategory INTO cat FROM pg_type t WHERE t.oid = typ;
+        IF c.opt = 'payload' AND typ NOT IN ('jsonb'::regtype, 'json'::regtype) AND cat <> 'S' THEN
+            RAISE EXCEPTION 'payload column "%" of table % is of type %', c.col, outbox, typ::regtype
+                USING ERRCODE = 'datatype_mismatch',
+                      DETAIL = 'cqrs_sync sends JSON: the payload must be jsonb, json or a text type holding JSON.';
+        END IF;
+        IF c.opt = 'event_id' AND typ <> 'uuid'::regtype AND cat <> 'S' THEN
+            RAISE EXCEPTION 'event id column "%" of table % is of type %', c.col, outbox, typ::regtype
+                USING ERRCODE = 'datatype_mismatch',
+                      DETAIL = 'Event ids are UUIDs: the column must be of type uuid or a text type holding UUIDs.',
+                      HINT = 'Set option "event_id" to null to have an event id generated, and send your id as a header.';
+        END IF;
+    END LOOP;
+
+    IF o ? 'backfill' AND jsonb_typeof(o->'backfill') <> 'null' AND o->'backfill' <> 'false' THEN
+        IF o->'backfill' = 'true' THEN
+            backfill := 'true';
+        ELSIF jsonb_typeof(o->'backfill') = 'string' AND btrim(o->>'backfill') <> '' THEN
+            backfill := o->>'backfill';
+        ELSE
+            RAISE EXCEPTION 'option "backfill" must be true, false or a condition on the table''s columns'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF jsonb_typeof(o->'backfill_order') IS DISTINCT FROM 'string' OR btrim(o->>'backfill_order') = '' THEN
+            RAISE EXCEPTION 'option "backfill" needs option "backfill_order"'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Name the columns that give the order in which the rows were written, for example "created_at, id": the events of a key reach Kafka in that order.';
+        END IF;
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'cqrs_attach_outbox() with a backfill must run in a READ COMMITTED transaction'
+                USING ERRCODE = 'invalid_transaction_state',
+                      DETAIL = 'An older snapshot would miss rows committed before the table was locked.';
+        END IF;
+    ELSIF o ? 'backfill_order' THEN
+        RAISE EXCEPTION 'option "backfill_order" needs option "backfill"'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    EXECUTE format('CREATE TRIGGER cqrs_sync_attached AFTER INSERT ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION %s(%L)',
+                   outbox, trigfn::oid::regproc, m::text);
+
+    IF backfill IS NOT NULL THEN
+        -- rows already there, in the order given, before any later row
+        -- (by ctid: the table is locked, and each table has its own row type,
+        -- which a plan of PL/pgSQL could not take in turn)
+        FOR r IN EXECUTE format('SELECT t.ctid FROM %s AS t WHERE (%s) ORDER BY %s',
+                                outbox, backfill, o->>'backfill_order') LOOP
+            EXECUTE format('SELECT @extschema@.cqrs_attached_outbox_enqueue(%L, t) FROM %s AS t WHERE t.ctid = $1',
+                           outbox, outbox)
+               INTO id USING r.ctid;
+            IF id IS NOT NULL THEN
+                n := n + 1;
+            ELSE
+                skipped := skipped + 1;
+            END IF;
+        END LOOP;
+        IF skipped > 0 THEN
+            RAISE NOTICE '% row(s) of table % were not published again', skipped, outbox
+                USING DETAIL = 'Their event ids are in cqrs_outbox already.';
+        END IF;
+    ELSE
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', outbox) INTO has_rows;
+        IF has_rows THEN
+            RAISE NOTICE 'rows already in table % are not published', outbox
+                USING DETAIL = 'Only rows inserted from now on are.',
+                      HINT = 'To publish rows the previous relay has not sent, detach the table and attach it again with the options "backfill" and "backfill_order".';
+        END IF;
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION cqrs_attach_outbox(regclass, jsonb) IS
+    'Attaches an application''s own outbox table: every row inserted into it from now on is published like an event of cqrs_enqueue() (order per key, dead letters, statistics, cleanup of cqrs_outbox). Without options the table has Debezium''s outbox layout and the EventRouter''s defaults apply (topic outbox.event.<aggregatetype>, key aggregateid, headers id and type, event id id); options name other columns (topic, route_by, key, payload, event_id, headers) and publish rows already there (backfill, backfill_order; rows whose event id is in cqrs_outbox already are left out). Returns the number of rows backfilled. For the table''s owner, a member of cqrs_sync_writer.';
+REVOKE ALL ON FUNCTION cqrs_attach_outbox(regclass, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_attach_outbox(regclass, jsonb) TO cqrs_sync_writer;
+
+CREATE FUNCTION cqrs_detach_outbox(outbox regclass)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tg name;
+BEGIN
+    IF outbox IS NULL THEN
+        RAISE EXCEPTION 'outbox must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT t.tgname INTO tg FROM pg_trigger t
+     WHERE t.tgrelid = outbox AND t.tgparentid = 0
+       AND t.tgfoid = '@extschema@.cqrs_outbox_attached()'::regprocedure;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not attached', outbox
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'View cqrs_attached_outboxes lists the attached tables.';
+    END IF;
+    EXECUTE format('DROP TRIGGER %I ON %s', tg, outbox);
+END
+$$;
+COMMENT ON FUNCTION cqrs_detach_outbox(regclass) IS
+    'Detaches an outbox table attached with cqrs_attach_outbox(): rows inserted from then on are no longer published. Events already taken into cqrs_outbox are still delivered; the table and its rows are left as they are.';
+REVOKE ALL ON FUNCTION cqrs_detach_outbox(regclass) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_detach_outbox(regclass) TO cqrs_sync_writer;
+
+CREATE VIEW cqrs_attached_outboxes AS
+    SELECT t.tgrelid::regclass AS outbox,
+           convert_from(substring(t.tgargs FROM 1 FOR position('\x00'::bytea IN t.tgargs) - 1),
+                        'UTF8')::jsonb AS mapping,
+           t.tgenabled <> 'D' AS enabled
+      FROM pg_catalog.pg_trigger t
+     WHERE t.tgfoid = '@extschema@.cqrs_outbox_attached()'::regprocedure
+       AND t.tgparentid = 0;
+COMMENT ON VIEW cqrs_attached_outboxes IS
+    'Attached outbox tables: the table, its mapping (topic or template, route_by, key, payload, event_id, headers) and whether its trigger is enabled.';
+REVOKE ALL ON cqrs_attached_outboxes FROM PUBLIC;
+GRANT SELECT ON cqrs_attached_outboxes TO pg_monitor, cqrs_sync_operator, cqrs_sync_writer;
+
+-- @@ATTACH_END@@
+
+-----------------------------------------------------------------------------
 -- The relay's state: stalled partitions, window, phase timers (new layout,
 -- new C entry point; the 0.1.0 one stays for databases not yet updated)
 -----------------------------------------------------------------------------

@@ -88,6 +88,8 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
  * cqrs_dlt_depth() -> setof (topic, partition, low_offset, high_offset,
  *							  messages, checked_at)
  */
+#define DLT_DEPTH_COLS 6
+
 Datum
 cqrs_dlt_depth(PG_FUNCTION_ARGS)
 {
@@ -96,6 +98,13 @@ cqrs_dlt_depth(PG_FUNCTION_ARGS)
 	int			n;
 
 	InitMaterializedSRF(fcinfo, 0);
+	/* the layout of 0.1.0 and 0.2.0; a new one gets a new symbol */
+	if (rsinfo->setDesc->natts != DLT_DEPTH_COLS)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("cqrs_dlt_depth_partitions() returns %d columns, the library expected %d",
+						rsinfo->setDesc->natts, DLT_DEPTH_COLS),
+				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
 	if (cqrs_shared == NULL)
 		PG_RETURN_VOID();
 
@@ -107,8 +116,8 @@ cqrs_dlt_depth(PG_FUNCTION_ARGS)
 
 	for (int i = 0; i < n; i++)
 	{
-		Datum		values[6];
-		bool		nulls[6] = {0};
+		Datum		values[DLT_DEPTH_COLS];
+		bool		nulls[DLT_DEPTH_COLS] = {0};
 
 		values[0] = CStringGetTextDatum(copy[i].topic);
 		values[1] = Int32GetDatum(copy[i].partition);

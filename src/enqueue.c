@@ -4,7 +4,8 @@
  *	  cqrs_enqueue(): validates an event and writes it to the outbox in the
  *	  caller's transaction, registering the transaction's keys in the
  *	  in-flight registry first (see shmem.c), and wakes the relay when the
- *	  transaction commits.
+ *	  transaction commits.  Attached outbox tables (attach.c) hand their rows
+ *	  to the same path, cqrs_enqueue_event().
  *
  *-------------------------------------------------------------------------
  */
@@ -18,6 +19,7 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/uuid.h"
 
 #include "enqueue.h"
 #include "shmem.h"
@@ -33,8 +35,10 @@ PG_FUNCTION_INFO_V1(cqrs_discard_check);
 static bool enqueued_in_xact = false;
 static bool wake_at_commit = false;
 
-/* The prepared INSERT, and the extension it was prepared for. */
+/* The prepared INSERTs, and the extension they were prepared for. */
 static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr insert_id_plan = NULL;
+static SPIPlanPtr insert_new_plan = NULL;
 static Oid	insert_plan_ext = InvalidOid;
 
 static void
@@ -147,50 +151,76 @@ check_headers(Jsonb *headers)
 	}
 }
 
-static void
-prepare_insert(Oid ext_oid)
+static SPIPlanPtr
+prepare_one(const char *sql, int nargs, Oid *argtypes)
 {
-	char	   *schema = cqrs_extension_schema(ext_oid);
-	char	   *sql;
-	Oid			argtypes[4] = {TEXTOID, TEXTOID, JSONBOID, JSONBOID};
-	SPIPlanPtr	plan;
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
 
-	sql = psprintf("INSERT INTO %s.cqrs_outbox (topic, key, payload, headers) "
-				   "VALUES ($1, $2, $3, $4) RETURNING id",
-				   quote_identifier(schema));
-	plan = SPI_prepare(sql, 4, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(plan) != 0)
 		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
+static void
+prepare_inserts(Oid ext_oid)
+{
+	const char *schema = quote_identifier(cqrs_extension_schema(ext_oid));
+	Oid			argtypes[5] = {TEXTOID, TEXTOID, JSONBOID, JSONBOID, UUIDOID};
+	SPIPlanPtr	plan;
+	SPIPlanPtr	id_plan;
+	SPIPlanPtr	new_plan;
+
+	plan = prepare_one(psprintf("INSERT INTO %s.cqrs_outbox (topic, key, payload, headers) "
+								"VALUES ($1, $2, $3, $4) RETURNING id", schema),
+					   4, argtypes);
+	/* an event with an id of its own (an attached outbox table's) */
+	id_plan = prepare_one(psprintf("INSERT INTO %s.cqrs_outbox (topic, key, payload, headers, event_id) "
+								   "VALUES ($1, $2, $3, $4, $5) RETURNING id", schema),
+						  5, argtypes);
+	/* ... unless it is in the outbox already */
+	new_plan = prepare_one(psprintf("INSERT INTO %s.cqrs_outbox (topic, key, payload, headers, event_id) "
+									"VALUES ($1, $2, $3, $4, $5) "
+									"ON CONFLICT (event_id) DO NOTHING RETURNING id", schema),
+						   5, argtypes);
 	if (insert_plan)
 		SPI_freeplan(insert_plan);
+	if (insert_id_plan)
+		SPI_freeplan(insert_id_plan);
+	if (insert_new_plan)
+		SPI_freeplan(insert_new_plan);
 	insert_plan = plan;
+	insert_id_plan = id_plan;
+	insert_new_plan = new_plan;
 	insert_plan_ext = ext_oid;
 }
 
 /*
- * cqrs_enqueue(topic text, key text, payload jsonb, headers jsonb) -> bigint
+ * cqrs_enqueue_event(): validates an event and inserts it into the outbox
+ * as the current user, registering its key in the in-flight registry before
+ * the INSERT takes its id (so that the relay keeps order per key across
+ * out-of-order commits), and has the relay woken when the transaction
+ * commits.  key, headers and event_id may be NULL (a NULL event_id: a new
+ * one is generated).  Returns the outbox id.  With if_new, an event whose
+ * event_id is in the outbox already is not inserted again, and 0 is
+ * returned.  Used by cqrs_enqueue() and by attached outbox tables
+ * (attach.c).
  */
-Datum
-cqrs_enqueue(PG_FUNCTION_ARGS)
+int64
+cqrs_enqueue_event(text *topic_t, text *key, Jsonb *payload, Jsonb *headers,
+				   pg_uuid_t *event_id, bool if_new)
 {
-	text	   *topic_t;
-	char	   *topic;
-	Datum		values[4];
-	char		nulls[4] = {' ', ' ', ' ', ' '};
+	char	   *topic = text_to_cstring(topic_t);
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 	uint64		keyhash;
 	Oid			ext_oid;
 	bool		isnull;
 	int64		id;
 	int			ret;
+	SPIPlanPtr	plan;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("topic must not be null")));
-	topic_t = PG_GETARG_TEXT_PP(0);
-	topic = text_to_cstring(topic_t);
 	if (topic[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -200,16 +230,16 @@ cqrs_enqueue(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid Kafka topic name \"%s\"", topic),
 				 errdetail("Topic names are 1 to 249 ASCII letters, digits, periods, underscores or hyphens, and may not be \".\" or \"..\".")));
-	if (PG_ARGISNULL(2))
+	if (payload == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("payload must not be null"),
 				 errhint("Use the JSON value 'null'::jsonb for an event without a body.")));
-	if (!PG_ARGISNULL(3))
-		check_headers(PG_GETARG_JSONB_P(3));
+	if (headers != NULL)
+		check_headers(headers);
 
 	values[0] = PointerGetDatum(topic_t);
-	if (PG_ARGISNULL(1))
+	if (key == NULL)
 	{
 		nulls[1] = 'n';
 		values[1] = (Datum) 0;
@@ -217,31 +247,46 @@ cqrs_enqueue(PG_FUNCTION_ARGS)
 	}
 	else
 	{
-		text	   *key = PG_GETARG_TEXT_PP(1);
-
 		values[1] = PointerGetDatum(key);
 		keyhash = cqrs_key_hash(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
 	}
-	values[2] = PG_GETARG_DATUM(2);
-	if (PG_ARGISNULL(3))
+	values[2] = JsonbPGetDatum(payload);
+	if (headers == NULL)
 	{
 		nulls[3] = 'n';
 		values[3] = (Datum) 0;
 	}
 	else
-		values[3] = PG_GETARG_DATUM(3);
+		values[3] = JsonbPGetDatum(headers);
+	if (event_id != NULL)
+		values[4] = UUIDPGetDatum(event_id);
+	else
+	{
+		nulls[4] = 'n';
+		values[4] = (Datum) 0;
+	}
 
 	ext_oid = get_extension_oid("cqrs_sync", false);
 
 	SPI_connect();
 	if (insert_plan == NULL || insert_plan_ext != ext_oid)
-		prepare_insert(ext_oid);
+		prepare_inserts(ext_oid);
+	/* cqrs_enqueue()'s own statement when it has no event id of its own */
+	if (event_id == NULL)
+		plan = insert_plan;
+	else
+		plan = if_new ? insert_new_plan : insert_id_plan;
 
 	/* publish the key before the INSERT takes its id */
 	enqueued_in_xact = true;
 	cqrs_inflight_add_key(keyhash);
 
-	ret = SPI_execute_plan(insert_plan, values, nulls, false, 1);
+	ret = SPI_execute_plan(plan, values, nulls, false, 1);
+	if (ret == SPI_OK_INSERT_RETURNING && SPI_processed == 0 && plan == insert_new_plan)
+	{
+		SPI_finish();
+		return 0;
+	}
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "cqrs_enqueue: INSERT failed: %s", SPI_result_code_string(ret));
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
@@ -249,7 +294,25 @@ cqrs_enqueue(PG_FUNCTION_ARGS)
 	cqrs_inflight_set_min(id);
 	SPI_finish();
 
-	PG_RETURN_INT64(id);
+	return id;
+}
+
+/*
+ * cqrs_enqueue(topic text, key text, payload jsonb, headers jsonb) -> bigint
+ */
+Datum
+cqrs_enqueue(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("topic must not be null")));
+
+	PG_RETURN_INT64(cqrs_enqueue_event(PG_GETARG_TEXT_PP(0),
+									   PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1),
+									   PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2),
+									   PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3),
+									   NULL, false));
 }
 
 /*

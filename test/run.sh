@@ -11,9 +11,14 @@
 # as root on a fresh Debian 12 machine.
 #
 # Environment:
-#   CQRS_SUITES   suites to run (default "regress isolation pgtap monitoring e2e";
-#                 monitoring = test/monitoring/promtool.sh: promtool/amtool
-#                 checks and unit tests of docs/monitoring/)
+#   CQRS_SUITES   suites to run (default "regress isolation pgtap monitoring
+#                 release e2e package"; monitoring = test/monitoring/promtool.sh:
+#                 promtool/amtool checks and unit tests of docs/monitoring/;
+#                 release = test/release/check.sh: META.json against the PGXN
+#                 spec, versions, make dist; package = test/package/check.sh:
+#                 the Debian package built with pg_buildext, installed
+#                 (CQRS_PACKAGE_INSTALL, apt when CI=true) and used; it runs
+#                 last and puts the development build back)
 #   CQRS_CLEAN=1  make clean before building (default on when CI=true)
 #   CQRS_COPT     extra compiler flags (COPT; default -DUSE_ASSERT_CHECKING,
 #                 CQRS_COPT= turns assertions off)
@@ -24,7 +29,7 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
-SUITES="${CQRS_SUITES:-regress isolation pgtap monitoring e2e}"
+SUITES="${CQRS_SUITES:-regress isolation pgtap monitoring release e2e package}"
 START=$SECONDS
 
 PASSED=0
@@ -228,8 +233,14 @@ for suite in $SUITES; do
             # (TAP, one file); the alerting e2e test is test/t/100_alerting.pl
             run_suite monitoring count_prove prove --exec bash test/monitoring/promtool.sh
             ;;
+        release)
+            run_suite release count_prove prove --exec bash test/release/check.sh
+            ;;
         e2e)
             run_suite e2e count_prove bash test/e2e.sh
+            ;;
+        package)
+            run_suite package count_prove prove --exec bash test/package/check.sh
             ;;
         *)
             record "$suite" 0 1 "(unknown suite)"

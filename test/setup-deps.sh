@@ -20,6 +20,10 @@ packages=(
     prometheus
     prometheus-alertmanager
     prometheus-postgres-exporter
+    # release and package suites: the Debian package (pg_buildext) and zip
+    debhelper
+    postgresql-server-dev-all
+    unzip
 )
 
 # dpkg -s alone also succeeds for removed packages that left config files.
@@ -35,8 +39,23 @@ done
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 
+# PGXN's META.json validator (release suite), from crates.io, when cargo is
+# there (the release check falls back to the spec's required fields without).
+install_pgxn_meta() {
+    local cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+    if command -v pgxn_meta >/dev/null 2>&1 || [ -x "$cargo_bin/pgxn_meta" ]; then
+        return 0
+    fi
+    if command -v cargo >/dev/null 2>&1 || [ -x "$cargo_bin/cargo" ]; then
+        echo "setup-deps: cargo install pgxn_meta 0.7.0 (PGXN's META.json validator)"
+        PATH="$PATH:$cargo_bin" cargo install --locked --quiet pgxn_meta --version 0.7.0 ||
+            echo "setup-deps: pgxn_meta could not be installed; the release check falls back" >&2
+    fi
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
     echo "setup-deps: all packages present"
+    install_pgxn_meta
     exit 0
 fi
 
@@ -66,4 +85,5 @@ if [ ${#still[@]} -ne 0 ]; then
     echo "setup-deps: still missing after apt-get: ${still[*]}" >&2
     exit 1
 fi
+install_pgxn_meta
 echo "setup-deps: done"

@@ -47,6 +47,10 @@ $node->safe_psql('old', q{
 });
 is($node->safe_psql('old', "SELECT (cqrs_outbox_stats()).pending"), '3',
 	'0.1.0 stats work with the new library (its own entry points)');
+is($node->safe_psql('old', "SELECT complete FROM cqrs_cleanup()"), 't',
+	'0.1.0 cqrs_cleanup() works with the new library');
+is($node->safe_psql('old', "SELECT count(*) FROM cqrs_dlt_depth"), '0',
+	'0.1.0 cqrs_dlt_depth works with the new library');
 ok(defined $node->safe_psql('old', "SELECT state FROM cqrs_stats_relay"),
 	'0.1.0 relay view works with the new library');
 
@@ -80,6 +84,41 @@ is($node->safe_psql('old', q{SELECT cqrs_upsert('board', '{"id": 2, "title": "b"
 	'f', 'a delete before the update still stops an older upsert');
 is($node->safe_psql('old', "SELECT cqrs_enqueue('orders', 'k', '{}') > 10"), 't',
 	'the id sequence continues after the update');
+# 0.2.0's new functions work on the updated database: an attached table
+$node->safe_psql('old', q{
+	CREATE TABLE app_outbox (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb);
+	SELECT cqrs_attach_outbox('app_outbox');
+	INSERT INTO app_outbox VALUES ('7f1c0e4a-9d55-4c1b-8c43-2f1e51a0b7d2', 'order', 'o-1', 'OrderCreated', '{}');
+});
+is( $node->safe_psql('old',
+		"SELECT topic || ' ' || key FROM cqrs_outbox WHERE event_id = '7f1c0e4a-9d55-4c1b-8c43-2f1e51a0b7d2'"),
+	'outbox.event.order o-1', 'a table attached after the update publishes its rows');
+$node->safe_psql('old', "SELECT cqrs_detach_outbox('app_outbox'); DROP TABLE app_outbox");
+
+# Every C entry point that returns a row checks the row type it was given
+# (pg_stat_statements does the same): an SQL definition of another layout
+# gets an error, never a row read with the wrong layout.
+my @record_fns = split /\n/, $node->safe_psql('old', q{
+	SELECT p.prosrc || '|' || p.proretset || '|' || (SELECT count(*) FROM unnest(p.proargmodes) m WHERE m IN ('o', 't', 'b'))
+	  FROM pg_proc p
+	 WHERE p.probin LIKE '%cqrs_sync' AND p.prorettype = 'record'::regtype
+	 ORDER BY 1});
+cmp_ok(scalar @record_fns, '>=', 3, 'the library has entry points returning rows (' . join(', ', @record_fns) . ')');
+for my $f (@record_fns, 'cqrs_relay_state|false|13')   # and 0.1.0's layout
+{
+	my ($symbol, $set, $ncols) = split /\|/, $f;
+	for my $cols ($ncols - 1, $ncols + 1)
+	{
+		my $outs = join(', ', map { "OUT c$_ text" } 1 .. $cols);
+		my ($rc, $out, $err) = $node->psql('old', qq{
+			CREATE FUNCTION pg_temp.wrong_layout($outs) RETURNS } . ($set eq 'true' ? 'SETOF record' : 'record') . qq{
+			    AS '\$libdir/cqrs_sync', '$symbol' LANGUAGE C;
+			SELECT * FROM pg_temp.wrong_layout();});
+		like($err, qr/ERROR:  .*returns $cols columns, the library expected/,
+			"$symbol refuses a definition of $cols columns");
+	}
+}
+is($node->safe_psql('old', 'SELECT 1'), '1', 'the server survived every wrong definition');
 
 # ---- a fresh install ------------------------------------------------------------
 $node->safe_psql('postgres', 'CREATE DATABASE fresh');

@@ -1,0 +1,559 @@
+/*-------------------------------------------------------------------------
+ *
+ * attach.c
+ *	  Attached outbox tables: an application's own outbox table (Debezium's
+ *	  layout, or any other whose columns are named) whose new rows flow
+ *	  through the relay without a change to the application.
+ *
+ * cqrs_attach_outbox() (SQL) checks the mapping of the table's columns and
+ * creates an AFTER INSERT row trigger whose one argument is that mapping as
+ * JSON.  The trigger, cqrs_outbox_attached(), turns each inserted row into an
+ * event (topic, key, payload, headers, event id) and hands it to
+ * cqrs_enqueue_event(), the path cqrs_enqueue() takes: the row's key is
+ * registered in the in-flight registry before its outbox id is taken, and
+ * the relay is woken when the transaction commits, so the relay's guarantees
+ * (order per key across out-of-order commits, dead letters, DLT_FAILED,
+ * statistics, cleanup) hold for these rows as for any other.
+ * cqrs_attached_outbox_enqueue() maps a row already in the table the same
+ * way (cqrs_attach_outbox()'s backfill).
+ *
+ * The row is read as the inserting user (type output functions run as that
+ * user); only the INSERT into cqrs_outbox runs as the outbox's owner, the
+ * way cqrs_enqueue() does as a SECURITY DEFINER function.  Creating the
+ * trigger needs EXECUTE on cqrs_outbox_attached(), which only
+ * cqrs_sync_writer has.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_coerce.h"
+#include "parser/parse_func.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+#include "utils/typcache.h"
+#include "utils/uuid.h"
+
+#include "attach.h"
+#include "enqueue.h"
+#include "util.h"
+
+PG_FUNCTION_INFO_V1(cqrs_outbox_attached);
+PG_FUNCTION_INFO_V1(cqrs_attached_outbox_enqueue);
+
+/* EventRouter's placeholder in route.topic.replacement */
+#define ROUTED_BY_VALUE "${routedByValue}"
+
+typedef struct AttachHeader
+{
+	char	   *name;
+	char	   *column;
+} AttachHeader;
+
+/* The mapping of one attached table, from its trigger's argument. */
+typedef struct AttachMapping
+{
+	Oid			tgoid;			/* hash key: the trigger */
+	char	   *topic;			/* topic, or a template with ROUTED_BY_VALUE */
+	char	   *route_by;		/* column replacing the placeholder, or NULL */
+	char	   *key;			/* column of the Kafka key, or NULL */
+	char	   *payload;		/* column of the message value */
+	char	   *event_id;		/* column of the event id, or NULL */
+	int			nheaders;
+	AttachHeader *headers;
+} AttachMapping;
+
+/* Mappings by trigger oid: a trigger's argument never changes. */
+static HTAB *mappings = NULL;
+
+/* The outbox's owner: the role its rows are inserted as. */
+static Oid	outbox_ext = InvalidOid;
+static Oid	outbox_relid = InvalidOid;
+
+/* For the error context: which table's row was being published. */
+typedef struct AttachErrorContext
+{
+	Oid			relid;
+} AttachErrorContext;
+
+static void
+attach_error_callback(void *arg)
+{
+	AttachErrorContext *ctx = (AttachErrorContext *) arg;
+	char	   *name = get_rel_name(ctx->relid);
+
+	if (name != NULL)
+		errcontext("publishing a row of attached outbox table \"%s\"", name);
+}
+
+/* A string member of the mapping, or NULL for a JSON null or absent one. */
+static char *
+mapping_string(Jsonb *jb, const char *name, bool required)
+{
+	JsonbValue *v = getKeyJsonValueFromContainer(&jb->root, name, strlen(name), NULL);
+
+	if (v == NULL || v->type == jbvNull)
+	{
+		if (required)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("the mapping of an attached outbox table has no \"%s\"", name),
+					 errhint("Detach the table with cqrs_detach_outbox() and attach it again with cqrs_attach_outbox().")));
+		return NULL;
+	}
+	if (v->type != jbvString)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"%s\" in the mapping of an attached outbox table must be a string", name)));
+	return MemoryContextStrdup(TopMemoryContext,
+							   pnstrdup(v->val.string.val, v->val.string.len));
+}
+
+static void
+parse_mapping(AttachMapping *m, const char *arg)
+{
+	static const char *const known[] = {
+		"topic", "route_by", "key", "payload", "event_id", "headers"
+	};
+	Jsonb	   *jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(arg)));
+	JsonbValue *hv;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the mapping of an attached outbox table must be a JSON object")));
+
+	/* every member is one this library knows */
+	it = JsonbIteratorInit(&jb->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		bool		found = false;
+
+		if (tok != WJB_KEY)
+			continue;
+		for (int i = 0; i < lengthof(known); i++)
+			if (strlen(known[i]) == v.val.string.len &&
+				strncmp(known[i], v.val.string.val, v.val.string.len) == 0)
+				found = true;
+		if (!found)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown member \"%.*s\" in the mapping of an attached outbox table",
+							v.val.string.len, v.val.string.val),
+					 errhint("The library and the extension's SQL objects may be of different versions: run ALTER EXTENSION cqrs_sync UPDATE.")));
+	}
+
+	m->topic = mapping_string(jb, "topic", true);
+	m->route_by = mapping_string(jb, "route_by", false);
+	m->key = mapping_string(jb, "key", false);
+	m->payload = mapping_string(jb, "payload", true);
+	m->event_id = mapping_string(jb, "event_id", false);
+	if (strstr(m->topic, ROUTED_BY_VALUE) != NULL && m->route_by == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the topic \"%s\" of an attached outbox table needs \"route_by\"", m->topic)));
+
+	m->nheaders = 0;
+	m->headers = NULL;
+	hv = getKeyJsonValueFromContainer(&jb->root, "headers", strlen("headers"), NULL);
+	if (hv == NULL || hv->type == jbvNull)
+		return;
+	if (hv->type != jbvBinary || !JsonContainerIsObject(hv->val.binary.data))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"headers\" in the mapping of an attached outbox table must be a JSON object")));
+	m->headers = MemoryContextAllocZero(TopMemoryContext,
+										sizeof(AttachHeader) *
+										JsonContainerSize(hv->val.binary.data));
+	it = JsonbIteratorInit(hv->val.binary.data);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+			m->headers[m->nheaders].name =
+				MemoryContextStrdup(TopMemoryContext,
+									pnstrdup(v.val.string.val, v.val.string.len));
+		else if (tok == WJB_VALUE)
+		{
+			if (v.type != jbvString)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("header \"%s\" in the mapping of an attached outbox table must name a column",
+								m->headers[m->nheaders].name)));
+			m->headers[m->nheaders++].column =
+				MemoryContextStrdup(TopMemoryContext,
+									pnstrdup(v.val.string.val, v.val.string.len));
+		}
+	}
+}
+
+/* The mapping of a trigger of cqrs_outbox_attached(), parsed once. */
+static AttachMapping *
+get_mapping(Trigger *trigger)
+{
+	AttachMapping *m;
+	bool		found;
+
+	if (mappings == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(AttachMapping);
+		mappings = hash_create("cqrs_sync attached outbox mappings", 16, &ctl,
+							   HASH_ELEM | HASH_BLOBS);
+	}
+	m = hash_search(mappings, &trigger->tgoid, HASH_FIND, NULL);
+	if (m != NULL)
+		return m;
+
+	if (trigger->tgnargs != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("trigger \"%s\" must pass cqrs_outbox_attached() one argument, the mapping",
+						trigger->tgname),
+				 errhint("Create it with cqrs_attach_outbox().")));
+
+	/* parse first: a bad argument leaves no half-made entry behind */
+	{
+		AttachMapping tmp;
+
+		parse_mapping(&tmp, trigger->tgargs[0]);
+		m = hash_search(mappings, &trigger->tgoid, HASH_ENTER, &found);
+		tmp.tgoid = trigger->tgoid;
+		*m = tmp;
+	}
+	return m;
+}
+
+/* Attribute number of a mapped column in desc; errors if it is gone. */
+static int
+mapped_column(TupleDesc desc, Oid relid, const char *column, const char *option)
+{
+	int			fnum = SPI_fnumber(desc, column);
+
+	if (fnum <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of attached outbox table \"%s\" does not exist",
+						column, get_rel_name(relid)),
+				 errdetail("Option \"%s\" of cqrs_attach_outbox() names it.", option),
+				 errhint("Detach the table with cqrs_detach_outbox() and attach it again naming its current columns.")));
+	return fnum;
+}
+
+static Oid
+column_base_type(TupleDesc desc, int fnum)
+{
+	return getBaseType(TupleDescAttr(desc, fnum - 1)->atttypid);
+}
+
+/* A mapped column's value as text, NULL for SQL NULL. */
+static char *
+column_text(TupleDesc desc, HeapTuple tup, Oid relid, const char *column,
+			const char *option)
+{
+	return SPI_getvalue(tup, desc, mapped_column(desc, relid, column, option));
+}
+
+/* Each occurrence of ROUTED_BY_VALUE in the template replaced by value. */
+static char *
+route_topic(const char *template, const char *value)
+{
+	StringInfoData buf;
+	const char *p = template;
+	const char *hit;
+
+	initStringInfo(&buf);
+	while ((hit = strstr(p, ROUTED_BY_VALUE)) != NULL)
+	{
+		appendBinaryStringInfo(&buf, p, hit - p);
+		appendStringInfoString(&buf, value);
+		p = hit + strlen(ROUTED_BY_VALUE);
+	}
+	appendStringInfoString(&buf, p);
+	return buf.data;
+}
+
+/*
+ * A mapped column's value as a Datum of type want: the column's own if it is
+ * of that type, else its text read by want's input function (for text types,
+ * and for type also, e.g. json for jsonb).  *isnull for SQL NULL; a column of
+ * another type is an error, whose detail says what fits.
+ */
+static Datum
+typed_value(TupleDesc desc, HeapTuple tup, Oid relid, const char *column,
+			const char *option, Oid want, Oid also, PGFunction input,
+			const char *fits, bool *isnull)
+{
+	int			fnum = mapped_column(desc, relid, column, option);
+	Oid			type = column_base_type(desc, fnum);
+	char	   *text;
+
+	if (type == want)
+		return SPI_getbinval(tup, desc, fnum, isnull);
+	if (type != also && TypeCategory(type) != TYPCATEGORY_STRING)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("column \"%s\" of attached outbox table \"%s\" is of type %s",
+						column, get_rel_name(relid), format_type_be(type)),
+				 errdetail("Option \"%s\" of cqrs_attach_outbox() names it. %s", option, fits),
+				 errhint("Detach the table with cqrs_detach_outbox() and attach it again naming its current columns.")));
+	text = SPI_getvalue(tup, desc, fnum);
+	*isnull = (text == NULL);
+	return *isnull ? (Datum) 0 : DirectFunctionCall1(input, CStringGetDatum(text));
+}
+
+static Jsonb *
+payload_value(TupleDesc desc, HeapTuple tup, Oid relid, const char *column)
+{
+	bool		isnull;
+	Datum		d = typed_value(desc, tup, relid, column, "payload", JSONBOID, JSONOID,
+								jsonb_in,
+								"The payload must be JSON: jsonb, json or a text type holding JSON.",
+								&isnull);
+
+	/* a row without a payload is sent as the JSON value null */
+	if (isnull)
+		d = DirectFunctionCall1(jsonb_in, CStringGetDatum("null"));
+	return DatumGetJsonbP(d);
+}
+
+static pg_uuid_t *
+event_id_value(TupleDesc desc, HeapTuple tup, Oid relid, const char *column)
+{
+	bool		isnull;
+	Datum		d = typed_value(desc, tup, relid, column, "event_id", UUIDOID, InvalidOid,
+								uuid_in,
+								"Event ids are UUIDs: the column must be of type uuid or a text type holding UUIDs.",
+								&isnull);
+
+	return isnull ? NULL : DatumGetUUIDP(d);
+}
+
+static Jsonb *
+headers_value(AttachMapping *m, TupleDesc desc, HeapTuple tup, Oid relid)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue *res;
+	int			n = 0;
+
+	if (m->nheaders == 0)
+		return NULL;
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	for (int i = 0; i < m->nheaders; i++)
+	{
+		char	   *value = column_text(desc, tup, relid, m->headers[i].column, "headers");
+		JsonbValue	k;
+		JsonbValue	v;
+
+		/* a NULL column sends no header, as the EventRouter does */
+		if (value == NULL)
+			continue;
+		k.type = jbvString;
+		k.val.string.val = m->headers[i].name;
+		k.val.string.len = strlen(m->headers[i].name);
+		v.type = jbvString;
+		v.val.string.val = value;
+		v.val.string.len = strlen(value);
+		pushJsonbValue(&state, WJB_KEY, &k);
+		pushJsonbValue(&state, WJB_VALUE, &v);
+		n++;
+	}
+	res = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	return n > 0 ? JsonbValueToJsonb(res) : NULL;
+}
+
+/*
+ * The role events are inserted as: the owner of cqrs_outbox in the
+ * extension's schema (as cqrs_enqueue(), SECURITY DEFINER, runs as the
+ * extension's owner).
+ */
+static Oid
+outbox_owner(void)
+{
+	Oid			ext_oid = get_extension_oid("cqrs_sync", false);
+	HeapTuple	tup;
+	Oid			owner;
+
+	if (ext_oid != outbox_ext || !OidIsValid(outbox_relid))
+	{
+		Oid			nsp = get_namespace_oid(cqrs_extension_schema(ext_oid), false);
+
+		outbox_relid = get_relname_relid("cqrs_outbox", nsp);
+		if (!OidIsValid(outbox_relid))
+			elog(ERROR, "cqrs_sync: table cqrs_outbox not found");
+		outbox_ext = ext_oid;
+	}
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(outbox_relid));
+	if (!HeapTupleIsValid(tup))
+	{
+		outbox_relid = InvalidOid;
+		elog(ERROR, "cache lookup failed for relation cqrs_outbox");
+	}
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+	return owner;
+}
+
+/*
+ * Turns one row of an attached table into an event; returns its outbox id.
+ * With if_new, a row whose event id is in the outbox already is left out
+ * (returns 0).
+ */
+static int64
+publish_row(AttachMapping *m, TupleDesc desc, HeapTuple tup, Oid relid,
+			bool if_new)
+{
+	ErrorContextCallback errcallback;
+	AttachErrorContext ctx;
+	char	   *topic;
+	char	   *key = NULL;
+	Jsonb	   *payload;
+	Jsonb	   *headers;
+	pg_uuid_t  *event_id = NULL;
+	Oid			save_userid;
+	int			save_sec_context;
+	int64		id;
+
+	ctx.relid = relid;
+	errcallback.callback = attach_error_callback;
+	errcallback.arg = &ctx;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+
+	topic = m->topic;
+	if (m->route_by != NULL)
+	{
+		char	   *value = column_text(desc, tup, relid, m->route_by, "route_by");
+
+		if (value == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("column \"%s\" of a row of attached outbox table \"%s\" is null",
+							m->route_by, get_rel_name(relid)),
+					 errdetail("Its value names the row's Kafka topic (option route_by, topic \"%s\").",
+							   m->topic)));
+		topic = route_topic(m->topic, value);
+	}
+	if (m->key != NULL)
+		key = column_text(desc, tup, relid, m->key, "key");
+	payload = payload_value(desc, tup, relid, m->payload);
+	headers = headers_value(m, desc, tup, relid);
+	if (m->event_id != NULL)
+		event_id = event_id_value(desc, tup, relid, m->event_id);
+
+	/* only the INSERT into cqrs_outbox runs as its owner */
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(outbox_owner(),
+						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	id = cqrs_enqueue_event(cstring_to_text(topic),
+							key ? cstring_to_text(key) : NULL,
+							payload, headers, event_id, if_new);
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+
+	error_context_stack = errcallback.previous;
+	return id;
+}
+
+/*
+ * cqrs_outbox_attached() -> trigger: AFTER INSERT FOR EACH ROW on an
+ * attached outbox table; its argument is the mapping.
+ */
+Datum
+cqrs_outbox_attached(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Relation	rel;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("cqrs_outbox_attached() was not called by the trigger manager")));
+	if (!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("cqrs_outbox_attached() must be fired AFTER INSERT FOR EACH ROW"),
+				 errhint("Attach outbox tables with cqrs_attach_outbox().")));
+
+	rel = trigdata->tg_relation;
+	(void) publish_row(get_mapping(trigdata->tg_trigger), RelationGetDescr(rel),
+					   trigdata->tg_trigtuple, RelationGetRelid(rel), false);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * cqrs_attached_outbox_enqueue(outbox regclass, row record) -> bigint:
+ * publishes a row of an attached outbox table as its trigger would have,
+ * and returns its outbox id, or NULL if its event id is in the outbox
+ * already (cqrs_attach_outbox()'s backfill: attaching again publishes no
+ * event twice).
+ */
+Datum
+cqrs_attached_outbox_enqueue(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	HeapTupleHeader rec = PG_GETARG_HEAPTUPLEHEADER(1);
+	Oid			rectype = HeapTupleHeaderGetTypeId(rec);
+	Oid			nsp = get_func_namespace(fcinfo->flinfo->fn_oid);
+	Oid			trigfn;
+	Relation	rel;
+	Trigger    *trigger = NULL;
+	TupleDesc	desc;
+	HeapTupleData tup;
+	int64		id;
+
+	trigfn = LookupFuncName(list_make2(makeString(get_namespace_name(nsp)),
+									   makeString("cqrs_outbox_attached")),
+							0, NULL, false);
+
+	rel = table_open(relid, AccessShareLock);
+	if (rectype != rel->rd_rel->reltype)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("row is of type %s, not a row of table \"%s\"",
+						format_type_be(rectype), RelationGetRelationName(rel))));
+	for (int i = 0; rel->trigdesc != NULL && i < rel->trigdesc->numtriggers; i++)
+		if (rel->trigdesc->triggers[i].tgfoid == trigfn)
+			trigger = &rel->trigdesc->triggers[i];
+	if (trigger == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("table \"%s\" is not an attached outbox table",
+						RelationGetRelationName(rel)),
+				 errhint("Attach it with cqrs_attach_outbox().")));
+
+	desc = lookup_rowtype_tupdesc(rectype, HeapTupleHeaderGetTypMod(rec));
+	tup.t_len = HeapTupleHeaderGetDatumLength(rec);
+	ItemPointerSetInvalid(&tup.t_self);
+	tup.t_tableOid = relid;
+	tup.t_data = rec;
+	id = publish_row(get_mapping(trigger), desc, &tup, relid, true);
+	ReleaseTupleDesc(desc);
+	table_close(rel, NoLock);
+
+	if (id == 0)
+		PG_RETURN_NULL();
+	PG_RETURN_INT64(id);
+}
