@@ -412,6 +412,8 @@ record_after_commit(dlist_head *rows)
 	if (ndead > 0)
 	{
 		pg_atomic_fetch_add_u64(&cqrs_shared->dead_lettered, ndead);
+		/* the dead letters are in their topics: measured, and paged, now */
+		cqrs_wake_monitor();
 		ereport(LOG,
 				(errmsg("cqrs_sync relay: %d message(s) dead-lettered after %d failed attempts or more",
 						ndead, cqrs_max_retries + 1)));

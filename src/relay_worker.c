@@ -123,7 +123,10 @@ relay_detach_shmem(int code, Datum arg)
 	if (cqrs_shared && cqrs_shared->relay_pid == MyProcPid)
 	{
 		cqrs_shared->relay_latch = NULL;
+		SpinLockAcquire(&cqrs_shared->mutex);
 		cqrs_shared->relay_pid = 0;
+		cqrs_shared->relay_dboid = InvalidOid;
+		SpinLockRelease(&cqrs_shared->mutex);
 	}
 }
 
@@ -697,7 +700,10 @@ cqrs_relay_main(Datum main_arg)
 	pipeline_init();
 	CacheRegisterRelcacheCallback(relay_relcache_callback, (Datum) 0);
 
+	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->relay_pid = MyProcPid;
+	cqrs_shared->relay_dboid = MyDatabaseId;
+	SpinLockRelease(&cqrs_shared->mutex);
 	cqrs_shared->relay_latch = MyLatch;
 	before_shmem_exit(relay_detach_shmem, (Datum) 0);
 
