@@ -25,8 +25,15 @@ ALTER TABLE cqrs_outbox_audit ADD COLUMN session_user_name text;
 ALTER TABLE cqrs_outbox_audit ALTER COLUMN session_user_name SET DEFAULT session_user;
 ALTER TABLE cqrs_outbox_audit DROP CONSTRAINT cqrs_outbox_audit_action_check;
 ALTER TABLE cqrs_outbox_audit ADD CONSTRAINT cqrs_outbox_audit_action_check
-    CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'CANCEL_PURGE', 'PURGE'));
-COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE, CANCEL_PURGE or PURGE.';
+    CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'CANCEL_PURGE', 'PURGE',
+                      'DLT_PUBLISH_FAILED'));
+COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE, CANCEL_PURGE, PURGE, or DLT_PUBLISH_FAILED (the relay: the row''s dead-letter publish failed).';
+-- Every failed dead-letter publish counts and is audited (operator retries
+-- no longer reset dlt_retry_count; the relay writes DLT_PUBLISH_FAILED rows).
+COMMENT ON COLUMN cqrs_outbox.dlt_retry_count IS 'Failed attempts to publish the row to its dead-letter topic, all of them: an operator''s retry does not reset it (each attempt and its error are in cqrs_outbox_audit).';
+COMMENT ON TABLE cqrs_outbox_audit IS
+    'Audit trail of operator actions on outbox rows (retry, discard, purge approval), of purges of failed rows, and of the relay''s failed dead-letter publishes.';
+COMMENT ON COLUMN cqrs_outbox_audit.reason IS 'Why: the operator''s reason, the row''s last error for a retry, or the errors of a failed dead-letter publish.';
 COMMENT ON COLUMN cqrs_outbox_audit.approver IS 'For an approval, its cancellation and a purge: who approved the purge (the session user).';
 COMMENT ON COLUMN cqrs_outbox_audit.actor IS 'Role acted as: the role set with SET ROLE, else the session user (the cleanup worker or cron job for purges).';
 COMMENT ON COLUMN cqrs_outbox_audit.session_user_name IS 'Session user: the person (login role) who acted, whatever role they acted as; NULL for rows audited before version 0.2.0.';
@@ -149,7 +156,7 @@ BEGIN
     INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
     VALUES ('RETRY', r.id, r.event_id, r.topic, r.key, r.status, r.last_error);
     UPDATE @extschema@.cqrs_outbox o
-       SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+       SET status = 'PENDING', retry_count = 0,
            next_attempt_at = NULL, last_error = NULL,
            purge_approved_by = NULL, purge_approved_at = NULL
      WHERE o.id = r.id;
@@ -160,7 +167,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION cqrs_retry(bigint) IS
-    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with its counters reset and any purge approval cancelled, recording the row''s last error (and the cancelled approval) in cqrs_outbox_audit; the relay sends it at once.';
+    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with a new retry budget (retry_count 0; dlt_retry_count keeps counting) and any purge approval cancelled, recording the row''s last error (and the cancelled approval) in cqrs_outbox_audit; the relay sends it at once.';
 
 CREATE OR REPLACE FUNCTION cqrs_retry_dlt_failed()
 RETURNS integer
@@ -186,7 +193,7 @@ BEGIN
          ORDER BY f.id, a.n
     ), reset AS (
         UPDATE @extschema@.cqrs_outbox o
-           SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+           SET status = 'PENDING', retry_count = 0,
                next_attempt_at = NULL, last_error = NULL,
                purge_approved_by = NULL, purge_approved_at = NULL
           FROM failed f

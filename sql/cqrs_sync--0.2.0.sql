@@ -69,7 +69,7 @@ COMMENT ON COLUMN cqrs_outbox.payload IS 'Message value, sent as JSON text.';
 COMMENT ON COLUMN cqrs_outbox.headers IS 'Extra Kafka headers: a JSON object of strings.';
 COMMENT ON COLUMN cqrs_outbox.status IS 'PENDING, SENT, DEAD_LETTERED or DLT_FAILED.';
 COMMENT ON COLUMN cqrs_outbox.retry_count IS 'Failed delivery attempts that counted against cqrs_sync.max_retries.';
-COMMENT ON COLUMN cqrs_outbox.dlt_retry_count IS 'Failed attempts to publish the row to its dead-letter topic.';
+COMMENT ON COLUMN cqrs_outbox.dlt_retry_count IS 'Failed attempts to publish the row to its dead-letter topic, all of them: an operator''s retry does not reset it (each attempt and its error are in cqrs_outbox_audit).';
 COMMENT ON COLUMN cqrs_outbox.next_attempt_at IS 'A PENDING row is not sent before this time (retry backoff).';
 COMMENT ON COLUMN cqrs_outbox.last_error IS 'Why the last attempt failed.';
 COMMENT ON COLUMN cqrs_outbox.created_at IS 'When the event was enqueued (transaction start time).';
@@ -97,7 +97,8 @@ GRANT SELECT (id, event_id, topic, status, retry_count, dlt_retry_count, next_at
 CREATE TABLE cqrs_outbox_audit (
     audit_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     action     text NOT NULL
-               CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'CANCEL_PURGE', 'PURGE')),
+               CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'CANCEL_PURGE', 'PURGE',
+                                 'DLT_PUBLISH_FAILED')),
     outbox_id  bigint NOT NULL,
     event_id   uuid,
     topic      text,
@@ -115,11 +116,11 @@ CREATE TABLE cqrs_outbox_audit (
     session_user_name text DEFAULT session_user
 );
 COMMENT ON TABLE cqrs_outbox_audit IS
-    'Audit trail of operator actions on outbox rows (retry, discard, purge approval) and of purges of failed rows.';
-COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE, CANCEL_PURGE or PURGE.';
+    'Audit trail of operator actions on outbox rows (retry, discard, purge approval), of purges of failed rows, and of the relay''s failed dead-letter publishes.';
+COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE, CANCEL_PURGE, PURGE, or DLT_PUBLISH_FAILED (the relay: the row''s dead-letter publish failed).';
 COMMENT ON COLUMN cqrs_outbox_audit.outbox_id IS 'The outbox row acted on.';
 COMMENT ON COLUMN cqrs_outbox_audit.status IS 'The row''s status when the action happened.';
-COMMENT ON COLUMN cqrs_outbox_audit.reason IS 'Why: the operator''s reason, or the row''s last error for a retry.';
+COMMENT ON COLUMN cqrs_outbox_audit.reason IS 'Why: the operator''s reason, the row''s last error for a retry, or the errors of a failed dead-letter publish.';
 COMMENT ON COLUMN cqrs_outbox_audit.approver IS 'For an approval, its cancellation and a purge: who approved the purge (the session user).';
 COMMENT ON COLUMN cqrs_outbox_audit.actor IS 'Role acted as: the role set with SET ROLE, else the session user (the cleanup worker or cron job for purges).';
 COMMENT ON COLUMN cqrs_outbox_audit.at IS 'When it happened.';
@@ -395,7 +396,7 @@ BEGIN
     INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
     VALUES ('RETRY', r.id, r.event_id, r.topic, r.key, r.status, r.last_error);
     UPDATE @extschema@.cqrs_outbox o
-       SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+       SET status = 'PENDING', retry_count = 0,
            next_attempt_at = NULL, last_error = NULL,
            purge_approved_by = NULL, purge_approved_at = NULL
      WHERE o.id = r.id;
@@ -406,7 +407,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION cqrs_retry(bigint) IS
-    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with its counters reset and any purge approval cancelled, recording the row''s last error (and the cancelled approval) in cqrs_outbox_audit; the relay sends it at once.';
+    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with a new retry budget (retry_count 0; dlt_retry_count keeps counting) and any purge approval cancelled, recording the row''s last error (and the cancelled approval) in cqrs_outbox_audit; the relay sends it at once.';
 REVOKE ALL ON FUNCTION cqrs_retry(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_retry(bigint) TO cqrs_sync_operator;
 
@@ -434,7 +435,7 @@ BEGIN
          ORDER BY f.id, a.n
     ), reset AS (
         UPDATE @extschema@.cqrs_outbox o
-           SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+           SET status = 'PENDING', retry_count = 0,
                next_attempt_at = NULL, last_error = NULL,
                purge_approved_by = NULL, purge_approved_at = NULL
           FROM failed f
