@@ -170,6 +170,9 @@ static CleanupPlans plans;
 /* The worker said once that the extension is missing. */
 static bool said_missing = false;
 
+/* Without the extension, the worker looks for it this often at most. */
+#define EXTENSION_WAIT_MS 5000
+
 void
 cqrs_cleanup_init(void)
 {
@@ -1185,11 +1188,14 @@ worker_pass(CleanupResult *res, MemoryContext pass_ctx)
 
 /*
  * A worker pass; an error is reported and rolled back, and the next pass
- * comes at the next interval.
+ * comes at the next interval.  Returns false when the extension does not
+ * exist (yet) in the database.
  */
-static void
+static bool
 guarded_pass(MemoryContext pass_ctx)
 {
+	volatile bool found = true;
+
 	CleanupResult res;
 	MemoryContext old = MemoryContextSwitchTo(pass_ctx);
 	TimestampTz start = GetCurrentTimestamp();
@@ -1205,6 +1211,7 @@ guarded_pass(MemoryContext pass_ctx)
 						 errhint("Run CREATE EXTENSION cqrs_sync in database \"%s\".",
 								 cqrs_database)));
 			said_missing = true;
+			found = false;
 		}
 		else
 		{
@@ -1245,6 +1252,7 @@ guarded_pass(MemoryContext pass_ctx)
 	PG_END_TRY();
 	MemoryContextSwitchTo(old);
 	MemoryContextReset(pass_ctx);
+	return found;
 }
 
 /*
@@ -1275,6 +1283,7 @@ cqrs_cleanup_main(Datum main_arg)
 {
 	MemoryContext pass_ctx;
 	TimestampTz last_start = 0;
+	bool		waiting = false;	/* for CREATE EXTENSION */
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -1310,13 +1319,17 @@ cqrs_cleanup_main(Datum main_arg)
 		if (cqrs_cleanup_interval_s > 0)
 		{
 			TimestampTz now = GetCurrentTimestamp();
-			TimestampTz due = TimestampTzPlusMilliseconds(last_start,
-														  cqrs_cleanup_interval_s * 1000);
+			int			interval_ms = cqrs_cleanup_interval_s * 1000;
+			TimestampTz due;
 
+			/* the first pass comes soon after CREATE EXTENSION */
+			if (waiting)
+				interval_ms = Min(interval_ms, EXTENSION_WAIT_MS);
+			due = TimestampTzPlusMilliseconds(last_start, interval_ms);
 			if (last_start == 0 || now >= due)
 			{
 				last_start = now;
-				guarded_pass(pass_ctx);
+				waiting = !guarded_pass(pass_ctx);
 				pgstat_report_activity(STATE_IDLE, NULL);
 				continue;		/* re-check signals and the schedule */
 			}
