@@ -8,13 +8,13 @@ OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
               src/relay_worker.o src/relay_pipeline.o src/relay_order.o src/relay_record.o \
               src/topics.o src/monitor_worker.o src/dlt_depth.o src/stats.o src/util.o \
               src/apply.o src/apply_acl.o src/apply_cache.o src/apply_json.o src/apply_plans.o \
-              src/cleanup_worker.o src/attach.o
+              src/cleanup_worker.o src/cleanup_stats.o src/attach.o
 
 DATA        = $(wildcard sql/cqrs_sync--*.sql)
 DOCS        = README.md
 
 # pg_regress (PG15) reads ./sql/<test>.sql and ./expected/<test>.out
-REGRESS        = outbox operator apply cleanup attach
+REGRESS        = outbox operator apply cleanup monitoring attach
 REGRESS_OPTS   = --inputdir=.
 CONTRIB_TESTDB = cqrs_regress
 

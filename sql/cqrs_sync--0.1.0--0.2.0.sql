@@ -25,8 +25,15 @@ ALTER TABLE cqrs_outbox_audit ADD COLUMN session_user_name text;
 ALTER TABLE cqrs_outbox_audit ALTER COLUMN session_user_name SET DEFAULT session_user;
 ALTER TABLE cqrs_outbox_audit DROP CONSTRAINT cqrs_outbox_audit_action_check;
 ALTER TABLE cqrs_outbox_audit ADD CONSTRAINT cqrs_outbox_audit_action_check
-    CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'CANCEL_PURGE', 'PURGE'));
-COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE, CANCEL_PURGE or PURGE.';
+    CHECK (action IN ('RETRY', 'DISCARD', 'APPROVE_PURGE', 'CANCEL_PURGE', 'PURGE',
+                      'DLT_PUBLISH_FAILED'));
+COMMENT ON COLUMN cqrs_outbox_audit.action IS 'RETRY, DISCARD, APPROVE_PURGE, CANCEL_PURGE, PURGE, or DLT_PUBLISH_FAILED (the relay: the row''s dead-letter publish failed).';
+-- Every failed dead-letter publish counts and is audited (operator retries
+-- no longer reset dlt_retry_count; the relay writes DLT_PUBLISH_FAILED rows).
+COMMENT ON COLUMN cqrs_outbox.dlt_retry_count IS 'Failed attempts to publish the row to its dead-letter topic, all of them: an operator''s retry does not reset it (each attempt and its error are in cqrs_outbox_audit).';
+COMMENT ON TABLE cqrs_outbox_audit IS
+    'Audit trail of operator actions on outbox rows (retry, discard, purge approval), of purges of failed rows, and of the relay''s failed dead-letter publishes.';
+COMMENT ON COLUMN cqrs_outbox_audit.reason IS 'Why: the operator''s reason, the row''s last error for a retry, or the errors of a failed dead-letter publish.';
 COMMENT ON COLUMN cqrs_outbox_audit.approver IS 'For an approval, its cancellation and a purge: who approved the purge (the session user).';
 COMMENT ON COLUMN cqrs_outbox_audit.actor IS 'Role acted as: the role set with SET ROLE, else the session user (the cleanup worker or cron job for purges).';
 COMMENT ON COLUMN cqrs_outbox_audit.session_user_name IS 'Session user: the person (login role) who acted, whatever role they acted as; NULL for rows audited before version 0.2.0.';
@@ -149,7 +156,7 @@ BEGIN
     INSERT INTO @extschema@.cqrs_outbox_audit (action, outbox_id, event_id, topic, key, status, reason)
     VALUES ('RETRY', r.id, r.event_id, r.topic, r.key, r.status, r.last_error);
     UPDATE @extschema@.cqrs_outbox o
-       SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+       SET status = 'PENDING', retry_count = 0,
            next_attempt_at = NULL, last_error = NULL,
            purge_approved_by = NULL, purge_approved_at = NULL
      WHERE o.id = r.id;
@@ -160,7 +167,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION cqrs_retry(bigint) IS
-    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with its counters reset and any purge approval cancelled, recording the row''s last error (and the cancelled approval) in cqrs_outbox_audit; the relay sends it at once.';
+    'Operator: puts a PENDING, DEAD_LETTERED or DLT_FAILED outbox row back to PENDING with a new retry budget (retry_count 0; dlt_retry_count keeps counting) and any purge approval cancelled, recording the row''s last error (and the cancelled approval) in cqrs_outbox_audit; the relay sends it at once.';
 
 CREATE OR REPLACE FUNCTION cqrs_retry_dlt_failed()
 RETURNS integer
@@ -186,7 +193,7 @@ BEGIN
          ORDER BY f.id, a.n
     ), reset AS (
         UPDATE @extschema@.cqrs_outbox o
-           SET status = 'PENDING', retry_count = 0, dlt_retry_count = 0,
+           SET status = 'PENDING', retry_count = 0,
                next_attempt_at = NULL, last_error = NULL,
                purge_approved_by = NULL, purge_approved_at = NULL
           FROM failed f
@@ -845,12 +852,13 @@ CREATE FUNCTION cqrs_relay_state(
     OUT commit_seconds double precision,
     OUT flush_seconds double precision,
     OUT produce_seconds double precision,
-    OUT poll_seconds double precision)
+    OUT poll_seconds double precision,
+    OUT database text)
 RETURNS record
 AS 'MODULE_PATHNAME', 'cqrs_relay_state_0_2'
 LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION cqrs_relay_state() IS
-    'Counters, phase timers and state of the relay worker since the server started (shared memory, kept across worker restarts); NULLs when cqrs_sync is not in shared_preload_libraries.';
+    'Counters, phase timers and state of the relay worker since the server started (shared memory, kept across worker restarts), and the database it runs in; NULLs when cqrs_sync is not in shared_preload_libraries.';
 
 REVOKE ALL ON FUNCTION cqrs_relay_state() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_relay_state() TO pg_monitor, cqrs_sync_operator;
@@ -884,11 +892,13 @@ CREATE VIEW cqrs_stats_relay AS
            coalesce(r.commit_seconds, 0) AS commit_seconds,
            coalesce(r.flush_seconds, 0) AS flush_seconds,
            coalesce(r.produce_seconds, 0) AS produce_seconds,
-           coalesce(r.poll_seconds, 0) AS poll_seconds
+           coalesce(r.poll_seconds, 0) AS poll_seconds,
+           r.database AS relay_database,
+           (r.database IS NOT DISTINCT FROM current_database())::integer AS in_database
       FROM @extschema@.cqrs_outbox_stats() s,
            @extschema@.cqrs_relay_state() r;
 COMMENT ON VIEW cqrs_stats_relay IS
-    'One row: whether the relay runs and what it does (running, paused on a topic, waiting for broker, partition stalled, recording failed, no producer), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age, the outbox size, the partitions whose keys wait, the rows between claim and recorded outcome (window), and the seconds spent per phase (record, claim, commit, flush, produce, poll) with the delivery reports and their total and longest wait; for exporters.';
+    'One row: whether the relay runs and what it does (running, paused on a topic, waiting for broker, partition stalled, recording failed, no producer), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age, the outbox size, the partitions whose keys wait, the rows between claim and recorded outcome (window), and the seconds spent per phase (record, claim, commit, flush, produce, poll) with the delivery reports and their total and longest wait, and the database the relay runs in (in_database: 1 if it is this one); for exporters.';
 
 REVOKE ALL ON cqrs_stats_relay FROM PUBLIC;
 GRANT SELECT ON cqrs_stats_relay TO pg_monitor, cqrs_sync_operator;
@@ -947,3 +957,175 @@ GRANT EXECUTE ON FUNCTION cqrs_discard(bigint, text) TO cqrs_sync_operator;
 
 COMMENT ON FUNCTION cqrs_wake_relay() IS
     'Wakes the relay when the calling transaction commits and has it scan the outbox from the start (the operator functions use it), so a row made PENDING again is sent at once.';
+
+-- @@MONITORING_BEGIN@@
+
+-----------------------------------------------------------------------------
+-- Watching the cleanup, and how fresh the dead-letter topic depths are
+-----------------------------------------------------------------------------
+
+-- Internal: this database's cleanup, kept in shared memory.
+CREATE FUNCTION cqrs_cleanup_counters(
+    OUT worker_pid integer,
+    OUT interval_seconds double precision,
+    OUT sent_retention_seconds double precision,
+    OUT dlt_retention_seconds double precision,
+    OUT passes bigint,
+    OUT errors bigint,
+    OUT deleted_sent bigint,
+    OUT deleted_dead_lettered bigint,
+    OUT deleted_dlt_failed bigint,
+    OUT deleted_read_side bigint,
+    OUT last_pass_start timestamptz,
+    OUT last_pass_end timestamptz,
+    OUT last_success_at timestamptz,
+    OUT last_error text,
+    OUT last_error_at timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cqrs_cleanup_counters'
+LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION cqrs_cleanup_counters() IS
+    'This database''s cleanup: the cleanup worker''s pid if it runs here, the settings the passes use (in seconds, -1 for ever), and since the server started (shared memory, kept across worker restarts) the passes that succeeded (the worker''s, and cqrs_cleanup() calls whose transaction committed), those that failed, the rows deleted per status, the last pass''s start and end, the last success, the last error; NULL counters when cqrs_sync is not in shared_preload_libraries.';
+REVOKE ALL ON FUNCTION cqrs_cleanup_counters() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_cleanup_counters() TO pg_monitor, cqrs_sync_operator;
+
+CREATE FUNCTION cqrs_cleanup_stats(
+    OUT worker_pid integer,
+    OUT interval_seconds double precision,
+    OUT passes bigint,
+    OUT errors bigint,
+    OUT last_pass_start timestamptz,
+    OUT last_pass_end timestamptz,
+    OUT last_success_at timestamptz,
+    OUT last_success_age_seconds double precision,
+    OUT deleted_sent bigint,
+    OUT deleted_dead_lettered bigint,
+    OUT deleted_dlt_failed bigint,
+    OUT deleted_read_side bigint,
+    OUT last_error text,
+    OUT last_error_at timestamptz,
+    OUT sent_retention_seconds double precision,
+    OUT sent_expired bigint,
+    OUT sent_overdue_seconds double precision,
+    OUT dlt_retention_seconds double precision,
+    OUT awaiting_approval bigint,
+    OUT awaiting_approval_max_wait_seconds double precision)
+RETURNS record
+LANGUAGE sql STABLE PARALLEL RESTRICTED
+-- runs as the extension's owner: monitoring roles need no privilege on the
+-- outbox, its id sequence or the cleanup's state
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+AS $$
+    WITH RECURSIVE
+    st AS (SELECT * FROM @extschema@.cqrs_cleanup_counters()),
+    cut AS (SELECT CASE WHEN st.sent_retention_seconds >= 0
+                        THEN now() - make_interval(secs => st.sent_retention_seconds) END AS sent_cutoff,
+                   CASE WHEN st.dlt_retention_seconds >= 0
+                        THEN now() - make_interval(secs => st.dlt_retention_seconds) END AS dlt_cutoff
+              FROM st),
+    -- below walk_from the last pass left no expired SENT row but those it
+    -- listed in walk_pending (the table cqrs_cleanup_state)
+    w AS (SELECT walk_from, walk_pending FROM @extschema@.cqrs_cleanup_state),
+    -- the first id enqueued at or after the cutoff, by bisection (ids follow
+    -- enqueue time): a row from there on cannot have been sent before it
+    b(lo, hi) AS (
+        SELECT w.walk_from, (SELECT last_value FROM @extschema@.cqrs_outbox_id_seq) + 1 FROM w
+        UNION ALL
+        SELECT CASE WHEN x.c < cut.sent_cutoff THEN m.mid + 1 ELSE b.lo END,
+               CASE WHEN x.c < cut.sent_cutoff THEN b.hi ELSE m.mid END
+          FROM b, cut,
+               LATERAL (SELECT b.lo + (b.hi - b.lo) / 2 AS mid) m,
+               LATERAL (SELECT (SELECT o.created_at FROM @extschema@.cqrs_outbox o
+                                 WHERE o.id >= m.mid ORDER BY o.id LIMIT 1) AS c) x
+         WHERE b.lo < b.hi AND cut.sent_cutoff IS NOT NULL),
+    -- expired SENT rows the cleanup has yet to delete: counted up to 100,000
+    -- (in id order: the oldest first), so that a large backlog costs a
+    -- scrape a bounded read
+    e AS (SELECT count(*) AS n, min(x.sent_at) AS oldest
+            FROM (SELECT o.sent_at FROM @extschema@.cqrs_outbox o
+                   WHERE o.id >= (SELECT walk_from FROM w)
+                     AND o.id < (SELECT max(lo) FROM b)
+                     AND o.status = 'SENT' AND o.sent_at < (SELECT sent_cutoff FROM cut)
+                   ORDER BY o.id LIMIT 100000) x),
+    l AS (SELECT count(*) AS n, min(o.sent_at) AS oldest
+            FROM @extschema@.cqrs_outbox o
+           WHERE o.id = ANY ((SELECT walk_pending FROM w)::bigint[]) AND o.id < (SELECT walk_from FROM w)
+             AND o.status = 'SENT' AND o.sent_at < (SELECT sent_cutoff FROM cut)),
+    -- failed rows old enough to be purged that nobody approved (through the
+    -- failed rows' partial indexes)
+    a AS (SELECT count(*) AS n, min(o.created_at) AS oldest
+            FROM @extschema@.cqrs_outbox o
+           WHERE o.status IN ('DEAD_LETTERED', 'DLT_FAILED') AND o.purge_approved_at IS NULL
+             AND o.created_at < (SELECT dlt_cutoff FROM cut))
+    SELECT st.worker_pid, st.interval_seconds, st.passes, st.errors,
+           st.last_pass_start, st.last_pass_end, st.last_success_at,
+           extract(epoch FROM now() - coalesce(st.last_success_at, pg_postmaster_start_time()))::float8,
+           st.deleted_sent, st.deleted_dead_lettered, st.deleted_dlt_failed, st.deleted_read_side,
+           st.last_error, st.last_error_at,
+           st.sent_retention_seconds, e.n + l.n,
+           coalesce(extract(epoch FROM cut.sent_cutoff - least(e.oldest, l.oldest)), 0)::float8,
+           st.dlt_retention_seconds, a.n,
+           coalesce(extract(epoch FROM cut.dlt_cutoff - a.oldest), 0)::float8
+      FROM st, cut, e, l, a
+$$;
+COMMENT ON FUNCTION cqrs_cleanup_stats() IS
+    'One row for DBAs and exporters: this database''s cleanup (as cqrs_cleanup_counters(), with the age in seconds of the last successful pass, since the server started when none), the SENT rows past cqrs_sync.sent_retention still in the outbox (counted up to 100,000) and by how many seconds the oldest is past it, and the DEAD_LETTERED and DLT_FAILED rows past cqrs_sync.dlt_retention nobody approved for purging and how long the oldest has waited beyond it; 0 when none, and when a retention is -1.';
+REVOKE ALL ON FUNCTION cqrs_cleanup_stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_cleanup_stats() TO pg_monitor, cqrs_sync_operator;
+
+CREATE VIEW cqrs_stats_cleanup AS
+    SELECT (s.worker_pid IS NOT NULL)::integer AS worker_up,
+           s.worker_pid, s.interval_seconds,
+           coalesce(s.passes, 0) AS passes,
+           coalesce(s.errors, 0) AS errors,
+           s.last_pass_start, s.last_pass_end, s.last_success_at, s.last_success_age_seconds,
+           coalesce(s.deleted_sent, 0) AS deleted_sent,
+           coalesce(s.deleted_dead_lettered, 0) AS deleted_dead_lettered,
+           coalesce(s.deleted_dlt_failed, 0) AS deleted_dlt_failed,
+           coalesce(s.deleted_read_side, 0) AS deleted_read_side,
+           s.last_error, s.last_error_at,
+           s.sent_retention_seconds, s.sent_expired, s.sent_overdue_seconds,
+           s.dlt_retention_seconds, s.awaiting_approval, s.awaiting_approval_max_wait_seconds
+      FROM @extschema@.cqrs_cleanup_stats() s;
+COMMENT ON VIEW cqrs_stats_cleanup IS
+    'One row: whether the cleanup worker runs in this database, its interval, the passes that succeeded and failed since the server started (the worker''s and cqrs_cleanup() calls''), the last pass''s start and end, the last success and its age, the rows deleted per status, the last error, the SENT rows past their retention still waiting and the oldest one''s delay, and the failed rows past theirs awaiting a purge approval and the longest wait; for exporters.';
+
+-- Internal: how fresh the dead-letter topic depths in shared memory are.
+CREATE FUNCTION cqrs_dlt_depth_state(
+    OUT checked_at timestamptz,
+    OUT oldest_checked_at timestamptz,
+    OUT interval_seconds double precision,
+    OUT topics integer,
+    OUT partitions integer,
+    OUT monitor_pid integer,
+    OUT last_error text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cqrs_dlt_depth_state'
+LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION cqrs_dlt_depth_state() IS
+    'How fresh the dead-letter topic depths are: when Kafka last answered the monitor worker''s round (NULL: not since the server started), the oldest partition figure, cqrs_sync.dlt_depth_interval in seconds, the topics watched and partitions measured, the monitor worker''s pid, and why its last round (or a partition) failed.';
+REVOKE ALL ON FUNCTION cqrs_dlt_depth_state() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_dlt_depth_state() TO pg_monitor, cqrs_sync_operator;
+
+CREATE VIEW cqrs_stats_dlt_depth AS
+    SELECT (s.monitor_pid IS NOT NULL)::integer AS monitor_up,
+           s.monitor_pid,
+           s.interval_seconds,
+           s.checked_at,
+           extract(epoch FROM now() - coalesce(least(s.checked_at, s.oldest_checked_at),
+                                               pg_postmaster_start_time()))::float8 AS age_seconds,
+           s.topics,
+           s.partitions,
+           (SELECT coalesce(sum(d.messages), 0)
+              FROM @extschema@.cqrs_dlt_depth_partitions() d)::bigint AS messages,
+           s.last_error
+      FROM @extschema@.cqrs_dlt_depth_state() s;
+COMMENT ON VIEW cqrs_stats_dlt_depth IS
+    'One row: whether the monitor worker runs, its poll interval, when Kafka last answered it, how old the dead-letter topic depths are (age_seconds: of the oldest figure or the last round, whichever is older; since the server started when none), the topics watched, the partitions measured, the messages they hold, and the last error; for exporters and the staleness alert.';
+
+REVOKE ALL ON cqrs_stats_cleanup, cqrs_stats_dlt_depth FROM PUBLIC;
+GRANT SELECT ON cqrs_stats_cleanup, cqrs_stats_dlt_depth TO pg_monitor, cqrs_sync_operator;
+
+-- @@MONITORING_END@@

@@ -63,6 +63,13 @@
  * from the relay: deleting writes WAL (a full-page image per page after a
  * checkpoint) that the relay's commits then wait for.
  *
+ * Every pass is counted in shared memory (cleanup_stats.c, the view
+ * cqrs_stats_cleanup): the worker's when it ends, a function's when its
+ * caller's transaction commits; a failed one as an error with its message.
+ * The worker waits at most 5 seconds for a lock (lock_timeout): a pass
+ * blocked by a long transaction fails, and says so, instead of waiting
+ * unseen.
+ *
  * A database still on version 0.1.0 of the extension (before ALTER
  * EXTENSION ... UPDATE) has no cqrs_cleanup_state and no delta memory: the
  * walk then starts at id 0 every pass, as 0.1.0's did.
@@ -99,6 +106,7 @@
 #include "utils/wait_event.h"
 
 #include "apply.h"
+#include "cleanup_stats.h"
 #include "cleanup_worker.h"
 #include "cqrs_sync.h"
 #include "util.h"
@@ -130,6 +138,7 @@ typedef struct CleanupResult
 	int64		dlt_failed;
 	int64		read_side;
 	bool		complete;		/* false: stopped early, rows remain */
+	bool		interrupted;	/* the worker stopped it to shut down */
 } CleanupResult;
 
 /*
@@ -160,6 +169,9 @@ static CleanupPlans plans;
 
 /* The worker said once that the extension is missing. */
 static bool said_missing = false;
+
+/* Without the extension, the worker looks for it this often at most. */
+#define EXTENSION_WAIT_MS 5000
 
 void
 cqrs_cleanup_init(void)
@@ -635,7 +647,10 @@ next_batch(PassState *ps, CleanupResult *res, const char *activity)
 		return 0;
 	}
 	if (stop_requested(ps))
+	{
+		res->interrupted = true;
 		return 0;
+	}
 	batch_begin(ps, activity);
 	return limit;
 }
@@ -1027,6 +1042,9 @@ cqrs_cleanup(PG_FUNCTION_ARGS)
 	CleanupResult res;
 	Datum		values[5];
 	bool		nulls[5] = {false, false, false, false, false};
+	TimestampTz start = GetCurrentTimestamp();
+	MemoryContext cxt = CurrentMemoryContext;
+	CqrsCleanupCounts counts;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
@@ -1038,10 +1056,32 @@ cqrs_cleanup(PG_FUNCTION_ARGS)
 						tupdesc->natts, (int) lengthof(values)),
 				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
 
-	function_pass_begin(&ps, &res);
-	run_pass(&ps, &res);
+	/* a pass that fails is counted as an error, with its message */
+	PG_TRY();
+	{
+		function_pass_begin(&ps, &res);
+		run_pass(&ps, &res);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		cqrs_cleanup_stats_error(start, GetCurrentTimestamp(), edata->message);
+		FreeErrorData(edata);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 	function_pass_end(&res, "cqrs_cleanup",
 					  "Call cqrs_cleanup() again, or let the cleanup worker (cqrs_sync.cleanup_interval) catch up; it commits after every batch.");
+
+	/* a pass that succeeded counts if its transaction commits */
+	counts.sent = res.sent;
+	counts.dead_lettered = res.dead_lettered;
+	counts.dlt_failed = res.dlt_failed;
+	counts.read_side = res.read_side;
+	cqrs_cleanup_stats_pass_at_commit(start, GetCurrentTimestamp(), &counts);
 
 	values[0] = Int64GetDatum(res.sent);
 	values[1] = Int64GetDatum(res.dead_lettered);
@@ -1155,13 +1195,17 @@ worker_pass(CleanupResult *res, MemoryContext pass_ctx)
 
 /*
  * A worker pass; an error is reported and rolled back, and the next pass
- * comes at the next interval.
+ * comes at the next interval.  Returns false when the extension does not
+ * exist (yet) in the database.
  */
-static void
+static bool
 guarded_pass(MemoryContext pass_ctx)
 {
+	volatile bool found = true;
+
 	CleanupResult res;
 	MemoryContext old = MemoryContextSwitchTo(pass_ctx);
+	TimestampTz start = GetCurrentTimestamp();
 
 	PG_TRY();
 	{
@@ -1174,10 +1218,21 @@ guarded_pass(MemoryContext pass_ctx)
 						 errhint("Run CREATE EXTENSION cqrs_sync in database \"%s\".",
 								 cqrs_database)));
 			said_missing = true;
+			found = false;
 		}
 		else
 		{
 			said_missing = false;
+			if (!res.interrupted)
+			{
+				CqrsCleanupCounts counts;
+
+				counts.sent = res.sent;
+				counts.dead_lettered = res.dead_lettered;
+				counts.dlt_failed = res.dlt_failed;
+				counts.read_side = res.read_side;
+				cqrs_cleanup_stats_pass(start, GetCurrentTimestamp(), &counts);
+			}
 			if (res.dead_lettered + res.dlt_failed > 0)
 				ereport(LOG,
 						(errmsg("cqrs_sync cleanup: purged " INT64_FORMAT " approved DEAD_LETTERED and " INT64_FORMAT " approved DLT_FAILED rows",
@@ -1190,15 +1245,44 @@ guarded_pass(MemoryContext pass_ctx)
 	}
 	PG_CATCH();
 	{
+		ErrorData  *edata;
+
 		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(pass_ctx);
+		edata = CopyErrorData();
 		EmitErrorReport();
 		AbortCurrentTransaction();
 		FlushErrorState();
+		cqrs_cleanup_stats_error(start, GetCurrentTimestamp(), edata->message);
 		RESUME_INTERRUPTS();
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(old);
 	MemoryContextReset(pass_ctx);
+	return found;
+}
+
+/*
+ * Session settings the worker's passes depend on, whatever ALTER DATABASE
+ * or ALTER ROLE set: names resolve only where the plans say, statements do
+ * not time out, and a lock held by someone else fails the pass after 5
+ * seconds (an error it counts and reports) instead of blocking it unseen.
+ */
+static void
+pin_settings(void)
+{
+	static const char *const pins[][2] = {
+		{"search_path", "pg_catalog, pg_temp"},
+		{"default_transaction_read_only", "off"},
+		{"default_transaction_isolation", "read committed"},
+		{"statement_timeout", "0"},
+		{"lock_timeout", "5s"},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"session_replication_role", "origin"},
+	};
+
+	for (int i = 0; i < lengthof(pins); i++)
+		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
 }
 
 void
@@ -1206,6 +1290,7 @@ cqrs_cleanup_main(Datum main_arg)
 {
 	MemoryContext pass_ctx;
 	TimestampTz last_start = 0;
+	bool		waiting = false;	/* for CREATE EXTENSION */
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -1214,7 +1299,8 @@ cqrs_cleanup_main(Datum main_arg)
 	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
 
 	/* every name in the plans is qualified; operators come from here */
-	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	pin_settings();
+	cqrs_cleanup_stats_worker_started();
 
 	pass_ctx = AllocSetContextCreate(TopMemoryContext, "cqrs_sync cleanup pass",
 									 ALLOCSET_DEFAULT_SIZES);
@@ -1240,13 +1326,17 @@ cqrs_cleanup_main(Datum main_arg)
 		if (cqrs_cleanup_interval_s > 0)
 		{
 			TimestampTz now = GetCurrentTimestamp();
-			TimestampTz due = TimestampTzPlusMilliseconds(last_start,
-														  cqrs_cleanup_interval_s * 1000);
+			int			interval_ms = cqrs_cleanup_interval_s * 1000;
+			TimestampTz due;
 
+			/* the first pass comes soon after CREATE EXTENSION */
+			if (waiting)
+				interval_ms = Min(interval_ms, EXTENSION_WAIT_MS);
+			due = TimestampTzPlusMilliseconds(last_start, interval_ms);
 			if (last_start == 0 || now >= due)
 			{
 				last_start = now;
-				guarded_pass(pass_ctx);
+				waiting = !guarded_pass(pass_ctx);
 				pgstat_report_activity(STATE_IDLE, NULL);
 				continue;		/* re-check signals and the schedule */
 			}

@@ -7,6 +7,14 @@
  *	  cqrs_dlt_depth view) reads them.  An operator sees from SQL, and an
  *	  exporter from there, whether any dead-letter topic holds messages.
  *
+ *	  Figures that are not refreshed must not look like "no messages": a
+ *	  round that Kafka does not answer changes nothing (the figures stay,
+ *	  with their checked_at), a partition whose watermarks cannot be read
+ *	  keeps its last figure, and the time of the last round Kafka answered
+ *	  and the error of the last failure are kept too.  cqrs_dlt_depth_state()
+ *	  (the cqrs_stats_dlt_depth view) shows how old the figures are, so that
+ *	  an alert can say they are stale.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -17,37 +25,102 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
+#include "cqrs_sync.h"
 #include "dlt_depth.h"
 #include "shmem.h"
 
 PG_FUNCTION_INFO_V1(cqrs_dlt_depth);
+PG_FUNCTION_INFO_V1(cqrs_dlt_depth_state);
+
+/* Columns of cqrs_dlt_depth_state() */
+#define DLT_DEPTH_STATE_COLS 7
 
 /* A slow or absent broker delays only the monitor worker's next round. */
 #define DEPTH_TIMEOUT_MS 1000
 
+/* Publish a round's figures (n of them, for ntopics topics). */
+static void
+publish_round(CqrsDltPartition *found, int n, int ntopics, TimestampTz at,
+			  const char *error)
+{
+	LWLockAcquire(cqrs_shared->dlt_lock, LW_EXCLUSIVE);
+	memcpy(cqrs_shared->dlt, found, sizeof(CqrsDltPartition) * n);
+	cqrs_shared->ndlt = n;
+	cqrs_shared->dlt_topics = ntopics;
+	cqrs_shared->dlt_round_at = at;
+	strlcpy(cqrs_shared->dlt_error, error ? error : "", CQRS_ERROR_LEN);
+	LWLockRelease(cqrs_shared->dlt_lock);
+}
+
+/*
+ * A round that Kafka did not answer (or that could not be made): the
+ * figures stay as they are, older with every round; the error says why.
+ */
+void
+cqrs_dlt_depth_failed(const char *error)
+{
+	LWLockAcquire(cqrs_shared->dlt_lock, LW_EXCLUSIVE);
+	strlcpy(cqrs_shared->dlt_error, error, CQRS_ERROR_LEN);
+	LWLockRelease(cqrs_shared->dlt_lock);
+}
+
 /*
  * Ask Kafka for the watermarks of the partitions of the given topics (a
- * List of C strings) and publish them.  Topics Kafka does not know are left
- * out; so is everything when the metadata request fails (the previous
- * figures stay, with their checked_at).
+ * List of C strings, duplicates allowed) and publish them.  Topics Kafka
+ * does not know are left out.  A partition whose watermarks cannot be read
+ * keeps its previous figure (and its checked_at); when the metadata request
+ * fails, nothing changes but the error.  No topic to watch is a round too:
+ * there is nothing to be stale.
  */
 void
 cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
 {
 	const struct rd_kafka_metadata *md = NULL;
 	CqrsDltPartition *found;
+	CqrsDltPartition *prev;
+	int			nprev;
 	int			n = 0;
+	List	   *distinct = NIL;
+	char	   *error = NULL;
 	TimestampTz now = GetCurrentTimestamp();
+	rd_kafka_resp_err_t err;
 	ListCell   *lc;
 
-	if (rk == NULL || topics == NIL)
+	foreach(lc, topics)
+	{
+		ListCell   *dc;
+		bool		dup = false;
+
+		foreach(dc, distinct)
+			dup |= strcmp(lfirst(dc), lfirst(lc)) == 0;
+		if (!dup)
+			distinct = lappend(distinct, lfirst(lc));
+	}
+	if (distinct == NIL)
+	{
+		publish_round(NULL, 0, 0, now, NULL);
 		return;
-	/* all topics: asking for one by name could auto-create it */
-	if (rd_kafka_metadata(rk, 1, NULL, &md, DEPTH_TIMEOUT_MS) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	}
+	if (rk == NULL)
 		return;
 
+	/* all topics: asking for one by name could auto-create it */
+	err = rd_kafka_metadata(rk, 1, NULL, &md, DEPTH_TIMEOUT_MS);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		cqrs_dlt_depth_failed(psprintf("Kafka did not answer the metadata request: %s",
+									   rd_kafka_err2str(err)));
+		return;
+	}
+
+	prev = palloc(sizeof(CqrsDltPartition) * CQRS_DLT_MAX);
+	LWLockAcquire(cqrs_shared->dlt_lock, LW_SHARED);
+	nprev = cqrs_shared->ndlt;
+	memcpy(prev, cqrs_shared->dlt, sizeof(CqrsDltPartition) * nprev);
+	LWLockRelease(cqrs_shared->dlt_lock);
+
 	found = palloc0(sizeof(CqrsDltPartition) * CQRS_DLT_MAX);
-	foreach(lc, topics)
+	foreach(lc, distinct)
 	{
 		const char *name = lfirst(lc);
 
@@ -59,15 +132,25 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
 				continue;
 			for (int p = 0; p < mt->partition_cnt && n < CQRS_DLT_MAX; p++)
 			{
+				int32		part = mt->partitions[p].id;
 				int64_t		low,
 							high;
 
-				if (rd_kafka_query_watermark_offsets(rk, name, mt->partitions[p].id,
-													 &low, &high, DEPTH_TIMEOUT_MS) !=
-					RD_KAFKA_RESP_ERR_NO_ERROR)
+				err = rd_kafka_query_watermark_offsets(rk, name, part, &low, &high,
+													   DEPTH_TIMEOUT_MS);
+				if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+				{
+					/* its last figure stays, and ages */
+					for (int i = 0; i < nprev; i++)
+						if (prev[i].partition == part && strcmp(prev[i].topic, name) == 0)
+							found[n++] = prev[i];
+					if (error == NULL)
+						error = psprintf("Kafka did not answer for the watermarks of %s[%d]: %s",
+										 name, part, rd_kafka_err2str(err));
 					continue;
+				}
 				strlcpy(found[n].topic, name, CQRS_TOPIC_NAMELEN);
-				found[n].partition = mt->partitions[p].id;
+				found[n].partition = part;
 				found[n].low = low;
 				found[n].high = high;
 				found[n].checked_at = now;
@@ -77,11 +160,9 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
 	}
 	rd_kafka_metadata_destroy(md);
 
-	LWLockAcquire(cqrs_shared->dlt_lock, LW_EXCLUSIVE);
-	memcpy(cqrs_shared->dlt, found, sizeof(CqrsDltPartition) * n);
-	cqrs_shared->ndlt = n;
-	LWLockRelease(cqrs_shared->dlt_lock);
+	publish_round(found, n, list_length(distinct), now, error);
 	pfree(found);
+	pfree(prev);
 }
 
 /*
@@ -128,4 +209,70 @@ cqrs_dlt_depth(PG_FUNCTION_ARGS)
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	PG_RETURN_VOID();
+}
+
+/*
+ * cqrs_dlt_depth_state() -> (checked_at, oldest_checked_at, interval_seconds,
+ *							  topics, partitions, monitor_pid, last_error)
+ *
+ * How fresh the dead-letter topic depths are: when Kafka last answered a
+ * round (NULL: not since the server started), the oldest figure, the poll
+ * interval, what is watched, whether the monitor worker runs, and why the
+ * last round or a partition failed.
+ */
+Datum
+cqrs_dlt_depth_state(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[DLT_DEPTH_STATE_COLS];
+	bool		nulls[DLT_DEPTH_STATE_COLS];
+	TimestampTz round_at;
+	TimestampTz oldest = 0;
+	int			ntopics;
+	int			n;
+	pid_t		pid;
+	char		error[CQRS_ERROR_LEN];
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	if (tupdesc->natts != DLT_DEPTH_STATE_COLS)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("cqrs_dlt_depth_state() returns %d columns, the library expected %d",
+						tupdesc->natts, DLT_DEPTH_STATE_COLS),
+				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+
+	memset(nulls, 0, sizeof(nulls));
+	if (cqrs_shared == NULL)
+	{
+		/* not preloaded: no monitor worker, no figures */
+		memset(nulls, 1, sizeof(nulls));
+		values[2] = Float8GetDatum(cqrs_dlt_depth_interval_ms / 1000.0);
+		nulls[2] = false;
+		PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+	}
+
+	LWLockAcquire(cqrs_shared->dlt_lock, LW_SHARED);
+	round_at = cqrs_shared->dlt_round_at;
+	ntopics = cqrs_shared->dlt_topics;
+	n = cqrs_shared->ndlt;
+	for (int i = 0; i < n; i++)
+		if (oldest == 0 || cqrs_shared->dlt[i].checked_at < oldest)
+			oldest = cqrs_shared->dlt[i].checked_at;
+	pid = cqrs_shared->monitor_pid;
+	memcpy(error, cqrs_shared->dlt_error, CQRS_ERROR_LEN);
+	LWLockRelease(cqrs_shared->dlt_lock);
+
+	values[0] = TimestampTzGetDatum(round_at);
+	nulls[0] = (round_at == 0);
+	values[1] = TimestampTzGetDatum(oldest);
+	nulls[1] = (oldest == 0);
+	values[2] = Float8GetDatum(cqrs_dlt_depth_interval_ms / 1000.0);
+	values[3] = Int32GetDatum(ntopics);
+	values[4] = Int32GetDatum(n);
+	values[5] = Int32GetDatum(pid);
+	nulls[5] = (pid == 0);
+	values[6] = CStringGetTextDatum(error);
+	nulls[6] = (error[0] == '\0');
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

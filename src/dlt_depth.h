@@ -2,7 +2,8 @@
  *
  * dlt_depth.h
  *	  How many messages each dead-letter topic holds, asked of Kafka by the
- *	  relay and published in shared memory for the cqrs_dlt_depth view.
+ *	  monitor worker and published in shared memory for the cqrs_dlt_depth
+ *	  view, and how fresh that is (cqrs_stats_dlt_depth).
  *
  *-------------------------------------------------------------------------
  */
@@ -14,5 +15,6 @@
 #include "nodes/pg_list.h"
 
 extern void cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics);
+extern void cqrs_dlt_depth_failed(const char *error);
 
 #endif							/* CQRS_DLT_DEPTH_H */

@@ -10,7 +10,9 @@
  * the view cqrs_dlt_depth (dlt_depth.c).  Kafka's metadata and watermark
  * queries block until the broker answers; they run here, in a process of
  * their own, so that a slow or unreachable partition never delays the
- * relay.
+ * relay.  When the relay dead-letters rows it sets this worker's latch: the
+ * next round starts at once (at most one a second), so that a new dead
+ * letter shows, and pages, without waiting for the poll interval.
  *
  *-------------------------------------------------------------------------
  */
@@ -25,6 +27,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lwlock.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -36,9 +39,13 @@
 #include "dlt_depth.h"
 #include "kafka.h"
 #include "monitor_worker.h"
+#include "shmem.h"
 #include "util.h"
 
 PGDLLEXPORT void cqrs_monitor_main(Datum main_arg);
+
+/* Rounds asked for by the relay come at most this often */
+#define WAKE_MIN_INTERVAL_MS 1000
 
 static rd_kafka_t *client = NULL;
 
@@ -110,8 +117,13 @@ refresh(void)
 	topics = list_copy(seen_topics);
 	for (char *tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save))
 		topics = lappend(topics, tok);
+
 	if (topics == NIL)
+	{
+		/* nothing to watch: nothing can be stale */
+		cqrs_dlt_depth_refresh(NULL, NIL);
 		return;
+	}
 
 	if (client == NULL)
 	{
@@ -121,6 +133,7 @@ refresh(void)
 			ereport(WARNING,
 					(errcode(ERRCODE_CONFIG_FILE_ERROR),
 					 errmsg("cqrs_sync monitor: %s", errbuf)));
+			cqrs_dlt_depth_failed(errbuf);
 			return;
 		}
 	}
@@ -132,11 +145,24 @@ refresh(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
+static void
+monitor_detach_shmem(int code, Datum arg)
+{
+	LWLockAcquire(cqrs_shared->dlt_lock, LW_EXCLUSIVE);
+	if (cqrs_shared->monitor_pid == MyProcPid)
+	{
+		cqrs_shared->monitor_pid = 0;
+		cqrs_shared->monitor_latch = NULL;
+	}
+	LWLockRelease(cqrs_shared->dlt_lock);
+}
+
 void
 cqrs_monitor_main(Datum main_arg)
 {
 	MemoryContext loop_cxt;
 	TimestampTz last = 0;
+	bool		asked = false;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -146,11 +172,19 @@ cqrs_monitor_main(Datum main_arg)
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
 
+	LWLockAcquire(cqrs_shared->dlt_lock, LW_EXCLUSIVE);
+	cqrs_shared->monitor_pid = MyProcPid;
+	cqrs_shared->monitor_latch = MyLatch;
+	LWLockRelease(cqrs_shared->dlt_lock);
+	before_shmem_exit(monitor_detach_shmem, (Datum) 0);
+
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "cqrs_sync monitor loop",
 									 ALLOCSET_DEFAULT_SIZES);
 	while (!ShutdownRequestPending)
 	{
 		long		timeout = cqrs_dlt_depth_interval_ms > 0 ? cqrs_dlt_depth_interval_ms : 60000;
+		TimestampTz now;
+		bool		due;
 		MemoryContext old;
 
 		ResetLatch(MyLatch);
@@ -166,14 +200,30 @@ cqrs_monitor_main(Datum main_arg)
 			}
 			last = 0;
 		}
-		if (cqrs_dlt_depth_interval_ms > 0 &&
-			TimestampDifferenceExceeds(last, GetCurrentTimestamp(), cqrs_dlt_depth_interval_ms))
+		/* the relay dead-lettered rows: a round soon, not at the next poll */
+		if (pg_atomic_exchange_u32(&cqrs_shared->dlt_refresh, 0) != 0)
+			asked = true;
+		now = GetCurrentTimestamp();
+		due = cqrs_dlt_depth_interval_ms > 0 &&
+			(TimestampDifferenceExceeds(last, now, cqrs_dlt_depth_interval_ms) ||
+			 (asked && TimestampDifferenceExceeds(last, now, WAKE_MIN_INTERVAL_MS)));
+		if (due)
 		{
+			asked = false;
 			old = MemoryContextSwitchTo(loop_cxt);
 			refresh();
 			MemoryContextSwitchTo(old);
 			MemoryContextReset(loop_cxt);
 			last = GetCurrentTimestamp();
+		}
+		else if (asked && cqrs_dlt_depth_interval_ms > 0)
+		{
+			long		secs;
+			int			usecs;
+
+			TimestampDifference(now, TimestampTzPlusMilliseconds(last, WAKE_MIN_INTERVAL_MS),
+								&secs, &usecs);
+			timeout = Min(timeout, secs * 1000 + usecs / 1000 + 1);
 		}
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 timeout, PG_WAIT_EXTENSION);

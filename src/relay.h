@@ -59,6 +59,8 @@ typedef struct RelayRow
 	int			delay_ms;		/* RO_RETRY */
 	char	   *error;			/* why it failed */
 	char	   *dlt_error;		/* why its dead letter failed */
+	bool		dlt_attempt_failed; /* it was published to its dead-letter
+									 * topic, which refused it or failed */
 	bool		newly_paused;	/* its failure paused its topic */
 	bool		failure_noted;	/* relay_order.c knows of its failure */
 	dlist_node	node;			/* in flight, or reported, or done */
@@ -128,7 +130,7 @@ extern void order_recorded(RelayRow *row);
 extern TimestampTz order_expire(TimestampTz now);
 
 /* ---- relay_record.c ---- */
-extern void record_prepare(const char *outbox);
+extern void record_prepare(const char *outbox, const char *audit);
 extern int	record_outcomes(dlist_head *rows, TimestampTz acked_at);
 extern void record_after_commit(dlist_head *rows);
 extern void record_queue_alert(const char *json);

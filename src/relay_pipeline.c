@@ -865,6 +865,7 @@ produce_dead_letter(RelayRow *row)
 
 		row->dlt_error = psprintf("dead-letter topic \"%s\": %s", dlt_topic,
 								  cqrs_kafka_error_text(err, buf, sizeof(buf)));
+		row->dlt_attempt_failed = true;
 		row->delay_ms = backoff_ms(row->retry_count);
 		finish(row, (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG) ?
 			   RO_DLT_FAILED : RO_RETRY);
@@ -891,6 +892,7 @@ dead_letter_report(RelayRow *row)
 	cls = cqrs_kafka_classify(row->msg.err);
 	row->dlt_error = psprintf("dead-letter topic \"%s\": %s", row->msg.topic,
 							  cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
+	row->dlt_attempt_failed = true;
 	if (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG)
 		finish(row, RO_DLT_FAILED);
 	else

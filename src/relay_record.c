@@ -7,7 +7,10 @@
  * acknowledged rows become SENT (or are deleted with
  * cqrs_sync.delete_on_sent), failed ones get their retry time and error,
  * dead-lettered ones DEAD_LETTERED, and those the dead-letter topic refused
- * DLT_FAILED, each kind with one statement for all its rows.  Alerts go out
+ * DLT_FAILED, each kind with one statement for all its rows.  Every failed
+ * dead-letter publish of a row adds one to its dlt_retry_count (operator
+ * retries do not reset it) and leaves a DLT_PUBLISH_FAILED row with its
+ * error in cqrs_outbox_audit, in the same statement.  Alerts go out
  * in the same transaction as NOTIFYs on channel cqrs_sync_alert, with JSON
  * payloads of bounded size that carry ids, topic and error, never keys or
  * payloads.  Log lines and counters follow once the transaction committed.
@@ -42,14 +45,24 @@ static SPIPlanPtr fail_plan = NULL;
 static SPIPlanPtr dead_plan = NULL;
 static SPIPlanPtr dltfail_plan = NULL;
 
+/* What the plans return (they audit from version 0.2.0 on) */
+static int	fail_plan_ok;
+static int	dltfail_plan_ok;
+
 /* Alerts waiting for the next transaction (e.g. a partition stalled). */
 static List *queued_alerts = NIL;
 
+/*
+ * Prepare the plans for the outbox and, when it can take the relay's
+ * entries, the audit trail (NULL: before version 0.2.0).
+ */
 void
-record_prepare(const char *outbox)
+record_prepare(const char *outbox, const char *audit)
 {
 	Oid			sent_types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
-	Oid			fail_types[4] = {INT8ARRAYOID, INT4ARRAYOID, FLOAT8ARRAYOID, TEXTARRAYOID};
+	Oid			fail_types[5] = {INT8ARRAYOID, INT4ARRAYOID, FLOAT8ARRAYOID, TEXTARRAYOID,
+	INT4ARRAYOID};
+	char	   *update;
 	Oid			dead_types[3] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID};
 
 	if (sent_plan)
@@ -69,28 +82,59 @@ record_prepare(const char *outbox)
 											   "DELETE FROM %s WHERE id = ANY ($1) AND status = 'PENDING'",
 											   outbox),
 									  1, sent_types);
-	fail_plan = cqrs_keep_plan(psprintf(
-										"UPDATE %s o SET retry_count = o.retry_count + f.inc,"
-										" next_attempt_at = CASE WHEN f.delay_ms > 0"
-										" THEN now() + f.delay_ms * interval '1 millisecond' END,"
-										" last_error = f.err"
-										" FROM unnest($1, $2, $3, $4) AS f(id, inc, delay_ms, err)"
-										" WHERE o.id = f.id AND o.status = 'PENDING'", outbox),
-							   4, fail_types);
+	/* $5: 1 when the row's dead-letter publish failed (it stays PENDING) */
+	update = psprintf("UPDATE %s o SET retry_count = o.retry_count + f.inc,"
+					  " dlt_retry_count = o.dlt_retry_count + f.dlt_inc,"
+					  " next_attempt_at = CASE WHEN f.delay_ms > 0"
+					  " THEN now() + f.delay_ms * interval '1 millisecond' END,"
+					  " last_error = f.err"
+					  " FROM unnest($1, $2, $3, $4, $5) AS f(id, inc, delay_ms, err, dlt_inc)"
+					  " WHERE o.id = f.id AND o.status = 'PENDING'", outbox);
+	if (audit)
+	{
+		fail_plan = cqrs_keep_plan(psprintf(
+											"WITH u AS (%s RETURNING o.id, o.event_id, o.topic, o.key, o.status,"
+											"                      f.err, f.dlt_inc)"
+											" INSERT INTO %s (action, outbox_id, event_id, topic, key, status, reason)"
+											" SELECT 'DLT_PUBLISH_FAILED', id, event_id, topic, key, status, err"
+											"   FROM u WHERE dlt_inc > 0", update, audit),
+								   5, fail_types);
+		fail_plan_ok = SPI_OK_INSERT;
+	}
+	else
+	{
+		fail_plan = cqrs_keep_plan(update, 5, fail_types);
+		fail_plan_ok = SPI_OK_UPDATE;
+	}
 	dead_plan = cqrs_keep_plan(psprintf(
 										"UPDATE %s o SET status = 'DEAD_LETTERED', retry_count = f.cnt,"
 										" last_error = f.err, next_attempt_at = NULL"
 										" FROM unnest($1, $2, $3) AS f(id, cnt, err)"
 										" WHERE o.id = f.id AND o.status = 'PENDING'", outbox),
 							   3, dead_types);
-	dltfail_plan = cqrs_keep_plan(psprintf(
-										   "UPDATE %s o SET status = 'DLT_FAILED', retry_count = f.cnt,"
-										   " dlt_retry_count = o.dlt_retry_count + 1,"
-										   " last_error = f.err, next_attempt_at = NULL"
-										   " FROM unnest($1, $2, $3) AS f(id, cnt, err)"
-										   " WHERE o.id = f.id AND o.status = 'PENDING'"
-										   " RETURNING o.id, o.dlt_retry_count", outbox),
-								  3, dead_types);
+	update = psprintf("UPDATE %s o SET status = 'DLT_FAILED', retry_count = f.cnt,"
+					  " dlt_retry_count = o.dlt_retry_count + 1,"
+					  " last_error = f.err, next_attempt_at = NULL"
+					  " FROM unnest($1, $2, $3) AS f(id, cnt, err)"
+					  " WHERE o.id = f.id AND o.status = 'PENDING'", outbox);
+	if (audit)
+	{
+		dltfail_plan = cqrs_keep_plan(psprintf(
+											   "WITH u AS (%s RETURNING o.id, o.event_id, o.topic, o.key,"
+											   "                      o.dlt_retry_count, f.err),"
+											   " a AS (INSERT INTO %s (action, outbox_id, event_id, topic, key, status, reason)"
+											   "       SELECT 'DLT_PUBLISH_FAILED', id, event_id, topic, key, 'DLT_FAILED', err"
+											   "         FROM u)"
+											   " SELECT id, dlt_retry_count FROM u", update, audit),
+									  3, dead_types);
+		dltfail_plan_ok = SPI_OK_SELECT;
+	}
+	else
+	{
+		dltfail_plan = cqrs_keep_plan(psprintf("%s RETURNING o.id, o.dlt_retry_count", update),
+									  3, dead_types);
+		dltfail_plan_ok = SPI_OK_UPDATE_RETURNING;
+	}
 }
 
 /* Execute a kept plan whose outcome must be expected. */
@@ -176,7 +220,8 @@ record_outcomes(dlist_head *rows, TimestampTz acked_at)
 	Datum	   *f_ids,
 			   *f_inc,
 			   *f_delay,
-			   *f_err;
+			   *f_err,
+			   *f_dlt;
 	Datum	   *d_ids,
 			   *d_cnt,
 			   *d_err;
@@ -200,6 +245,7 @@ record_outcomes(dlist_head *rows, TimestampTz acked_at)
 	f_inc = palloc(sizeof(Datum) * Max(nrows, 1));
 	f_delay = palloc(sizeof(Datum) * Max(nrows, 1));
 	f_err = palloc(sizeof(Datum) * Max(nrows, 1));
+	f_dlt = palloc(sizeof(Datum) * Max(nrows, 1));
 	d_ids = palloc(sizeof(Datum) * Max(nrows, 1));
 	d_cnt = palloc(sizeof(Datum) * Max(nrows, 1));
 	d_err = palloc(sizeof(Datum) * Max(nrows, 1));
@@ -221,6 +267,7 @@ record_outcomes(dlist_head *rows, TimestampTz acked_at)
 				f_inc[nfail] = Int32GetDatum(row->inc);
 				f_delay[nfail] = Float8GetDatum((double) row->delay_ms);
 				f_err[nfail] = CStringGetTextDatum(row_error(row));
+				f_dlt[nfail] = Int32GetDatum(row->dlt_attempt_failed ? 1 : 0);
 				nfail++;
 				break;
 			case RO_DEAD:
@@ -254,12 +301,13 @@ record_outcomes(dlist_head *rows, TimestampTz acked_at)
 	}
 	if (nfail > 0)
 	{
-		Datum		args[4] = {make_array(f_ids, nfail, INT8OID),
+		Datum		args[5] = {make_array(f_ids, nfail, INT8OID),
 			make_array(f_inc, nfail, INT4OID),
 			make_array(f_delay, nfail, FLOAT8OID),
-		make_array(f_err, nfail, TEXTOID)};
+			make_array(f_err, nfail, TEXTOID),
+		make_array(f_dlt, nfail, INT4OID)};
 
-		run_plan(fail_plan, args, SPI_OK_UPDATE, "recording failures");
+		run_plan(fail_plan, args, fail_plan_ok, "recording failures");
 	}
 	if (ndead > 0)
 	{
@@ -277,7 +325,7 @@ record_outcomes(dlist_head *rows, TimestampTz acked_at)
 		HTAB	   *counts;
 		HASHCTL		ctl;
 
-		run_plan(dltfail_plan, args, SPI_OK_UPDATE_RETURNING, "recording DLT_FAILED rows");
+		run_plan(dltfail_plan, args, dltfail_plan_ok, "recording DLT_FAILED rows");
 
 		/* one alert per row: ids, topic and error; never its key */
 		ctl.keysize = sizeof(int64);
@@ -412,6 +460,8 @@ record_after_commit(dlist_head *rows)
 	if (ndead > 0)
 	{
 		pg_atomic_fetch_add_u64(&cqrs_shared->dead_lettered, ndead);
+		/* the dead letters are in their topics: measured, and paged, now */
+		cqrs_wake_monitor();
 		ereport(LOG,
 				(errmsg("cqrs_sync relay: %d message(s) dead-lettered after %d failed attempts or more",
 						ndead, cqrs_max_retries + 1)));

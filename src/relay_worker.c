@@ -123,7 +123,10 @@ relay_detach_shmem(int code, Datum arg)
 	if (cqrs_shared && cqrs_shared->relay_pid == MyProcPid)
 	{
 		cqrs_shared->relay_latch = NULL;
+		SpinLockAcquire(&cqrs_shared->mutex);
 		cqrs_shared->relay_pid = 0;
+		cqrs_shared->relay_dboid = InvalidOid;
+		SpinLockRelease(&cqrs_shared->mutex);
 	}
 }
 
@@ -190,7 +193,9 @@ static bool
 ensure_plans(void)
 {
 	Oid			ext;
+	const char *schema;
 	char	   *outbox;
+	char	   *audit = NULL;
 	int			ret;
 	bool		isnull;
 	Oid			seq;
@@ -213,8 +218,8 @@ ensure_plans(void)
 		return false;
 	}
 
-	outbox = psprintf("%s.cqrs_outbox",
-					  quote_identifier(cqrs_extension_schema(ext)));
+	schema = quote_identifier(cqrs_extension_schema(ext));
+	outbox = psprintf("%s.cqrs_outbox", schema);
 	ret = SPI_execute(psprintf("SELECT %s::pg_catalog.regclass::pg_catalog.oid,"
 							   " pg_catalog.pg_get_serial_sequence(%s, 'id')::pg_catalog.regclass::pg_catalog.oid",
 							   quote_literal_cstr(outbox), quote_literal_cstr(outbox)),
@@ -228,8 +233,19 @@ ensure_plans(void)
 	if (isnull)
 		elog(ERROR, "cqrs_sync relay: %s.id has no sequence", outbox);
 
+	/*
+	 * Failed dead-letter publishes are audited from version 0.2.0 on (an
+	 * older cqrs_outbox_audit refuses the action): before ALTER EXTENSION
+	 * ... UPDATE the relay only counts them.
+	 */
+	ret = SPI_execute("SELECT extversion <> '0.1.0' FROM pg_catalog.pg_extension"
+					  " WHERE extname = 'cqrs_sync'", true, 1);
+	if (ret == SPI_OK_SELECT && SPI_processed == 1 &&
+		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+		audit = psprintf("%s.cqrs_outbox_audit", schema);
+
 	pipeline_prepare(outbox, seq);
-	record_prepare(outbox);
+	record_prepare(outbox, audit);
 	plans_ext = ext;
 	plans_valid = true;
 	return true;
@@ -696,7 +712,10 @@ cqrs_relay_main(Datum main_arg)
 	pipeline_init();
 	CacheRegisterRelcacheCallback(relay_relcache_callback, (Datum) 0);
 
+	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->relay_pid = MyProcPid;
+	cqrs_shared->relay_dboid = MyDatabaseId;
+	SpinLockRelease(&cqrs_shared->mutex);
 	cqrs_shared->relay_latch = MyLatch;
 	before_shmem_exit(relay_detach_shmem, (Datum) 0);
 

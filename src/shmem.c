@@ -68,7 +68,7 @@ cqrs_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(cqrs_shmem_size());
-	RequestNamedLWLockTranche("cqrs_sync", 2);
+	RequestNamedLWLockTranche("cqrs_sync", 3);
 }
 
 static void
@@ -88,6 +88,7 @@ cqrs_shmem_startup(void)
 		memset(cqrs_shared, 0, cqrs_shmem_size());
 		cqrs_shared->relay_latch = NULL;
 		cqrs_shared->relay_pid = 0;
+		cqrs_shared->relay_dboid = InvalidOid;
 		pg_atomic_init_u32(&cqrs_shared->rescan, 0);
 		pg_atomic_init_u64(&cqrs_shared->events_sent, 0);
 		pg_atomic_init_u64(&cqrs_shared->events_failed, 0);
@@ -104,6 +105,24 @@ cqrs_shmem_startup(void)
 		cqrs_shared->relay_state = CQRS_RELAY_RUNNING;
 		cqrs_shared->dlt_lock = &locks[0].lock;
 		cqrs_shared->inflight_lock = &locks[1].lock;
+		cqrs_shared->monitor_pid = 0;
+		cqrs_shared->monitor_latch = NULL;
+		pg_atomic_init_u32(&cqrs_shared->dlt_refresh, 0);
+		cqrs_shared->cleanup_lock = &locks[2].lock;
+		cqrs_shared->cleanup_pid = 0;
+		cqrs_shared->cleanup_dboid = InvalidOid;
+		for (int i = 0; i < CQRS_CLEANUP_DBS; i++)
+		{
+			CqrsCleanupSlot *c = &cqrs_shared->cleanup[i];
+
+			c->dboid = InvalidOid;
+			pg_atomic_init_u64(&c->passes, 0);
+			pg_atomic_init_u64(&c->errors, 0);
+			pg_atomic_init_u64(&c->deleted_sent, 0);
+			pg_atomic_init_u64(&c->deleted_dead_lettered, 0);
+			pg_atomic_init_u64(&c->deleted_dlt_failed, 0);
+			pg_atomic_init_u64(&c->deleted_read_side, 0);
+		}
 		pg_atomic_init_u64(&cqrs_shared->discard_seq, 0);
 		cqrs_shared->nslots = MaxBackends;
 		for (int i = 0; i < MaxBackends; i++)
@@ -517,6 +536,25 @@ cqrs_wake_relay(void)
 	if (cqrs_shared == NULL)
 		return;
 	latch = cqrs_shared->relay_latch;
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/*
+ * The relay dead-lettered rows: the monitor worker measures the dead-letter
+ * topics soon (at most once a second), not only at its next poll, so that a
+ * new dead letter shows in cqrs_dlt_depth, and pages, at once.
+ */
+void
+cqrs_wake_monitor(void)
+{
+	Latch	   *latch;
+
+	if (cqrs_shared == NULL)
+		return;
+	pg_atomic_write_u32(&cqrs_shared->dlt_refresh, 1);
+	pg_memory_barrier();
+	latch = cqrs_shared->monitor_latch;
 	if (latch != NULL)
 		SetLatch(latch);
 }

@@ -4,7 +4,8 @@
  *	  Shared memory of cqrs_sync: the in-flight enqueue registry that keeps
  *	  per-key order across out-of-order commits, the ids the relay has in
  *	  flight (so that cqrs_discard() never races a send), the relay's latch,
- *	  counters, phase timers and state, and the dead-letter topic depths.
+ *	  counters, phase timers and state, the dead-letter topic depths and how
+ *	  fresh they are, and the cleanup's counters per database.
  *
  *-------------------------------------------------------------------------
  */
@@ -97,6 +98,32 @@ typedef struct CqrsDltPartition
 	TimestampTz checked_at;
 } CqrsDltPartition;
 
+/*
+ * The cleanup's counters of one database (cqrs_stats_cleanup): passes of
+ * its cleanup worker and cqrs_cleanup() calls whose transaction committed.
+ * A slot belongs to a database from its first pass; when every slot is
+ * taken, the one whose last pass is the oldest is given to the next
+ * database.  The counters are atomics; a slot's owner and times, and the
+ * error text, change under cleanup_lock (exclusive).
+ */
+#define CQRS_CLEANUP_DBS 16
+
+typedef struct CqrsCleanupSlot
+{
+	Oid			dboid;			/* InvalidOid: free */
+	pg_atomic_uint64 passes;	/* succeeded */
+	pg_atomic_uint64 errors;	/* failed */
+	pg_atomic_uint64 deleted_sent;
+	pg_atomic_uint64 deleted_dead_lettered;
+	pg_atomic_uint64 deleted_dlt_failed;
+	pg_atomic_uint64 deleted_read_side;
+	TimestampTz last_pass_start;	/* of the last pass that ended */
+	TimestampTz last_pass_end;
+	TimestampTz last_success_at;	/* end of the last successful pass */
+	TimestampTz last_error_at;
+	char		last_error[CQRS_ERROR_LEN];
+} CqrsCleanupSlot;
+
 /* Time the relay spent per phase, in microseconds (cqrs_stats_relay). */
 typedef enum CqrsRelayPhase
 {
@@ -114,6 +141,7 @@ typedef struct CqrsShared
 	/* relay worker */
 	Latch	   *relay_latch;	/* NULL when no relay is running */
 	pid_t		relay_pid;
+	Oid			relay_dboid;	/* the database it runs in */
 	pg_atomic_uint32 rescan;	/* an operator asks for a full rescan */
 
 	/* relay counters since server start */
@@ -144,6 +172,22 @@ typedef struct CqrsShared
 	LWLock	   *dlt_lock;
 	int			ndlt;
 	CqrsDltPartition dlt[CQRS_DLT_MAX];
+	TimestampTz dlt_round_at;	/* the last round Kafka answered (under
+								 * dlt_lock, as the rest of the round) */
+	int			dlt_topics;		/* topics watched in that round */
+	char		dlt_error[CQRS_ERROR_LEN];	/* why the last round (or a
+											 * partition) failed; "" */
+
+	/* monitor worker (under dlt_lock) */
+	pid_t		monitor_pid;
+	Latch	   *monitor_latch;
+	pg_atomic_uint32 dlt_refresh;	/* the relay asks for a round now */
+
+	/* cleanup worker and the cleanup's counters (under cleanup_lock) */
+	LWLock	   *cleanup_lock;
+	pid_t		cleanup_pid;
+	Oid			cleanup_dboid;
+	CqrsCleanupSlot cleanup[CQRS_CLEANUP_DBS];
 
 	/*
 	 * Ids the relay has handed (or is about to hand) to the producer and not
@@ -189,5 +233,6 @@ extern void cqrs_relay_set_state(CqrsRelayState state, const char *topic,
 								 const char *reason);
 extern void cqrs_relay_set_stalled(const char *text);
 extern void cqrs_relay_add_phase(CqrsRelayPhase phase, int64 us);
+extern void cqrs_wake_monitor(void);
 
 #endif							/* CQRS_SHMEM_H */

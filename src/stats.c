@@ -12,6 +12,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "commands/dbcommands.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
@@ -29,8 +30,8 @@ typedef enum RelayStateVersion
 } RelayStateVersion;
 
 #define RELAY_STATE_COLS_V0_1	13
-#define RELAY_STATE_COLS_V0_2	25
-#define RELAY_STATE_COLS		25	/* the most of any version */
+#define RELAY_STATE_COLS_V0_2	26
+#define RELAY_STATE_COLS		26	/* the most of any version */
 
 static const char *const state_names[CQRS_RELAY_NSTATES] = {
 	"running", "paused", "waiting for broker", "partition stalled",
@@ -55,6 +56,8 @@ relay_state(FunctionCallInfo fcinfo, RelayStateVersion version)
 	int64		window;
 	int			state;
 	pid_t		pid;
+	Oid			dboid;
+	char	   *dbname;
 	int			i = 0;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -76,6 +79,7 @@ relay_state(FunctionCallInfo fcinfo, RelayStateVersion version)
 
 	SpinLockAcquire(&cqrs_shared->mutex);
 	pid = cqrs_shared->relay_pid;
+	dboid = cqrs_shared->relay_dboid;
 	last_success_at = cqrs_shared->last_success_at;
 	last_error_at = cqrs_shared->last_error_at;
 	memcpy(last_error, cqrs_shared->last_error, CQRS_ERROR_LEN);
@@ -124,6 +128,9 @@ relay_state(FunctionCallInfo fcinfo, RelayStateVersion version)
 		values[i++] = Float8GetDatum(ack_wait_max_us / 1e3);
 		for (int p = 0; p < CQRS_NPHASES; p++)
 			values[i++] = Float8GetDatum(pg_atomic_read_u64(&cqrs_shared->phase_us[p]) / 1e6);
+		dbname = (pid != 0 && OidIsValid(dboid)) ? get_database_name(dboid) : NULL;
+		values[i] = dbname ? CStringGetTextDatum(dbname) : (Datum) 0;
+		nulls[i++] = (dbname == NULL);
 	}
 	Assert(i == ncols);
 
@@ -139,8 +146,8 @@ cqrs_relay_state(PG_FUNCTION_ARGS)
 
 /*
  * Version 0.2.0: also stalled_partitions, window, transactions, acks,
- * ack_wait_seconds, ack_wait_max_ms and the seconds spent per phase
- * (record, claim, commit, flush, produce, poll).
+ * ack_wait_seconds, ack_wait_max_ms, the seconds spent per phase (record,
+ * claim, commit, flush, produce, poll) and the database the relay runs in.
  */
 Datum
 cqrs_relay_state_0_2(PG_FUNCTION_ARGS)

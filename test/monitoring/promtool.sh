@@ -4,8 +4,10 @@
 # prove):
 #   - promtool check rules alerts.yml, promtool test rules alerts_test.yml;
 #   - amtool check-config on alertmanager.yml (and on the e2e test's
-#     Alertmanager configuration), and that its routes send each severity
-#     where the file says;
+#     Alertmanager configuration: its routing and inhibition with local
+#     receivers), that its routes send each severity where the file says
+#     (every critical alert of alerts.yml pages), and that its inhibition
+#     rules name alerts that exist;
 #   - every cqrs_* metric that alerts.yml, alerts_test.yml and the Grafana
 #     dashboard use is one that postgres_exporter.yml produces (the exporter
 #     names a metric <query name>_<column>);
@@ -53,8 +55,12 @@ ok "promtool check rules alerts.yml" promtool check rules "$DIR/alerts.yml"
 ok "promtool test rules alerts_test.yml" promtool test rules "$DIR/alerts_test.yml"
 ok "amtool check-config alertmanager.yml" amtool check-config "$DIR/alertmanager.yml"
 
-sed 's|@WEBHOOK_URL@|http://127.0.0.1:9/hook|' "$HERE/alertmanager.yml.in" >"$TMP/am-test.yml"
-ok "amtool check-config test/monitoring/alertmanager.yml.in" amtool check-config "$TMP/am-test.yml"
+# The e2e test's Alertmanager configuration: the routing and inhibition of
+# alertmanager.yml, its receivers replaced by alertmanager.yml.in's
+sed '/^receivers:/,$d' "$DIR/alertmanager.yml" >"$TMP/am-test.yml"
+sed 's|@WEBHOOK_URL@|http://127.0.0.1:9/hook|' "$HERE/alertmanager.yml.in" >>"$TMP/am-test.yml"
+ok "amtool check-config alertmanager.yml with test/monitoring/alertmanager.yml.in's receivers" \
+    amtool check-config "$TMP/am-test.yml"
 sed -e "s|@RULES_FILE@|$DIR/alerts.yml|" -e 's|@ALERTMANAGER_ADDRESS@|127.0.0.1:9|' \
     -e 's|@EXPORTER_ADDRESS@|127.0.0.1:9|' "$HERE/prometheus.yml.in" >"$TMP/prom-test.yml"
 ok "promtool check config test/monitoring/prometheus.yml.in" promtool check config "$TMP/prom-test.yml"
@@ -69,8 +75,53 @@ route() { # expected-receivers labels...
 ok "critical alerts page (webhook), go to Slack and e-mail" \
     route oncall-webhook,slack-cqrs,team-email alertname=CqrsSyncDltFailed severity=critical service=cqrs_sync
 ok "warnings go to Slack and e-mail" \
-    route slack-cqrs,team-email alertname=CqrsSyncDltMessages severity=warning service=cqrs_sync
+    route slack-cqrs,team-email alertname=CqrsSyncDltDepthStale severity=warning service=cqrs_sync
 ok "anything else goes to e-mail" route team-email alertname=Other
+
+# Every alert of alerts.yml, with the severity it carries, reaches the
+# receivers of that severity: every critical one pages.
+alert_severities() {
+    perl -e '
+        local $/; my $y = <STDIN>;
+        my @blocks = split /\n(?=\s+- alert:)/, $y; shift @blocks;
+        for my $b (@blocks) {
+            my ($name) = $b =~ /- alert:\s*(\S+)/;
+            my ($sev) = $b =~ /^\s+severity:\s*"?(\w+)"?/m;
+            print "$name ", $sev // "none", "\n";
+        }' <"$DIR/alerts.yml"
+}
+routes_by_severity() {
+    local name sev want bad=0
+    while read -r name sev; do
+        case "$sev" in
+            critical) want=oncall-webhook,slack-cqrs,team-email ;;
+            warning) want=slack-cqrs,team-email ;;
+            *) echo "$name: severity $sev"; bad=1; continue ;;
+        esac
+        route "$want" alertname="$name" severity="$sev" service=cqrs_sync || bad=1
+    done < <(alert_severities)
+    return $bad
+}
+ok "each alert of alerts.yml routes by its severity (critical pages)" routes_by_severity
+ok "the DLT alerts page: CqrsSyncDltMessages and CqrsSyncDltFailed are critical" \
+    bash -c '[ "$(printf "%s\n" "$1" | grep -cxE "CqrsSyncDlt(Messages|Failed) critical")" = 2 ]' _ "$(alert_severities)"
+
+# Inhibition rules name alerts that exist (a renamed alert would silently
+# stop inhibiting, and one incident would page several times).
+inhibit_names_known() {
+    alert_severities | cut -d' ' -f1 >"$TMP/alert_names"
+    perl -e '
+        my %known = map { chomp; $_ => 1 } do { open my $f, "<", shift or die; <$f> };
+        local $/; my $y = <STDIN>;
+        my ($inh) = $y =~ /^inhibit_rules:\n(.*?)(?=^\S|\z)/ms or do { print "no inhibit_rules\n"; exit 1 };
+        my @names = map { split /\|/ } $inh =~ /alertname=~?"([^"]*)"/g;
+        @names or do { print "inhibit_rules name no alert\n"; exit 1 };
+        my @missing = grep { !$known{$_} } @names;
+        print "inhibit_rules name alerts that do not exist: @missing\n" if @missing;
+        exit(@missing ? 1 : 0);
+    ' "$TMP/alert_names" <"$DIR/alertmanager.yml"
+}
+ok "every alert named in alertmanager.yml's inhibit_rules exists" inhibit_names_known
 
 # Metric names: what postgres_exporter.yml produces ...
 perl -ne '
@@ -80,10 +131,10 @@ perl -ne '
     if (/^\s+-\s+([a-z_][a-z0-9_]*):\s*$/) { $col = $1 }
 ' "$DIR/postgres_exporter.yml" | sort -u >"$TMP/produced"
 # ... and what the rules, their tests and the dashboard use.
-grep -ohE '\bcqrs_(outbox|relay|dlt)_[a-z0-9_]+' "$DIR/alerts.yml" "$DIR/alerts_test.yml" \
+grep -ohE '\bcqrs_(outbox|relay|dlt|cleanup)_[a-z0-9_]+' "$DIR/alerts.yml" "$DIR/alerts_test.yml" \
     "$DIR/grafana-dashboard.json" |
     # SQL objects named in annotation texts, not metrics
-    grep -vxE 'cqrs_dlt_depth|cqrs_outbox_stats|cqrs_outbox_audit|cqrs_relay_state' |
+    grep -vxE 'cqrs_dlt_depth|cqrs_outbox_stats|cqrs_outbox_audit|cqrs_relay_state|cqrs_cleanup_counters|cqrs_cleanup_stats' |
     sort -u >"$TMP/used"
 metrics_known() {
     local missing
@@ -94,7 +145,7 @@ metrics_known() {
 ok "every cqrs_* metric used is produced by postgres_exporter.yml ($(wc -l <"$TMP/produced") metrics)" metrics_known
 
 alerts_complete() {
-    local want="CqrsSyncDltFailed CqrsSyncDltMessages CqrsSyncOutboxStuck CqrsSyncRelayDown CqrsSyncRelayPaused CqrsSyncDltPublishFailing CqrsSyncPartitionStalled CqrsSyncRelayRecordingFailed"
+    local want="CqrsSyncDltFailed CqrsSyncDltMessages CqrsSyncOutboxStuck CqrsSyncRelayDown CqrsSyncRelayPaused CqrsSyncDltPublishFailing CqrsSyncPartitionStalled CqrsSyncRelayRecordingFailed CqrsSyncDltDepthStale CqrsSyncRelayNotInDatabase CqrsSyncCleanupFailing CqrsSyncSentRowsPilingUp CqrsSyncOutboxTooLarge CqrsSyncPurgeApprovalOverdue"
     perl -e '
         local $/; my $y = <STDIN>; my @want = split / /, shift; my $bad = 0;
         my @blocks = split /\n(?=\s+- alert:)/, $y; shift @blocks;

@@ -4,13 +4,16 @@
 # A tiny HTTP receiver for Alertmanager's webhook_configs, for the
 # end-to-end alerting test (test/t/100_alerting.pl).  Listens on 127.0.0.1
 # on a port the kernel picks, writes that port to PORTFILE (atomically, once
-# it listens), and appends the body of every POST, one line each, to OUTFILE.
-# Answers 200 with an empty body.  Core Perl only; runs until killed
-# (SIGTERM ends it at once: no handler, which Perl would defer past accept).
+# it listens), and appends every POST to OUTFILE, one line each: the time it
+# arrived (epoch seconds), the request path (Alertmanager's receiver, as the
+# test's configuration names it) and the body, separated by tabs.  Answers
+# 200 with an empty body.  Core Perl only; runs until killed (SIGTERM ends it
+# at once: no handler, which Perl would defer past accept).
 use strict;
 use warnings;
 use IO::Socket::INET;
 use IO::Handle;
+use Time::HiRes qw(time);
 
 my ($outfile, $portfile) = @ARGV;
 die "usage: $0 OUTFILE PORTFILE\n" unless defined $portfile;
@@ -47,11 +50,12 @@ while (my $c = $srv->accept)
 			my $n = read($c, $body, $len - length($body), length($body));
 			last unless $n;
 		}
-		if ($request =~ /^POST /)
+		if ($request =~ m{^POST (\S+)})
 		{
-			$body =~ s/[\r\n]+/ /g;
+			my $path = $1;
+			$body =~ s/[\r\n\t]+/ /g;
 			open(my $out, '>>', $outfile) or die "$outfile: $!\n";
-			print $out $body, "\n";
+			printf $out "%.3f\t%s\t%s\n", time, $path, $body;
 			close($out);
 		}
 		print $c "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";

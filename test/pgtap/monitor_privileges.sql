@@ -7,7 +7,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(19);
+SELECT plan(22);
 
 CREATE ROLE regress_exporter IN ROLE pg_monitor;
 
@@ -40,6 +40,8 @@ SELECT results_eq($$SELECT status, rows FROM cqrs_stats_outbox ORDER BY status$$
                   'pg_monitor: the exporter view cqrs_stats_outbox');
 SELECT lives_ok($$SELECT * FROM cqrs_stats_relay$$, 'pg_monitor: the exporter view cqrs_stats_relay');
 SELECT lives_ok($$SELECT * FROM cqrs_dlt_depth$$, 'pg_monitor: the exporter view cqrs_dlt_depth');
+SELECT lives_ok($$SELECT * FROM cqrs_stats_cleanup$$, 'pg_monitor: the exporter view cqrs_stats_cleanup');
+SELECT lives_ok($$SELECT * FROM cqrs_stats_dlt_depth$$, 'pg_monitor: the exporter view cqrs_stats_dlt_depth');
 SELECT results_eq($$SELECT topic, status::text, count(*), max(last_error), min(created_at) < now()
                       FROM cqrs_outbox GROUP BY topic, status$$,
                   $$VALUES ('pgtap.monitor'::text, 'DEAD_LETTERED'::text, 1::bigint, 'MSG_SIZE_TOO_LARGE'::text, true)$$,
@@ -54,6 +56,15 @@ SELECT results_eq($$SELECT action, topic, status::text, reason FROM cqrs_outbox_
 SELECT lives_ok($$SELECT audit_id, outbox_id, event_id, approver, actor, at FROM cqrs_outbox_audit$$,
                 'pg_monitor: who and when, in the audit');
 RESET ROLE;
+
+-- the views monitoring reads carry counts, ages, settings and errors: no
+-- column of an event's content (key, payload, headers)
+SELECT is(array_agg(c.relname || '.' || a.attname), NULL::text[],
+          'no monitoring view has a key, payload or headers column')
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+ WHERE c.relname IN ('cqrs_stats_outbox', 'cqrs_stats_relay', 'cqrs_dlt_depth',
+                     'cqrs_stats_cleanup', 'cqrs_stats_dlt_depth')
+   AND a.attnum > 0 AND a.attname ~ '(key|payload|header)';
 
 SELECT ok(bool_and(NOT has_function_privilege('pg_monitor', p.oid, 'EXECUTE')),
           'pg_monitor executes none of the functions that change state')

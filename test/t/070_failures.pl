@@ -2,9 +2,15 @@
 #  - one oversized message among 10,000: exactly one DEAD_LETTERED row and
 #    one DLT record with the contract headers, 9,999 SENT, no stall; later
 #    rows of its key reach Kafka only after it was dead-lettered;
-#  - a message the DLT refuses too: DLT_FAILED with dlt_retry_count >= 1, its
+#  - the dead letter shows in cqrs_dlt_depth at once: the relay wakes the
+#    monitor worker, whose own poll (cqrs_sync.dlt_depth_interval) is 10 min
+#    here;
+#  - a message the DLT refuses too: DLT_FAILED with dlt_retry_count 1, its
 #    counters frozen afterwards, a NOTIFY and a WARNING with SQLSTATE CQ001,
-#    other rows flowing; cqrs_retry sends it once the cause is removed.
+#    the failed dead-letter publish and its error in the audit, other rows
+#    flowing; an operator's retry while the cause remains fails again and
+#    counts: dlt_retry_count 2 (not reset), a second audited attempt;
+#    cqrs_retry sends it once the cause is removed.
 use strict;
 use warnings;
 
@@ -20,7 +26,8 @@ my $node = new_node(
 	'failures',
 	'cqrs_sync.max_retries'   => '2',
 	'cqrs_sync.retry_backoff' => '100ms',
-	'cqrs_sync.dlt_depth_interval' => '1s',
+	# the relay wakes the monitor when it dead-letters: no poll needed
+	'cqrs_sync.dlt_depth_interval' => '10min',
 	'log_line_prefix'         => '%m [%p] %e ');
 
 # timestamps (ms) of a topic's messages: [key, timestamp, value]
@@ -105,7 +112,7 @@ ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $bad", 'DLT_FAILED
 my $counters = $node->safe_psql('postgres',
 	"SELECT retry_count || '/' || dlt_retry_count FROM cqrs_outbox WHERE id = $bad");
 my ($rc, $drc) = split m{/}, $counters;
-cmp_ok($drc, '>=', 1, "dlt_retry_count is at least 1 ($counters)");
+is($drc, 1, "dlt_retry_count is 1: one failed dead-letter publish ($counters)");
 like($node->safe_psql('postgres', "SELECT last_error FROM cqrs_outbox WHERE id = $bad"),
 	qr/dead-letter topic "\Q$t2\E\.DLT"/, 'last_error says the dead-letter publish failed');
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$t2' AND status = 'SENT'", '100', 30),
@@ -128,19 +135,44 @@ is($node->safe_psql('postgres', 'SELECT dlt_failed FROM cqrs_stats_relay'), '1',
 is($node->safe_psql('postgres', "SELECT rows FROM cqrs_stats_outbox WHERE status = 'DLT_FAILED'"),
 	'1', 'cqrs_stats_outbox shows the DLT_FAILED row');
 
+my $superuser = $node->safe_psql('postgres', 'SELECT current_user');
+is( $node->safe_psql('postgres',
+		"SELECT action || ' ' || status || ' ' || actor FROM cqrs_outbox_audit WHERE outbox_id = $bad ORDER BY audit_id"),
+	"DLT_PUBLISH_FAILED DLT_FAILED $superuser",
+	'the failed dead-letter publish is in the audit');
+like( $node->safe_psql('postgres',
+		"SELECT reason FROM cqrs_outbox_audit WHERE outbox_id = $bad AND action = 'DLT_PUBLISH_FAILED'"),
+	qr/dead-letter topic "\Q$t2\E\.DLT": .*(MSG_SIZE_TOO_LARGE|too large)/i,
+	'with its error');
+
+# an operator retries while the cause remains: it fails again, and counts
+$node->safe_psql('postgres', 'CREATE ROLE ops LOGIN IN ROLE cqrs_sync_operator');
+is($node->safe_psql('postgres', "SET ROLE ops; SELECT cqrs_retry($bad)"), 't', 'cqrs_retry as an operator, cause not removed');
+ok( wait_for($node, "SELECT status || '/' || dlt_retry_count FROM cqrs_outbox WHERE id = $bad AND retry_count > 0",
+		'DLT_FAILED/2', 60),
+	'it fails again: DLT_FAILED, dlt_retry_count 2 (the retry did not reset it)');
+is( $node->safe_psql('postgres',
+		"SELECT string_agg(action || ' ' || status || ' ' || actor, ', ' ORDER BY audit_id) FROM cqrs_outbox_audit WHERE outbox_id = $bad"),
+	"DLT_PUBLISH_FAILED DLT_FAILED $superuser, RETRY DLT_FAILED ops, DLT_PUBLISH_FAILED DLT_FAILED $superuser",
+	'the audit shows each attempt: failed publish, retry, failed publish');
+is( $node->safe_psql('postgres',
+		"SELECT count(*) FROM cqrs_outbox_audit WHERE outbox_id = $bad AND action = 'DLT_PUBLISH_FAILED' AND reason LIKE '%dead-letter topic \"$t2.DLT\"%'"),
+	'2', 'each with its error');
+
 # remove the cause, then retry as an operator
 my ($o, $e) = ('', '');
 IPC::Run::run([ 'bash', "$ENV{CQRS_REPO}/test/kafka/topic.sh", 'alter-config', $t2, 'max.message.bytes=1000000' ],
 	'<', \undef, '>', \$o, '2>', \$e, IPC::Run::timeout(120)) or die "alter-config: $o$e";
-$node->safe_psql('postgres', 'CREATE ROLE ops LOGIN IN ROLE cqrs_sync_operator');
 is($node->safe_psql('postgres', "SET ROLE ops; SELECT cqrs_retry($bad)"), 't', 'cqrs_retry as an operator');
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $bad", 'SENT', 30),
 	'once the cause is removed the retried row is sent');
 my @t2msgs = kafka_consume($t2, 101, 30);
 is(scalar(grep { $_->{value} =~ /"big"/ } @t2msgs), 1, 'the message is in its topic once');
-is($node->safe_psql('postgres',
-		"SELECT action || ' ' || status || ' ' || actor FROM cqrs_outbox_audit WHERE outbox_id = $bad"),
+is( $node->safe_psql('postgres',
+		"SELECT action || ' ' || status || ' ' || actor FROM cqrs_outbox_audit WHERE outbox_id = $bad AND action = 'RETRY' ORDER BY audit_id DESC LIMIT 1"),
 	'RETRY DLT_FAILED ops', 'the retry is audited with who did it');
+is($node->safe_psql('postgres', "SELECT dlt_retry_count FROM cqrs_outbox WHERE id = $bad"),
+	'2', 'the sent row keeps its count of failed dead-letter publishes');
 
 $node->stop;
 done_testing();
