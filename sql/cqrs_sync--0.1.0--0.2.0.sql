@@ -1140,39 +1140,40 @@ $$;
 COMMENT ON FUNCTION cqrs_sink_drop(text) IS
     'Operator: drops a sink with its positions and held events (each kept in cqrs_sink_audit); its workers leave the consumer group. The inbox entries of its consumer stay.';
 
-CREATE FUNCTION cqrs_sink_pause(name text)
+-- Pause and resume: the row lock waits for the workers' transactions in
+-- progress, so that once a pause commits, nothing more is applied.
+CREATE FUNCTION cqrs_sink_set_paused(sink_name text, pause boolean)
 RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- the lock waits for the workers' transactions in progress: once this
-    -- commits, nothing more is applied
-    UPDATE @extschema@.cqrs_sink SET paused = true, changed_at = now()
-     WHERE cqrs_sink.name = cqrs_sink_pause.name;
+    UPDATE @extschema@.cqrs_sink SET paused = pause, changed_at = now()
+     WHERE cqrs_sink.name = sink_name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'sink "%" does not exist', cqrs_sink_pause.name USING ERRCODE = 'undefined_object';
+        RAISE EXCEPTION 'sink "%" does not exist', sink_name USING ERRCODE = 'undefined_object';
     END IF;
-    INSERT INTO @extschema@.cqrs_sink_audit (action, sink) VALUES ('PAUSE', cqrs_sink_pause.name);
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink)
+    VALUES (CASE WHEN pause THEN 'PAUSE' ELSE 'RESUME' END, sink_name);
 END
 $$;
+COMMENT ON FUNCTION cqrs_sink_set_paused(text, boolean) IS
+    'Internal: pauses or resumes a sink, audited, for cqrs_sink_pause() and cqrs_sink_resume().';
+REVOKE ALL ON FUNCTION cqrs_sink_set_paused(text, boolean) FROM PUBLIC;
+
+CREATE FUNCTION cqrs_sink_pause(name text)
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@.cqrs_sink_set_paused(name, true) $$;
 COMMENT ON FUNCTION cqrs_sink_pause(text) IS
     'Operator: pauses a sink: once the call commits, no event is applied (the workers keep their partitions and fetch nothing) until cqrs_sink_resume() (audited).';
 
 CREATE FUNCTION cqrs_sink_resume(name text)
 RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    UPDATE @extschema@.cqrs_sink SET paused = false, changed_at = now()
-     WHERE cqrs_sink.name = cqrs_sink_resume.name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'sink "%" does not exist', cqrs_sink_resume.name USING ERRCODE = 'undefined_object';
-    END IF;
-    INSERT INTO @extschema@.cqrs_sink_audit (action, sink) VALUES ('RESUME', cqrs_sink_resume.name);
-END
-$$;
+AS $$ SELECT @extschema@.cqrs_sink_set_paused(name, false) $$;
 COMMENT ON FUNCTION cqrs_sink_resume(text) IS
     'Operator: resumes a paused sink from its stored positions (audited).';
 

@@ -137,6 +137,7 @@ extern bool sink_extension_ready(void);
 extern char *sink_ext_schema(void);
 extern List *sink_catalog_load(MemoryContext cxt);
 extern void sink_catalog_forget(void);
+extern Sink *sink_find(List *sinks, const char *name);
 
 /* sink_apply.c */
 extern void sink_resolve(Sink *sink);

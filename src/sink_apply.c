@@ -880,6 +880,40 @@ typedef struct BatchWork
 } BatchWork;
 
 /*
+ * One event inside its savepoint: recorded in the inbox under the sink's
+ * consumer, then its handler run unless it was seen before.  Returns
+ * whether it was new; *in_handler is true while the handler runs (an error
+ * then is the event's).
+ */
+static bool
+inbox_then_handler(Sink *sink, SinkEvent *ev, volatile bool *in_handler)
+{
+	bool		new = true;
+	HandlerEnv	env;
+
+	if (ev->event_id)
+	{
+		Datum		args[2];
+
+		args[0] = CStringGetTextDatum(sink->consumer);
+		args[1] = CStringGetTextDatum(ev->event_id);
+		if (SPI_execute_plan(plan_inbox_one, args, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "cqrs_sync sink: could not record an event of sink \"%s\" in the inbox",
+				 sink->name);
+		new = (SPI_processed == 1);
+	}
+	if (new)
+	{
+		enter_handler(sink, &env);
+		*in_handler = true;
+		run_handler(sink, ev);
+		*in_handler = false;
+		leave_handler(&env);
+	}
+	return new;
+}
+
+/*
  * One event with a savepoint: its own failure is rolled back alone and the
  * event held (RETRY); a transient error, or one outside the handler, is
  * thrown on, for the whole transaction to wait.
@@ -889,31 +923,14 @@ apply_with_savepoint(BatchWork *w, SinkEvent *ev)
 {
 	Sink	   *sink = w->sink;
 	PartTally  *t = &w->tally[ev->part];
-	HandlerEnv	env;
+	volatile bool in_handler = false;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(event_cxt);
 	PG_TRY();
 	{
-		bool		new = true;
-		Datum		args[2];
-
-		if (ev->event_id)
+		if (inbox_then_handler(sink, ev, &in_handler))
 		{
-			args[0] = CStringGetTextDatum(sink->consumer);
-			args[1] = CStringGetTextDatum(ev->event_id);
-			if (SPI_execute_plan(plan_inbox_one, args, NULL, false, 0) != SPI_OK_INSERT)
-				elog(ERROR, "cqrs_sync sink: could not record an event of sink \"%s\" in the inbox",
-					 sink->name);
-			new = (SPI_processed == 1);
-		}
-		if (new)
-		{
-			enter_handler(sink, &env);
-			*w->current = ev->batch_index;
-			run_handler(sink, ev);
-			*w->current = -1;
-			leave_handler(&env);
 			t->applied++;
 			t->last_ts = ev->ts;
 			t->last_ts_null = ev->ts_null;
@@ -930,13 +947,12 @@ apply_with_savepoint(BatchWork *w, SinkEvent *ev)
 
 		MemoryContextSwitchTo(txn_cxt);
 		edata = CopyErrorData();
-		if (*w->current < 0 || sink_error_is_transient(edata->sqlerrcode))
+		if (!in_handler || sink_error_is_transient(edata->sqlerrcode))
 			PG_RE_THROW();		/* the whole transaction waits */
 		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(txn_cxt);
 		CurrentResourceOwner = w->txnowner;
-		*w->current = -1;
 
 		/* the event's own failure: it is held, the rest goes on */
 		hold_event(sink, ev, edata->message);
@@ -1429,21 +1445,6 @@ sink_read_positions(Sink *sink, rd_kafka_topic_partition_list_t *parts)
 
 /* ---- held events ------------------------------------------------------------------------ */
 
-static Sink *
-sink_by_name(List *sinks, const char *name)
-{
-	ListCell   *lc;
-
-	foreach(lc, sinks)
-	{
-		Sink	   *s = lfirst(lc);
-
-		if (strcmp(s->name, name) == 0)
-			return s;
-	}
-	return NULL;
-}
-
 static bool
 dead_letter_in_flight(int64 id)
 {
@@ -1579,31 +1580,14 @@ static void
 retry_one(RetryWork *w, Sink *sink, int64 id, SinkEvent *ev, int attempts, bool replay)
 {
 	volatile bool is_handler = false;
-	HandlerEnv	env;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(event_cxt);
 	PG_TRY();
 	{
-		bool		new = true;
-		Datum		args[2];
+		bool		new = inbox_then_handler(sink, ev, &is_handler);
+		Datum		args[1];
 
-		if (ev->event_id)
-		{
-			args[0] = CStringGetTextDatum(sink->consumer);
-			args[1] = CStringGetTextDatum(ev->event_id);
-			if (SPI_execute_plan(plan_inbox_one, args, NULL, false, 0) != SPI_OK_INSERT)
-				elog(ERROR, "cqrs_sync sink: could not record an event in the inbox");
-			new = (SPI_processed == 1);
-		}
-		if (new)
-		{
-			enter_handler(sink, &env);
-			is_handler = true;
-			run_handler(sink, ev);
-			is_handler = false;
-			leave_handler(&env);
-		}
 		args[0] = Int64GetDatum(id);
 		if (SPI_execute_plan(plan_delete_held, args, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "cqrs_sync sink: could not release a held event");
@@ -1696,7 +1680,7 @@ retry_body(RetryWork *w)
 		TupleDesc	desc = due->tupdesc;
 		int64		id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 		char	   *sname = col_text(tup, desc, 2);
-		Sink	   *sink = sink_by_name(w->sinks, sname);
+		Sink	   *sink = sink_find(w->sinks, sname);
 		SinkEvent	ev;
 		int			attempts;
 		bool		replay;

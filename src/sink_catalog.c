@@ -92,6 +92,22 @@ col_int(HeapTuple tup, TupleDesc desc, int col, int dflt)
 	return isnull ? dflt : DatumGetInt32(d);
 }
 
+/* The sink of that name in a list of Sink, or NULL. */
+Sink *
+sink_find(List *sinks, const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, sinks)
+	{
+		Sink	   *s = lfirst(lc);
+
+		if (strcmp(s->name, name) == 0)
+			return s;
+	}
+	return NULL;
+}
+
 /*
  * The sinks of the catalog, in name order, as Sink structs allocated in cxt
  * with only their definition filled in.  Inside a transaction, SPI

@@ -684,21 +684,6 @@ apply(Sink *sink)
 
 /* ---- the catalog -------------------------------------------------------------------- */
 
-static Sink *
-find_sink(const char *name)
-{
-	ListCell   *lc;
-
-	foreach(lc, sinks)
-	{
-		Sink	   *s = lfirst(lc);
-
-		if (strcmp(s->name, name) == 0)
-			return s;
-	}
-	return NULL;
-}
-
 /* Copy the definition of src (from the catalog) into dst's memory. */
 static void
 copy_definition(Sink *dst, const Sink *src)
@@ -825,7 +810,7 @@ read_catalog(void)
 	foreach(lc, defs)
 	{
 		Sink	   *def = lfirst(lc);
-		Sink	   *s = find_sink(def->name);
+		Sink	   *s = sink_find(sinks, def->name);
 
 		if (s == NULL)
 		{
@@ -1087,7 +1072,7 @@ serve_replays(void)
 
 	if (fetching == NULL)
 		return;
-	sink = find_sink(fetching->sink);
+	sink = sink_find(sinks, fetching->sink);
 	for (;;)
 	{
 		rd_kafka_message_t *rkm = rd_kafka_consumer_poll(reader, 0);

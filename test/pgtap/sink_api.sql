@@ -6,7 +6,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(69);
+SELECT plan(70);
 SET LOCAL client_min_messages = warning;
 
 -- ---- contract shapes ---------------------------------------------------------
@@ -196,6 +196,8 @@ SELECT results_eq($$SELECT string_agg(action, ',' ORDER BY audit_id) FROM cqrs_s
 
 SELECT is(has_function_privilege('regress_nobody', 'cqrs_sink_pause(text)', 'EXECUTE'), false,
           'PUBLIC may not pause');
+SELECT is(has_function_privilege('regress_nobody', 'cqrs_sink_set_paused(text, boolean)', 'EXECUTE'), false,
+          'PUBLIC may not pause through the internal function either');
 SELECT is(has_function_privilege('regress_nobody', 'cqrs_sink_replay(text, text, integer, bigint)', 'EXECUTE'), false,
           'PUBLIC may not replay from a dead-letter topic');
 SELECT is(has_function_privilege('regress_nobody', 'cqrs_sink_kafka_offsets(text[], timestamptz)', 'EXECUTE'), false,
