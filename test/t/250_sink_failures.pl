@@ -27,16 +27,18 @@ create_topic($topic, 4);
 my $dlt = "$topic.fail.DLT";
 create_topic($dlt, 2);
 
-$node->safe_psql('postgres', q{
-CREATE TABLE fail_model (id bigint PRIMARY KEY, title text, likes bigint NOT NULL DEFAULT 0,
-                         version bigint NOT NULL DEFAULT 0);
-CREATE TABLE fail_order (n serial, id bigint, event_id text);
--- a handler that cannot cope with "poison" events (yet)
-CREATE FUNCTION fail_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS $$
+# fail_apply(): deltas and upserts; with $poison_raises, events marked
+# "poison" raise (a handler that cannot cope with them yet)
+sub define_handler
+{
+	my ($poison_raises) = @_;
+	my $check = $poison_raises
+	  ? "IF (e.payload->>'poison')::boolean THEN RAISE EXCEPTION 'cannot apply poisoned event %', e.event_id; END IF;"
+	  : '';
+	$node->safe_psql('postgres', qq{
+CREATE OR REPLACE FUNCTION fail_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
 BEGIN
-    IF (e.payload->>'poison')::boolean THEN
-        RAISE EXCEPTION 'cannot apply poisoned event %', e.event_id;
-    END IF;
+    $check
     INSERT INTO fail_order (id, event_id) VALUES ((e.payload->>'id')::bigint, e.event_id);
     IF e.payload ? 'd' THEN
         PERFORM cqrs_apply_delta('fail_model', jsonb_build_object('id', e.payload->'id'),
@@ -46,8 +48,18 @@ BEGIN
                             (e.payload->>'v')::bigint);
     END IF;
 END
-$$;
-SELECT cqrs_sink_create('fail', ARRAY['} . $topic . q{'], 'fail_apply(cqrs_event)',
+\$\$;
+});
+}
+
+$node->safe_psql('postgres', q{
+CREATE TABLE fail_model (id bigint PRIMARY KEY, title text, likes bigint NOT NULL DEFAULT 0,
+                         version bigint NOT NULL DEFAULT 0);
+CREATE TABLE fail_order (n serial, id bigint, event_id text);
+});
+define_handler(1);
+$node->safe_psql('postgres', qq{
+SELECT cqrs_sink_create('fail', ARRAY['$topic'], 'fail_apply(cqrs_event)',
                         '{"max_retries": 2, "retry_backoff": "1s"}');
 });
 
@@ -101,19 +113,8 @@ is($node->safe_psql('postgres',
 
 # ---- the handler is fixed; an operator replays the event -------------------
 
+define_handler(0);
 $node->safe_psql('postgres', q{
-CREATE OR REPLACE FUNCTION fail_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO fail_order (id, event_id) VALUES ((e.payload->>'id')::bigint, e.event_id);
-    IF e.payload ? 'd' THEN
-        PERFORM cqrs_apply_delta('fail_model', jsonb_build_object('id', e.payload->'id'),
-                                 jsonb_build_object('likes', e.payload->'d'), 'fail', e.event_id);
-    ELSE
-        PERFORM cqrs_upsert('fail_model', jsonb_build_object('id', e.payload->'id', 'title', e.payload->'title'),
-                            (e.payload->>'v')::bigint);
-    END IF;
-END
-$$;
 CREATE ROLE ops LOGIN IN ROLE cqrs_sync_operator;
 CREATE ROLE nobody LOGIN;
 });
@@ -139,30 +140,13 @@ is($node->safe_psql('postgres', "SELECT likes || '/' || (SELECT sum(duplicates) 
 	'101/1', 'and skipped as a duplicate: applying a replayed event twice changes nothing');
 
 # a second poisoned event, replayed from the dead-letter topic only
-$node->safe_psql('postgres', q{
-CREATE OR REPLACE FUNCTION fail_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    IF (e.payload->>'poison')::boolean THEN
-        RAISE EXCEPTION 'cannot apply poisoned event %', e.event_id;
-    END IF;
-    PERFORM cqrs_apply_delta('fail_model', jsonb_build_object('id', e.payload->'id'),
-                             jsonb_build_object('likes', e.payload->'d'), 'fail', e.event_id);
-END
-$$;
-});
+define_handler(1);
 kafka_produce_events($topic, [ [ 'k2', 'e-poison-2', '{"id":2,"d":7,"poison":true}' ] ]);
 ok(wait_for($node, "SELECT status FROM cqrs_sink_held WHERE event_id = 'e-poison-2'", 'DEAD_LETTERED', 60),
 	'a second poisoned event is dead-lettered');
 my ($dp2, $do2, $id2) = split /\|/, $node->safe_psql('postgres',
 	"SELECT dlt_partition, dlt_offset, id FROM cqrs_sink_held WHERE event_id = 'e-poison-2'");
-$node->safe_psql('postgres', q{
-CREATE OR REPLACE FUNCTION fail_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM cqrs_apply_delta('fail_model', jsonb_build_object('id', e.payload->'id'),
-                             jsonb_build_object('likes', e.payload->'d'), 'fail', e.event_id);
-END
-$$;
-});
+define_handler(0);
 $rid = $node->safe_psql('postgres', "SELECT cqrs_sink_replay('fail', '$dlt', $dp2, $do2)",
 	extra_params => [ '-U', 'ops' ]);
 ok(wait_for($node, "SELECT likes FROM fail_model WHERE id = 2", '7', 30),
