@@ -1513,6 +1513,9 @@ typedef struct RetryWork
 	ResourceOwner txnowner;
 	int			tried;
 	TimestampTz next_due;
+	/* the sink whose row is locked (skipped if paused or gone) */
+	char	   *locked_sink;
+	bool		sink_ok;
 	/* the partition whose position is locked, and its counts */
 	char	   *cur_sink;
 	char	   *cur_topic;
@@ -1688,6 +1691,20 @@ retry_body(RetryWork *w)
 		Datum		a[1];
 
 		if (sink == NULL || dead_letter_in_flight(id))
+			continue;
+		/* the sink's row first, as batches do: a pause waits, then holds */
+		if (w->locked_sink == NULL || strcmp(w->locked_sink, sname) != 0)
+		{
+			Datum		a1[1];
+
+			w->locked_sink = sname;
+			a1[0] = CStringGetTextDatum(sname);
+			w->sink_ok = SPI_execute_plan(plan_lock_sink, a1, NULL, false, 1) == SPI_OK_SELECT &&
+				SPI_processed == 1 &&
+				!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+			MemoryContextSwitchTo(txn_cxt);
+		}
+		if (!w->sink_ok)
 			continue;
 		memset(&ev, 0, sizeof(ev));
 		ev.topic = col_text(tup, desc, 3);

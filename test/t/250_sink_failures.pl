@@ -7,7 +7,8 @@
 # the table and from the dead-letter topic.  When the dead-letter topic
 # refuses the event too, it is kept as DLT_FAILED, counted, logged with
 # SQLSTATE CQ010 and notified on cqrs_sync_alert.  Operator functions are
-# audited and not executable by PUBLIC.
+# audited and not executable by PUBLIC.  A paused sink does not try its held
+# events again until it is resumed.
 use strict;
 use warnings;
 
@@ -161,6 +162,27 @@ is($node->safe_psql('postgres',
 	'replayed from the DLT, ticket OPS-1/DEAD_LETTERED/ops', 'the discard is audited with the event');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_sink_held WHERE sink = 'fail'"), '0',
 	'nothing held any more');
+
+# ---- a paused sink does not try its held events again -----------------------
+
+define_handler(1);
+kafka_produce_events($topic, [ [ 'k3', 'e-poison-3', '{"id":3,"d":5,"poison":true}' ] ]);
+ok(wait_for($node, "SELECT status FROM cqrs_sink_held WHERE event_id = 'e-poison-3'", 'RETRY', 30),
+	'a third poisoned event is held for a retry');
+$node->safe_psql('postgres', "SELECT cqrs_sink_pause('fail')", extra_params => [ '-U', 'ops' ]);
+my $before = $node->safe_psql('postgres',
+	"SELECT status || '/' || attempts FROM cqrs_sink_held WHERE event_id = 'e-poison-3'");
+like($before, qr{^RETRY/[12]$}, 'still within its budget when the sink is paused');
+define_handler(0);
+usleep(5_000_000);	# more than its next backoff (2 s at most here)
+is($node->safe_psql('postgres',
+	"SELECT status || '/' || attempts || '/' || (SELECT likes FROM fail_model WHERE id = 3) FROM cqrs_sink_held WHERE event_id = 'e-poison-3'"),
+	"$before/0", 'while the sink is paused its held event is not tried again, though due');
+$node->safe_psql('postgres', "SELECT cqrs_sink_resume('fail')", extra_params => [ '-U', 'ops' ]);
+ok(wait_for($node, "SELECT likes FROM fail_model WHERE id = 3", '5', 30),
+	'resumed, the sink applies it');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_sink_held WHERE sink = 'fail'"), '0',
+	'and releases it');
 
 # ---- the dead-letter topic refuses the event too ------------------------------
 
