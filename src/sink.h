@@ -45,6 +45,8 @@ typedef struct SinkPart
 	bool		resync;			/* drop what was fetched, seek to the position */
 	int64		fetched;		/* offset after the last message fetched */
 	TimestampTz oldest_unapplied;	/* Kafka time of the first message held */
+	int64		asked_high;		/* high watermark asked of Kafka while
+								 * fetching is paused (0: not asked) */
 	int			shm_slot;		/* sink_stats.c's slot, -1 if none */
 } SinkPart;
 
@@ -92,6 +94,7 @@ typedef struct Sink
 	bool		seen;			/* still in the catalog */
 	bool		subscribed;
 	bool		kafka_paused;	/* partitions paused in librdkafka */
+	TimestampTz watermarks_asked_at;	/* when asked_high was last asked */
 	rd_kafka_topic_partition_list_t *pending_assign;	/* from the callback */
 	bool		revoked;		/* the callback revoked the assignment */
 	bool		assigned;

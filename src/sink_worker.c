@@ -79,6 +79,12 @@ PGDLLEXPORT void cqrs_sink_main(Datum main_arg);
 #define MAX_BACKOFF_MS		5000
 /* How long a replay waits for its message (ms). */
 #define FETCH_TIMEOUT_MS	30000
+/*
+ * While fetching is paused, the high watermarks are asked of Kafka this often
+ * (ms), and the worker waits this long for the answer (ms).
+ */
+#define WATERMARKS_MS		5000
+#define WATERMARKS_TIMEOUT_MS	500
 
 static int	my_index = 0;
 static char *connected_db = NULL;
@@ -340,6 +346,8 @@ kafka_pause(Sink *sink, bool pause)
 		rd_kafka_resume_partitions(sink->rk, list);
 	rd_kafka_topic_partition_list_destroy(list);
 	sink->kafka_paused = pause;
+	/* paused: ask for the watermarks at the next turn */
+	sink->watermarks_asked_at = 0;
 }
 
 /* A new assignment: read the positions, then rd_kafka_assign(). */
@@ -568,10 +576,48 @@ commit_to_kafka(Sink *sink)
 	rd_kafka_topic_partition_list_destroy(list);
 }
 
+/*
+ * While its partitions are paused in librdkafka (a paused sink, or one that
+ * waits), nothing is fetched and librdkafka's cached watermarks stand still:
+ * ask Kafka for the high watermarks (the latest offsets, one request per
+ * broker), every WATERMARKS_MS at most, so that the lag shows what waits.
+ */
+static void
+ask_watermarks(Sink *sink)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	rd_kafka_topic_partition_list_t *list;
+
+	if (sink->rk == NULL || sink->nparts == 0 ||
+		!TimestampDifferenceExceeds(sink->watermarks_asked_at, now, WATERMARKS_MS))
+		return;
+	sink->watermarks_asked_at = now;
+	list = rd_kafka_topic_partition_list_new(sink->nparts);
+	for (int p = 0; p < sink->nparts; p++)
+		rd_kafka_topic_partition_list_add(list, sink->parts[p].topic,
+										  sink->parts[p].partition)->offset = RD_KAFKA_OFFSET_END;
+	/* (a broker away: the last answer stays) */
+	if (rd_kafka_offsets_for_times(sink->rk, list, WATERMARKS_TIMEOUT_MS) == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		for (int p = 0; p < sink->nparts; p++)
+		{
+			rd_kafka_topic_partition_t *tp =
+				rd_kafka_topic_partition_list_find(list, sink->parts[p].topic,
+												   sink->parts[p].partition);
+
+			if (tp && tp->err == RD_KAFKA_RESP_ERR_NO_ERROR && tp->offset > sink->parts[p].asked_high)
+				sink->parts[p].asked_high = tp->offset;
+		}
+	}
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
 /* Kafka's watermarks and what waits, for cqrs_sink_stats. */
 static void
 publish_parts(Sink *sink)
 {
+	if (sink->kafka_paused)
+		ask_watermarks(sink);
 	for (int p = 0; p < sink->nparts; p++)
 	{
 		SinkPart   *part = &sink->parts[p];
@@ -582,6 +628,8 @@ publish_parts(Sink *sink)
 			continue;
 		if (sink->rk)
 			(void) rd_kafka_get_watermark_offsets(sink->rk, part->topic, part->partition, &low, &high);
+		if (part->asked_high > high)
+			high = part->asked_high;
 		sink_part_update(part->shm_slot, high, low,
 						 part->fetched >= 0 ? part->fetched : (part->known ? part->position : -1),
 						 part->oldest_unapplied);
