@@ -17,42 +17,17 @@ import uuid
 import psycopg
 from confluent_kafka import Consumer
 
+from steady_writers import pct, run_writers
+
 dsn, brokers = sys.argv[1], sys.argv[2]
 topic = f"{sys.argv[3]}.{uuid.uuid4().hex[:8]}"   # fresh topic: no old messages
 rate, seconds = float(sys.argv[4]), float(sys.argv[5])
-WRITERS = 4
 WARMUP = 2.0
 PAD = "x" * 200
 
-committed = {}
-committed_wall = {}
 arrived = {}
 lock = threading.Lock()
 stop = threading.Event()
-
-
-def writer(n):
-    per = rate / WRITERS
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        start = time.monotonic() + n / rate
-        i = 0
-        while not stop.is_set():
-            due = start + i / per
-            now = time.monotonic()
-            if due > now:
-                time.sleep(due - now)
-            if time.monotonic() - start > seconds:
-                break
-            c = f"{n}-{i}"
-            payload = json.dumps({"c": c, "type": "CommentAdded", "board_id": i % 1000,
-                                  "author": f"user-{i % 97}", "body": PAD})
-            conn.execute("SELECT cqrs_enqueue(%s, %s, %s::jsonb)",
-                         (topic, f"key-{i % 1000}", payload))
-            t = time.monotonic()
-            with lock:
-                committed[c] = t
-                committed_wall[c] = time.time()
-            i += 1
 
 
 def consumer(ready):
@@ -71,21 +46,15 @@ def consumer(ready):
     cons.close()
 
 
-def pct(vals, p):
-    return vals[min(len(vals) - 1, int(p / 100.0 * len(vals)))]
-
-
 ready = threading.Event()
 ct = threading.Thread(target=consumer, args=(ready,))
 ct.start()
 ready.wait(30)
 time.sleep(1)
-t0 = time.monotonic()
-ws = [threading.Thread(target=writer, args=(n,)) for n in range(WRITERS)]
-for w in ws:
-    w.start()
-for w in ws:
-    w.join()
+committed, committed_wall, t0 = run_writers(
+    dsn, topic, rate, seconds,
+    lambda c, i: {"c": c, "type": "CommentAdded", "board_id": i % 1000,
+                  "author": f"user-{i % 97}", "body": PAD})
 elapsed = time.monotonic() - t0
 time.sleep(2)
 stop.set()

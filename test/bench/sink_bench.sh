@@ -19,32 +19,15 @@
 # BENCH_SINK_KAFKA_PORT (19100).
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 export PGPORT="${BENCH_SINK_PGPORT:-55436}" KAFKA_PORT="${BENCH_SINK_KAFKA_PORT:-19100}"
-. "$HERE/../lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
 
 EVENTS="${BENCH_SINK_EVENTS:-200000}"
 KEYS="${BENCH_SINK_KEYS:-10000}"
 RATE="${BENCH_RATE:-1000}"
 SECS="${BENCH_SECONDS:-30}"
 
-bash "$HERE/../setup-deps.sh"
-make -C "$CQRS_REPO" -s
-if cqrs_is_root; then make -C "$CQRS_REPO" -s install; else sudo make -C "$CQRS_REPO" -s install; fi
-
-VENV="${CQRS_BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs_sync/bench-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import psycopg' 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "psycopg[binary]==3.3.9" "confluent-kafka==2.16.1"
-fi
-
-cleanup() {
-    bash "$HERE/../pg/cluster.sh" stop || true
-    bash "$HERE/../kafka/broker.sh" stop || true
-}
-trap cleanup EXIT
-BROKER="$(bash "$HERE/../kafka/broker.sh" start)"
-eval "$(bash "$HERE/../pg/cluster.sh" start)"
+bench_start
 PSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d postgres)
 RPSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d bench_read)
 PRODUCER="$(bash "$HERE/../kafka/ctool.sh" event_producer)"

@@ -11,63 +11,33 @@ broker, the sink's fetch, its transaction and commit.
 
 usage: sink_latency.py WRITE_DSN READ_DSN TOPIC RATE SECONDS
 """
-import json
-import select
 import sys
 import threading
 import time
 
 import psycopg
 
+from steady_writers import pct, run_writers
+
 write_dsn, read_dsn, topic = sys.argv[1], sys.argv[2], sys.argv[3]
 rate, seconds = float(sys.argv[4]), float(sys.argv[5])
-WRITERS = 4
 WARMUP = 2.0
 PAD = "x" * 200
 
-committed = {}
 visible = {}
 lock = threading.Lock()
 stop = threading.Event()
-
-
-def writer(n):
-    per = rate / WRITERS
-    with psycopg.connect(write_dsn, autocommit=True) as conn:
-        start = time.monotonic() + n / rate
-        i = 0
-        while not stop.is_set():
-            due = start + i / per
-            now = time.monotonic()
-            if due > now:
-                time.sleep(due - now)
-            if time.monotonic() - start > seconds:
-                break
-            c = f"{n}-{i}"
-            payload = json.dumps({"c": c, "id": i % 1000, "title": f"t{c}", "v": int(time.time() * 1e6),
-                                  "body": PAD})
-            conn.execute("SELECT cqrs_enqueue(%s, %s, %s::jsonb)", (topic, f"key-{i % 1000}", payload))
-            t = time.monotonic()
-            with lock:
-                committed[c] = t
-            i += 1
 
 
 def listener(ready):
     with psycopg.connect(read_dsn, autocommit=True) as conn:
         conn.execute("LISTEN sink_bench")
         ready.set()
-        gen = conn.notifies(timeout=0.2)
         while not stop.is_set():
-            for note in gen:
+            for note in conn.notifies(timeout=0.2):
                 t = time.monotonic()
                 with lock:
                     visible.setdefault(note.payload, t)
-            gen = conn.notifies(timeout=0.2)
-
-
-def pct(vals, p):
-    return vals[min(len(vals) - 1, int(p / 100.0 * len(vals)))]
 
 
 ready = threading.Event()
@@ -75,12 +45,10 @@ lt = threading.Thread(target=listener, args=(ready,))
 lt.start()
 ready.wait(30)
 time.sleep(1)
-t0 = time.monotonic()
-ws = [threading.Thread(target=writer, args=(n,)) for n in range(WRITERS)]
-for w in ws:
-    w.start()
-for w in ws:
-    w.join()
+# versions increase with time: every event's upsert applies
+committed, _, t0 = run_writers(
+    write_dsn, topic, rate, seconds,
+    lambda c, i: {"c": c, "id": i % 1000, "title": f"t{c}", "v": int(time.time() * 1e6), "body": PAD})
 elapsed = time.monotonic() - t0
 time.sleep(3)
 stop.set()
