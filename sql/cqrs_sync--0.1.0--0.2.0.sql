@@ -1129,3 +1129,867 @@ REVOKE ALL ON cqrs_stats_cleanup, cqrs_stats_dlt_depth FROM PUBLIC;
 GRANT SELECT ON cqrs_stats_cleanup, cqrs_stats_dlt_depth TO pg_monitor, cqrs_sync_operator;
 
 -- @@MONITORING_END@@
+
+-----------------------------------------------------------------------------
+-- Sink: the read side's consumer (version 0.2.0)
+-----------------------------------------------------------------------------
+
+-- @@SINK_BEGIN@@
+
+-- A sink applies the events of Kafka topics to read models in this
+-- database, exactly once: the sink workers ("cqrs_sync sink") consume the
+-- topics in a consumer group, and store each partition's position in
+-- cqrs_sink_offset in the same transaction as the handler's effects.  See
+-- docs/sink.md.
+
+CREATE TYPE cqrs_event AS (
+    topic       text,
+    "partition" integer,
+    "offset"    bigint,
+    key         text,
+    payload     jsonb,
+    headers     jsonb,
+    event_id    text,
+    ts          timestamptz
+);
+COMMENT ON TYPE cqrs_event IS
+    'One Kafka message as a sink handler receives it: topic, partition and offset, key, value as jsonb (payload), headers as a JSON object of strings, the event_id header, and the message timestamp (ts).';
+
+CREATE TABLE cqrs_sink (
+    name       text COLLATE "C" PRIMARY KEY,
+    topics     text[] NOT NULL,
+    handler    regprocedure,
+    options    jsonb NOT NULL DEFAULT '{}',
+    run_as     text NOT NULL,
+    consumer   text COLLATE "C" NOT NULL,
+    group_id   text NOT NULL,
+    paused     boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    changed_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT cqrs_sink_name_check CHECK (name ~ '^[A-Za-z0-9._-]{1,63}$'),
+    CONSTRAINT cqrs_sink_topics_check CHECK (cardinality(topics) > 0),
+    CONSTRAINT cqrs_sink_options_check CHECK (jsonb_typeof(options) = 'object'),
+    CONSTRAINT cqrs_sink_handler_check CHECK ((handler IS NULL) = (options ? 'route'))
+);
+COMMENT ON TABLE cqrs_sink IS
+    'Sinks declared with cqrs_sink_create(): the topics each applies, its handler (or declarative route in options), the role it runs as and the consumer name its inbox entries use. The sink workers pick up changes without a restart.';
+COMMENT ON COLUMN cqrs_sink.name IS 'Sink name: 1 to 63 ASCII letters, digits, ".", "_" or "-".';
+COMMENT ON COLUMN cqrs_sink.topics IS 'Kafka topics the sink consumes.';
+COMMENT ON COLUMN cqrs_sink.handler IS 'Function f(e cqrs_event) RETURNS void called once per event; NULL when options.route does the work.';
+COMMENT ON COLUMN cqrs_sink.options IS 'route, max_retries, retry_backoff (ms), dlt_topic, dlt_suffix, start, search_path, version_column, as given to cqrs_sink_create() (see docs/sink.md).';
+COMMENT ON COLUMN cqrs_sink.run_as IS 'Role the handler or route runs as (by name, as cqrs_consumer.owner).';
+COMMENT ON COLUMN cqrs_sink.consumer IS 'Consumer name of the sink''s inbox entries (cqrs_inbox), owned by run_as.';
+COMMENT ON COLUMN cqrs_sink.group_id IS 'Kafka consumer group of the sink''s workers.';
+COMMENT ON COLUMN cqrs_sink.paused IS 'True after cqrs_sink_pause(): no event is applied until cqrs_sink_resume().';
+COMMENT ON COLUMN cqrs_sink.created_at IS 'When the sink was created.';
+COMMENT ON COLUMN cqrs_sink.changed_at IS 'When the sink was last paused, resumed or rewound.';
+
+-- Each partition's position: the offset of the next message to apply,
+-- written in the same transaction as the effects of the messages before
+-- it.  epoch changes with every rewind, so that a worker drops what it
+-- fetched from the old position.
+CREATE TABLE cqrs_sink_offset (
+    sink          text COLLATE "C" NOT NULL REFERENCES cqrs_sink ON DELETE CASCADE,
+    topic         text COLLATE "C" NOT NULL,
+    "partition"   integer NOT NULL,
+    next_offset   bigint NOT NULL,
+    epoch         integer NOT NULL DEFAULT 0,
+    applied       bigint NOT NULL DEFAULT 0,
+    duplicates    bigint NOT NULL DEFAULT 0,
+    retried       bigint NOT NULL DEFAULT 0,
+    dead_lettered bigint NOT NULL DEFAULT 0,
+    dlt_failed    bigint NOT NULL DEFAULT 0,
+    last_event_at timestamptz,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sink, topic, "partition")
+) WITH (fillfactor = 50);
+COMMENT ON TABLE cqrs_sink_offset IS
+    'Position of each sink in each partition, written in the same transaction as the effects of the events before it: on assignment a worker resumes from here, not from Kafka''s committed offset. The counters count since the sink was created.';
+COMMENT ON COLUMN cqrs_sink_offset.next_offset IS 'Offset of the next message to apply; messages below it were applied, skipped as duplicates or held.';
+COMMENT ON COLUMN cqrs_sink_offset.epoch IS 'Incremented by every rewind: workers drop what they fetched from the old position.';
+COMMENT ON COLUMN cqrs_sink_offset.applied IS 'Events applied (their handler or route ran and committed).';
+COMMENT ON COLUMN cqrs_sink_offset.duplicates IS 'Events skipped because the sink''s consumer had already applied their event_id.';
+COMMENT ON COLUMN cqrs_sink_offset.retried IS 'Retry attempts of held events (after a handler error).';
+COMMENT ON COLUMN cqrs_sink_offset.dead_lettered IS 'Events written to the dead-letter topic.';
+COMMENT ON COLUMN cqrs_sink_offset.dlt_failed IS 'Events whose dead-letter publish failed too (kept as DLT_FAILED in cqrs_sink_held).';
+COMMENT ON COLUMN cqrs_sink_offset.last_event_at IS 'Kafka timestamp of the last event applied.';
+COMMENT ON COLUMN cqrs_sink_offset.updated_at IS 'When the position last moved.';
+
+-- Events taken out of the stream: a handler error holds the event (RETRY)
+-- and the later events of its key (BLOCKED) until it succeeds or is
+-- dead-lettered; dead-lettered events (DEAD_LETTERED) and those whose
+-- dead-letter publish failed (DLT_FAILED) stay for an operator.
+CREATE TABLE cqrs_sink_held (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sink             text COLLATE "C" NOT NULL REFERENCES cqrs_sink ON DELETE CASCADE,
+    topic            text COLLATE "C",
+    "partition"      integer,
+    "offset"         bigint,
+    key              text COLLATE "C",
+    value            bytea,
+    headers          jsonb,
+    event_id         text,
+    ts               timestamptz,
+    status           text NOT NULL,
+    replay           boolean NOT NULL DEFAULT false,
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz,
+    last_error       text,
+    held_at          timestamptz NOT NULL DEFAULT now(),
+    dlt_topic        text,
+    dlt_partition    integer,
+    dlt_offset       bigint,
+    dead_lettered_at timestamptz,
+    CONSTRAINT cqrs_sink_held_status_check
+        CHECK (status IN ('RETRY', 'BLOCKED', 'DEAD_LETTERED', 'DLT_FAILED', 'FETCH')),
+    CONSTRAINT cqrs_sink_held_event_check
+        CHECK (status = 'FETCH' OR (topic IS NOT NULL AND "partition" IS NOT NULL AND "offset" IS NOT NULL))
+);
+COMMENT ON TABLE cqrs_sink_held IS
+    'Events a sink took out of its stream: RETRY (the handler failed; tried again at next_attempt_at), BLOCKED (waits behind an earlier held event of its key), DEAD_LETTERED (in the dead-letter topic), DLT_FAILED (the dead-letter publish failed too: kept here, alerted on), FETCH (a replay from the dead-letter topic not yet read). Operators replay or discard them.';
+COMMENT ON COLUMN cqrs_sink_held.value IS 'The message value as Kafka holds it.';
+COMMENT ON COLUMN cqrs_sink_held.headers IS 'The message headers, a JSON object of strings.';
+COMMENT ON COLUMN cqrs_sink_held.status IS 'RETRY, BLOCKED, DEAD_LETTERED, DLT_FAILED or FETCH.';
+COMMENT ON COLUMN cqrs_sink_held.replay IS 'Put back by an operator (cqrs_sink_replay()): applied on its own, outside the order of its key.';
+COMMENT ON COLUMN cqrs_sink_held.attempts IS 'Failed attempts of the handler; over the sink''s max_retries the event is dead-lettered.';
+COMMENT ON COLUMN cqrs_sink_held.next_attempt_at IS 'When a RETRY event is tried again (NULL: as soon as it is the first held event of its key).';
+COMMENT ON COLUMN cqrs_sink_held.last_error IS 'The last error of the handler (or of the dead-letter publish).';
+COMMENT ON COLUMN cqrs_sink_held.dlt_topic IS 'Dead-letter topic (and below, partition and offset) where the event was written, or read from for a replay.';
+COMMENT ON SEQUENCE cqrs_sink_held_id_seq IS 'Ids of cqrs_sink_held rows.';
+CREATE INDEX cqrs_sink_held_key_idx ON cqrs_sink_held (sink, topic, "partition", key, "offset")
+    WHERE status IN ('RETRY', 'BLOCKED') AND NOT replay;
+COMMENT ON INDEX cqrs_sink_held_key_idx IS
+    'Finds the held keys of a partition (later events of those keys are held too) and the first held event of each key.';
+CREATE INDEX cqrs_sink_held_due_idx ON cqrs_sink_held (sink, next_attempt_at)
+    WHERE status IN ('RETRY', 'BLOCKED', 'FETCH');
+COMMENT ON INDEX cqrs_sink_held_due_idx IS 'Finds the held events that are due.';
+CREATE INDEX cqrs_sink_held_failed_idx ON cqrs_sink_held (sink, status)
+    WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
+COMMENT ON INDEX cqrs_sink_held_failed_idx IS 'Counts dead-lettered and DLT_FAILED events for the stats.';
+
+-- Every operator action on a sink, and every event that left
+-- cqrs_sink_held other than by being applied, leaves a row here.
+CREATE TABLE cqrs_sink_audit (
+    audit_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    action            text NOT NULL,
+    sink              text NOT NULL,
+    held_id           bigint,
+    topic             text,
+    "partition"       integer,
+    "offset"          bigint,
+    event_id          text,
+    detail            jsonb,
+    actor             text NOT NULL DEFAULT (CASE WHEN current_setting('role') = 'none'
+                                                  THEN session_user::text
+                                                  ELSE current_setting('role') END),
+    session_user_name text NOT NULL DEFAULT session_user,
+    at                timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT cqrs_sink_audit_action_check
+        CHECK (action IN ('CREATE', 'DROP', 'PAUSE', 'RESUME', 'REWIND', 'REPLAY', 'DISCARD', 'FORGET'))
+);
+COMMENT ON TABLE cqrs_sink_audit IS
+    'Audit trail of the sinks: created, dropped (with the held events that went with it), paused, resumed, rewound, events replayed or discarded, applied events forgotten.';
+COMMENT ON COLUMN cqrs_sink_audit.action IS 'CREATE, DROP, PAUSE, RESUME, REWIND, REPLAY, DISCARD or FORGET.';
+COMMENT ON COLUMN cqrs_sink_audit.held_id IS 'The cqrs_sink_held row acted on, if any.';
+COMMENT ON COLUMN cqrs_sink_audit.detail IS 'What was done: options, positions before and after, the event (key, value, headers) of a discarded or dropped one, the reason.';
+COMMENT ON COLUMN cqrs_sink_audit.actor IS 'Role acted as: the role set with SET ROLE, else the session user.';
+COMMENT ON COLUMN cqrs_sink_audit.session_user_name IS 'Session user: the person (login role) who acted.';
+COMMENT ON COLUMN cqrs_sink_audit.at IS 'When it happened.';
+COMMENT ON SEQUENCE cqrs_sink_audit_audit_id_seq IS 'Ids of cqrs_sink_audit rows.';
+
+SELECT pg_catalog.pg_extension_config_dump('cqrs_sink', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_sink_offset', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_sink_held', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_sink_held_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_sink_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('cqrs_sink_audit_audit_id_seq', '');
+
+REVOKE ALL ON cqrs_sink, cqrs_sink_offset, cqrs_sink_held, cqrs_sink_audit FROM PUBLIC;
+REVOKE ALL ON SEQUENCE cqrs_sink_held_id_seq, cqrs_sink_audit_audit_id_seq FROM PUBLIC;
+GRANT SELECT ON cqrs_sink, cqrs_sink_offset, cqrs_sink_held, cqrs_sink_audit TO cqrs_sync_operator;
+-- monitoring: positions and counts, never an event's key, value or headers
+GRANT SELECT ON cqrs_sink_offset TO pg_monitor;
+GRANT SELECT (name, topics, handler, run_as, consumer, group_id, paused, created_at, changed_at)
+    ON cqrs_sink TO pg_monitor;
+GRANT SELECT (id, sink, topic, "partition", "offset", event_id, ts, status, replay, attempts,
+              next_attempt_at, last_error, held_at, dlt_topic, dlt_partition, dlt_offset,
+              dead_lettered_at)
+    ON cqrs_sink_held TO pg_monitor;
+
+-- ---- internals: shared memory, wake-ups, Kafka look-ups (C) ----------------
+
+CREATE FUNCTION cqrs_sink_wake()
+RETURNS void
+AS 'MODULE_PATHNAME', 'cqrs_sink_wake'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_sink_wake() IS
+    'Internal: when the calling transaction commits, the sink workers read the sinks again and look for due held events at once.';
+
+CREATE FUNCTION cqrs_sink_changed()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'cqrs_sink_changed'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs_sink_changed() IS
+    'Internal: trigger of cqrs_sink; the sink workers read the sinks again when the transaction commits.';
+CREATE TRIGGER cqrs_sink_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON cqrs_sink
+    FOR EACH STATEMENT EXECUTE FUNCTION cqrs_sink_changed();
+
+CREATE FUNCTION cqrs_sink_kafka_offsets(topics text[], "at" timestamptz,
+    OUT topic text, OUT "partition" integer, OUT "offset" bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cqrs_sink_kafka_offsets'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_sink_kafka_offsets(text[], timestamptz) IS
+    'Internal: asks Kafka (cqrs_sync.brokers) for every partition of the topics the first offset whose timestamp is at or after "at" (the end of the partition if none; 0 for -infinity).';
+
+CREATE FUNCTION cqrs_sink_workers(
+    OUT worker integer, OUT pid integer, OUT state text, OUT sinks integer,
+    OUT partitions integer, OUT started_at timestamptz, OUT waiting_since timestamptz,
+    OUT last_error text, OUT last_error_at timestamptz, OUT workers_wanted integer)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cqrs_sink_workers_sql'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION cqrs_sink_workers() IS
+    'The sink workers of this server from shared memory: state (idle, running, waiting for database, waiting for broker, no consumer), the sinks and partitions each consumes, its last error.';
+
+CREATE FUNCTION cqrs_sink_partitions(
+    OUT sink text, OUT topic text, OUT "partition" integer, OUT worker_pid integer,
+    OUT high_watermark bigint, OUT low_watermark bigint, OUT fetched_position bigint,
+    OUT oldest_unapplied_at timestamptz, OUT updated_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cqrs_sink_partitions'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION cqrs_sink_partitions() IS
+    'The partitions assigned to this server''s sink workers, from shared memory: Kafka''s watermarks as last seen, and the timestamp of the oldest message fetched and not yet applied.';
+
+REVOKE ALL ON FUNCTION cqrs_sink_wake() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_changed() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_kafka_offsets(text[], timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_workers() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_partitions() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_sink_workers() TO pg_monitor, cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_partitions() TO pg_monitor, cqrs_sync_operator;
+
+-- ---- declaring sinks ---------------------------------------------------------
+
+-- The role acting: SET ROLE counts, SECURITY DEFINER does not (as in the
+-- audit tables' defaults).
+CREATE FUNCTION cqrs_sink_acting_role()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                ELSE current_setting('role') END
+$$;
+COMMENT ON FUNCTION cqrs_sink_acting_role() IS
+    'Internal: the role acting in this session (the role set with SET ROLE, else the session user), also inside SECURITY DEFINER functions.';
+REVOKE ALL ON FUNCTION cqrs_sink_acting_role() FROM PUBLIC;
+
+CREATE FUNCTION cqrs_sink_topic_valid(topic text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT topic ~ '^[A-Za-z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')
+$$;
+COMMENT ON FUNCTION cqrs_sink_topic_valid(text) IS
+    'Internal: whether Kafka accepts the name as a topic name.';
+REVOKE ALL ON FUNCTION cqrs_sink_topic_valid(text) FROM PUBLIC;
+
+CREATE FUNCTION cqrs_sink_create(name text, topics text[], handler regprocedure,
+                                 options jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    acting     text := @extschema@.cqrs_sink_acting_role();
+    opts       jsonb := coalesce(cqrs_sink_create.options, '{}');
+    v_run_as   text;
+    v_consumer text;
+    v_owner    text;
+    t        text;
+    k        text;
+    route    jsonb;
+    target   regclass;
+    dlt      text;
+    backoff  numeric;
+    p        pg_proc;
+BEGIN
+    IF cqrs_sink_create.name IS NULL OR cqrs_sink_create.topics IS NULL THEN
+        RAISE EXCEPTION 'name and topics must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cqrs_sink_create.name !~ '^[A-Za-z0-9._-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid sink name "%"', cqrs_sink_create.name
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A sink name has 1 to 63 ASCII letters, digits, ".", "_" or "-": it names the consumer group and the dead-letter topics.';
+    END IF;
+    IF cardinality(cqrs_sink_create.topics) = 0 THEN
+        RAISE EXCEPTION 'a sink needs at least one topic' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH t IN ARRAY cqrs_sink_create.topics LOOP
+        IF t IS NULL OR NOT @extschema@.cqrs_sink_topic_valid(t) THEN
+            RAISE EXCEPTION 'invalid topic name "%"', t
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A Kafka topic name has 1 to 249 ASCII letters, digits, ".", "_" or "-", and is not "." or "..".';
+        END IF;
+    END LOOP;
+    IF (SELECT count(DISTINCT u) FROM unnest(cqrs_sink_create.topics) u) <> cardinality(cqrs_sink_create.topics) THEN
+        RAISE EXCEPTION 'topics must not repeat a topic' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(opts) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR k IN SELECT jsonb_object_keys(opts) LOOP
+        IF k NOT IN ('route', 'max_retries', 'retry_backoff', 'dlt_topic', 'dlt_suffix', 'start',
+                     'run_as', 'consumer', 'group_id', 'search_path', 'version_column') THEN
+            RAISE EXCEPTION 'unknown sink option "%"', k
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Options are route, max_retries, retry_backoff, dlt_topic, dlt_suffix, start, run_as, consumer, group_id, search_path and version_column.';
+        END IF;
+        IF jsonb_typeof(opts->k) = 'null' THEN
+            opts := opts - k;
+        END IF;
+    END LOOP;
+
+    -- who the handler runs as: the acting role, or a role it may become
+    v_run_as := coalesce(opts->>'run_as', acting);
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_run_as) THEN
+        RAISE EXCEPTION 'role "%" does not exist', v_run_as USING ERRCODE = 'undefined_object';
+    END IF;
+    IF NOT pg_has_role(acting, v_run_as, 'MEMBER') THEN
+        RAISE EXCEPTION 'permission denied to create a sink that runs as role "%"', v_run_as
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Role "%s" is not a member of role "%s".', acting, v_run_as);
+    END IF;
+
+    -- the handler, or the declarative route
+    IF cqrs_sink_create.handler IS NOT NULL THEN
+        IF opts ? 'route' THEN
+            RAISE EXCEPTION 'a sink has a handler or a route, not both' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT * INTO p FROM pg_proc WHERE oid = cqrs_sink_create.handler;
+        IF p.pronargs <> 1 OR p.proargtypes[0] <> '@extschema@.cqrs_event'::regtype
+           OR p.prorettype <> 'void'::regtype OR p.prokind <> 'f' OR p.proretset THEN
+            RAISE EXCEPTION 'sink handler % must be a function f(e cqrs_event) RETURNS void', cqrs_sink_create.handler
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT has_function_privilege(v_run_as, cqrs_sink_create.handler, 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied for function %', cqrs_sink_create.handler
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('The sink runs as role "%s", which may not execute the handler.', v_run_as);
+        END IF;
+    ELSE
+        route := opts->'route';
+        IF route IS NULL OR jsonb_typeof(route) <> 'object' OR NOT route ? 'target' THEN
+            RAISE EXCEPTION 'a sink without a handler needs options.route, an object with a target'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'For example {"route": {"target": "board_detail", "version": "version", "delete": "deleted"}}.';
+        END IF;
+        FOR k IN SELECT jsonb_object_keys(route) LOOP
+            IF k NOT IN ('target', 'version', 'delete') THEN
+                RAISE EXCEPTION 'unknown route option "%"', k
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'A route has target, version (the payload field holding the version) and delete (a field name, or an object of field values, that marks a delete).';
+            END IF;
+        END LOOP;
+        -- the target is named as the handlers' code would: with the sink's
+        -- search_path
+        PERFORM set_config('search_path', coalesce(opts->>'search_path', '"$user", public'), true);
+        target := (route->>'target')::regclass;
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        IF NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = target AND indisprimary) THEN
+            RAISE EXCEPTION 'route target % has no primary key', target USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF route ? 'version' AND jsonb_typeof(route->'version') <> 'string' THEN
+            RAISE EXCEPTION 'route version must be the name of a payload field' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF route ? 'delete' AND jsonb_typeof(route->'delete') NOT IN ('string', 'object') THEN
+            RAISE EXCEPTION 'route delete must be a payload field name or an object of field values'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- the worker reads the target by its OID: store it schema-qualified
+        opts := jsonb_set(opts, '{route,target}', to_jsonb(target::text));
+    END IF;
+
+    -- retries, dead letters, start, group
+    IF opts ? 'max_retries' AND (jsonb_typeof(opts->'max_retries') <> 'number'
+                                 OR (opts->>'max_retries')::numeric NOT BETWEEN 0 AND 1000
+                                 OR (opts->>'max_retries')::numeric <> trunc((opts->>'max_retries')::numeric)) THEN
+        RAISE EXCEPTION 'max_retries must be an integer from 0 to 1000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF opts ? 'retry_backoff' THEN
+        IF jsonb_typeof(opts->'retry_backoff') = 'number' THEN
+            backoff := (opts->>'retry_backoff')::numeric;
+        ELSIF jsonb_typeof(opts->'retry_backoff') = 'string' THEN
+            backoff := extract(epoch FROM (opts->>'retry_backoff')::interval) * 1000;
+        END IF;
+        IF backoff IS NULL OR backoff < 1 OR backoff > 3600000 THEN
+            RAISE EXCEPTION 'retry_backoff must be from 1 ms to 1 hour (a number of milliseconds or an interval such as ''500ms'')'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        opts := jsonb_set(opts, '{retry_backoff}', to_jsonb(round(backoff)::integer));
+    END IF;
+    IF opts ? 'start' AND opts->>'start' NOT IN ('earliest', 'latest') THEN
+        RAISE EXCEPTION 'start must be "earliest" or "latest"' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF opts ? 'dlt_topic' AND opts ? 'dlt_suffix' THEN
+        RAISE EXCEPTION 'give dlt_topic or dlt_suffix, not both' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH t IN ARRAY cqrs_sink_create.topics LOOP
+        dlt := coalesce(opts->>'dlt_topic', t || coalesce(opts->>'dlt_suffix', '.' || cqrs_sink_create.name || '.DLT'));
+        IF NOT @extschema@.cqrs_sink_topic_valid(dlt) OR dlt = t THEN
+            RAISE EXCEPTION 'invalid dead-letter topic "%" for topic "%"', dlt, t
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'The dead-letter topic must be a valid Kafka topic name (at most 249 characters) other than the topic itself.';
+        END IF;
+    END LOOP;
+    FOR k IN SELECT unnest(ARRAY['run_as', 'consumer', 'group_id', 'search_path', 'version_column']) LOOP
+        IF opts ? k AND (jsonb_typeof(opts->k) <> 'string' OR opts->>k = '') THEN
+            RAISE EXCEPTION '% must be a non-empty string', k USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+
+    -- the consumer name of its inbox entries belongs to run_as
+    v_consumer := coalesce(opts->>'consumer', cqrs_sink_create.name);
+    SELECT c.owner INTO v_owner FROM @extschema@.cqrs_consumer c WHERE c.consumer = v_consumer FOR UPDATE;
+    IF v_owner IS NULL THEN
+        INSERT INTO @extschema@.cqrs_consumer (consumer, owner) VALUES (v_consumer, v_run_as);
+    ELSIF v_owner <> v_run_as AND NOT (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_owner)
+                                       AND pg_has_role(v_run_as, v_owner, 'MEMBER')) THEN
+        RAISE EXCEPTION 'consumer "%" belongs to role "%"', v_consumer, v_owner
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Choose another consumer name (option consumer), or run the sink as that role.';
+    END IF;
+
+    IF EXISTS (SELECT 1 FROM @extschema@.cqrs_sink s WHERE s.name = cqrs_sink_create.name) THEN
+        RAISE EXCEPTION 'sink "%" already exists', cqrs_sink_create.name USING ERRCODE = 'duplicate_object';
+    END IF;
+    INSERT INTO @extschema@.cqrs_sink (name, topics, handler, options, run_as, consumer, group_id)
+    VALUES (cqrs_sink_create.name, cqrs_sink_create.topics, cqrs_sink_create.handler,
+            opts - 'run_as' - 'consumer' - 'group_id', v_run_as, v_consumer,
+            coalesce(opts->>'group_id', 'cqrs_sync.' || current_database() || '.' || cqrs_sink_create.name));
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, detail)
+    VALUES ('CREATE', cqrs_sink_create.name,
+            jsonb_build_object('topics', cqrs_sink_create.topics, 'handler', cqrs_sink_create.handler::text,
+                               'options', opts, 'run_as', v_run_as));
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_create(text, text[], regprocedure, jsonb) IS
+    'Operator: declares a sink that applies the events of the topics to this database exactly once, calling handler(e cqrs_event) per event as role options.run_as (default: the acting role), or, with a NULL handler, the declarative options.route; the sink workers start on it without a restart (audited).';
+
+CREATE FUNCTION cqrs_sink_drop(name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s @extschema@.cqrs_sink;
+BEGIN
+    -- waits for the workers' transactions on the sink
+    SELECT * INTO s FROM @extschema@.cqrs_sink WHERE cqrs_sink.name = cqrs_sink_drop.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sink "%" does not exist', cqrs_sink_drop.name USING ERRCODE = 'undefined_object';
+    END IF;
+    -- the held events go with the sink: the audit keeps them
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, held_id, topic, "partition", "offset", event_id, detail)
+    SELECT 'DROP', h.sink, h.id, h.topic, h."partition", h."offset", h.event_id,
+           jsonb_build_object('status', h.status, 'key', h.key, 'value', encode(h.value, 'base64'),
+                              'headers', h.headers, 'last_error', h.last_error)
+      FROM @extschema@.cqrs_sink_held h
+     WHERE h.sink = s.name
+     ORDER BY h.id;
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, detail)
+    SELECT 'DROP', s.name,
+           jsonb_build_object('topics', s.topics, 'handler', s.handler::text, 'options', s.options,
+                              'positions', coalesce(jsonb_agg(jsonb_build_object('topic', o.topic, 'partition', o."partition",
+                                                                                  'position', o.next_offset)
+                                                              ORDER BY o.topic, o."partition"), '[]'))
+      FROM @extschema@.cqrs_sink_offset o
+     WHERE o.sink = s.name;
+    DELETE FROM @extschema@.cqrs_sink WHERE cqrs_sink.name = s.name;
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_drop(text) IS
+    'Operator: drops a sink with its positions and held events (each kept in cqrs_sink_audit); its workers leave the consumer group. The inbox entries of its consumer stay.';
+
+-- Pause and resume: the row lock waits for the workers' transactions in
+-- progress, so that once a pause commits, nothing more is applied.
+CREATE FUNCTION cqrs_sink_set_paused(sink_name text, pause boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE @extschema@.cqrs_sink SET paused = pause, changed_at = now()
+     WHERE cqrs_sink.name = sink_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sink "%" does not exist', sink_name USING ERRCODE = 'undefined_object';
+    END IF;
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink)
+    VALUES (CASE WHEN pause THEN 'PAUSE' ELSE 'RESUME' END, sink_name);
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_set_paused(text, boolean) IS
+    'Internal: pauses or resumes a sink, audited, for cqrs_sink_pause() and cqrs_sink_resume().';
+REVOKE ALL ON FUNCTION cqrs_sink_set_paused(text, boolean) FROM PUBLIC;
+
+CREATE FUNCTION cqrs_sink_pause(name text)
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@.cqrs_sink_set_paused(name, true) $$;
+COMMENT ON FUNCTION cqrs_sink_pause(text) IS
+    'Operator: pauses a sink: once the call commits, no event is applied (the workers keep their partitions and fetch nothing) until cqrs_sink_resume() (audited).';
+
+CREATE FUNCTION cqrs_sink_resume(name text)
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@.cqrs_sink_set_paused(name, false) $$;
+COMMENT ON FUNCTION cqrs_sink_resume(text) IS
+    'Operator: resumes a paused sink from its stored positions (audited).';
+
+-- Moves positions: the workers drop what they fetched and start again there.
+-- Held events at or after a new position come again from Kafka: they are
+-- deleted (dead-lettered and DLT_FAILED ones stay).
+CREATE FUNCTION cqrs_sink_set_positions(sink_name text, positions jsonb, reason jsonb)
+RETURNS TABLE (topic text, "partition" integer, old_position bigint, new_position bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH p AS (
+        SELECT e->>'topic' AS topic, (e->>'partition')::integer AS part, (e->>'offset')::bigint AS off
+          FROM jsonb_array_elements(positions) e
+    ), old AS (
+        SELECT p.topic, p.part, p.off, o.next_offset
+          FROM p LEFT JOIN @extschema@.cqrs_sink_offset o
+            ON o.sink = sink_name AND o.topic = p.topic AND o."partition" = p.part
+    ), moved AS (
+        INSERT INTO @extschema@.cqrs_sink_offset AS o (sink, topic, "partition", next_offset, epoch)
+        SELECT sink_name, old.topic, old.part, old.off, 1 FROM old
+        ON CONFLICT ON CONSTRAINT cqrs_sink_offset_pkey
+        DO UPDATE SET next_offset = excluded.next_offset, epoch = o.epoch + 1, updated_at = now()
+        RETURNING o.topic, o."partition"
+    ), unheld AS (
+        DELETE FROM @extschema@.cqrs_sink_held h
+         USING p
+         WHERE h.sink = sink_name AND h.topic = p.topic AND h."partition" = p.part
+           AND h."offset" >= p.off AND h.status IN ('RETRY', 'BLOCKED') AND NOT h.replay
+        RETURNING h.id
+    )
+    SELECT old.topic, old.part, old.next_offset, old.off
+      FROM old
+     ORDER BY 1, 2;
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, detail)
+    VALUES ('REWIND', sink_name, reason || jsonb_build_object('positions', positions));
+    UPDATE @extschema@.cqrs_sink SET changed_at = now() WHERE name = sink_name;
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_set_positions(text, jsonb, jsonb) IS
+    'Internal: sets positions of a sink (and drops its held events at or after them, which Kafka delivers again), for cqrs_sink_rewind().';
+REVOKE ALL ON FUNCTION cqrs_sink_set_positions(text, jsonb, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION cqrs_sink_rewind(name text, "to" timestamptz)
+RETURNS TABLE (topic text, "partition" integer, old_position bigint, new_position bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s @extschema@.cqrs_sink;
+    positions jsonb;
+BEGIN
+    IF cqrs_sink_rewind."to" IS NULL THEN
+        RAISE EXCEPTION 'to must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    -- waits for the workers' transactions on the sink
+    SELECT * INTO s FROM @extschema@.cqrs_sink WHERE cqrs_sink.name = cqrs_sink_rewind.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sink "%" does not exist', cqrs_sink_rewind.name USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT jsonb_agg(jsonb_build_object('topic', k.topic, 'partition', k."partition", 'offset', k."offset"))
+      INTO positions
+      FROM @extschema@.cqrs_sink_kafka_offsets(s.topics, cqrs_sink_rewind."to") k;
+    IF positions IS NULL THEN
+        RAISE EXCEPTION 'Kafka knows no partition of the topics of sink "%"', s.name
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN QUERY SELECT * FROM @extschema@.cqrs_sink_set_positions(s.name, positions,
+                                                                   jsonb_build_object('to', cqrs_sink_rewind."to"));
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_rewind(text, timestamptz) IS
+    'Operator: moves every partition of the sink to the first message at or after "to" (-infinity: the beginning), asking Kafka; the workers apply again from there, and skip the events the sink''s consumer already applied unless cqrs_sink_forget_applied() ran (audited). Returns the positions before and after.';
+
+CREATE FUNCTION cqrs_sink_rewind(name text, topic text, "partition" integer, "offset" bigint)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s @extschema@.cqrs_sink;
+    old bigint;
+BEGIN
+    IF $2 IS NULL OR $3 IS NULL OR $4 IS NULL THEN
+        RAISE EXCEPTION 'topic, partition and offset must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF $3 < 0 OR $4 < 0 THEN
+        RAISE EXCEPTION 'partition and offset must not be negative' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- waits for the workers' transactions on the sink
+    SELECT * INTO s FROM @extschema@.cqrs_sink WHERE cqrs_sink.name = $1 FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sink "%" does not exist', $1 USING ERRCODE = 'undefined_object';
+    END IF;
+    IF NOT $2 = ANY (s.topics) THEN
+        RAISE EXCEPTION 'sink "%" does not consume topic "%"', s.name, $2 USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT r.old_position INTO old
+      FROM @extschema@.cqrs_sink_set_positions(
+               s.name, jsonb_build_array(jsonb_build_object('topic', $2, 'partition', $3, 'offset', $4)),
+               '{}') r;
+    RETURN old;
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_rewind(text, text, integer, bigint) IS
+    'Operator: moves one partition of the sink to an offset, and returns its position before (NULL if it had none); the workers apply again from there (audited). See cqrs_sink_rewind(text, timestamptz).';
+
+CREATE FUNCTION cqrs_sink_forget_applied(name text)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s @extschema@.cqrs_sink;
+    n_inbox bigint;
+    n_delta bigint;
+BEGIN
+    SELECT * INTO s FROM @extschema@.cqrs_sink WHERE cqrs_sink.name = cqrs_sink_forget_applied.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sink "%" does not exist', cqrs_sink_forget_applied.name USING ERRCODE = 'undefined_object';
+    END IF;
+    IF NOT s.paused THEN
+        RAISE EXCEPTION 'sink "%" must be paused to forget what it applied', s.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'To rebuild a read model: cqrs_sink_pause(), empty the read model, cqrs_sink_forget_applied(), cqrs_sink_rewind(), cqrs_sink_resume().';
+    END IF;
+    DELETE FROM @extschema@.cqrs_inbox WHERE consumer = s.consumer;
+    GET DIAGNOSTICS n_inbox = ROW_COUNT;
+    DELETE FROM @extschema@.cqrs_delta_inbox WHERE consumer = s.consumer;
+    GET DIAGNOSTICS n_delta = ROW_COUNT;
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, detail)
+    VALUES ('FORGET', s.name, jsonb_build_object('consumer', s.consumer, 'inbox', n_inbox, 'delta_memory', n_delta));
+    RETURN n_inbox + n_delta;
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_forget_applied(text) IS
+    'Operator: deletes the inbox entries and delta memory of a paused sink''s consumer, so that a rewind applies every event again: for rebuilding an emptied read model (audited). Returns the rows deleted.';
+
+-- ---- held events -------------------------------------------------------------
+
+CREATE FUNCTION cqrs_sink_replay(id bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    h @extschema@.cqrs_sink_held;
+BEGIN
+    IF cqrs_sink_replay.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO h FROM @extschema@.cqrs_sink_held WHERE cqrs_sink_held.id = cqrs_sink_replay.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'held event % does not exist', cqrs_sink_replay.id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF h.status NOT IN ('DEAD_LETTERED', 'DLT_FAILED') THEN
+        RAISE EXCEPTION 'held event % is %, not dead-lettered', h.id, h.status
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'RETRY and BLOCKED events are being retried already; only DEAD_LETTERED and DLT_FAILED events can be replayed.';
+    END IF;
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, held_id, topic, "partition", "offset", event_id, detail)
+    VALUES ('REPLAY', h.sink, h.id, h.topic, h."partition", h."offset", h.event_id,
+            jsonb_build_object('status', h.status, 'last_error', h.last_error, 'dlt_topic', h.dlt_topic,
+                               'dlt_partition', h.dlt_partition, 'dlt_offset', h.dlt_offset));
+    UPDATE @extschema@.cqrs_sink_held
+       SET status = 'RETRY', replay = true, attempts = 0, next_attempt_at = now()
+     WHERE cqrs_sink_held.id = h.id;
+    PERFORM @extschema@.cqrs_sink_wake();
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_replay(bigint) IS
+    'Operator: applies a DEAD_LETTERED or DLT_FAILED event of cqrs_sink_held again, with a fresh retry budget (audited); once applied the row is deleted. Use it after fixing the handler.';
+
+CREATE FUNCTION cqrs_sink_replay(name text, dlt_topic text, dlt_partition integer, dlt_offset bigint)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s @extschema@.cqrs_sink;
+    new_id bigint;
+BEGIN
+    IF $1 IS NULL OR $2 IS NULL OR $3 IS NULL OR $4 IS NULL THEN
+        RAISE EXCEPTION 'name, dlt_topic, dlt_partition and dlt_offset must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF NOT @extschema@.cqrs_sink_topic_valid($2) OR $3 < 0 OR $4 < 0 THEN
+        RAISE EXCEPTION 'invalid dead-letter message %[%] at offset %', $2, $3, $4
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO s FROM @extschema@.cqrs_sink WHERE cqrs_sink.name = $1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'sink "%" does not exist', $1 USING ERRCODE = 'undefined_object';
+    END IF;
+    INSERT INTO @extschema@.cqrs_sink_held (sink, status, replay, next_attempt_at, dlt_topic, dlt_partition, dlt_offset)
+    VALUES (s.name, 'FETCH', true, now(), $2, $3, $4)
+    RETURNING cqrs_sink_held.id INTO new_id;
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, held_id, detail)
+    VALUES ('REPLAY', s.name, new_id,
+            jsonb_build_object('dlt_topic', $2, 'dlt_partition', $3, 'dlt_offset', $4));
+    PERFORM @extschema@.cqrs_sink_wake();
+    RETURN new_id;
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_replay(text, text, integer, bigint) IS
+    'Operator: reads the message at dlt_offset of dlt_topic[dlt_partition] and applies it through the sink again, as the event named by its x-original-topic, x-original-partition and x-original-offset headers (audited). Returns the id of its cqrs_sink_held row (status FETCH until a worker read it).';
+
+CREATE FUNCTION cqrs_sink_discard(id bigint, reason text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    h @extschema@.cqrs_sink_held;
+BEGIN
+    IF cqrs_sink_discard.id IS NULL THEN
+        RAISE EXCEPTION 'id must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF cqrs_sink_discard.reason IS NULL OR btrim(cqrs_sink_discard.reason) = '' THEN
+        RAISE EXCEPTION 'a reason is required to discard an event' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Say why the event may be dropped; the reason is kept in cqrs_sink_audit.';
+    END IF;
+    SELECT * INTO h FROM @extschema@.cqrs_sink_held WHERE cqrs_sink_held.id = cqrs_sink_discard.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'held event % does not exist', cqrs_sink_discard.id USING ERRCODE = 'no_data_found';
+    END IF;
+    INSERT INTO @extschema@.cqrs_sink_audit (action, sink, held_id, topic, "partition", "offset", event_id, detail)
+    VALUES ('DISCARD', h.sink, h.id, h.topic, h."partition", h."offset", h.event_id,
+            jsonb_build_object('status', h.status, 'key', h.key, 'value', encode(h.value, 'base64'),
+                               'headers', h.headers, 'last_error', h.last_error,
+                               'reason', cqrs_sink_discard.reason));
+    DELETE FROM @extschema@.cqrs_sink_held WHERE cqrs_sink_held.id = h.id;
+    PERFORM @extschema@.cqrs_sink_wake();
+END
+$$;
+COMMENT ON FUNCTION cqrs_sink_discard(bigint, text) IS
+    'Operator: drops a held event for good (the audit keeps it, who, when and why); discarding a RETRY event lets the later events of its key go on.';
+
+REVOKE ALL ON FUNCTION cqrs_sink_create(text, text[], regprocedure, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_drop(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_pause(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_resume(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_rewind(text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_rewind(text, text, integer, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_forget_applied(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_replay(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_replay(text, text, integer, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs_sink_discard(bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_sink_create(text, text[], regprocedure, jsonb) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_drop(text) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_pause(text) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_resume(text) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_rewind(text, timestamptz) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_rewind(text, text, integer, bigint) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_forget_applied(text) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_replay(bigint) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_replay(text, text, integer, bigint) TO cqrs_sync_operator;
+GRANT EXECUTE ON FUNCTION cqrs_sink_discard(bigint, text) TO cqrs_sync_operator;
+
+-- ---- seeing it -------------------------------------------------------------------
+
+CREATE VIEW cqrs_sink_stats AS
+    SELECT coalesce(o.sink, p.sink) AS sink,
+           coalesce(o.topic, p.topic) AS topic,
+           coalesce(o."partition", p."partition") AS "partition",
+           o.next_offset AS "position",
+           p.high_watermark,
+           CASE WHEN p.high_watermark IS NOT NULL
+                THEN greatest(p.high_watermark
+                              - greatest(coalesce(o.next_offset, p.fetched_position, 0),
+                                         coalesce(p.low_watermark, 0)), 0)
+           END AS lag,
+           CASE WHEN p.high_watermark IS NULL THEN NULL
+                WHEN p.high_watermark <= greatest(coalesce(o.next_offset, p.fetched_position, 0),
+                                                  coalesce(p.low_watermark, 0)) THEN 0::float8
+                WHEN p.oldest_unapplied_at IS NOT NULL
+                THEN greatest(extract(epoch FROM now() - p.oldest_unapplied_at), 0)::float8
+                ELSE greatest(extract(epoch FROM now() - coalesce(o.updated_at, p.updated_at)), 0)::float8
+           END AS lag_seconds,
+           coalesce(o.applied, 0) AS applied,
+           coalesce(o.duplicates, 0) AS duplicates,
+           coalesce(o.retried, 0) AS retried,
+           coalesce(o.dead_lettered, 0) AS dead_lettered,
+           coalesce(h.failed, 0) AS failed,
+           coalesce(h.held, 0) AS held,
+           coalesce(h.in_dlt, 0) AS in_dlt,
+           coalesce(o.dlt_failed, 0) AS dlt_failed,
+           p.worker_pid,
+           o.last_event_at,
+           o.updated_at
+      FROM @extschema@.cqrs_sink_offset o
+      FULL JOIN @extschema@.cqrs_sink_partitions() p
+        ON p.sink = o.sink AND p.topic = o.topic AND p."partition" = o."partition"
+      LEFT JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE x.status = 'DLT_FAILED') AS failed,
+                   count(*) FILTER (WHERE x.status IN ('RETRY', 'BLOCKED')) AS held,
+                   count(*) FILTER (WHERE x.status = 'DEAD_LETTERED') AS in_dlt
+              FROM @extschema@.cqrs_sink_held x
+             WHERE x.sink = coalesce(o.sink, p.sink) AND x.topic = coalesce(o.topic, p.topic)
+               AND x."partition" = coalesce(o."partition", p."partition")) h ON true;
+COMMENT ON VIEW cqrs_sink_stats IS
+    'One row per sink and partition: stored position (next offset to apply), Kafka''s high watermark as the assigned worker last saw it, lag in messages and seconds (age of the oldest message fetched and not applied; else the time since the position last moved), applied, duplicates, retried and dead_lettered counts, failed (DLT_FAILED events kept), held (RETRY and BLOCKED events), in_dlt (DEAD_LETTERED events not replayed or discarded).';
+
+CREATE VIEW cqrs_stats_sink AS
+    SELECT s.name AS sink,
+           s.paused,
+           cardinality(s.topics) AS topics,
+           count(st."partition") AS partitions,
+           count(st.worker_pid) AS partitions_assigned,
+           count(DISTINCT st.worker_pid) AS workers,
+           coalesce(sum(st.lag), 0)::bigint AS lag,
+           coalesce(max(st.lag_seconds), 0)::float8 AS lag_seconds,
+           coalesce(sum(st.applied), 0)::bigint AS applied,
+           coalesce(sum(st.duplicates), 0)::bigint AS duplicates,
+           coalesce(sum(st.retried), 0)::bigint AS retried,
+           coalesce(sum(st.dead_lettered), 0)::bigint AS dead_lettered,
+           coalesce(sum(st.dlt_failed), 0)::bigint AS dlt_failed,
+           (SELECT count(*) FROM @extschema@.cqrs_sink_held x
+             WHERE x.sink = s.name AND x.status IN ('RETRY', 'BLOCKED', 'FETCH')) AS held,
+           (SELECT count(*) FROM @extschema@.cqrs_sink_held x
+             WHERE x.sink = s.name AND x.status = 'DEAD_LETTERED') AS in_dlt,
+           (SELECT count(*) FROM @extschema@.cqrs_sink_held x
+             WHERE x.sink = s.name AND x.status = 'DLT_FAILED') AS failed
+      FROM @extschema@.cqrs_sink s
+      LEFT JOIN @extschema@.cqrs_sink_stats st ON st.sink = s.name
+     GROUP BY s.name, s.paused, s.topics;
+COMMENT ON VIEW cqrs_stats_sink IS
+    'One row per sink, for exporters: paused, partitions (and those assigned to a worker of this server), total lag in messages, largest lag in seconds, counters, and held, dead-lettered (in_dlt) and DLT_FAILED (failed) events kept in cqrs_sink_held.';
+
+CREATE VIEW cqrs_stats_sink_workers AS
+    SELECT w.worker, w.pid, w.state, w.sinks, w.partitions, w.started_at, w.waiting_since,
+           CASE WHEN w.waiting_since IS NULL THEN 0::float8
+                ELSE extract(epoch FROM now() - w.waiting_since)::float8 END AS waiting_seconds,
+           w.last_error, w.last_error_at, w.workers_wanted
+      FROM @extschema@.cqrs_sink_workers() w;
+COMMENT ON VIEW cqrs_stats_sink_workers IS
+    'The sink workers of this server (one row each, also the ones expected and not running, with pid NULL and state stopped): state, how long they have been waiting for the database or the broker, sinks and partitions they consume, last error.';
+
+REVOKE ALL ON cqrs_sink_stats, cqrs_stats_sink, cqrs_stats_sink_workers FROM PUBLIC;
+GRANT SELECT ON cqrs_sink_stats, cqrs_stats_sink, cqrs_stats_sink_workers TO pg_monitor, cqrs_sync_operator;
+
+-- @@SINK_END@@

@@ -23,7 +23,7 @@ SELECT p.oid::regprocedure AS function,
        p.proconfig AS settings
   FROM pg_proc p
  WHERE p.proname IN ('cqrs_retry', 'cqrs_retry_dlt_failed', 'cqrs_discard', 'cqrs_wake_relay')
- ORDER BY p.oid::regprocedure::text;
+ ORDER BY p.oid::regprocedure::text COLLATE "C";
 
 CREATE ROLE cqrs_regress_nobody LOGIN;
 CREATE ROLE cqrs_regress_ops LOGIN IN ROLE cqrs_sync_operator;

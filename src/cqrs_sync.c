@@ -21,6 +21,8 @@
 #include "monitor_worker.h"
 #include "relay_worker.h"
 #include "shmem.h"
+#include "sink.h"
+#include "sink_worker.h"
 
 PG_MODULE_MAGIC;
 
@@ -36,6 +38,11 @@ bool		cqrs_relay_enabled = true;
 bool		cqrs_delete_on_sent = false;
 int			cqrs_dlt_depth_interval_ms = 30000;
 char	   *cqrs_read_side_dlt_topics = NULL;
+
+/* the sink (issue 14) */
+char	   *cqrs_sink_database = NULL;
+int			cqrs_sink_workers = 1;
+int			cqrs_sink_batch_size = 1000;
 
 void		_PG_init(void);
 
@@ -226,6 +233,15 @@ define_worker_settings(void)
 							   0,
 							   NULL, NULL, NULL);
 
+	DefineCustomIntVariable("cqrs_sync.sink_workers",
+							"Number of sink workers; 0 runs none.",
+							"Each worker consumes every sink, in the sink's consumer group: Kafka shares the partitions between them. A reload starts or stops workers; from 0, a restart is needed.",
+							&cqrs_sink_workers,
+							1, 0, CQRS_SINK_MAX_WORKERS,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
 	DefineCustomBoolVariable("cqrs_sync.relay_enabled",
 							 "Starts the outbox relay worker.",
 							 "Turn off on servers that only use the read-side helpers.",
@@ -324,6 +340,24 @@ define_settings(void)
 							   0,
 							   check_topic_list, NULL, NULL);
 
+	DefineCustomStringVariable("cqrs_sync.sink_database",
+							   "Database the sink workers connect to; empty: cqrs_sync.database.",
+							   "The read models and CREATE EXTENSION cqrs_sync live there; the workers wait until the extension exists. A reload that changes it restarts the workers.",
+							   &cqrs_sink_database,
+							   "",
+							   PGC_SIGHUP,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cqrs_sync.sink_batch_size",
+							"Most messages a sink applies in one transaction.",
+							"A worker applies what has arrived, up to this many messages, without waiting for more; larger batches are faster, and a handler error costs the batch one more attempt.",
+							&cqrs_sink_batch_size,
+							1000, 1, 100000,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
 	DefineCustomIntVariable("cqrs_sync.retry_backoff",
 							"First delay before a failed message is tried again.",
 							"The delay doubles with every further failure of the message, up to 64 times this value.",
@@ -353,8 +387,11 @@ _PG_init(void)
 		return;
 
 	cqrs_shmem_init();
+	cqrs_sink_shmem_init();
 	if (cqrs_relay_enabled)
 		cqrs_relay_register();
 	cqrs_cleanup_register();
 	cqrs_monitor_register();
+	if (cqrs_sink_workers > 0)
+		cqrs_sink_register();
 }

@@ -31,6 +31,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "lib/stringinfo.h"
@@ -89,6 +90,7 @@ delivery_report(rd_kafka_t *rk, const rd_kafka_message_t *rkmessage, void *opaqu
 	msg->err = rkmessage->err;
 	if (rkmessage->partition >= 0)
 		pg_atomic_write_u32(&msg->partition, (uint32) rkmessage->partition + 1);
+	msg->offset = rkmessage->offset;
 	msg->done = true;
 	if (delivery_hook)
 		delivery_hook(msg);
@@ -462,6 +464,35 @@ ensure_event_pipe(void)
 				 errmsg("could not make the librdkafka event pipe non-blocking: %m")));
 }
 
+/* What a client was built from, for cqrs_kafka_config_changed(). */
+static void
+remember_built(void)
+{
+	if (built_brokers)
+		pfree(built_brokers);
+	built_brokers = MemoryContextStrdup(TopMemoryContext, cqrs_brokers);
+	if (built_config_file)
+		pfree(built_config_file);
+	built_config_file = MemoryContextStrdup(TopMemoryContext,
+											cqrs_kafka_config_file ? cqrs_kafka_config_file : "");
+}
+
+/*
+ * Read the properties file into conf (forgetting the secrets of the last
+ * read); false and errbuf on error.
+ */
+static bool
+apply_config_file(rd_kafka_conf_t *conf, char *errbuf, size_t errlen)
+{
+	list_free_deep(secrets);
+	secrets = NIL;
+	memset(&built_config_stat, 0, sizeof(built_config_stat));
+	if (cqrs_kafka_config_file && cqrs_kafka_config_file[0] != '\0' &&
+		!read_config_file(conf, cqrs_kafka_config_file, errbuf, errlen))
+		return false;
+	return true;
+}
+
 /*
  * Create a client: the relay's idempotent producer (role CQRS_KAFKA_RELAY;
  * batch_bytes > 0 caps its record batches) or a plain one for metadata.
@@ -493,11 +524,7 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 		!conf_set(conf, "message.timeout.ms", "0", "default", errbuf, errlen))
 		goto fail;
 
-	list_free_deep(secrets);
-	secrets = NIL;
-	memset(&built_config_stat, 0, sizeof(built_config_stat));
-	if (cqrs_kafka_config_file && cqrs_kafka_config_file[0] != '\0' &&
-		!read_config_file(conf, cqrs_kafka_config_file, errbuf, errlen))
+	if (!apply_config_file(conf, errbuf, errlen))
 		goto fail;
 
 	/* never a record batch larger than the smallest topic limit known */
@@ -541,13 +568,7 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 		rd_kafka_queue_io_event_enable(admin_queue, event_pipe[1], "a", 1);
 	}
 
-	if (built_brokers)
-		pfree(built_brokers);
-	built_brokers = MemoryContextStrdup(TopMemoryContext, cqrs_brokers);
-	if (built_config_file)
-		pfree(built_config_file);
-	built_config_file = MemoryContextStrdup(TopMemoryContext,
-											cqrs_kafka_config_file ? cqrs_kafka_config_file : "");
+	remember_built();
 	return rk;
 
 fail:
@@ -620,10 +641,12 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 	for (int i = 0; i < msg->nheaders; i++)
 		rd_kafka_header_add(hdrs, msg->header_names[i], -1,
 							msg->header_values[i], -1);
-	rd_kafka_header_add(hdrs, "event_id", -1, msg->event_id, -1);
+	if (msg->event_id != NULL)
+		rd_kafka_header_add(hdrs, "event_id", -1, msg->event_id, -1);
 
 	msg->done = false;
 	msg->err = RD_KAFKA_RESP_ERR_NO_ERROR;
+	msg->offset = -1;
 	pg_atomic_write_u32(&msg->partition, 0);
 	if (rkt)
 		err = rd_kafka_producev(rk,
@@ -674,7 +697,8 @@ cqrs_kafka_message_size(const CqrsMessage *msg)
 
 	for (int i = 0; i < msg->nheaders; i++)
 		size += 10 + strlen(msg->header_names[i]) + strlen(msg->header_values[i]);
-	size += 10 + strlen("event_id") + strlen(msg->event_id);
+	if (msg->event_id != NULL)
+		size += 10 + strlen("event_id") + strlen(msg->event_id);
 	return size;
 }
 
@@ -816,4 +840,228 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 		}
 		rd_kafka_event_destroy(ev);
 	}
+}
+
+/* ---- the sink's consumers ------------------------------------------------------ */
+
+/*
+ * Create a consumer for a sink (role CQRS_KAFKA_SINK): a member of
+ * consumer group group_id (NULL: no group, for reading single messages with
+ * rd_kafka_assign()).  The properties file applies, then what the sink's
+ * exactness rests on: offsets are stored and committed by the sink only
+ * (after its database transaction), an offset out of range is an error the
+ * sink handles (auto.offset.reset=error), only committed transactional
+ * messages are read.  rebalance (with opaque) is the rebalance callback;
+ * it runs inside rd_kafka_consumer_poll() and must not elog.  Its consumer
+ * queue wakes cqrs_kafka_event_fd().  Returns NULL and fills errbuf on
+ * error.
+ */
+rd_kafka_t *
+cqrs_kafka_create_consumer(const char *group_id, const char *client_id, void *opaque,
+						   CqrsRebalanceHook rebalance, char *errbuf, size_t errlen)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	rd_kafka_t *rk;
+	rd_kafka_queue_t *queue;
+	char		rderr[512];
+
+	ensure_event_pipe();
+
+	/* defaults the properties file may change */
+	if (!conf_set(conf, "client.id", client_id, "default", errbuf, errlen) ||
+		!conf_set(conf, "reconnect.backoff.max.ms", "1000", "default", errbuf, errlen) ||
+		/* a killed worker's partitions move on within seconds */
+		!conf_set(conf, "session.timeout.ms", "10000", "default", errbuf, errlen) ||
+		!conf_set(conf, "heartbeat.interval.ms", "2000", "default", errbuf, errlen))
+		goto fail;
+	if (!apply_config_file(conf, errbuf, errlen))
+		goto fail;
+
+	/* what the sink's guarantees rest on; the file cannot change these */
+	if (!conf_set(conf, "bootstrap.servers", cqrs_brokers, "cqrs_sync.brokers", errbuf, errlen) ||
+		!conf_set(conf, "log.queue", "true", "required", errbuf, errlen) ||
+		!conf_set(conf, "enable.auto.commit", "false", "required", errbuf, errlen) ||
+		!conf_set(conf, "enable.auto.offset.store", "false", "required", errbuf, errlen) ||
+		!conf_set(conf, "auto.offset.reset", "error", "required", errbuf, errlen) ||
+		!conf_set(conf, "enable.partition.eof", "false", "required", errbuf, errlen) ||
+		!conf_set(conf, "isolation.level", "read_committed", "required", errbuf, errlen))
+		goto fail;
+	if (group_id != NULL &&
+		!conf_set(conf, "group.id", group_id, "the sink's consumer group", errbuf, errlen))
+		goto fail;
+
+	rd_kafka_conf_set_opaque(conf, opaque);
+	if (rebalance != NULL)
+		rd_kafka_conf_set_rebalance_cb(conf, rebalance);
+	rd_kafka_conf_set_error_cb(conf, error_callback);
+	rd_kafka_conf_set_log_cb(conf, log_callback);
+
+	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, rderr, sizeof(rderr));
+	if (rk == NULL)
+	{
+		cqrs_kafka_redact(rderr);
+		snprintf(errbuf, errlen, "could not create a Kafka consumer: %s", rderr);
+		rd_kafka_conf_destroy(conf);
+		return NULL;
+	}
+	/* logs, errors and rebalances are served by rd_kafka_consumer_poll() */
+	rd_kafka_set_log_queue(rk, NULL);
+	rd_kafka_poll_set_consumer(rk);
+	queue = rd_kafka_queue_get_consumer(rk);
+	if (queue != NULL)
+	{
+		rd_kafka_queue_io_event_enable(queue, event_pipe[1], "c", 1);
+		rd_kafka_queue_destroy(queue);
+	}
+	remember_built();
+	return rk;
+
+fail:
+	rd_kafka_conf_destroy(conf);
+	return NULL;
+}
+
+/*
+ * Close a sink's consumer: leave the group (for at most timeout_ms: a
+ * stopping worker does not wait for an unreachable coordinator), then
+ * destroy it.
+ */
+void
+cqrs_kafka_destroy_consumer(rd_kafka_t *rk, int timeout_ms)
+{
+	rd_kafka_queue_t *queue;
+	rd_kafka_error_t *error;
+	struct timespec start,
+				now;
+
+	if (rk == NULL)
+		return;
+	queue = rd_kafka_queue_get_consumer(rk);
+	if (queue != NULL)
+	{
+		rd_kafka_queue_io_event_enable(queue, -1, NULL, 0);
+		rd_kafka_queue_destroy(queue);
+	}
+	queue = rd_kafka_queue_new(rk);
+	error = rd_kafka_consumer_close_queue(rk, queue);
+	if (error != NULL)
+		rd_kafka_error_destroy(error);
+	else
+	{
+		clock_gettime(CLOCK_MONOTONIC, &start);
+		while (!rd_kafka_consumer_closed(rk))
+		{
+			rd_kafka_event_t *ev = rd_kafka_queue_poll(queue, 100);
+
+			if (ev != NULL)
+			{
+				/* the final revocation: nothing to keep */
+				if (rd_kafka_event_type(ev) == RD_KAFKA_EVENT_REBALANCE)
+					(void) rd_kafka_assign(rk, NULL);
+				rd_kafka_event_destroy(ev);
+			}
+			clock_gettime(CLOCK_MONOTONIC, &now);
+			if ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 > timeout_ms)
+				break;
+		}
+	}
+	rd_kafka_queue_destroy(queue);
+	rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+}
+
+/*
+ * For every partition of the topics, the first offset whose timestamp is at
+ * or after at_ms (Unix milliseconds; the end of the partition when there is
+ * none), or the beginning (0) when beginning is true.  Blocks for at most
+ * timeout_ms; a short-lived client of its own.  Returns the number of
+ * partitions filled in *out (palloc'd), or -1 and errbuf.
+ */
+int
+cqrs_kafka_offsets_for_time(char **topics, int ntopics, int64 at_ms, bool beginning,
+							int timeout_ms, CqrsPartitionOffset **out,
+							char *errbuf, size_t errlen)
+{
+	rd_kafka_t *rk;
+	rd_kafka_topic_partition_list_t *list;
+	int			n = 0;
+	int			result = -1;
+
+	rk = cqrs_kafka_create(CQRS_KAFKA_MONITOR, 0, errbuf, errlen);
+	if (rk == NULL)
+		return -1;
+	list = rd_kafka_topic_partition_list_new(16);
+	for (int t = 0; t < ntopics; t++)
+	{
+		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topics[t], NULL);
+		const rd_kafka_metadata_t *md = NULL;
+		rd_kafka_resp_err_t err;
+
+		err = rd_kafka_metadata(rk, 0, rkt, &md, timeout_ms);
+		rd_kafka_topic_destroy(rkt);
+		if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && md->topics[0].err != 0)
+			err = md->topics[0].err;
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			snprintf(errbuf, errlen, "could not read the partitions of topic \"%s\": %s",
+					 topics[t], rd_kafka_err2str(err));
+			if (md)
+				rd_kafka_metadata_destroy(md);
+			goto done;
+		}
+		for (int p = 0; p < md->topics[0].partition_cnt; p++)
+			rd_kafka_topic_partition_list_add(list, topics[t], md->topics[0].partitions[p].id)->offset = at_ms;
+		rd_kafka_metadata_destroy(md);
+	}
+	*out = palloc0(sizeof(CqrsPartitionOffset) * Max(list->cnt, 1));
+	if (!beginning && list->cnt > 0)
+	{
+		rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(rk, list, timeout_ms);
+
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			snprintf(errbuf, errlen, "could not look up offsets by time: %s", rd_kafka_err2str(err));
+			goto done;
+		}
+	}
+	for (int i = 0; i < list->cnt; i++)
+	{
+		rd_kafka_topic_partition_t *tp = &list->elems[i];
+		CqrsPartitionOffset *o = &(*out)[n++];
+
+		strlcpy(o->topic, tp->topic, sizeof(o->topic));
+		o->partition = tp->partition;
+		if (beginning)
+			o->offset = 0;
+		else if (tp->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			snprintf(errbuf, errlen, "could not look up the offset of %s[%d] by time: %s",
+					 tp->topic, tp->partition, rd_kafka_err2str(tp->err));
+			goto done;
+		}
+		else if (tp->offset >= 0)
+			o->offset = tp->offset;
+		else
+		{
+			/* no message at or after that time: the end of the partition */
+			int64_t		low,
+						high;
+			rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(rk, tp->topic, tp->partition,
+																	   &low, &high, timeout_ms);
+
+			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			{
+				snprintf(errbuf, errlen, "could not read the end of %s[%d]: %s",
+						 tp->topic, tp->partition, rd_kafka_err2str(err));
+				goto done;
+			}
+			o->offset = high;
+		}
+	}
+	result = n;
+
+done:
+	rd_kafka_topic_partition_list_destroy(list);
+	cqrs_kafka_destroy(rk, 0);
+	cqrs_kafka_redact(errbuf);
+	return result;
 }

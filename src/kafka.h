@@ -43,7 +43,7 @@ typedef struct CqrsMessage
 	int			keylen;
 	const char *value;
 	int			valuelen;
-	const char *event_id;
+	const char *event_id;		/* NULL: no event_id header */
 	int			nheaders;
 	const char **header_names;
 	const char **header_values;
@@ -54,6 +54,7 @@ typedef struct CqrsMessage
 	/* filled by the delivery report, in the worker's thread */
 	bool		done;
 	rd_kafka_resp_err_t err;
+	int64		offset;			/* where Kafka wrote it, -1 if unknown */
 } CqrsMessage;
 
 /* Called for every delivery report, inside rd_kafka_poll(); must not elog. */
@@ -77,6 +78,26 @@ extern int	cqrs_kafka_message_size(const CqrsMessage *msg);
 extern int32 cqrs_kafka_partition_of(const CqrsMessage *msg, int32 partition_cnt);
 extern CqrsFailureClass cqrs_kafka_classify(rd_kafka_resp_err_t err);
 extern const char *cqrs_kafka_error_text(rd_kafka_resp_err_t err, char *buf, size_t len);
+
+/* the sink's consumers */
+typedef void (*CqrsRebalanceHook) (rd_kafka_t *rk, rd_kafka_resp_err_t err,
+								   rd_kafka_topic_partition_list_t *partitions,
+								   void *opaque);
+extern rd_kafka_t *cqrs_kafka_create_consumer(const char *group_id, const char *client_id,
+											  void *opaque, CqrsRebalanceHook rebalance,
+											  char *errbuf, size_t errlen);
+extern void cqrs_kafka_destroy_consumer(rd_kafka_t *rk, int timeout_ms);
+
+typedef struct CqrsPartitionOffset
+{
+	char		topic[250];
+	int32		partition;
+	int64		offset;
+} CqrsPartitionOffset;
+extern int	cqrs_kafka_offsets_for_time(char **topics, int ntopics, int64 at_ms,
+										bool beginning, int timeout_ms,
+										CqrsPartitionOffset **out,
+										char *errbuf, size_t errlen);
 
 /* topic limits (max.message.bytes), asked asynchronously */
 typedef void (*CqrsLimitHook) (const char *topic, int limit);

@@ -16,33 +16,15 @@
 # BENCH_RUNS (3 drain runs).
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 export PGPORT="${BENCH_PGPORT:-55434}" KAFKA_PORT="${BENCH_KAFKA_PORT:-19096}"
-. "$HERE/../lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
 
 ROWS="${BENCH_ROWS:-200000}"
 RATE="${BENCH_RATE:-1000}"
 SECS="${BENCH_SECONDS:-30}"
 RUNS="${BENCH_RUNS:-3}"
 
-bash "$HERE/../setup-deps.sh"
-make -C "$CQRS_REPO" -s
-if cqrs_is_root; then make -C "$CQRS_REPO" -s install; else sudo make -C "$CQRS_REPO" -s install; fi
-
-# Python client libraries for the latency probe, in a cached venv (PyPI).
-VENV="${CQRS_BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs_sync/bench-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import psycopg, confluent_kafka' 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "psycopg[binary]==3.3.9" "confluent-kafka==2.16.1"
-fi
-
-cleanup() {
-    bash "$HERE/../pg/cluster.sh" stop || true
-    bash "$HERE/../kafka/broker.sh" stop || true
-}
-trap cleanup EXIT
-bash "$HERE/../kafka/broker.sh" start >/dev/null
-eval "$(bash "$HERE/../pg/cluster.sh" start)"
+bench_start
 PSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d postgres)
 "${PSQL[@]}" -c "CREATE EXTENSION cqrs_sync"
 

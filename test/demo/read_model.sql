@@ -27,11 +27,10 @@ CREATE VIEW board_page AS
      WHERE version > 0;
 COMMENT ON VIEW board_page IS 'Boards of the community demo that exist (their BoardCreated was applied).';
 
--- Applies one event, exactly once per (consumer, event_id), in the caller's
--- transaction.  Returns true if it changed the read model.  Call it in the
--- transaction that also commits the consumer's progress, e.g.
---   BEGIN; SELECT community_apply('board-view', $event_id, $payload); COMMIT;
-CREATE FUNCTION community_apply(consumer text, event_id text, event jsonb)
+-- The mapping of events to the read model: what each event changes.  Counter
+-- events are deduplicated by cqrs_apply_delta() under the consumer; state
+-- events are idempotent by version.  Returns true if it changed the model.
+CREATE FUNCTION community_change(consumer text, event_id text, event jsonb)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -39,9 +38,6 @@ DECLARE
 BEGIN
     CASE event->>'type'
     WHEN 'BoardCreated', 'BoardUpdated' THEN
-        IF NOT cqrs_mark_processed(consumer, event_id) THEN
-            RETURN false;                               -- a redelivery
-        END IF;
         -- the counters are not in the row: an upsert never resets them
         RETURN cqrs_upsert('board_detail',
                            jsonb_build_object('board_id', event->'board_id',
@@ -49,20 +45,47 @@ BEGIN
                                               'body', event->'body'),
                            (event->>'version')::bigint);
     WHEN 'BoardDeleted' THEN
-        IF NOT cqrs_mark_processed(consumer, event_id) THEN
-            RETURN false;
-        END IF;
         RETURN cqrs_delete('board_detail', board, (event->>'version')::bigint);
     WHEN 'CommentAdded' THEN
         RETURN cqrs_apply_delta('board_detail', board, '{"comments": 1}', consumer, event_id);
     WHEN 'BoardLiked' THEN
         RETURN cqrs_apply_delta('board_detail', board, '{"likes": 1}', consumer, event_id);
     ELSE
-        -- an event this read model does not use: record it, change nothing
-        PERFORM cqrs_mark_processed(consumer, event_id);
-        RETURN false;
+        RETURN false;   -- an event this read model does not use
     END CASE;
+END
+$$;
+COMMENT ON FUNCTION community_change(text, text, jsonb) IS
+    'The community read model''s mapping: what one event (BoardCreated, BoardUpdated, BoardDeleted, CommentAdded, BoardLiked) changes in board_detail; returns whether it changed it.';
+
+-- Applies one event, exactly once per (consumer, event_id), in the caller's
+-- transaction, for a consumer of your own.  Returns true if it changed the
+-- read model.  Call it in the transaction that also commits the consumer's
+-- progress, e.g.
+--   BEGIN; SELECT community_apply('board-view', $event_id, $payload); COMMIT;
+CREATE FUNCTION community_apply(consumer text, event_id text, event jsonb)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- counter events deduplicate themselves (cqrs_apply_delta's memory)
+    IF event->>'type' NOT IN ('CommentAdded', 'BoardLiked')
+       AND NOT cqrs_mark_processed(consumer, event_id) THEN
+        RETURN false;                                   -- a redelivery
+    END IF;
+    RETURN community_change(consumer, event_id, event);
 END
 $$;
 COMMENT ON FUNCTION community_apply(text, text, jsonb) IS
     'Applies one community event (BoardCreated, BoardUpdated, BoardDeleted, CommentAdded, BoardLiked) to board_detail exactly once per (consumer, event_id); returns whether it changed the read model.';
+
+-- The sink's handler (docs/sink.md): the sink records each event in the inbox
+-- and skips duplicates itself, in the transaction that stores its position.
+CREATE FUNCTION community_sink(e cqrs_event)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM community_change('board-view', e.event_id, e.payload);
+END
+$$;
+COMMENT ON FUNCTION community_sink(cqrs_event) IS
+    'Handler of the demo''s sink board-view: applies one community event to board_detail.';

@@ -131,10 +131,10 @@ perl -ne '
     if (/^\s+-\s+([a-z_][a-z0-9_]*):\s*$/) { $col = $1 }
 ' "$DIR/postgres_exporter.yml" | sort -u >"$TMP/produced"
 # ... and what the rules, their tests and the dashboard use.
-grep -ohE '\bcqrs_(outbox|relay|dlt|cleanup)_[a-z0-9_]+' "$DIR/alerts.yml" "$DIR/alerts_test.yml" \
+grep -ohE '\bcqrs_(outbox|relay|dlt|cleanup|sink)_[a-z0-9_]+' "$DIR/alerts.yml" "$DIR/alerts_test.yml" \
     "$DIR/grafana-dashboard.json" |
     # SQL objects named in annotation texts, not metrics
-    grep -vxE 'cqrs_dlt_depth|cqrs_outbox_stats|cqrs_outbox_audit|cqrs_relay_state|cqrs_cleanup_counters|cqrs_cleanup_stats' |
+    grep -vxE 'cqrs_dlt_depth|cqrs_outbox_stats|cqrs_outbox_audit|cqrs_relay_state|cqrs_cleanup_counters|cqrs_cleanup_stats|cqrs_sink_stats|cqrs_sink_held|cqrs_sink_replay|cqrs_sink_discard' |
     sort -u >"$TMP/used"
 metrics_known() {
     local missing
@@ -146,6 +146,8 @@ ok "every cqrs_* metric used is produced by postgres_exporter.yml ($(wc -l <"$TM
 
 alerts_complete() {
     local want="CqrsSyncDltFailed CqrsSyncDltMessages CqrsSyncOutboxStuck CqrsSyncRelayDown CqrsSyncRelayPaused CqrsSyncDltPublishFailing CqrsSyncPartitionStalled CqrsSyncRelayRecordingFailed CqrsSyncDltDepthStale CqrsSyncRelayNotInDatabase CqrsSyncCleanupFailing CqrsSyncSentRowsPilingUp CqrsSyncOutboxTooLarge CqrsSyncPurgeApprovalOverdue"
+    # the sink's (issue 14)
+    want="$want CqrsSyncSinkLagging CqrsSyncSinkDeadLetters CqrsSyncSinkFailed CqrsSyncSinkWaiting CqrsSyncSinkDown"
     perl -e '
         local $/; my $y = <STDIN>; my @want = split / /, shift; my $bad = 0;
         my @blocks = split /\n(?=\s+- alert:)/, $y; shift @blocks;

@@ -89,6 +89,39 @@ SELECT cqrs_apply_delta('board_detail', '{"board_id": 42}', '{"likes": 1}', 'boa
 SELECT cqrs_delete('board_detail', '{"board_id": 43}', 5);
 });
 
+# The sink's sections (issue 14): a paused sink "board-view" on a topic of
+# its own, and held events in every status, as its workers would have left
+# them (reset with the outbox rows below).
+my $sink_topic = unique_topic('runbook-sink');
+$node->safe_psql(
+	'postgres', qq{
+CREATE FUNCTION runbook_apply(e cqrs_event) RETURNS void LANGUAGE sql AS \$\$ SELECT \$\$;
+GRANT EXECUTE ON FUNCTION runbook_apply(cqrs_event) TO board_view;
+SELECT cqrs_sink_create('board-view', ARRAY['$sink_topic'], 'runbook_apply(cqrs_event)',
+                        '{"run_as": "board_view"}');
+SELECT cqrs_sink_pause('board-view');
+});
+my $sink_reset_sql = qq{
+UPDATE cqrs_sink SET paused = true WHERE name = 'board-view' AND NOT paused;
+DELETE FROM cqrs_sink_held WHERE sink = 'board-view';
+INSERT INTO cqrs_sink_offset (sink, topic, "partition", next_offset, applied, dead_lettered, dlt_failed)
+VALUES ('board-view', '$sink_topic', 0, 40, 30, 1, 1)
+ON CONFLICT DO NOTHING;
+INSERT INTO cqrs_sink_held (sink, topic, "partition", "offset", key, value, headers, event_id, status,
+                            attempts, next_attempt_at, last_error, dlt_topic, dlt_partition, dlt_offset,
+                            dead_lettered_at)
+VALUES ('board-view', '$sink_topic', 0, 31, 'board-7', '{"n": 31}', '{"event_id": "e31"}', 'e31', 'RETRY',
+        2, now() + interval '1 hour', 'column "titel" does not exist', NULL, NULL, NULL, NULL),
+       ('board-view', '$sink_topic', 0, 33, 'board-7', '{"n": 33}', '{"event_id": "e33"}', 'e33', 'BLOCKED',
+        0, NULL, NULL, NULL, NULL, NULL, NULL),
+       ('board-view', '$sink_topic', 0, 12, 'board-3', '{"n": 12}', '{"event_id": "e12"}', 'e12', 'DEAD_LETTERED',
+        6, NULL, 'division by zero', '$sink_topic.board-view.DLT', 0, 0, now() - interval '5 minutes'),
+       ('board-view', '$sink_topic', 0, 20, 'board-4', '{"n": 20}', '{"event_id": "e20"}', 'e20', 'DLT_FAILED',
+        6, NULL, 'division by zero; dead-letter topic "$sink_topic.board-view.DLT": MSG_SIZE_TOO_LARGE: Broker: Message size too large',
+        NULL, NULL, NULL, NULL);
+SELECT 'held:' || status, min(id) FROM cqrs_sink_held WHERE sink = 'board-view' GROUP BY status;
+};
+
 # Rows in every status, inserted as the relay would have left them.  PENDING
 # rows wait for a retry an hour away, so the relay leaves them alone.
 my $too_large = qq{MSG_SIZE_TOO_LARGE: message of 300042 bytes exceeds max.message.bytes 200000 of topic "$topic"};
@@ -122,10 +155,13 @@ SELECT status, min(id) FROM cqrs_outbox GROUP BY status ORDER BY status;
 my %id_status = (
 	CqrsSyncDltMessages => 'DEAD_LETTERED',
 	CqrsSyncOutboxStuck => 'PENDING');
+# Which held event :held_id names (default: a DEAD_LETTERED one).
+my %held_status = (CqrsSyncSinkFailed => 'DLT_FAILED');
 
 sub reset_scenario
 {
-	my %ids = map { split /\|/ } split /\n/, $node->safe_psql('postgres', $reset_sql);
+	my %ids = map { split /\|/ } split /\n/,
+	  $node->safe_psql('postgres', $reset_sql . $sink_reset_sql);
 	return \%ids;
 }
 
@@ -139,7 +175,10 @@ my %vars = (
 	consumer  => 'board-view',
 	event_id  => $uuid,
 	target    => 'board_detail',
-	reader    => 'board_view',);
+	reader    => 'board_view',
+	sink      => 'board-view',
+	held_id   => undef,    # per block, from the scenario
+);
 
 # Run one block; returns (ok, stdout, stderr).
 sub run_block
@@ -203,6 +242,7 @@ for my $file (@runbooks)
 		my $ids = reset_scenario();
 		my %v   = %vars;
 		$v{id} = $ids->{ $id_status{ $b->{h2} } // 'DLT_FAILED' };
+		$v{held_id} = $ids->{ 'held:' . ($held_status{ $b->{h2} } // 'DEAD_LETTERED') };
 
 		my $session;
 		if ($b->{sql} =~ /:pid\b/)

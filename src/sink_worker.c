@@ -1,0 +1,1456 @@
+/*-------------------------------------------------------------------------
+ *
+ * sink_worker.c
+ *	  The sink workers ("cqrs_sync sink"): their loop, their Kafka consumers
+ *	  and the consumer groups' rebalances, the producer of dead letters, and
+ *	  replays read from dead-letter topics.
+ *
+ *	  cqrs_sync.sink_workers workers run in cqrs_sync.sink_database.  Worker
+ *	  0 is registered at start-up and starts the others (dynamic background
+ *	  workers) as the setting asks, also after a reload; a worker whose
+ *	  number is no longer wanted leaves its groups and exits for good.  Every
+ *	  worker runs one consumer per sink, a member of the sink's consumer
+ *	  group: Kafka's group protocol shares the partitions between the
+ *	  workers of this server and those of other servers.
+ *
+ *	  On assignment the worker reads the partitions' positions from the
+ *	  database (cqrs_sink_offset), not Kafka's committed offsets, and starts
+ *	  there; librdkafka's rebalance callback only records the assignment
+ *	  (it runs inside rd_kafka_consumer_poll(), where nothing may elog), the
+ *	  worker reads the positions and calls rd_kafka_assign() afterwards.
+ *	  After each committed batch it commits the new positions to Kafka too
+ *	  (asynchronously), so that Kafka's lag tools see them; nothing reads
+ *	  them back.
+ *
+ *	  The loop waits on its latch (a sink changed, an operator replayed an
+ *	  event), librdkafka's event pipe (messages, rebalances, delivery
+ *	  reports, logs) and postmaster death.  Each turn it reads the catalog if
+ *	  it changed, serves the consumers (a batch per sink, up to
+ *	  cqrs_sync.sink_batch_size messages: what is there, without waiting for
+ *	  more), applies the batches (sink_apply.c), tries due held events again,
+ *	  and publishes its state.  A transient failure leaves the batch in
+ *	  memory, pauses the sink's partitions in librdkafka (no more fetching;
+ *	  the consumer stays in its group) and tries again after a growing
+ *	  pause; its state says "waiting for database" and a WARNING (SQLSTATE
+ *	  CQ011) and a notification on cqrs_sync_alert go out.  It exits with
+ *	  code 1 on SIGTERM, after leaving its groups.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <setjmp.h>
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "libpq/pqsignal.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "cqrs_sync.h"
+#include "kafka.h"
+#include "shmem.h"
+#include "sink.h"
+#include "sink_worker.h"
+#include "util.h"
+
+PGDLLEXPORT void cqrs_sink_main(Datum main_arg);
+
+/* The catalog is read at least this often (ms). */
+#define CATALOG_MS			5000
+/* Held events are looked for at least this often (ms). */
+#define RETRY_POLL_MS		5000
+/* A Kafka transport error within this time means "waiting for broker". */
+#define BROKER_ERROR_MS		5000
+/* Longest pause after transient failures (ms). */
+#define MAX_BACKOFF_MS		5000
+/* How long a replay waits for its message (ms). */
+#define FETCH_TIMEOUT_MS	30000
+/*
+ * While fetching is paused, the high watermarks are asked of Kafka this often
+ * (ms), and the worker waits this long for the answer (ms).
+ */
+#define WATERMARKS_MS		5000
+#define WATERMARKS_TIMEOUT_MS	500
+
+static int	my_index = 0;
+static char *connected_db = NULL;
+static List *sinks = NIL;		/* Sink *, in TopMemoryContext */
+static bool ext_ready = false;
+static uint64 catalog_gen = 0;
+static TimestampTz next_catalog_at = 0;
+static TimestampTz next_retry_at = 0;
+static TimestampTz retry_error_until = 0;
+static TimestampTz broker_error_at = 0;
+static char broker_error[CQRS_ERROR_LEN];
+static bool said_waiting_extension = false;
+static WaitEventSet *wait_set = NULL;
+static MemoryContext turn_cxt = NULL;
+
+/* the producer of dead letters, and what is in flight */
+typedef struct DeadLetterSend
+{
+	SinkDeadLetter *dl;
+	CqrsMessage msg;
+	const char *names[16];
+	const char *values[16];
+} DeadLetterSend;
+
+static rd_kafka_t *dlt_producer = NULL;
+static List *dl_in_flight = NIL;	/* DeadLetterSend * */
+static List *dl_to_send = NIL;	/* SinkDeadLetter * not produced yet */
+static TimestampTz producer_retry_at = 0;
+static MemoryContext dl_cxt = NULL;
+
+/* the reader of replays */
+static rd_kafka_t *reader = NULL;
+static SinkDeadLetter *fetching = NULL;
+static TimestampTz fetch_deadline = 0;
+
+static void set_worker_state(void);
+static void start_replay(void);
+
+/*
+ * Register worker 0; called from _PG_init during shared_preload_libraries.
+ * It starts the others.
+ */
+void
+cqrs_sink_register(void)
+{
+	cqrs_register_worker("cqrs_sink_main", "cqrs_sync sink", 1);
+}
+
+/* Worker 0: start the workers the setting asks for that do not run. */
+static void
+launch_workers(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	sink_worker_set_wanted(cqrs_sink_workers);
+	for (int i = 1; i < Min(cqrs_sink_workers, CQRS_SINK_MAX_WORKERS); i++)
+	{
+		BackgroundWorker worker;
+
+		if (!sink_worker_needs_launch(i, now))
+			continue;
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		worker.bgw_restart_time = 1;
+		strlcpy(worker.bgw_library_name, "cqrs_sync", BGW_MAXLEN);
+		strlcpy(worker.bgw_function_name, "cqrs_sink_main", BGW_MAXLEN);
+		snprintf(worker.bgw_name, BGW_MAXLEN, "cqrs_sync sink %d", i);
+		strlcpy(worker.bgw_type, "cqrs_sync sink", BGW_MAXLEN);
+		worker.bgw_main_arg = Int32GetDatum(i);
+		if (!RegisterDynamicBackgroundWorker(&worker, NULL))
+			ereport(WARNING,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("cqrs_sync sink: could not start sink worker %d", i),
+					 errhint("Raise max_worker_processes, or lower cqrs_sync.sink_workers.")));
+	}
+}
+
+static void
+sink_detach_shmem(int code, Datum arg)
+{
+	sink_worker_release(my_index);
+}
+
+static void
+pin_settings(void)
+{
+	/*
+	 * Not default_transaction_read_only: a database made read-only makes the
+	 * sink wait (and alert) until it is writable again.
+	 */
+	static const char *const pins[][2] = {
+		{"default_transaction_isolation", "read committed"},
+		{"default_transaction_deferrable", "off"},
+		{"statement_timeout", "0"},
+		{"lock_timeout", "5s"},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"idle_session_timeout", "0"},
+		{"search_path", "pg_catalog, pg_temp"},
+		{"session_replication_role", "origin"},
+		{"check_function_bodies", "on"},
+	};
+
+	for (int i = 0; i < lengthof(pins); i++)
+		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+static const char *
+effective_database(void)
+{
+	return (cqrs_sink_database && cqrs_sink_database[0] != '\0') ? cqrs_sink_database : cqrs_database;
+}
+
+static long
+backoff_ms(int failures)
+{
+	return Min(MAX_BACKOFF_MS, 100L << Min(failures, 6));
+}
+
+/* ---- consumers -------------------------------------------------------------------- */
+
+/* librdkafka's rebalance callback: record, no elog (see the file's header). */
+static void
+rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *partitions,
+		  void *opaque)
+{
+	Sink	   *sink = (Sink *) opaque;
+
+	if (sink->pending_assign)
+	{
+		rd_kafka_topic_partition_list_destroy(sink->pending_assign);
+		sink->pending_assign = NULL;
+	}
+	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
+		sink->pending_assign = rd_kafka_topic_partition_list_copy(partitions);
+	else
+	{
+		/* revoked (or a rebalance error): give the partitions up at once */
+		rd_kafka_assign(rk, NULL);
+		sink->revoked = true;
+	}
+}
+
+static void
+drop_batch(Sink *sink, int part)
+{
+	int			kept = 0;
+
+	for (int i = 0; i < sink->nbatch; i++)
+	{
+		if (part < 0 || sink->batch[i].part == part)
+			rd_kafka_message_destroy(sink->batch[i].rkm);
+		else
+			sink->batch[kept++] = sink->batch[i];
+	}
+	sink->nbatch = kept;
+	for (int p = 0; p < sink->nparts; p++)
+		if (part < 0 || p == part)
+		{
+			sink->parts[p].oldest_unapplied = 0;
+			sink->parts[p].fetched = -1;
+		}
+}
+
+static void
+clear_parts(Sink *sink)
+{
+	drop_batch(sink, -1);
+	for (int p = 0; p < sink->nparts; p++)
+		sink_part_detach(sink->parts[p].shm_slot);
+	sink->nparts = 0;
+	sink->assigned = false;
+	sink->kafka_paused = false;
+}
+
+static void
+close_consumer(Sink *sink)
+{
+	if (sink->rk == NULL)
+		return;
+	clear_parts(sink);
+	cqrs_kafka_destroy_consumer(sink->rk, 5000);
+	sink->rk = NULL;
+	sink->subscribed = false;
+	if (sink->pending_assign)
+	{
+		rd_kafka_topic_partition_list_destroy(sink->pending_assign);
+		sink->pending_assign = NULL;
+	}
+	sink->revoked = false;
+	cqrs_kafka_emit_logs("cqrs_sync sink");
+}
+
+static void
+free_sink(Sink *sink)
+{
+	close_consumer(sink);
+	if (sink->route_plan)
+		SPI_freeplan(sink->route_plan);
+	MemoryContextDelete(sink->cxt);
+}
+
+static bool
+open_consumer(Sink *sink)
+{
+	char		errbuf[1024];
+	char		client_id[128];
+	rd_kafka_topic_partition_list_t *topics;
+	rd_kafka_resp_err_t err;
+
+	if (sink->rk != NULL)
+		return true;
+	snprintf(client_id, sizeof(client_id), "cqrs_sync-sink-%s-%d", sink->name, my_index);
+	sink->rk = cqrs_kafka_create_consumer(sink->group_id, client_id, sink, rebalance,
+										  errbuf, sizeof(errbuf));
+	if (sink->rk == NULL)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("cqrs_sync sink \"%s\": %s", sink->name, errbuf),
+				 errhint("Fix cqrs_sync.brokers or cqrs_sync.kafka_config_file and reload the configuration.")));
+		sink_worker_set_state(my_index, SINK_STATE_NO_CONSUMER, errbuf);
+		return false;
+	}
+	topics = rd_kafka_topic_partition_list_new(sink->ntopics);
+	for (int t = 0; t < sink->ntopics; t++)
+		rd_kafka_topic_partition_list_add(topics, sink->topics[t], RD_KAFKA_PARTITION_UA);
+	err = rd_kafka_subscribe(sink->rk, topics);
+	rd_kafka_topic_partition_list_destroy(topics);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("cqrs_sync sink \"%s\": could not subscribe to its topics: %s",
+						sink->name, rd_kafka_err2str(err))));
+		close_consumer(sink);
+		return false;
+	}
+	sink->subscribed = true;
+	ereport(LOG,
+			(errmsg("cqrs_sync sink \"%s\": consuming %d topic(s) in consumer group \"%s\"",
+					sink->name, sink->ntopics, sink->group_id)));
+	return true;
+}
+
+/* Pause or resume the sink's partitions in librdkafka (fetching). */
+static void
+kafka_pause(Sink *sink, bool pause)
+{
+	rd_kafka_topic_partition_list_t *list;
+
+	if (sink->rk == NULL || !sink->assigned || sink->kafka_paused == pause)
+		return;
+	if (rd_kafka_assignment(sink->rk, &list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return;
+	if (pause)
+		rd_kafka_pause_partitions(sink->rk, list);
+	else
+		rd_kafka_resume_partitions(sink->rk, list);
+	rd_kafka_topic_partition_list_destroy(list);
+	sink->kafka_paused = pause;
+	/* paused: ask for the watermarks at the next turn */
+	sink->watermarks_asked_at = 0;
+}
+
+/* A new assignment: read the positions, then rd_kafka_assign(). */
+static void
+handle_assignment(Sink *sink)
+{
+	rd_kafka_topic_partition_list_t *list = sink->pending_assign;
+	MemoryContext old;
+	rd_kafka_resp_err_t err;
+
+	if (GetCurrentTimestamp() < sink->retry_at)
+		return;
+	clear_parts(sink);
+	old = MemoryContextSwitchTo(sink->cxt);
+	if (sink->parts)
+		pfree(sink->parts);
+	sink->parts = palloc0(sizeof(SinkPart) * Max(list->cnt, 1));
+	for (int i = 0; i < list->cnt; i++)
+	{
+		SinkPart   *p = &sink->parts[i];
+
+		p->topic = pstrdup(list->elems[i].topic);
+		p->partition = list->elems[i].partition;
+		p->fetched = -1;
+		p->shm_slot = -1;
+	}
+	sink->nparts = list->cnt;
+	MemoryContextSwitchTo(old);
+
+	if (!sink_read_positions(sink, list))
+	{
+		sink->nparts = 0;
+		sink->failures++;
+		sink->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms(sink->failures));
+		sink_worker_set_state(my_index, SINK_STATE_WAITING_DATABASE,
+							  "could not read the positions of an assignment");
+		return;
+	}
+	sink->failures = 0;
+	sink->retry_at = 0;
+	err = rd_kafka_assign(sink->rk, list);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		ereport(LOG,
+				(errmsg("cqrs_sync sink \"%s\": could not take its assignment: %s",
+						sink->name, rd_kafka_err2str(err))));
+		sink->nparts = 0;
+		return;
+	}
+	rd_kafka_topic_partition_list_destroy(list);
+	sink->pending_assign = NULL;
+	sink->assigned = true;
+	sink->kafka_paused = false;
+	for (int i = 0; i < sink->nparts; i++)
+		sink->parts[i].shm_slot = sink_part_attach(my_index, sink->name, sink->parts[i].topic,
+												   sink->parts[i].partition);
+	if (sink->paused)
+		kafka_pause(sink, true);
+	ereport(DEBUG1,
+			(errmsg("cqrs_sync sink \"%s\": assigned %d partition(s)", sink->name, sink->nparts)));
+}
+
+/* Partitions rewound (or read again): seek to their stored positions. */
+static void
+resync(Sink *sink, bool all)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(Max(sink->nparts, 1));
+	rd_kafka_error_t *error;
+
+	for (int p = 0; p < sink->nparts; p++)
+		if (all || sink->parts[p].resync)
+		{
+			drop_batch(sink, p);
+			rd_kafka_topic_partition_list_add(list, sink->parts[p].topic, sink->parts[p].partition);
+		}
+	if (list->cnt > 0 && sink_read_positions(sink, list))
+	{
+		error = rd_kafka_seek_partitions(sink->rk, list, 0);
+		if (error)
+			rd_kafka_error_destroy(error);
+		for (int p = 0; p < sink->nparts; p++)
+			if (all || sink->parts[p].resync)
+			{
+				sink->parts[p].resync = false;
+				sink->parts[p].fetched = -1;
+			}
+	}
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+static int
+part_of(Sink *sink, rd_kafka_message_t *rkm, int hint)
+{
+	const char *topic = rd_kafka_topic_name(rkm->rkt);
+
+	if (hint >= 0 && hint < sink->nparts && sink->parts[hint].partition == rkm->partition &&
+		strcmp(sink->parts[hint].topic, topic) == 0)
+		return hint;
+	for (int p = 0; p < sink->nparts; p++)
+		if (sink->parts[p].partition == rkm->partition && strcmp(sink->parts[p].topic, topic) == 0)
+			return p;
+	return -1;
+}
+
+static void
+note_broker_error(const char *text)
+{
+	broker_error_at = GetCurrentTimestamp();
+	strlcpy(broker_error, text, sizeof(broker_error));
+}
+
+/* A message carrying an error instead of data. */
+static void
+consumer_error(Sink *sink, rd_kafka_message_t *rkm, int part)
+{
+	char		text[512];
+
+	snprintf(text, sizeof(text), "%s: %s", rd_kafka_err2name(rkm->err), rd_kafka_message_errstr(rkm));
+	cqrs_kafka_redact(text);
+	if (rkm->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET && part >= 0)
+	{
+		/* the stored position is no longer in Kafka (retention) */
+		rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+		rd_kafka_error_t *error;
+
+		ereport(WARNING,
+				(errcode(CQRS_ERRCODE_SINK_WAITING),
+				 errmsg("cqrs_sync sink \"%s\": position " INT64_FORMAT " of %s[%d] is no longer in Kafka; continuing from the earliest offset",
+						sink->name, sink->parts[part].position, sink->parts[part].topic,
+						sink->parts[part].partition),
+				 errdetail("Messages between them were removed by the topic's retention before the sink applied them.")));
+		rd_kafka_topic_partition_list_add(list, sink->parts[part].topic,
+										  sink->parts[part].partition)->offset = RD_KAFKA_OFFSET_BEGINNING;
+		error = rd_kafka_seek_partitions(sink->rk, list, 0);
+		if (error)
+			rd_kafka_error_destroy(error);
+		rd_kafka_topic_partition_list_destroy(list);
+	}
+	else if (rkm->err == RD_KAFKA_RESP_ERR__TRANSPORT || rkm->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
+			 rkm->err == RD_KAFKA_RESP_ERR__RESOLVE)
+		note_broker_error(text);
+	else
+		ereport(LOG, (errmsg("cqrs_sync sink \"%s\": %s", sink->name, text)));
+}
+
+/*
+ * Serve a sink's consumer: rebalances, and messages into the batch until it
+ * is full or nothing more is there.  Returns true if it stopped because the
+ * batch was full (more may be waiting).
+ */
+static bool
+serve_consumer(Sink *sink)
+{
+	int			hint = -1;
+
+	if (sink->rk == NULL)
+		return false;
+	for (;;)
+	{
+		rd_kafka_message_t *rkm;
+		int			p;
+
+		if (sink->revoked)
+		{
+			sink->revoked = false;
+			clear_parts(sink);
+		}
+		if (sink->pending_assign)
+		{
+			handle_assignment(sink);
+			if (sink->pending_assign)
+				return false;	/* try again later */
+		}
+		if (sink->nbatch >= sink->batch_cap)
+		{
+			if (sink->failures == 0)
+				return true;
+			/* waiting (partitions paused): keep what still comes */
+			sink->batch_cap *= 2;
+			sink->batch = repalloc(sink->batch, sizeof(SinkMsg) * sink->batch_cap);
+		}
+		rkm = rd_kafka_consumer_poll(sink->rk, 0);
+		if (rkm == NULL)
+			return false;
+		p = (rkm->rkt != NULL && rkm->partition >= 0) ? part_of(sink, rkm, hint) : -1;
+		if (rkm->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			consumer_error(sink, rkm, p);
+			rd_kafka_message_destroy(rkm);
+			continue;
+		}
+		if (p < 0 || sink->parts[p].resync || sink->paused)
+		{
+			/* not ours (any more), or to be fetched again */
+			rd_kafka_message_destroy(rkm);
+			continue;
+		}
+		hint = p;
+		if (sink->parts[p].oldest_unapplied == 0)
+		{
+			rd_kafka_timestamp_type_t tstype;
+			int64		ts = rd_kafka_message_timestamp(rkm, &tstype);
+
+			sink->parts[p].oldest_unapplied = ts >= 0 ?
+				time_t_to_timestamptz(ts / 1000) + (ts % 1000) * 1000 : GetCurrentTimestamp();
+		}
+		sink->parts[p].fetched = rkm->offset + 1;
+		sink->batch[sink->nbatch].rkm = rkm;
+		sink->batch[sink->nbatch].part = p;
+		sink->nbatch++;
+	}
+}
+
+/* Commit the new positions to Kafka too, for its lag tools. */
+static void
+commit_to_kafka(Sink *sink)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(Max(sink->nparts, 1));
+
+	for (int p = 0; p < sink->nparts; p++)
+		if (sink->parts[p].known && sink->parts[p].position > 0)
+			rd_kafka_topic_partition_list_add(list, sink->parts[p].topic,
+											  sink->parts[p].partition)->offset = sink->parts[p].position;
+	if (list->cnt > 0)
+		(void) rd_kafka_commit(sink->rk, list, 1);
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/*
+ * While its partitions are paused in librdkafka (a paused sink, or one that
+ * waits), nothing is fetched and librdkafka's cached watermarks stand still:
+ * ask Kafka for the high watermarks (the latest offsets, one request per
+ * broker), every WATERMARKS_MS at most, so that the lag shows what waits.
+ */
+static void
+ask_watermarks(Sink *sink)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	rd_kafka_topic_partition_list_t *list;
+
+	if (sink->rk == NULL || sink->nparts == 0 ||
+		!TimestampDifferenceExceeds(sink->watermarks_asked_at, now, WATERMARKS_MS))
+		return;
+	sink->watermarks_asked_at = now;
+	list = rd_kafka_topic_partition_list_new(sink->nparts);
+	for (int p = 0; p < sink->nparts; p++)
+		rd_kafka_topic_partition_list_add(list, sink->parts[p].topic,
+										  sink->parts[p].partition)->offset = RD_KAFKA_OFFSET_END;
+	/* (a broker away: the last answer stays) */
+	if (rd_kafka_offsets_for_times(sink->rk, list, WATERMARKS_TIMEOUT_MS) == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		for (int p = 0; p < sink->nparts; p++)
+		{
+			rd_kafka_topic_partition_t *tp =
+				rd_kafka_topic_partition_list_find(list, sink->parts[p].topic,
+												   sink->parts[p].partition);
+
+			if (tp && tp->err == RD_KAFKA_RESP_ERR_NO_ERROR && tp->offset > sink->parts[p].asked_high)
+				sink->parts[p].asked_high = tp->offset;
+		}
+	}
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/* Kafka's watermarks and what waits, for cqrs_sink_stats. */
+static void
+publish_parts(Sink *sink)
+{
+	if (sink->kafka_paused)
+		ask_watermarks(sink);
+	for (int p = 0; p < sink->nparts; p++)
+	{
+		SinkPart   *part = &sink->parts[p];
+		int64_t		low = -1,
+					high = -1;
+
+		if (part->shm_slot < 0)
+			continue;
+		if (sink->rk)
+			(void) rd_kafka_get_watermark_offsets(sink->rk, part->topic, part->partition, &low, &high);
+		if (part->asked_high > high)
+			high = part->asked_high;
+		sink_part_update(part->shm_slot, high, low,
+						 part->fetched >= 0 ? part->fetched : (part->known ? part->position : -1),
+						 part->oldest_unapplied);
+	}
+}
+
+/* The sink could not apply its batch: wait, keep the batch, alert. */
+static void
+sink_waits(Sink *sink, const char *error)
+{
+	char		text[CQRS_ERROR_LEN];
+
+	snprintf(text, sizeof(text), "sink \"%s\": %s", sink->name, error);
+	if (sink->failures == 0)
+	{
+		ereport(WARNING,
+				(errcode(CQRS_ERRCODE_SINK_WAITING),
+				 errmsg("cqrs_sync sink \"%s\" cannot apply its events and waits: %s", sink->name, error),
+				 errdetail("Nothing is skipped, dead-lettered or applied twice; the events are applied once the database accepts them again."),
+				 errhint("See the section CqrsSyncSinkWaiting of the runbook.")));
+		/* an alert for listeners (it may fail too: the database is sick) */
+		PG_TRY();
+		{
+			StringInfoData json;
+
+			initStringInfo(&json);
+			appendStringInfoString(&json, "{\"alert\":\"sink_waiting\",\"sink\":");
+			escape_json(&json, sink->name);
+			appendStringInfoString(&json, ",\"error\":");
+			escape_json(&json, error);
+			appendStringInfoChar(&json, '}');
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			(void) DirectFunctionCall2(pg_notify, CStringGetTextDatum("cqrs_sync_alert"),
+									   CStringGetTextDatum(json.data));
+			CommitTransactionCommand();
+		}
+		PG_CATCH();
+		{
+			FlushErrorState();
+			AbortCurrentTransaction();
+		}
+		PG_END_TRY();
+	}
+	sink->failures++;
+	sink->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms(sink->failures));
+	sink_worker_set_state(my_index, SINK_STATE_WAITING_DATABASE, text);
+	kafka_pause(sink, true);
+}
+
+/* Apply the sink's batch, if it has one and may. */
+static void
+apply(Sink *sink)
+{
+	char		errbuf[CQRS_ERROR_LEN];
+	bool		any_resync = false;
+
+	if (sink->nbatch == 0 || GetCurrentTimestamp() < sink->retry_at)
+		return;
+	errbuf[0] = '\0';
+	switch (sink_apply_batch(sink, errbuf, sizeof(errbuf)))
+	{
+		case SINK_APPLIED:
+			if (sink->failures > 0)
+				ereport(LOG,
+						(errmsg("cqrs_sync sink \"%s\" applies events again", sink->name)));
+			sink->failures = 0;
+			sink->retry_at = 0;
+			for (int p = 0; p < sink->nparts; p++)
+			{
+				any_resync |= sink->parts[p].resync;
+				if (!sink->parts[p].resync)
+					sink->parts[p].oldest_unapplied = 0;
+			}
+			drop_batch(sink, -1);
+			commit_to_kafka(sink);
+			if (any_resync)
+				resync(sink, false);
+			if (!sink->paused)
+				kafka_pause(sink, false);
+			/* it held events: they are due after the sink's backoff */
+			if (sink->held_last > 0)
+				next_retry_at = Min(next_retry_at, TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+																			   sink->max_retries == 0 ? 0 :
+																			   sink->retry_backoff_ms));
+			break;
+		case SINK_WAIT:
+			sink_waits(sink, errbuf);
+			break;
+		case SINK_GONE:
+			/* dropped or paused meanwhile: the catalog says which */
+			drop_batch(sink, -1);
+			next_catalog_at = 0;
+			if (sink->paused)
+				kafka_pause(sink, true);
+			break;
+	}
+	publish_parts(sink);
+}
+
+/* ---- the catalog -------------------------------------------------------------------- */
+
+/* Copy the definition of src (from the catalog) into dst's memory. */
+static void
+copy_definition(Sink *dst, const Sink *src)
+{
+	MemoryContext old = MemoryContextSwitchTo(dst->cxt);
+
+	strlcpy(dst->name, src->name, sizeof(dst->name));
+	dst->ntopics = src->ntopics;
+	dst->topics = palloc(sizeof(char *) * src->ntopics);
+	for (int t = 0; t < src->ntopics; t++)
+		dst->topics[t] = pstrdup(src->topics[t]);
+	dst->handler = src->handler;
+	dst->run_as_name = pstrdup(src->run_as_name);
+	dst->consumer = pstrdup(src->consumer);
+	dst->group_id = pstrdup(src->group_id);
+	dst->paused = src->paused;
+	dst->max_retries = src->max_retries;
+	dst->retry_backoff_ms = src->retry_backoff_ms;
+	dst->dlt_topic = src->dlt_topic ? pstrdup(src->dlt_topic) : NULL;
+	dst->dlt_suffix = pstrdup(src->dlt_suffix);
+	dst->start_latest = src->start_latest;
+	dst->search_path = pstrdup(src->search_path);
+	dst->version_column = src->version_column ? pstrdup(src->version_column) : NULL;
+	dst->route_target = src->route_target ? pstrdup(src->route_target) : NULL;
+	dst->route_version = pstrdup(src->route_version);
+	dst->route_delete = src->route_delete ? pstrdup(src->route_delete) : NULL;
+	dst->shape = src->shape;
+	dst->changed_at = src->changed_at;
+	MemoryContextSwitchTo(old);
+}
+
+static bool
+same_definition(const Sink *a, const Sink *b)
+{
+#define SAME_STR(f) ((a->f == NULL && b->f == NULL) || (a->f && b->f && strcmp(a->f, b->f) == 0))
+	return a->shape == b->shape && a->handler == b->handler && SAME_STR(run_as_name) &&
+		SAME_STR(consumer) && a->max_retries == b->max_retries &&
+		a->retry_backoff_ms == b->retry_backoff_ms && SAME_STR(dlt_topic) &&
+		SAME_STR(dlt_suffix) && a->start_latest == b->start_latest && SAME_STR(search_path) &&
+		SAME_STR(version_column) && SAME_STR(route_target) && SAME_STR(route_version) &&
+		SAME_STR(route_delete);
+#undef SAME_STR
+}
+
+static Sink *
+new_sink(const Sink *def)
+{
+	MemoryContext cxt = AllocSetContextCreate(TopMemoryContext, "cqrs_sync sink",
+											  ALLOCSET_DEFAULT_SIZES);
+	Sink	   *s = MemoryContextAllocZero(cxt, sizeof(Sink));
+
+	s->cxt = cxt;
+	copy_definition(s, def);
+	s->batch_cap = Max(1, cqrs_sink_batch_size);
+	s->batch = MemoryContextAlloc(cxt, sizeof(SinkMsg) * s->batch_cap);
+	ereport(LOG, (errmsg("cqrs_sync sink \"%s\" found", s->name)));
+	return s;
+}
+
+/* Read the sinks again and start, change or stop consumers to match. */
+static void
+read_catalog(void)
+{
+	MemoryContext tmp = AllocSetContextCreate(CurrentMemoryContext, "cqrs_sync sink catalog",
+											  ALLOCSET_DEFAULT_SIZES);
+	List	   *defs = NIL;
+	ListCell   *lc;
+	MemoryContext oldcxt = CurrentMemoryContext;
+	bool		ok = true;
+
+	catalog_gen = sink_catalog_generation();
+	next_catalog_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), CATALOG_MS);
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PG_TRY();
+	{
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "cqrs_sync sink: reading the sinks");
+		ext_ready = sink_extension_ready();
+		if (ext_ready)
+			defs = sink_catalog_load(tmp);
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ereport(LOG, (errmsg("cqrs_sync sink: could not read the sinks: %s", edata->message)));
+		sink_worker_set_state(my_index, SINK_STATE_WAITING_DATABASE, edata->message);
+		FreeErrorData(edata);
+		ok = false;
+	}
+	PG_END_TRY();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	MemoryContextSwitchTo(oldcxt);
+	if (!ok)
+	{
+		MemoryContextDelete(tmp);
+		return;
+	}
+
+	if (!ext_ready)
+	{
+		if (!said_waiting_extension)
+			ereport(LOG,
+					(errmsg("cqrs_sync sink: extension \"cqrs_sync\" does not exist in database \"%s\", waiting",
+							connected_db),
+					 errhint("Run CREATE EXTENSION cqrs_sync in database \"%s\".", connected_db)));
+		said_waiting_extension = true;
+	}
+	else
+		said_waiting_extension = false;
+
+	foreach(lc, sinks)
+		((Sink *) lfirst(lc))->seen = false;
+	foreach(lc, defs)
+	{
+		Sink	   *def = lfirst(lc);
+		Sink	   *s = sink_find(sinks, def->name);
+
+		if (s == NULL)
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+			s = new_sink(def);
+			sinks = lappend(sinks, s);
+			MemoryContextSwitchTo(old);
+		}
+		else if (!same_definition(s, def))
+		{
+			bool		reconnect = (s->shape != def->shape);
+
+			if (reconnect)
+				close_consumer(s);
+			if (s->route_plan)
+				SPI_freeplan(s->route_plan);
+			s->route_plan = NULL;
+			s->usable = false;
+			copy_definition(s, def);
+			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" changed", s->name)));
+		}
+		else if (s->paused != def->paused)
+		{
+			s->paused = def->paused;
+			s->changed_at = def->changed_at;
+			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" %s", s->name,
+								 s->paused ? "paused" : "resumed")));
+			if (s->paused)
+			{
+				drop_batch(s, -1);
+				kafka_pause(s, true);
+			}
+			else if (s->assigned)
+			{
+				/* from the stored positions, whatever was fetched before */
+				resync(s, true);
+				kafka_pause(s, false);
+			}
+		}
+		else if (s->changed_at != def->changed_at)
+		{
+			/* a rewind moved positions: fetch again from there */
+			s->changed_at = def->changed_at;
+			if (s->assigned && !s->paused)
+				resync(s, true);
+		}
+		s->seen = true;
+	}
+	foreach(lc, sinks)
+	{
+		Sink	   *s = lfirst(lc);
+
+		if (!s->seen)
+		{
+			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" dropped", s->name)));
+			free_sink(s);
+			sinks = foreach_delete_current(sinks, lc);
+		}
+	}
+	MemoryContextDelete(tmp);
+	next_retry_at = 0;
+}
+
+/* ---- dead letters -------------------------------------------------------------------- */
+
+/* Produce the dead letters decided by sink_retry_due(). */
+static void
+send_dead_letters(void)
+{
+	char		errbuf[1024];
+	TimestampTz now = GetCurrentTimestamp();
+	MemoryContext oldcxt;
+
+	if (dl_to_send == NIL)
+		return;
+	oldcxt = MemoryContextSwitchTo(dl_cxt);
+	if (dlt_producer == NULL)
+	{
+		if (now < producer_retry_at)
+			return;
+		dlt_producer = cqrs_kafka_create(CQRS_KAFKA_RELAY, 0, errbuf, sizeof(errbuf));
+		if (dlt_producer == NULL)
+		{
+			ereport(WARNING,
+					(errcode(ERRCODE_CONFIG_FILE_ERROR),
+					 errmsg("cqrs_sync sink: could not create the producer of dead letters: %s", errbuf)));
+			producer_retry_at = TimestampTzPlusMilliseconds(now, 5000);
+			MemoryContextSwitchTo(oldcxt);
+			return;
+		}
+	}
+	while (dl_to_send != NIL)
+	{
+		SinkDeadLetter *dl = linitial(dl_to_send);
+		DeadLetterSend *send = palloc0(sizeof(DeadLetterSend));
+		int			n = 0;
+		rd_kafka_resp_err_t err;
+
+		send->dl = dl;
+		send->msg.id = dl->held_id;
+		send->msg.topic = dl->dlt_topic;
+		send->msg.key = dl->key;
+		send->msg.keylen = dl->key ? strlen(dl->key) : 0;
+		send->msg.value = dl->value ? VARDATA(dl->value) : NULL;
+		send->msg.valuelen = dl->value ? VARSIZE(dl->value) - VARHDRSZ : 0;
+		send->msg.event_id = dl->event_id;
+
+		/* the original headers (but event_id, added by the producer) ... */
+		if (dl->headers_json)
+		{
+			Jsonb	   *hj = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(dl->headers_json)));
+			JsonbIterator *it = JsonbIteratorInit(&hj->root);
+			JsonbValue	v;
+			JsonbIteratorToken tok;
+			char	   *name = NULL;
+
+			while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+			{
+				if (tok == WJB_KEY)
+					name = pnstrdup(v.val.string.val, v.val.string.len);
+				else if (tok == WJB_VALUE && name != NULL && v.type == jbvString &&
+						 strcmp(name, "event_id") != 0 && n < 8)
+				{
+					send->names[n] = name;
+					send->values[n++] = pnstrdup(v.val.string.val, v.val.string.len);
+				}
+			}
+		}
+		/* ... and where it came from, and why it is here */
+		send->names[n] = "x-original-topic";
+		send->values[n++] = dl->topic;
+		send->names[n] = "x-original-partition";
+		send->values[n++] = psprintf("%d", dl->partition);
+		send->names[n] = "x-original-offset";
+		send->values[n++] = psprintf(INT64_FORMAT, dl->offset);
+		send->names[n] = "x-failure-source";
+		send->values[n++] = CQRS_SINK_FAILURE_SOURCE;
+		send->names[n] = "x-retry-count";
+		send->values[n++] = psprintf("%d", dl->attempts);
+		send->names[n] = "x-last-error";
+		send->values[n++] = pnstrdup(dl->last_error, Min(strlen(dl->last_error), 1000));
+		send->names[n] = "x-sink";
+		send->values[n++] = dl->sink;
+		send->msg.nheaders = n;
+		send->msg.header_names = send->names;
+		send->msg.header_values = send->values;
+
+		err = cqrs_kafka_produce(dlt_producer, &send->msg);
+		if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			break;				/* later */
+		dl_to_send = list_delete_first(dl_to_send);
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			char		text[256];
+
+			cqrs_kafka_error_text(err, text, sizeof(text));
+			sink_record_dead_letter(dl, false, -1, -1, text);
+			continue;
+		}
+		dl_in_flight = lappend(dl_in_flight, send);
+	}
+	MemoryContextSwitchTo(oldcxt);
+}
+
+/* Record the delivery reports of dead letters. */
+static void
+serve_producer(void)
+{
+	ListCell   *lc;
+	MemoryContext oldcxt;
+
+	if (dlt_producer == NULL)
+		return;
+	oldcxt = MemoryContextSwitchTo(dl_cxt);
+	cqrs_kafka_serve(dlt_producer);
+	foreach(lc, dl_in_flight)
+	{
+		DeadLetterSend *send = lfirst(lc);
+		char		text[256];
+		CqrsFailureClass class;
+
+		if (!send->msg.done)
+			continue;
+		dl_in_flight = foreach_delete_current(dl_in_flight, lc);
+		if (send->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			sink_record_dead_letter(send->dl, true,
+									(int32) pg_atomic_read_u32(&send->msg.partition) - 1,
+									send->msg.offset, NULL);
+			continue;
+		}
+		class = cqrs_kafka_classify(send->msg.err);
+		cqrs_kafka_error_text(send->msg.err, text, sizeof(text));
+		if (class == CQRS_FAIL_MESSAGE || class == CQRS_FAIL_CONFIG)
+			sink_record_dead_letter(send->dl, false, -1, -1, text);
+		else
+		{
+			/* transient (or the producer's end): produce it again */
+			dl_to_send = lappend(dl_to_send, send->dl);
+		}
+	}
+	MemoryContextSwitchTo(oldcxt);
+	if (dl_in_flight == NIL && dl_to_send == NIL)
+		MemoryContextReset(dl_cxt);
+}
+
+/* ---- replays ------------------------------------------------------------------------- */
+
+/* Start reading the message of the next replay request, if there is one. */
+static void
+start_replay(void)
+{
+	List	   *req;
+	char		errbuf[1024];
+	rd_kafka_topic_partition_list_t *list;
+
+	req = sink_fetch_requests(sinks);
+	if (req == NIL)
+		return;
+	if (reader == NULL)
+	{
+		/* a group id it never joins (no subscription): assign() only */
+		reader = cqrs_kafka_create_consumer("cqrs_sync.replay", "cqrs_sync-sink-replay", NULL, NULL,
+											errbuf, sizeof(errbuf));
+		if (reader == NULL)
+		{
+			ereport(WARNING,
+					(errcode(ERRCODE_CONFIG_FILE_ERROR),
+					 errmsg("cqrs_sync sink: could not create the reader of replays: %s", errbuf)));
+			return;
+		}
+	}
+	{
+		SinkDeadLetter *r = linitial(req);
+		SinkDeadLetter *copy = MemoryContextAllocZero(TopMemoryContext, sizeof(SinkDeadLetter));
+
+		copy->held_id = r->held_id;
+		strlcpy(copy->sink, r->sink, sizeof(copy->sink));
+		copy->dlt_topic = MemoryContextStrdup(TopMemoryContext, r->dlt_topic);
+		copy->partition = r->partition;
+		copy->offset = r->offset;
+		fetching = copy;
+	}
+	list = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(list, fetching->dlt_topic,
+									  fetching->partition)->offset = fetching->offset;
+	(void) rd_kafka_assign(reader, list);
+	rd_kafka_topic_partition_list_destroy(list);
+	fetch_deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), FETCH_TIMEOUT_MS);
+}
+
+/* Serve the reader: the message of the replay request being read. */
+static void
+serve_replays(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Sink	   *sink;
+
+	if (fetching == NULL)
+		return;
+	sink = sink_find(sinks, fetching->sink);
+	for (;;)
+	{
+		rd_kafka_message_t *rkm = rd_kafka_consumer_poll(reader, 0);
+		char		error[512];
+
+		if (rkm == NULL)
+		{
+			if (now < fetch_deadline && sink != NULL)
+				return;
+			snprintf(error, sizeof(error),
+					 "no message at offset " INT64_FORMAT " of %s[%d] within %d s",
+					 fetching->offset, fetching->dlt_topic, fetching->partition, FETCH_TIMEOUT_MS / 1000);
+			if (sink != NULL)
+				sink_record_fetched(sink, fetching->held_id, NULL, error);
+		}
+		else if (rkm->err != RD_KAFKA_RESP_ERR_NO_ERROR && rkm->rkt == NULL)
+		{
+			/* not about the partition being read */
+			rd_kafka_message_destroy(rkm);
+			continue;
+		}
+		else if (rkm->err != RD_KAFKA_RESP_ERR_NO_ERROR || rkm->offset != fetching->offset)
+		{
+			if (rkm->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+				snprintf(error, sizeof(error), "offset " INT64_FORMAT " of %s[%d] holds no message",
+						 fetching->offset, fetching->dlt_topic, fetching->partition);
+			else
+				snprintf(error, sizeof(error), "%s", rd_kafka_message_errstr(rkm));
+			if (sink != NULL)
+				sink_record_fetched(sink, fetching->held_id, NULL, error);
+			rd_kafka_message_destroy(rkm);
+		}
+		else
+		{
+			if (sink != NULL)
+				sink_record_fetched(sink, fetching->held_id, rkm, NULL);
+			rd_kafka_message_destroy(rkm);
+		}
+		(void) rd_kafka_assign(reader, NULL);
+		pfree(fetching->dlt_topic);
+		pfree(fetching);
+		fetching = NULL;
+		next_retry_at = 0;
+		return;
+	}
+}
+
+/* ---- the loop ------------------------------------------------------------------------- */
+
+static void
+retry_held(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz next_due;
+	char		errbuf[CQRS_ERROR_LEN];
+	int			n;
+	MemoryContext old;
+
+	if (now < next_retry_at || now < retry_error_until)
+		return;
+	if (!ext_ready || sinks == NIL)
+	{
+		next_retry_at = TimestampTzPlusMilliseconds(now, RETRY_POLL_MS);
+		return;
+	}
+	old = MemoryContextSwitchTo(dl_cxt);
+	n = sink_retry_due(sinks, &dl_to_send, &next_due, errbuf, sizeof(errbuf));
+	MemoryContextSwitchTo(old);
+	if (n < 0)
+	{
+		ereport(LOG, (errmsg("cqrs_sync sink: could not try held events again: %s", errbuf)));
+		retry_error_until = next_retry_at = TimestampTzPlusMilliseconds(now, 1000);
+		return;
+	}
+	if (n >= 1)
+		next_retry_at = 0;		/* the next of their keys may be due now */
+	else if (next_due != 0)
+		next_retry_at = Max(next_due, TimestampTzPlusMilliseconds(now, 10));
+	else
+		next_retry_at = TimestampTzPlusMilliseconds(now, RETRY_POLL_MS);
+	send_dead_letters();
+	/* replay requests are held events too */
+	if (fetching == NULL)
+		start_replay();
+}
+
+static void
+set_worker_state(void)
+{
+	ListCell   *lc;
+	int			nparts = 0;
+	bool		waiting = false;
+	bool		no_consumer = false;
+	const char *why = NULL;
+
+	foreach(lc, sinks)
+	{
+		Sink	   *s = lfirst(lc);
+
+		nparts += s->nparts;
+		if (s->failures > 0)
+			waiting = true;
+		if (s->rk == NULL)
+			no_consumer = true;
+		if (!s->usable && s->problem[0] != '\0')
+			why = s->problem;
+	}
+	sink_worker_set_counts(my_index, list_length(sinks), nparts);
+	if (waiting)
+		return;					/* sink_waits() said so */
+	if (broker_error_at != 0 &&
+		!TimestampDifferenceExceeds(broker_error_at, GetCurrentTimestamp(), BROKER_ERROR_MS))
+		sink_worker_set_state(my_index, SINK_STATE_WAITING_BROKER, broker_error);
+	else if (no_consumer)
+		sink_worker_set_state(my_index, SINK_STATE_NO_CONSUMER, NULL);
+	else if (why != NULL)
+		sink_worker_set_state(my_index, SINK_STATE_WAITING_DATABASE, why);
+	else
+		sink_worker_set_state(my_index, sinks == NIL ? SINK_STATE_IDLE : SINK_STATE_RUNNING, NULL);
+}
+
+/* Leave the groups, flush dead letters briefly. */
+static void
+stop_everything(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, sinks)
+		close_consumer(lfirst(lc));
+	if (reader)
+	{
+		cqrs_kafka_destroy_consumer(reader, 1000);
+		reader = NULL;
+		fetching = NULL;
+	}
+	if (dlt_producer)
+	{
+		rd_kafka_flush(dlt_producer, 1000);
+		serve_producer();
+		cqrs_kafka_destroy(dlt_producer, 0);
+		dlt_producer = NULL;
+		/* unreported dead letters are produced again when next due */
+		list_free(dl_in_flight);
+		dl_in_flight = NIL;
+		dl_to_send = NIL;
+		MemoryContextReset(dl_cxt);
+	}
+}
+
+static void
+reload_settings(void)
+{
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	if (strcmp(connected_db, effective_database()) != 0)
+	{
+		ereport(LOG,
+				(errmsg("cqrs_sync sink: cqrs_sync.sink_database changed to \"%s\"; restarting",
+						effective_database())));
+		stop_everything();
+		proc_exit(1);
+	}
+	if (cqrs_kafka_config_changed())
+	{
+		ereport(LOG,
+				(errmsg("cqrs_sync sink: Kafka settings changed, re-creating the consumers"),
+				 errdetail("Each sink starts again from its stored positions.")));
+		stop_everything();
+	}
+	if (my_index == 0)
+		launch_workers();
+	next_catalog_at = 0;
+}
+
+/* One turn.  Returns how long it may sleep (ms; 0: go on at once). */
+static long
+sink_turn(void)
+{
+	ListCell   *lc;
+	bool		more = false;
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz wake;
+	char		errbuf[CQRS_ERROR_LEN];
+
+	if (catalog_gen != sink_catalog_generation() || now >= next_catalog_at)
+		read_catalog();
+
+	cqrs_kafka_drain_events();
+	foreach(lc, sinks)
+	{
+		Sink	   *s = lfirst(lc);
+
+		if (s->rk == NULL && !open_consumer(s))
+			continue;
+		if (s->nbatch > 0 && now < s->retry_at)
+		{
+			/* waiting: keep serving the group (its partitions are paused) */
+			(void) serve_consumer(s);
+			continue;
+		}
+		more |= serve_consumer(s);
+		apply(s);
+		if (s->nbatch > 0 && s->failures == 0)
+			more = true;
+	}
+	serve_producer();
+	if (cqrs_kafka_take_error(errbuf, sizeof(errbuf)) &&
+		(strstr(errbuf, "_TRANSPORT") || strstr(errbuf, "_ALL_BROKERS_DOWN") ||
+		 strstr(errbuf, "_RESOLVE")))
+		note_broker_error(errbuf);
+	cqrs_kafka_emit_logs("cqrs_sync sink");
+
+	retry_held();
+	serve_producer();
+	serve_replays();
+	foreach(lc, sinks)
+		publish_parts(lfirst(lc));
+	set_worker_state();
+
+	if (more || next_retry_at == 0)
+		return 0;
+	now = GetCurrentTimestamp();
+	wake = Min(next_catalog_at, next_retry_at);
+	foreach(lc, sinks)
+	{
+		Sink	   *s = lfirst(lc);
+
+		if ((s->nbatch > 0 || s->pending_assign) && s->retry_at > now)
+			wake = Min(wake, s->retry_at);
+	}
+	if (fetching != NULL || dl_in_flight != NIL || dl_to_send != NIL)
+		wake = Min(wake, TimestampTzPlusMilliseconds(now, 100));
+	return Max(1, Min(1000, (wake - now) / 1000 + 1));
+}
+
+static void
+sink_wait(long timeout_ms)
+{
+	WaitEvent	events[3];
+
+	(void) WaitEventSetWait(wait_set, timeout_ms, events, lengthof(events), PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
+
+void
+cqrs_sink_main(Datum main_arg)
+{
+	sigjmp_buf	local_sigjmp_buf;
+
+	my_index = DatumGetInt32(main_arg);
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	if (!sink_shmem_ready() || my_index < 0 || my_index >= CQRS_SINK_MAX_WORKERS)
+		proc_exit(0);
+	/* not wanted (any more), or started twice: go for good */
+	if ((my_index > 0 && my_index >= cqrs_sink_workers) || !sink_worker_claim(my_index))
+		proc_exit(0);
+	before_shmem_exit(sink_detach_shmem, (Datum) 0);
+
+	connected_db = MemoryContextStrdup(TopMemoryContext, effective_database());
+	BackgroundWorkerInitializeConnection(connected_db, NULL, 0);
+	pin_settings();
+	dl_cxt = AllocSetContextCreate(TopMemoryContext, "cqrs_sync sink dead letters",
+								   ALLOCSET_DEFAULT_SIZES);
+	turn_cxt = AllocSetContextCreate(TopMemoryContext, "cqrs_sync sink turn",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	ereport(LOG,
+			(errmsg("cqrs_sync sink worker %d started in database \"%s\", brokers \"%s\"",
+					my_index, connected_db, cqrs_brokers)));
+	if (my_index == 0)
+		launch_workers();
+
+	wait_set = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, cqrs_kafka_event_fd(), NULL, NULL);
+
+	/*
+	 * An error outside the sink's own transactions (they catch theirs) comes
+	 * back here: roll back, pause, go on.  The batches stay in memory.
+	 */
+	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
+	{
+		ErrorData  *edata;
+
+		error_context_stack = NULL;
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(TopMemoryContext);
+		edata = CopyErrorData();
+		EmitErrorReport();
+		AbortCurrentTransaction();
+		FlushErrorState();
+		sink_worker_set_state(my_index, SINK_STATE_WAITING_DATABASE, edata->message);
+		FreeErrorData(edata);
+		RESUME_INTERRUPTS();
+		MemoryContextReset(turn_cxt);
+		pg_usleep(1000000L);
+	}
+	PG_exception_stack = &local_sigjmp_buf;
+
+	while (!ShutdownRequestPending)
+	{
+		long		sleep_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			reload_settings();
+			if (my_index > 0 && my_index >= cqrs_sink_workers)
+			{
+				ereport(LOG,
+						(errmsg("cqrs_sync sink worker %d is no longer wanted (cqrs_sync.sink_workers = %d); leaving",
+								my_index, cqrs_sink_workers)));
+				stop_everything();
+				proc_exit(0);
+			}
+		}
+		MemoryContextSwitchTo(turn_cxt);
+		sleep_ms = sink_turn();
+		MemoryContextSwitchTo(TopMemoryContext);
+		MemoryContextReset(turn_cxt);
+		if (ShutdownRequestPending)
+			break;
+		sink_wait(sleep_ms);
+	}
+
+	stop_everything();
+	ereport(LOG, (errmsg("cqrs_sync sink worker %d shutting down", my_index)));
+	proc_exit(1);
+}
