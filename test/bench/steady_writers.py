@@ -1,5 +1,5 @@
 """Writers that call cqrs_enqueue() at a steady rate, for the latency probes
-(latency.py, sink_latency.py).
+(sink_latency.py; latency.py runs its writers in processes of their own).
 
 run_writers(dsn, topic, rate, seconds, make_payload) starts WRITERS threads,
 each an autocommit session enqueueing one event per transaction on a fixed
