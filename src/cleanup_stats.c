@@ -34,6 +34,7 @@
 #include "cleanup_stats.h"
 #include "cleanup_worker.h"
 #include "shmem.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(cqrs_cleanup_counters);
 
@@ -271,12 +272,7 @@ cqrs_cleanup_counters(PG_FUNCTION_ARGS)
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
-	if (tupdesc->natts != CLEANUP_STATE_COLS)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATATYPE_MISMATCH),
-				 errmsg("cqrs_cleanup_counters() returns %d columns, the library expected %d",
-						tupdesc->natts, CLEANUP_STATE_COLS),
-				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+	cqrs_check_row_layout("cqrs_cleanup_counters", tupdesc, CLEANUP_STATE_COLS);
 
 	last_error[0] = '\0';
 	if (cqrs_shared != NULL)

@@ -1049,12 +1049,7 @@ cqrs_cleanup(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 	/* the layout of 0.1.0 and 0.2.0; a new one gets a new symbol */
-	if (tupdesc->natts != lengthof(values))
-		ereport(ERROR,
-				(errcode(ERRCODE_DATATYPE_MISMATCH),
-				 errmsg("cqrs_cleanup() returns %d columns, the library expected %d",
-						tupdesc->natts, (int) lengthof(values)),
-				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+	cqrs_check_row_layout("cqrs_cleanup", tupdesc, lengthof(values));
 
 	/* a pass that fails is counted as an error, with its message */
 	PG_TRY();

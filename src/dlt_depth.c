@@ -28,6 +28,7 @@
 #include "cqrs_sync.h"
 #include "dlt_depth.h"
 #include "shmem.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(cqrs_dlt_depth);
 PG_FUNCTION_INFO_V1(cqrs_dlt_depth_state);
@@ -180,12 +181,7 @@ cqrs_dlt_depth(PG_FUNCTION_ARGS)
 
 	InitMaterializedSRF(fcinfo, 0);
 	/* the layout of 0.1.0 and 0.2.0; a new one gets a new symbol */
-	if (rsinfo->setDesc->natts != DLT_DEPTH_COLS)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATATYPE_MISMATCH),
-				 errmsg("cqrs_dlt_depth_partitions() returns %d columns, the library expected %d",
-						rsinfo->setDesc->natts, DLT_DEPTH_COLS),
-				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+	cqrs_check_row_layout("cqrs_dlt_depth_partitions", rsinfo->setDesc, DLT_DEPTH_COLS);
 	if (cqrs_shared == NULL)
 		PG_RETURN_VOID();
 
@@ -235,12 +231,7 @@ cqrs_dlt_depth_state(PG_FUNCTION_ARGS)
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
-	if (tupdesc->natts != DLT_DEPTH_STATE_COLS)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATATYPE_MISMATCH),
-				 errmsg("cqrs_dlt_depth_state() returns %d columns, the library expected %d",
-						tupdesc->natts, DLT_DEPTH_STATE_COLS),
-				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+	cqrs_check_row_layout("cqrs_dlt_depth_state", tupdesc, DLT_DEPTH_STATE_COLS);
 
 	memset(nulls, 0, sizeof(nulls));
 	if (cqrs_shared == NULL)

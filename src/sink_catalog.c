@@ -203,8 +203,8 @@ Datum
 cqrs_sink_kafka_offsets(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(0);
-	TimestampTz at = PG_GETARG_TIMESTAMPTZ(1);
+	ArrayType  *arr;
+	TimestampTz at;
 	Datum	   *elems;
 	bool	   *nulls;
 	int			nelems;
@@ -212,10 +212,14 @@ cqrs_sink_kafka_offsets(PG_FUNCTION_ARGS)
 	CqrsPartitionOffset *offsets = NULL;
 	char		errbuf[1024];
 	int			n;
-	bool		beginning = TIMESTAMP_IS_NOBEGIN(at);
+	bool		beginning;
 	int64		at_ms;
 
 	InitMaterializedSRF(fcinfo, 0);
+	cqrs_check_row_layout("cqrs_sink_kafka_offsets", rsinfo->setDesc, 3);
+	arr = PG_GETARG_ARRAYTYPE_P(0);
+	at = PG_GETARG_TIMESTAMPTZ(1);
+	beginning = TIMESTAMP_IS_NOBEGIN(at);
 	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &nelems);
 	topics = palloc(sizeof(char *) * Max(nelems, 1));
 	for (int i = 0; i < nelems; i++)

@@ -35,6 +35,11 @@
 
 #include "shmem.h"
 #include "sink.h"
+#include "util.h"
+
+/* row layouts of cqrs_sink_workers() and cqrs_sink_partitions() (0.2.0) */
+#define SINK_WORKERS_COLS 10
+#define SINK_PARTITIONS_COLS 9
 
 PG_FUNCTION_INFO_V1(cqrs_sink_wake);
 PG_FUNCTION_INFO_V1(cqrs_sink_changed);
@@ -417,6 +422,7 @@ cqrs_sink_workers_sql(PG_FUNCTION_ARGS)
 	int			wanted;
 
 	InitMaterializedSRF(fcinfo, 0);
+	cqrs_check_row_layout("cqrs_sink_workers", rsinfo->setDesc, SINK_WORKERS_COLS);
 	if (sink_shared == NULL)
 		return (Datum) 0;
 
@@ -427,8 +433,8 @@ cqrs_sink_workers_sql(PG_FUNCTION_ARGS)
 	for (int i = 0; i < CQRS_SINK_MAX_WORKERS; i++)
 	{
 		SinkWorkerSlot w;
-		Datum		values[10];
-		bool		nulls[10];
+		Datum		values[SINK_WORKERS_COLS];
+		bool		nulls[SINK_WORKERS_COLS];
 
 		SpinLockAcquire(&sink_shared->mutex);
 		w = sink_shared->workers[i];
@@ -463,6 +469,7 @@ cqrs_sink_partitions(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 
 	InitMaterializedSRF(fcinfo, 0);
+	cqrs_check_row_layout("cqrs_sink_partitions", rsinfo->setDesc, SINK_PARTITIONS_COLS);
 	if (sink_shared == NULL)
 		return (Datum) 0;
 
@@ -471,8 +478,8 @@ cqrs_sink_partitions(PG_FUNCTION_ARGS)
 	{
 		SinkPartSlot p;
 		pid_t		pid;
-		Datum		values[9];
-		bool		nulls[9];
+		Datum		values[SINK_PARTITIONS_COLS];
+		bool		nulls[SINK_PARTITIONS_COLS];
 
 		if (sink_shared->parts[i].worker < 0)
 			continue;

@@ -19,6 +19,7 @@
 #include "utils/timestamp.h"
 
 #include "shmem.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(cqrs_relay_state);
 PG_FUNCTION_INFO_V1(cqrs_relay_state_0_2);
@@ -62,12 +63,7 @@ relay_state(FunctionCallInfo fcinfo, RelayStateVersion version)
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
-	if (tupdesc->natts != ncols)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATATYPE_MISMATCH),
-				 errmsg("cqrs_relay_state() returns %d columns, the library expected %d",
-						tupdesc->natts, ncols),
-				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+	cqrs_check_row_layout("cqrs_relay_state", tupdesc, ncols);
 
 	memset(nulls, 0, sizeof(nulls));
 	if (cqrs_shared == NULL)

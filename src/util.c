@@ -85,3 +85,20 @@ cqrs_register_worker(const char *function, const char *type, int restart_seconds
 	strlcpy(worker.bgw_type, type, BGW_MAXLEN);
 	RegisterBackgroundWorker(&worker);
 }
+
+/*
+ * A C entry point that returns rows checks the row type its SQL definition
+ * gives (as pg_stat_statements does): a definition of another layout (an
+ * extension script older or newer than the library) gets an error, never a
+ * row built with the wrong layout.  Each layout has its own symbol.
+ */
+void
+cqrs_check_row_layout(const char *function, TupleDesc desc, int ncols)
+{
+	if (desc->natts != ncols)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("%s() returns %d columns, the library expected %d",
+						function, desc->natts, ncols),
+				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+}

@@ -8,9 +8,11 @@
 #ifndef CQRS_UTIL_H
 #define CQRS_UTIL_H
 
+#include "access/tupdesc.h"
 #include "executor/spi.h"
 
 extern char *cqrs_extension_schema(Oid ext_oid);
+extern void cqrs_check_row_layout(const char *function, TupleDesc desc, int ncols);
 extern SPIPlanPtr cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes);
 extern void cqrs_register_worker(const char *function, const char *type,
 								 int restart_seconds);
