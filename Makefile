@@ -63,6 +63,7 @@ e2e:
 
 bench:
 	test/bench/run.sh
+	test/bench/sink_bench.sh
 
 demo:
 	test/demo.sh
