@@ -47,7 +47,7 @@ relay_report() {
         acks = y[7] - x[7];
         printf "%s: relay CPU %.2f s, %.1f us per event; %d transactions; mean produce->report %.2f ms\n",
                label, (c1 - c0) / tick, (c1 - c0) / tick * 1e6 / n, y[9] - x[9],
-               acks > 0 ? (y[8] - x[8]) * 1000 / acks : 0;
+               (acks > 0 ? (y[8] - x[8]) * 1000 / acks : 0);
         printf "%s: seconds per phase: record %.2f, claim %.2f, commit %.2f, flush %.2f, produce %.2f, poll %.2f\n",
                label, y[1] - x[1], y[2] - x[2], y[3] - x[3], y[4] - x[4], y[5] - x[5], y[6] - x[6] }'
 }
