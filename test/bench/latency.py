@@ -21,38 +21,25 @@ import uuid
 import psycopg
 from confluent_kafka import Consumer
 
+from steady_writers import WRITERS, pct, write_steadily
+
 dsn, brokers = sys.argv[1], sys.argv[2]
 topic = f"{sys.argv[3]}.{uuid.uuid4().hex[:8]}"   # fresh topic: no old messages
 rate, seconds = float(sys.argv[4]), float(sys.argv[5])
-WRITERS = 4
 WARMUP = 2.0
 PAD = "x" * 200
 
 
-def enqueue(conn, c, i):
-    payload = json.dumps({"c": c, "type": "CommentAdded", "board_id": i % 1000,
-                          "author": f"user-{i % 97}", "body": PAD})
-    conn.execute("SELECT cqrs_enqueue(%s, %s, %s::jsonb)", (topic, f"key-{i % 1000}", payload))
+def payload(c, i):
+    return {"c": c, "type": "CommentAdded", "board_id": i % 1000,
+            "author": f"user-{i % 97}", "body": PAD}
 
 
 def writer(n, t0, out):
-    """Events n-0, n-1, ... at rate/WRITERS per second from t0; sends back {c: (monotonic, wall)}."""
-    per = rate / WRITERS
+    """Writer n from t0; sends back {c: (monotonic, wall)} of its commits."""
     committed = {}
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        start = t0 + n / rate
-        i = 0
-        while True:
-            due = start + i / per
-            now = time.monotonic()
-            if due > now:
-                time.sleep(due - now)
-            if time.monotonic() - start > seconds:
-                break
-            c = f"{n}-{i}"
-            enqueue(conn, c, i)
-            committed[c] = (time.monotonic(), time.time())
-            i += 1
+    write_steadily(dsn, topic, rate, seconds, n, t0, payload,
+                   lambda c: committed.__setitem__(c, (time.monotonic(), time.time())))
     out.send(committed)
     out.close()
 
@@ -84,10 +71,6 @@ def consumer(ready, done, out):
     out.close()
 
 
-def pct(vals, p):
-    return vals[min(len(vals) - 1, int(p / 100.0 * len(vals)))]
-
-
 ctx = mp.get_context("fork")
 ready, done = ctx.Event(), ctx.Event()
 cons_end, here = ctx.Pipe()
@@ -95,7 +78,7 @@ cp = ctx.Process(target=consumer, args=(ready, done, cons_end))
 cp.start()
 # the topic exists and the consumer reads it before the clock starts
 with psycopg.connect(dsn, autocommit=True) as conn:
-    enqueue(conn, "warmup", 0)
+    conn.execute("SELECT cqrs_enqueue(%s, 'key-0', %s::jsonb)", (topic, json.dumps(payload("warmup", 0))))
 if not ready.wait(60):
     sys.exit("latency: the warm-up event did not arrive within 60 s")
 
