@@ -1282,12 +1282,8 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData  *edata = cqrs_catch_and_abort(txn_cxt);
 
-		MemoryContextSwitchTo(txn_cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
 		if (current >= 0 && !sink_error_is_transient(edata->sqlerrcode))
 		{
 			*careful_from = current;
@@ -1425,12 +1421,8 @@ sink_read_positions(Sink *sink, rd_kafka_topic_partition_list_t *parts)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData  *edata = cqrs_catch_and_abort(oldcxt);
 
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
 		ereport(LOG,
 				(errmsg("cqrs_sync sink \"%s\": could not read the positions: %s",
 						sink->name, edata->message)));
@@ -1808,12 +1800,8 @@ sink_retry_due(List *sinks, List **dead_letters, TimestampTz *next_due,
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData  *edata = cqrs_catch_and_abort(txn_cxt);
 
-		MemoryContextSwitchTo(txn_cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
 		strlcpy(errbuf, edata->message ? edata->message : "error", errlen);
 		FreeErrorData(edata);
 		failed = true;
@@ -1929,12 +1917,8 @@ sink_record_dead_letter(SinkDeadLetter *dl, bool ok, int32 dlt_partition, int64 
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData  *edata = cqrs_catch_and_abort(oldcxt);
 
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
 		ereport(LOG,
 				(errmsg("cqrs_sync sink \"%s\": could not record the dead letter of held event " INT64_FORMAT ": %s",
 						dl->sink, dl->held_id, edata->message),
@@ -2124,12 +2108,8 @@ record_fetched_txn(Sink *sink, int64 held_id, rd_kafka_message_t *rkm, rd_kafka_
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData  *edata = cqrs_catch_and_abort(oldcxt);
 
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
 		ereport(LOG,
 				(errmsg("cqrs_sync sink \"%s\": could not record replay request " INT64_FORMAT ": %s",
 						sink->name, held_id, edata->message)));

@@ -821,12 +821,8 @@ read_catalog(void)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData  *edata = cqrs_catch_and_abort(oldcxt);
 
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
 		ereport(LOG, (errmsg("cqrs_sync sink: could not read the sinks: %s", edata->message)));
 		sink_worker_set_state(my_index, SINK_STATE_WAITING_DATABASE, edata->message);
 		FreeErrorData(edata);

@@ -10,6 +10,7 @@
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
+#include "access/xact.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
 #include "postmaster/bgworker.h"
@@ -101,4 +102,21 @@ cqrs_check_row_layout(const char *function, TupleDesc desc, int ncols)
 				 errmsg("%s() returns %d columns, the library expected %d",
 						function, desc->natts, ncols),
 				 errhint("Run ALTER EXTENSION cqrs_sync UPDATE.")));
+}
+
+/*
+ * In the PG_CATCH block of a worker's whole transaction: the error, copied
+ * into cxt (which stays current), and the transaction rolled back.  The
+ * caller reports the error and frees it.
+ */
+ErrorData *
+cqrs_catch_and_abort(MemoryContext cxt)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	return edata;
 }
