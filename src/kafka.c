@@ -494,6 +494,32 @@ apply_config_file(rd_kafka_conf_t *conf, char *errbuf, size_t errlen)
 }
 
 /*
+ * rd_kafka_new() with our error and log callbacks, its logs served by this
+ * thread's polls.  conf is consumed either way; NULL and errbuf ("could not
+ * create a Kafka <what>: ...", redacted) on error.
+ */
+static rd_kafka_t *
+new_client(rd_kafka_type_t type, rd_kafka_conf_t *conf, const char *what,
+		   char *errbuf, size_t errlen)
+{
+	rd_kafka_t *rk;
+	char		rderr[512];
+
+	rd_kafka_conf_set_error_cb(conf, error_callback);
+	rd_kafka_conf_set_log_cb(conf, log_callback);
+	rk = rd_kafka_new(type, conf, rderr, sizeof(rderr));
+	if (rk == NULL)
+	{
+		cqrs_kafka_redact(rderr);
+		snprintf(errbuf, errlen, "could not create a Kafka %s: %s", what, rderr);
+		rd_kafka_conf_destroy(conf);	/* only freed by a successful rd_kafka_new */
+		return NULL;
+	}
+	rd_kafka_set_log_queue(rk, NULL);
+	return rk;
+}
+
+/*
  * Create a client: the relay's idempotent producer (role CQRS_KAFKA_RELAY;
  * batch_bytes > 0 caps its record batches) or a plain one for metadata.
  * Returns NULL and fills errbuf on error.
@@ -504,7 +530,6 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	rd_kafka_topic_conf_t *tconf = rd_kafka_topic_conf_new();
 	rd_kafka_t *rk;
-	char		rderr[512];
 	char		batch_size[32];
 	bool		relay = (role == CQRS_KAFKA_RELAY);
 
@@ -547,19 +572,9 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 
 	if (relay)
 		rd_kafka_conf_set_dr_msg_cb(conf, delivery_report);
-	rd_kafka_conf_set_error_cb(conf, error_callback);
-	rd_kafka_conf_set_log_cb(conf, log_callback);
-
-	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, rderr, sizeof(rderr));
+	rk = new_client(RD_KAFKA_PRODUCER, conf, "client", errbuf, errlen);
 	if (rk == NULL)
-	{
-		cqrs_kafka_redact(rderr);
-		snprintf(errbuf, errlen, "could not create a Kafka client: %s", rderr);
-		rd_kafka_conf_destroy(conf);	/* only freed by a successful rd_kafka_new */
 		return NULL;
-	}
-	/* serve librdkafka's logs from rd_kafka_poll() in this thread */
-	rd_kafka_set_log_queue(rk, NULL);
 	main_queue = rd_kafka_queue_get_main(rk);
 	rd_kafka_queue_io_event_enable(main_queue, event_pipe[1], "m", 1);
 	if (relay)
@@ -863,7 +878,6 @@ cqrs_kafka_create_consumer(const char *group_id, const char *client_id, void *op
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	rd_kafka_t *rk;
 	rd_kafka_queue_t *queue;
-	char		rderr[512];
 
 	ensure_event_pipe();
 
@@ -893,19 +907,10 @@ cqrs_kafka_create_consumer(const char *group_id, const char *client_id, void *op
 	rd_kafka_conf_set_opaque(conf, opaque);
 	if (rebalance != NULL)
 		rd_kafka_conf_set_rebalance_cb(conf, rebalance);
-	rd_kafka_conf_set_error_cb(conf, error_callback);
-	rd_kafka_conf_set_log_cb(conf, log_callback);
-
-	rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, rderr, sizeof(rderr));
+	rk = new_client(RD_KAFKA_CONSUMER, conf, "consumer", errbuf, errlen);
 	if (rk == NULL)
-	{
-		cqrs_kafka_redact(rderr);
-		snprintf(errbuf, errlen, "could not create a Kafka consumer: %s", rderr);
-		rd_kafka_conf_destroy(conf);
 		return NULL;
-	}
 	/* logs, errors and rebalances are served by rd_kafka_consumer_poll() */
-	rd_kafka_set_log_queue(rk, NULL);
 	rd_kafka_poll_set_consumer(rk);
 	queue = rd_kafka_queue_get_consumer(rk);
 	if (queue != NULL)
