@@ -1243,11 +1243,7 @@ guarded_pass(MemoryContext pass_ctx)
 		ErrorData  *edata;
 
 		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(pass_ctx);
-		edata = CopyErrorData();
-		EmitErrorReport();
-		AbortCurrentTransaction();
-		FlushErrorState();
+		edata = cqrs_report_and_abort(pass_ctx);
 		cqrs_cleanup_stats_error(start, GetCurrentTimestamp(), edata->message);
 		RESUME_INTERRUPTS();
 	}

@@ -740,11 +740,7 @@ cqrs_relay_main(Datum main_arg)
 
 		error_context_stack = NULL;
 		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(TopMemoryContext);
-		edata = CopyErrorData();
-		EmitErrorReport();
-		AbortCurrentTransaction();
-		FlushErrorState();
+		edata = cqrs_report_and_abort(TopMemoryContext);
 		pipeline_claim_abort();
 		plans_valid = false;
 		strlcpy(txn_error, edata->message ? edata->message : "error", sizeof(txn_error));

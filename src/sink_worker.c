@@ -1407,11 +1407,7 @@ cqrs_sink_main(Datum main_arg)
 
 		error_context_stack = NULL;
 		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(TopMemoryContext);
-		edata = CopyErrorData();
-		EmitErrorReport();
-		AbortCurrentTransaction();
-		FlushErrorState();
+		edata = cqrs_report_and_abort(TopMemoryContext);
 		sink_worker_set_state(my_index, SINK_STATE_WAITING_DATABASE, edata->message);
 		FreeErrorData(edata);
 		RESUME_INTERRUPTS();

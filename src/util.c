@@ -120,3 +120,21 @@ cqrs_catch_and_abort(MemoryContext cxt)
 	AbortCurrentTransaction();
 	return edata;
 }
+
+/*
+ * The same for a worker's error recovery (its sigsetjmp block, or a pass
+ * that goes on after an error): the error also goes to the server log.
+ * Interrupts are held by the caller.
+ */
+ErrorData *
+cqrs_report_and_abort(MemoryContext cxt)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	EmitErrorReport();
+	AbortCurrentTransaction();
+	FlushErrorState();
+	return edata;
+}

@@ -14,6 +14,7 @@
 extern char *cqrs_extension_schema(Oid ext_oid);
 extern void cqrs_check_row_layout(const char *function, TupleDesc desc, int ncols);
 extern ErrorData *cqrs_catch_and_abort(MemoryContext cxt);
+extern ErrorData *cqrs_report_and_abort(MemoryContext cxt);
 extern SPIPlanPtr cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes);
 extern void cqrs_register_worker(const char *function, const char *type,
 								 int restart_seconds);
