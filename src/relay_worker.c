@@ -16,10 +16,13 @@
  *
  * Durability: claims are read-only transactions (nothing to flush: a new
  * event goes out at once); outcomes are recorded in batches, at most
- * RECORD_DELAY_MS after the first came back, in transactions committed with
- * synchronous_commit = local.  Rows between their claim and their durable
- * outcome are at most the window, so a crash duplicates at most that many
- * messages.  Before producing rows whose commit may not be flushed (an
+ * RECORD_DELAY_MS after the first came back, in transactions committed
+ * asynchronously: the relay does not wait for their flush, but nothing is
+ * produced before the WAL holding the last recording was flushed (usually
+ * by then already, by the very commits whose events come next).  Rows
+ * between their claim and their durable outcome are therefore at most the
+ * window, so a crash duplicates at most that many messages.  Before
+ * producing rows whose commit may not be flushed (an
  * enqueuer with synchronous_commit = off), the relay flushes the WAL up to
  * that commit and, where synchronous standbys are configured, waits for
  * them: an event is never published for a transaction a crash then loses.
@@ -92,6 +95,8 @@ static bool extension_missing = false;
 
 /* Claimed rows' commits that may not be flushed yet. */
 static XLogRecPtr rows_lsn = InvalidXLogRecPtr;
+/* the end of the last recording's commit: flushed before producing again */
+static XLogRecPtr record_lsn = InvalidXLogRecPtr;
 
 /* Errors in a row of the relay's transactions, for the pause between tries. */
 static int	txn_errors = 0;
@@ -152,8 +157,8 @@ pin_settings(void)
 		{"session_replication_role", "origin"},
 		{"jit", "off"},
 		{"check_function_bodies", "on"},
-		/* recordings: durable here, no wait for standbys (see above) */
-		{"synchronous_commit", "local"},
+		/* recordings: flushed before the next produce (see above) */
+		{"synchronous_commit", "off"},
 
 		/*
 		 * Every statement of the relay finds outbox rows by id, a few
@@ -395,14 +400,16 @@ static void publish_state(TimestampTz now);
  * One transaction: record the outcomes that came back (record), then claim
  * up to limit rows (limit 0: no claim).  A claim alone writes nothing: it has
  * no commit record to flush, so a new event goes out without waiting for a
- * disk.  Recording commits with synchronous_commit = local: durable on this
- * server before anything else is produced, without waiting for standbys.
+ * disk.  Recording commits asynchronously; flush_before_producing() makes
+ * it durable on this server before anything else is produced, without
+ * waiting for standbys.
  */
 static void
 relay_transaction(bool record, int limit, TimestampTz now)
 {
 	instr_time	t0;
 	bool		claimed = false;
+	bool		wrote;
 	dlist_head *done = pipeline_done_rows();
 
 	SetCurrentStatementStartTimestamp();
@@ -433,9 +440,12 @@ relay_transaction(bool record, int limit, TimestampTz now)
 
 	SPI_finish();
 	PopActiveSnapshot();
+	wrote = TransactionIdIsValid(GetTopTransactionIdIfAny());
 	INSTR_TIME_SET_CURRENT(t0);
 	CommitTransactionCommand();
 	cqrs_relay_add_phase(CQRS_PHASE_COMMIT, elapsed_us(t0));
+	if (wrote && XactLastCommitEnd > record_lsn)
+		record_lsn = XactLastCommitEnd;
 	pg_atomic_fetch_add_u64(&cqrs_shared->transactions, 1);
 
 	if (claimed)
@@ -459,27 +469,31 @@ relay_transaction(bool record, int limit, TimestampTz now)
 }
 
 /*
- * Before producing rows whose commit may not be flushed (their writer used
- * synchronous_commit = off): flush the WAL up to it, and wait for
- * synchronous standbys where they are configured.  Rows from ordinary
- * commits need nothing: their commit was flushed before they became
- * visible.
+ * Before producing: the last recording must be on disk (so that a crash
+ * re-sends at most the window), and so must the commits of rows whose writer
+ * used synchronous_commit = off, for which synchronous standbys are waited
+ * for too where they are configured.  Rows from ordinary commits need
+ * nothing: their commit was flushed before they became visible, and with it
+ * every recording committed before them.
  */
 static void
 flush_before_producing(void)
 {
 	instr_time	t0;
+	XLogRecPtr	flushed = GetFlushRecPtr(NULL);
 
-	if (XLogRecPtrIsInvalid(rows_lsn) || rows_lsn <= GetFlushRecPtr(NULL))
-	{
+	if (record_lsn <= flushed)
+		record_lsn = InvalidXLogRecPtr;
+	if (rows_lsn <= flushed)
 		rows_lsn = InvalidXLogRecPtr;
+	if (XLogRecPtrIsInvalid(rows_lsn) && XLogRecPtrIsInvalid(record_lsn))
 		return;
-	}
 	INSTR_TIME_SET_CURRENT(t0);
-	XLogFlush(rows_lsn);
-	SyncRepWaitForLSN(rows_lsn, false);
+	XLogFlush(Max(rows_lsn, record_lsn));
+	if (!XLogRecPtrIsInvalid(rows_lsn))
+		SyncRepWaitForLSN(rows_lsn, false);
 	cqrs_relay_add_phase(CQRS_PHASE_FLUSH, elapsed_us(t0));
-	rows_lsn = InvalidXLogRecPtr;
+	rows_lsn = record_lsn = InvalidXLogRecPtr;
 }
 
 /* ---- state ------------------------------------------------------------------------------ */
@@ -693,6 +707,8 @@ relay_shutdown(void)
 	destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
 	if (!extension_missing && (pipeline_has_reports() || record_alerts_queued()))
 		relay_transaction(true, 0, GetCurrentTimestamp());
+	if (!XLogRecPtrIsInvalid(record_lsn))
+		XLogFlush(record_lsn);
 	ereport(LOG, (errmsg("cqrs_sync relay shutting down")));
 }
 
