@@ -82,7 +82,7 @@ extern void relay_want_batch_bytes(int bytes);
 /* ---- relay_pipeline.c ---- */
 extern void pipeline_init(void);
 extern void pipeline_reset(void);
-extern void pipeline_prepare(const char *outbox, Oid seq);
+extern void pipeline_prepare(Oid outbox, Oid seq);
 extern int	pipeline_room(void);
 extern int	pipeline_inflight(void);
 extern bool pipeline_has_reports(void);

@@ -39,11 +39,18 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/relscan.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/transam.h"
 #include "access/xlog.h"
+#include "catalog/pg_enum.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -51,10 +58,14 @@
 #include "portability/instr_time.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
 
 #include "cqrs_sync.h"
 #include "enqueue.h"
@@ -90,7 +101,18 @@ static RelayClaim *staged_claim = NULL;
 static TimestampTz last_ack_at = 0;
 
 static Oid	seq_oid = InvalidOid;
-static SPIPlanPtr scan_plan = NULL;
+static Oid	outbox_oid = InvalidOid;
+static Oid	pending_index = InvalidOid;	/* on (id) WHERE status = 'PENDING' */
+static Oid	pending_label = InvalidOid; /* the enum value PENDING */
+static AttrNumber att_id,
+			att_event_id,
+			att_topic,
+			att_key,
+			att_payload,
+			att_headers,
+			att_status,
+			att_retry,
+			att_next;
 
 static void handle_failure(RelayRow *row, bool was_inflight);
 static void size_checks_forget(void);
@@ -135,22 +157,58 @@ pipeline_reset(void)
 	cqrs_inflight_ids_reset();
 }
 
-/* Prepare the scan for the extension's outbox (inside a transaction). */
-void
-pipeline_prepare(const char *outbox, Oid seq)
+/* The column of the outbox named name (it must exist). */
+static AttrNumber
+outbox_attnum(Oid outbox, const char *name)
 {
-	Oid			types[5] = {INT8OID, INT8OID, INT4OID, TIMESTAMPTZOID, TEXTARRAYOID};
+	AttrNumber	att = get_attnum(outbox, name);
 
-	if (scan_plan)
-		SPI_freeplan(scan_plan);
-	scan_plan = cqrs_keep_plan(psprintf(
-										"SELECT id, event_id::text, topic, key, payload::text, headers,"
-										" retry_count, coalesce(next_attempt_at > $4, false),"
-										" next_attempt_at, xmin"
-										" FROM %s WHERE status = 'PENDING' AND id > $1 AND id <= $2"
-										" AND topic <> ALL ($5)"
-										" ORDER BY id LIMIT $3", outbox),
-							   5, types);
+	if (att == InvalidAttrNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("cqrs_sync relay: column \"%s\" of the outbox does not exist", name)));
+	return att;
+}
+
+/*
+ * Prepare the claim for the extension's outbox (inside a transaction): find
+ * its pending index, its columns and the enum value PENDING.  The claim reads
+ * the index itself rather than through a query: it runs once per wake, and
+ * an executor's start and end cost more than the few rows it reads.
+ */
+void
+pipeline_prepare(Oid outbox, Oid seq)
+{
+	Oid			nsp = get_rel_namespace(outbox);
+	HeapTuple	tup;
+
+	pending_index = get_relname_relid("cqrs_outbox_pending_idx", nsp);
+	if (!OidIsValid(pending_index))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("cqrs_sync relay: index \"%s.cqrs_outbox_pending_idx\" does not exist",
+						get_namespace_name(nsp)),
+				 errdetail("The relay finds PENDING rows through it."),
+				 errhint("Create it again: CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING'.")));
+	att_id = outbox_attnum(outbox, "id");
+	att_event_id = outbox_attnum(outbox, "event_id");
+	att_topic = outbox_attnum(outbox, "topic");
+	att_key = outbox_attnum(outbox, "key");
+	att_payload = outbox_attnum(outbox, "payload");
+	att_headers = outbox_attnum(outbox, "headers");
+	att_status = outbox_attnum(outbox, "status");
+	att_retry = outbox_attnum(outbox, "retry_count");
+	att_next = outbox_attnum(outbox, "next_attempt_at");
+
+	tup = SearchSysCache2(ENUMTYPOIDNAME,
+						  ObjectIdGetDatum(get_atttype(outbox, att_status)),
+						  CStringGetDatum("PENDING"));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cqrs_sync relay: the outbox's status type has no value PENDING");
+	pending_label = ((Form_pg_enum) GETSTRUCT(tup))->oid;
+	ReleaseSysCache(tup);
+
+	outbox_oid = outbox;
 	seq_oid = seq;
 }
 
@@ -246,10 +304,10 @@ high_water_mark(void)
 }
 
 static char *
-datum_text(HeapTuple tup, TupleDesc desc, int col)
+slot_text(TupleTableSlot *slot, AttrNumber att)
 {
 	bool		isnull;
-	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+	Datum		d = slot_getattr(slot, att, &isnull);
 
 	return isnull ? NULL : TextDatumGetCString(d);
 }
@@ -316,30 +374,44 @@ stalled_partition(RelayRow *row)
 	return (part && part->stalled) ? part : NULL;
 }
 
+/* Is the topic one of the paused ones? */
+static bool
+topic_in(const char *topic, List *names)
+{
+	ListCell   *lc;
+
+	foreach(lc, names)
+		if (strcmp(topic, (char *) lfirst(lc)) == 0)
+			return true;
+	return false;
+}
+
 /*
  * Claim up to limit rows: read the high-water mark, the in-flight registry,
- * then scan (a new snapshot: the relay runs at READ COMMITTED) and judge each
- * row.  Inside the relay's transaction, SPI connected.  The rows that may go
- * are staged; pipeline_claim_commit() makes them the claimed rows once the
- * transaction committed.  Returns how many.
+ * then scan the pending index in id order with a snapshot taken after both
+ * (so that no commit in between is missed), and judge each row.  Inside the
+ * relay's transaction.  The rows that may go are staged;
+ * pipeline_claim_commit() makes them the claimed rows once the transaction
+ * committed.  Returns how many.
  */
 int
 pipeline_claim(int limit, TimestampTz now)
 {
 	int64		hw;
 	int64		start;
+	int64		last_id = 0;
 	List	   *paused;
-	Datum		args[5];
-	Datum	   *names;
-	int			npaused;
-	int			ret;
-	TupleDesc	desc;
-	ListCell   *lc;
 	TransactionId last_xmin = InvalidTransactionId;
 	MemoryContext old;
 	uint64		discard_seq;
-	int			nread;
+	int			nread = 0;
 	int			nskipped = 0;
+	Relation	heap;
+	Relation	index;
+	Snapshot	snap;
+	ScanKeyData keys[2];
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
 
 	Assert(dlist_is_empty(&staged));
 	staged_lsn = InvalidXLogRecPtr;
@@ -357,38 +429,33 @@ pipeline_claim(int limit, TimestampTz now)
 	start = order_scan_start(cursor);
 
 	paused = cqrs_topics_paused_names(now);
-	npaused = list_length(paused);
-	names = palloc(sizeof(Datum) * Max(npaused, 1));
-	npaused = 0;
-	foreach(lc, paused)
-		names[npaused++] = CStringGetTextDatum((char *) lfirst(lc));
-	if (npaused > 0)
+	if (paused != NIL)
 		cqrs_topics_note_skipped(now, start + 1);
 
-	/* 3. the rows visible now */
-	args[0] = Int64GetDatum(start);
-	args[1] = Int64GetDatum(hw);
-	args[2] = Int32GetDatum(limit);
-	args[3] = TimestampTzGetDatum(now);
-	args[4] = PointerGetDatum(construct_array(names, npaused, TEXTOID, -1, false, TYPALIGN_INT));
-	ret = SPI_execute_plan(scan_plan, args, NULL, false, limit);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "cqrs_sync relay: outbox scan failed: %s", SPI_result_code_string(ret));
+	/* 3. the rows visible now: PENDING, ids in (start, hw], in id order */
+	heap = table_open(outbox_oid, AccessShareLock);
+	index = index_open(pending_index, AccessShareLock);
+	if (index->rd_index->indrelid != outbox_oid ||
+		index->rd_index->indnatts != 1 ||
+		index->rd_index->indkey.values[0] != att_id)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cqrs_sync relay: index \"%s\" is not on the outbox's id",
+						RelationGetRelationName(index)),
+				 errhint("Create it again: CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING'.")));
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	ScanKeyInit(&keys[0], 1, BTGreaterStrategyNumber, F_INT8GT, Int64GetDatum(start));
+	ScanKeyInit(&keys[1], 1, BTLessEqualStrategyNumber, F_INT8LE, Int64GetDatum(hw));
+	scan = index_beginscan(heap, index, snap, 2, 0);
+	index_rescan(scan, keys, 2, NULL, 0);
+	slot = table_slot_create(heap, NULL);
 
 	staged_from = start;
-	nread = SPI_processed;
-	last_claim_full = (SPI_processed == (uint64) limit);
-	staged_cursor = last_claim_full ? start : Max(hw, start);
-	if (SPI_processed == 0)
-		return 0;
-
-	desc = SPI_tuptable->tupdesc;
 	staged_claim = new_claim();
 	staged_claim->discard_seq = discard_seq;
 	old = MemoryContextSwitchTo(staged_claim->cxt);
-	for (uint64 i = 0; i < SPI_processed; i++)
+	while (nread < limit && index_getnext_slot(scan, ForwardScanDirection, slot))
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
 		RelayRow	probe;
 		RelayRow   *row;
 		bool		isnull;
@@ -400,21 +467,31 @@ pipeline_claim(int limit, TimestampTz now)
 		char	   *key;
 		TransactionId xmin;
 
+		/* the index's predicate says PENDING; the row says it too */
+		d = slot_getattr(slot, att_status, &isnull);
+		if (isnull || DatumGetObjectId(d) != pending_label)
+			continue;
+		topic = slot_text(slot, att_topic);
+		if (topic_in(topic, paused))
+		{
+			pfree(topic);
+			continue;
+		}
+		nread++;
+
 		memset(&probe, 0, sizeof(probe));
-		probe.msg.id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		if (last_claim_full)
-			staged_cursor = probe.msg.id;
-		topic = datum_text(tup, desc, 3);
-		key = datum_text(tup, desc, 4);
+		probe.msg.id = DatumGetInt64(slot_getattr(slot, att_id, &isnull));
+		last_id = probe.msg.id;
+		key = slot_text(slot, att_key);
 		probe.msg.key = key;
 		probe.msg.keylen = key ? strlen(key) : 0;
 		probe.msg.topic = topic;
 		probe.msg.tstate = cqrs_topic(topic);
 		probe.keyhash = cqrs_key_hash(key, probe.msg.keylen);
 		probe.holdhash = hash_combine64(cqrs_key_hash(topic, strlen(topic)), probe.keyhash);
-		waiting = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
-		d = SPI_getbinval(tup, desc, 9, &isnull);
+		d = slot_getattr(slot, att_next, &isnull);
 		next_at = isnull ? 0 : DatumGetTimestampTz(d);
+		waiting = (next_at != 0 && next_at > now);
 
 		verdict = order_judge(&probe, waiting, next_at);
 		if (verdict == ORDER_SKIP)
@@ -452,16 +529,21 @@ pipeline_claim(int limit, TimestampTz now)
 		pg_atomic_init_u32(&row->msg.partition, 0);
 		row->claim = staged_claim;
 		row->topic = row->msg.topic;
-		row->msg.event_id = datum_text(tup, desc, 2);
-		row->msg.value = datum_text(tup, desc, 5);
+		row->msg.event_id = DatumGetCString(DirectFunctionCall1(uuid_out,
+																slot_getattr(slot, att_event_id, &isnull)));
+		{
+			Jsonb	   *jb = DatumGetJsonbP(slot_getattr(slot, att_payload, &isnull));
+
+			row->msg.value = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+		}
 		row->msg.valuelen = strlen(row->msg.value);
-		d = SPI_getbinval(tup, desc, 6, &isnull);
+		d = slot_getattr(slot, att_headers, &isnull);
 		if (!isnull)
 			copy_headers(&row->msg, d);
-		row->retry_count = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+		row->retry_count = DatumGetInt32(slot_getattr(slot, att_retry, &isnull));
 
 		/* the commit that made it visible, if it may not be flushed yet */
-		xmin = DatumGetTransactionId(SPI_getbinval(tup, desc, 10, &isnull));
+		xmin = DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull));
 		if (xmin != last_xmin)
 		{
 			XLogRecPtr	lsn = TransactionIdGetCommitLSN(xmin);
@@ -476,6 +558,15 @@ pipeline_claim(int limit, TimestampTz now)
 		n_staged++;
 	}
 	MemoryContextSwitchTo(old);
+	ExecDropSingleTupleTableSlot(slot);
+	index_endscan(scan);
+	UnregisterSnapshot(snap);
+	index_close(index, NoLock);
+	table_close(heap, NoLock);
+
+	/* a full claim ends at its last row; otherwise every id up to the mark was seen */
+	last_claim_full = (nread == limit);
+	staged_cursor = last_claim_full ? last_id : Max(hw, start);
 	if (staged_claim->nopen == 0)
 	{
 		MemoryContextDelete(staged_claim->cxt);

@@ -249,7 +249,7 @@ ensure_plans(void)
 		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
 		audit = psprintf("%s.cqrs_outbox_audit", schema);
 
-	pipeline_prepare(outbox, seq);
+	pipeline_prepare(outbox_relid, seq);
 	record_prepare(outbox, audit);
 	plans_ext = ext;
 	plans_valid = true;
