@@ -17,11 +17,12 @@
  * Durability: claims are read-only transactions (nothing to flush: a new
  * event goes out at once); outcomes are recorded in batches, at most
  * RECORD_DELAY_MS after the first came back, in transactions committed
- * asynchronously: the relay does not wait for their flush, but nothing is
- * produced before the WAL holding the last recording was flushed (usually
- * by then already, by the very commits whose events come next).  Rows
- * between their claim and their durable outcome are therefore at most the
- * window, so a crash duplicates at most that many messages.  Before
+ * asynchronously: the relay does not wait for their flush.  Recorded rows
+ * leave the window only once the WAL holding their recording is flushed
+ * (usually at once, by the commits of the events that come next, or by the
+ * WAL writer); the relay flushes it itself only when the window is full.
+ * Rows between their claim and their durable outcome are therefore at most
+ * the window, so a crash duplicates at most that many messages.  Before
  * producing rows whose commit may not be flushed (an
  * enqueuer with synchronous_commit = off), the relay flushes the WAL up to
  * that commit and, where synchronous standbys are configured, waits for
@@ -95,8 +96,9 @@ static bool extension_missing = false;
 
 /* Claimed rows' commits that may not be flushed yet. */
 static XLogRecPtr rows_lsn = InvalidXLogRecPtr;
-/* the end of the last recording's commit: flushed before producing again */
+/* the end of the last recording's commit, and the rows recorded up to it */
 static XLogRecPtr record_lsn = InvalidXLogRecPtr;
+static int	unflushed_rows = 0;
 
 /* Errors in a row of the relay's transactions, for the pause between tries. */
 static int	txn_errors = 0;
@@ -400,9 +402,8 @@ static void publish_state(TimestampTz now);
  * One transaction: record the outcomes that came back (record), then claim
  * up to limit rows (limit 0: no claim).  A claim alone writes nothing: it has
  * no commit record to flush, so a new event goes out without waiting for a
- * disk.  Recording commits asynchronously; flush_before_producing() makes
- * it durable on this server before anything else is produced, without
- * waiting for standbys.
+ * disk.  Recording commits asynchronously: its rows stay in the window
+ * until it is flushed (window_room()).
  */
 static void
 relay_transaction(bool record, int limit, TimestampTz now)
@@ -410,6 +411,7 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	instr_time	t0;
 	bool		claimed = false;
 	bool		wrote;
+	int			nrecorded = 0;
 	dlist_head *done = pipeline_done_rows();
 
 	SetCurrentStatementStartTimestamp();
@@ -426,7 +428,7 @@ relay_transaction(bool record, int limit, TimestampTz now)
 		if (record)
 		{
 			INSTR_TIME_SET_CURRENT(t0);
-			(void) record_outcomes(done, now);
+			nrecorded = record_outcomes(done, now);
 			cqrs_relay_add_phase(CQRS_PHASE_RECORD, elapsed_us(t0));
 		}
 		if (limit > 0)
@@ -446,6 +448,8 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	cqrs_relay_add_phase(CQRS_PHASE_COMMIT, elapsed_us(t0));
 	if (wrote && XactLastCommitEnd > record_lsn)
 		record_lsn = XactLastCommitEnd;
+	if (wrote)
+		unflushed_rows += nrecorded;
 	pg_atomic_fetch_add_u64(&cqrs_shared->transactions, 1);
 
 	if (claimed)
@@ -469,31 +473,54 @@ relay_transaction(bool record, int limit, TimestampTz now)
 }
 
 /*
- * Before producing: the last recording must be on disk (so that a crash
- * re-sends at most the window), and so must the commits of rows whose writer
- * used synchronous_commit = off, for which synchronous standbys are waited
- * for too where they are configured.  Rows from ordinary commits need
- * nothing: their commit was flushed before they became visible, and with it
- * every recording committed before them.
+ * Before producing rows whose commit may not be flushed (their writer used
+ * synchronous_commit = off): flush the WAL up to it, and wait for
+ * synchronous standbys where they are configured.  Rows from ordinary
+ * commits need nothing: their commit was flushed before they became
+ * visible.
  */
 static void
 flush_before_producing(void)
 {
 	instr_time	t0;
-	XLogRecPtr	flushed = GetFlushRecPtr(NULL);
 
-	if (record_lsn <= flushed)
-		record_lsn = InvalidXLogRecPtr;
-	if (rows_lsn <= flushed)
+	if (XLogRecPtrIsInvalid(rows_lsn) || rows_lsn <= GetFlushRecPtr(NULL))
+	{
 		rows_lsn = InvalidXLogRecPtr;
-	if (XLogRecPtrIsInvalid(rows_lsn) && XLogRecPtrIsInvalid(record_lsn))
 		return;
+	}
 	INSTR_TIME_SET_CURRENT(t0);
-	XLogFlush(Max(rows_lsn, record_lsn));
-	if (!XLogRecPtrIsInvalid(rows_lsn))
-		SyncRepWaitForLSN(rows_lsn, false);
+	XLogFlush(rows_lsn);
+	SyncRepWaitForLSN(rows_lsn, false);
 	cqrs_relay_add_phase(CQRS_PHASE_FLUSH, elapsed_us(t0));
-	rows_lsn = record_lsn = InvalidXLogRecPtr;
+	rows_lsn = InvalidXLogRecPtr;
+}
+
+/*
+ * Room in the window: rows whose recording is not yet on disk still count
+ * (after a crash they would be sent again).  Recordings flushed meanwhile, by
+ * anyone, free their rows; when only they fill the window, the relay flushes
+ * them itself.
+ */
+static int
+window_room(void)
+{
+	int			room;
+
+	if (unflushed_rows > 0 && record_lsn <= GetFlushRecPtr(NULL))
+		unflushed_rows = 0;
+	room = pipeline_room() - unflushed_rows;
+	if (room <= 0 && unflushed_rows > 0 && pipeline_room() > 0)
+	{
+		instr_time	t0;
+
+		INSTR_TIME_SET_CURRENT(t0);
+		XLogFlush(record_lsn);
+		cqrs_relay_add_phase(CQRS_PHASE_FLUSH, elapsed_us(t0));
+		unflushed_rows = 0;
+		room = pipeline_room();
+	}
+	return Max(room, 0);
 }
 
 /* ---- state ------------------------------------------------------------------------------ */
@@ -598,7 +625,7 @@ relay_turn(void)
 	if (txn_errors > 0 && now < retry_txn_at)
 		return Max(1, (retry_txn_at - now) / 1000);
 
-	room = pipeline_room();
+	room = window_room();
 	want_claim = relay_producer != NULL &&
 		wanted_batch_bytes == relay_producer_batch_bytes &&
 		room > 0 &&
@@ -651,14 +678,14 @@ relay_turn(void)
 
 	/* more to do at once? */
 	if (record_alerts_queued() ||
-		(relay_producer != NULL && pipeline_room() > 0 &&
+		(relay_producer != NULL && window_room() > 0 &&
 		 (pipeline_more_ready() || order_revisit_pending(pipeline_cursor()))))
 		return 0;
 
 	/* timers the turn itself set (a retry recorded just now) count too */
 	now = GetCurrentTimestamp();
 	next_wake = pipeline_timers(now);
-	if (order_revisit_pending(pipeline_cursor()) && pipeline_room() > 0)
+	if (order_revisit_pending(pipeline_cursor()) && window_room() > 0)
 		return 0;
 	sleep_ms = Max(1, (next_poll_at - now) / 1000);
 	sleep_ms = Min(sleep_ms, CHECK_MS);
