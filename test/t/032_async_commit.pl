@@ -59,15 +59,7 @@ while (time < $deadline)
 is(scalar @msgs, 1, 'the event was published');
 
 # crash: every process of the cluster, the frozen WAL writer too
-my $postmaster = $node->{_pid};
-my @children = split ' ', `pgrep -P $postmaster`;
-kill 'KILL', $postmaster, @children;
-for (1 .. 100)
-{
-	last unless grep { kill 0, $_ } ($postmaster, @children);
-	usleep(100_000);
-}
-$node->{_pid} = undef;
+crash_cluster($node);
 $locker->{run}->kill_kill if $locker->{run};
 $node->start;
 

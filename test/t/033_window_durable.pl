@@ -16,7 +16,6 @@ use lib $FindBin::RealBin;
 use CqrsTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
 
 my $batch = 5;
 my $rows  = 40;
@@ -43,15 +42,7 @@ my $unflushed = $node->safe_psql('postgres',
 note("WAL not yet flushed at the crash: $unflushed");
 
 # crash: every process of the cluster, the frozen WAL writer too
-my $postmaster = $node->{_pid};
-my @children = split ' ', `pgrep -P $postmaster`;
-kill 'KILL', $postmaster, @children;
-for (1 .. 100)
-{
-	last unless grep { kill 0, $_ } ($postmaster, @children);
-	usleep(100_000);
-}
-$node->{_pid} = undef;
+crash_cluster($node);
 $node->start;
 
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status <> 'SENT'", '0', 60),

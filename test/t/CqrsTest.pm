@@ -43,7 +43,7 @@ use Time::HiRes qw(time usleep);
 our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   wait_for create_topic create_topic_assigned kafka_broker_start
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
-  probe_producer_start freeze_relay freeze_waiting);
+  probe_producer_start freeze_relay freeze_waiting crash_cluster);
 
 =pod
 
@@ -403,6 +403,32 @@ sub freeze_relay
 {
 	my ($node) = @_;
 	return freeze_waiting($node, 'cqrs_sync relay', 'Extension');
+}
+
+=pod
+
+=item crash_cluster($node)
+
+Kill every process of the node's cluster with SIGKILL at once (stopped ones
+too, such as a frozen WAL writer), as a power loss would leave it: whatever
+was not flushed is gone.  Returns once they are all gone; start the node
+again with C<< $node->start >>.
+
+=cut
+
+sub crash_cluster
+{
+	my ($node) = @_;
+	my $postmaster = $node->{_pid};
+	my @children = split ' ', `pgrep -P $postmaster`;
+	kill 'KILL', $postmaster, @children;
+	for (1 .. 100)
+	{
+		last unless grep { kill 0, $_ } ($postmaster, @children);
+		usleep(100_000);
+	}
+	$node->{_pid} = undef;
+	return;
 }
 
 =pod
