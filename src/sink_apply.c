@@ -239,13 +239,11 @@ ensure_plans(void)
 		keep("SELECT DISTINCT h.topic, h.\"partition\", h.key FROM %s.cqrs_sink_held h"
 			 " WHERE h.sink = $1 AND h.status IN ('RETRY', 'BLOCKED') AND NOT h.replay"
 			 " AND h.key IS NOT NULL", 1, t1);
+	/* $2: distinct ids, sorted (see record_in_inbox) */
 	plan_inbox_many =
-		keep("WITH ins AS (INSERT INTO %s.cqrs_inbox AS i (consumer, event_id)"
-			 "  SELECT $1, u.e FROM pg_catalog.unnest($2) WITH ORDINALITY AS u(e, n) ORDER BY u.n"
-			 "  ON CONFLICT DO NOTHING RETURNING i.event_id)"
-			 " SELECT pg_catalog.min(u.n)::pg_catalog.int4"
-			 " FROM pg_catalog.unnest($2) WITH ORDINALITY AS u(e, n)"
-			 " JOIN ins ON ins.event_id = u.e COLLATE \"C\" GROUP BY u.e", 2, t_inbox_many);
+		keep("INSERT INTO %s.cqrs_inbox AS i (consumer, event_id)"
+			 " SELECT $1, u.e FROM pg_catalog.unnest($2) AS u(e)"
+			 " ON CONFLICT DO NOTHING RETURNING i.event_id", 2, t_inbox_many);
 	plan_inbox_one =
 		keep("INSERT INTO %s.cqrs_inbox (consumer, event_id) VALUES ($1, $2)"
 			 " ON CONFLICT DO NOTHING", 2, t_inbox_one);
@@ -975,6 +973,87 @@ apply_with_savepoint(BatchWork *w, SinkEvent *ev)
 	MemoryContextReset(event_cxt);
 }
 
+static int
+cmp_event_id(const void *a, const void *b)
+{
+	const SinkEvent *ea = *(SinkEvent *const *) a;
+	const SinkEvent *eb = *(SinkEvent *const *) b;
+	int			c = strcmp(ea->event_id, eb->event_id);
+
+	if (c != 0)
+		return c;
+	/* the first of the batch's copies first */
+	return (ea->batch_index > eb->batch_index) - (ea->batch_index < eb->batch_index);
+}
+
+/*
+ * Record the event_ids of events[0..n) in the inbox under the sink's
+ * consumer, in one statement, and say which events are new (is_new[e]).
+ * An event without an event_id is new (its position deduplicates it).  Of
+ * several copies of an event_id in the batch, the first is new if the
+ * inbox did not hold it, and the others are duplicates.  The ids are given
+ * distinct and sorted (in "C" order, the index's): two workers inserting
+ * overlapping ids take their index entries in the same order.
+ */
+static void
+record_in_inbox(Sink *sink, SinkEvent *events, int n, bool *is_new)
+{
+	SinkEvent **byid = palloc(sizeof(SinkEvent *) * Max(n, 1));
+	char	  **ids = palloc(sizeof(char *) * Max(n, 1));
+	int		   *first = palloc(sizeof(int) * Max(n, 1));
+	int			nids = 0;
+	int			nwith = 0;
+	Datum		args[2];
+
+	for (int e = 0; e < n; e++)
+	{
+		if (events[e].event_id)
+			byid[nwith++] = &events[e];
+		else
+			is_new[e] = true;
+	}
+	if (nwith == 0)
+		return;
+	qsort(byid, nwith, sizeof(SinkEvent *), cmp_event_id);
+	for (int i = 0; i < nwith; i++)
+	{
+		if (nids > 0 && strcmp(ids[nids - 1], byid[i]->event_id) == 0)
+			continue;			/* a later copy: a duplicate */
+		ids[nids] = byid[i]->event_id;
+		first[nids++] = byid[i] - events;
+	}
+
+	args[0] = CStringGetTextDatum(sink->consumer);
+	args[1] = text_array(ids, nids);
+	if (SPI_execute_plan(plan_inbox_many, args, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "cqrs_sync sink: could not record the events of sink \"%s\" in the inbox",
+			 sink->name);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		char	   *id = col_text(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
+		int			lo = 0;
+		int			hi = nids - 1;
+
+		/* binary search in the sorted ids */
+		while (lo <= hi)
+		{
+			int			mid = lo + (hi - lo) / 2;
+			int			c = strcmp(ids[mid], id);
+
+			if (c == 0)
+			{
+				is_new[first[mid]] = true;
+				break;
+			}
+			if (c < 0)
+				lo = mid + 1;
+			else
+				hi = mid - 1;
+		}
+		pfree(id);
+	}
+}
+
 /* The positions and counters of the batch, in its transaction. */
 static void
 store_positions(BatchWork *w)
@@ -1034,9 +1113,7 @@ batch_body(BatchWork *w)
 	Datum		args[2];
 	bool		isnull;
 	int			ret;
-	int			nfast = 0;
-	char	  **fast_ids;
-	int		   *fast_index;
+	int			nfast;
 	bool	   *is_new;
 	HandlerEnv	env;
 
@@ -1162,35 +1239,11 @@ batch_body(BatchWork *w)
 	}
 
 	/* the inbox of the events without savepoints, in one statement */
-	fast_ids = palloc(sizeof(char *) * Max(w->nevents, 1));
-	fast_index = palloc(sizeof(int) * Max(w->nevents, 1));
 	is_new = palloc0(sizeof(bool) * Max(w->nevents, 1));
-	for (int e = 0; e < w->nevents && w->events[e].batch_index < w->careful_from; e++)
-	{
-		if (w->events[e].event_id)
-		{
-			fast_index[nfast] = e;
-			fast_ids[nfast++] = w->events[e].event_id;
-		}
-		else
-			is_new[e] = true;
-	}
-	if (nfast > 0)
-	{
-		args[0] = CStringGetTextDatum(sink->consumer);
-		args[1] = text_array(fast_ids, nfast);
-		ret = SPI_execute_plan(plan_inbox_many, args, NULL, false, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "cqrs_sync sink: could not record the events of sink \"%s\" in the inbox",
-				 sink->name);
-		for (uint64 r = 0; r < SPI_processed; r++)
-		{
-			int			n = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[r],
-														SPI_tuptable->tupdesc, 1, &isnull));
-
-			is_new[fast_index[n - 1]] = true;
-		}
-	}
+	nfast = 0;
+	while (nfast < w->nevents && w->events[nfast].batch_index < w->careful_from)
+		nfast++;
+	record_in_inbox(sink, w->events, nfast, is_new);
 	MemoryContextSwitchTo(txn_cxt);
 
 	/* the events before careful_from: no savepoints */
