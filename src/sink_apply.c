@@ -130,7 +130,8 @@ typedef struct SinkEvent
 	char	   *key;			/* NULL: no key */
 	const char *value;			/* NULL: a null value */
 	size_t		valuelen;
-	char	   *headers;		/* JSON object text */
+	char	   *headers;		/* JSON object text (NULL: see headers_jsonb) */
+	Jsonb	   *headers_jsonb;	/* the same as jsonb (NULL: see headers) */
 	char	   *event_id;		/* NULL: no event_id header */
 	TimestampTz ts;
 	bool		ts_null;
@@ -392,7 +393,8 @@ static void
 event_from_message(SinkEvent *ev, rd_kafka_message_t *rkm, int part, int batch_index)
 {
 	rd_kafka_headers_t *hdrs = NULL;
-	StringInfoData json;
+	JsonbParseState *state = NULL;
+	JsonbValue *obj;
 	rd_kafka_timestamp_type_t tstype;
 	int64		ts;
 
@@ -406,34 +408,40 @@ event_from_message(SinkEvent *ev, rd_kafka_message_t *rkm, int part, int batch_i
 	ev->part = part;
 	ev->batch_index = batch_index;
 
-	initStringInfo(&json);
-	appendStringInfoChar(&json, '{');
+	/* the headers as jsonb at once: the handler's cqrs_event takes them so */
+	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	if (rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		const char *name;
 		const void *val;
 		size_t		size;
-		bool		first = true;
 
 		for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
 		{
 			char	   *v = val ? sink_text(val, size) : NULL;
+			JsonbValue	jk;
+			JsonbValue	jv;
 
-			if (!first)
-				appendStringInfoChar(&json, ',');
-			first = false;
-			escape_json(&json, sink_text(name, strlen(name)));
-			appendStringInfoChar(&json, ':');
+			jk.type = jbvString;
+			jk.val.string.val = sink_text(name, strlen(name));
+			jk.val.string.len = strlen(jk.val.string.val);
+			(void) pushJsonbValue(&state, WJB_KEY, &jk);
 			if (v)
-				escape_json(&json, v);
+			{
+				jv.type = jbvString;
+				jv.val.string.val = v;
+				jv.val.string.len = strlen(v);
+			}
 			else
-				appendStringInfoString(&json, "null");
+				jv.type = jbvNull;
+			(void) pushJsonbValue(&state, WJB_VALUE, &jv);
 			if (strcmp(name, "event_id") == 0 && v != NULL && v[0] != '\0')
 				ev->event_id = v;
 		}
 	}
-	appendStringInfoChar(&json, '}');
-	ev->headers = json.data;
+	obj = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	ev->headers_jsonb = JsonbValueToJsonb(obj);
+	ev->headers = NULL;			/* made when needed (event_headers_text) */
 
 	ts = rd_kafka_message_timestamp(rkm, &tstype);
 	ev->ts_null = (tstype == RD_KAFKA_TIMESTAMP_NOT_AVAILABLE || ts < 0);
@@ -445,6 +453,25 @@ static Datum
 jsonb_from_text(const char *s, size_t len)
 {
 	return DirectFunctionCall1(jsonb_in, CStringGetDatum(pnstrdup(s, len)));
+}
+
+/* The headers of an event as JSON text, made from the jsonb if needed. */
+static char *
+event_headers_text(SinkEvent *ev)
+{
+	if (ev->headers == NULL)
+		ev->headers = JsonbToCString(NULL, &ev->headers_jsonb->root,
+									 VARSIZE(ev->headers_jsonb));
+	return ev->headers;
+}
+
+/* The headers of an event as jsonb. */
+static Datum
+event_headers_jsonb(SinkEvent *ev)
+{
+	if (ev->headers_jsonb)
+		return JsonbPGetDatum(ev->headers_jsonb);
+	return jsonb_from_text(ev->headers, strlen(ev->headers));
 }
 
 /* ---- the handler ---------------------------------------------------------------- */
@@ -647,7 +674,7 @@ run_handler(Sink *sink, SinkEvent *ev)
 			values[3] = CStringGetTextDatum(ev->key);
 		else
 			nulls[3] = true;
-		values[5] = jsonb_from_text(ev->headers, strlen(ev->headers));
+		values[5] = event_headers_jsonb(ev);
 		if (ev->event_id)
 			values[6] = CStringGetTextDatum(ev->event_id);
 		else
@@ -826,7 +853,7 @@ hold_event(Sink *sink, SinkEvent *ev, const char *error)
 	}
 	else
 		nulls[5] = 'n';
-	values[6] = CStringGetTextDatum(ev->headers);
+	values[6] = CStringGetTextDatum(event_headers_text(ev));
 	if (ev->event_id)
 		values[7] = CStringGetTextDatum(ev->event_id);
 	else
@@ -1602,7 +1629,7 @@ decide_dead_letter(RetryWork *w, Sink *sink, int64 id, SinkEvent *ev, int attemp
 		SET_VARSIZE(dl->value, VARHDRSZ + ev->valuelen);
 		memcpy(VARDATA(dl->value), ev->value, ev->valuelen);
 	}
-	dl->headers_json = pstrdup(ev->headers);
+	dl->headers_json = pstrdup(event_headers_text(ev));
 	dl->event_id = ev->event_id ? pstrdup(ev->event_id) : NULL;
 	dl->attempts = attempts;
 	dl->last_error = pstrdup(last_error ? last_error : "");
@@ -1767,6 +1794,7 @@ retry_body(RetryWork *w)
 		ev.headers = col_text(tup, desc, 8);
 		if (ev.headers == NULL)
 			ev.headers = "{}";
+		ev.headers_jsonb = NULL;
 		ev.event_id = col_text(tup, desc, 9);
 		d = SPI_getbinval(tup, desc, 10, &isnull);
 		ev.ts_null = isnull;
