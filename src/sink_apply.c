@@ -98,6 +98,7 @@ static SPIPlanPtr plan_ensure_offsets;
 static SPIPlanPtr plan_lock_offsets;
 static SPIPlanPtr plan_held_keys;
 static SPIPlanPtr plan_inbox_many;
+static SPIPlanPtr plan_inbox_new;
 static SPIPlanPtr plan_inbox_one;
 static SPIPlanPtr plan_hold;
 static SPIPlanPtr plan_positions;
@@ -154,7 +155,7 @@ forget_plans(void)
 {
 	SPIPlanPtr *plans[] = {
 		&plan_lock_sink, &plan_ensure_offsets, &plan_lock_offsets, &plan_held_keys,
-		&plan_inbox_many, &plan_inbox_one, &plan_hold, &plan_positions, &plan_due,
+		&plan_inbox_many, &plan_inbox_new, &plan_inbox_one, &plan_hold, &plan_positions, &plan_due,
 		&plan_next_due, &plan_lock_held, &plan_lock_offset_one, &plan_delete_held,
 		&plan_held_failed, &plan_counters, &plan_dead_lettered, &plan_fetch_requests,
 		&plan_fetched, &plan_fetch_failed, &plan_notify
@@ -245,6 +246,10 @@ ensure_plans(void)
 		keep("INSERT INTO %s.cqrs_inbox AS i (consumer, event_id)"
 			 " SELECT $1, u.e FROM pg_catalog.unnest($2) AS u(e)"
 			 " ON CONFLICT DO NOTHING RETURNING i.event_id", 2, t_inbox_many);
+	/* the same, for ids expected new: a unique violation if one is not */
+	plan_inbox_new =
+		keep("INSERT INTO %s.cqrs_inbox (consumer, event_id)"
+			 " SELECT $1, u.e FROM pg_catalog.unnest($2) AS u(e)", 2, t_inbox_many);
 	plan_inbox_one =
 		keep("INSERT INTO %s.cqrs_inbox (consumer, event_id) VALUES ($1, $2)"
 			 " ON CONFLICT DO NOTHING", 2, t_inbox_one);
@@ -886,7 +891,8 @@ typedef enum TryResult
 	TRY_DONE,
 	TRY_WAIT,
 	TRY_GONE,
-	TRY_CAREFUL					/* a handler raised: again, with savepoints */
+	TRY_CAREFUL,				/* a handler raised: again, with savepoints */
+	TRY_INBOX_DUPS				/* the inbox held an id: again, skipping it */
 } TryResult;
 
 /* One attempt at a batch, inside its transaction. */
@@ -895,6 +901,7 @@ typedef struct BatchWork
 	Sink	   *sink;
 	int			careful_from;	/* batch index from which savepoints are used */
 	volatile int *current;		/* batch index of the event whose handler runs */
+	volatile bool *inbox_new;	/* plan_inbox_new runs */
 	ResourceOwner txnowner;
 	PartTally  *tally;
 	SinkEvent  *events;
@@ -1021,10 +1028,19 @@ cmp_event_id(const void *a, const void *b)
  * inbox did not hold it, and the others are duplicates.  The ids are given
  * distinct and sorted (in "C" order, the index's): two workers inserting
  * overlapping ids take their index entries in the same order.
+ *
+ * Duplicates are rare (the relay sends at least once), and ON CONFLICT's
+ * check before each insertion costs an index search per id.  So while the
+ * inbox held none of the sink's last ids, they are inserted without it:
+ * an id the inbox holds (or gets from a transaction that commits
+ * meanwhile) raises a unique violation, which rolls the whole transaction
+ * back before any handler ran; try_batch() then says TRY_INBOX_DUPS and
+ * the batch is applied again at once, with ON CONFLICT, which skips it.
  */
 static void
-record_in_inbox(Sink *sink, SinkEvent *events, int n, bool *is_new)
+record_in_inbox(BatchWork *w, SinkEvent *events, int n, bool *is_new)
 {
+	Sink	   *sink = w->sink;
 	SinkEvent **byid = palloc(sizeof(SinkEvent *) * Max(n, 1));
 	char	  **ids = palloc(sizeof(char *) * Max(n, 1));
 	int		   *first = palloc(sizeof(int) * Max(n, 1));
@@ -1052,9 +1068,22 @@ record_in_inbox(Sink *sink, SinkEvent *events, int n, bool *is_new)
 
 	args[0] = CStringGetTextDatum(sink->consumer);
 	args[1] = text_array(ids, nids);
+	if (!sink->inbox_dups)
+	{
+		*w->inbox_new = true;
+		if (SPI_execute_plan(plan_inbox_new, args, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "cqrs_sync sink: could not record the events of sink \"%s\" in the inbox",
+				 sink->name);
+		*w->inbox_new = false;
+		for (int i = 0; i < nids; i++)
+			is_new[first[i]] = true;
+		return;
+	}
 	if (SPI_execute_plan(plan_inbox_many, args, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "cqrs_sync sink: could not record the events of sink \"%s\" in the inbox",
 			 sink->name);
+	/* without duplicates this time, the next batch tries without ON CONFLICT */
+	sink->inbox_dups = (SPI_processed < (uint64) nids);
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		char	   *id = col_text(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
@@ -1270,7 +1299,7 @@ batch_body(BatchWork *w)
 	nfast = 0;
 	while (nfast < w->nevents && w->events[nfast].batch_index < w->careful_from)
 		nfast++;
-	record_in_inbox(sink, w->events, nfast, is_new);
+	record_in_inbox(w, w->events, nfast, is_new);
 	MemoryContextSwitchTo(txn_cxt);
 
 	/* the events before careful_from: no savepoints */
@@ -1328,6 +1357,7 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	volatile int current = -1;
+	volatile bool inbox_new = false;
 	volatile TryResult result = TRY_DONE;
 	BatchWork	w;
 
@@ -1337,6 +1367,7 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 	w.sink = sink;
 	w.careful_from = *careful_from;
 	w.current = &current;
+	w.inbox_new = &inbox_new;
 	w.tally = palloc0(sizeof(PartTally) * Max(sink->nparts, 1));
 	w.events = palloc(sizeof(SinkEvent) * Max(sink->nbatch, 1));
 	w.errbuf = errbuf;
@@ -1368,6 +1399,12 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 		{
 			*careful_from = current;
 			result = TRY_CAREFUL;
+		}
+		else if (inbox_new && edata->sqlerrcode == ERRCODE_UNIQUE_VIOLATION)
+		{
+			/* an id was in the inbox: again at once, with ON CONFLICT */
+			sink->inbox_dups = true;
+			result = TRY_INBOX_DUPS;
 		}
 		else
 		{
@@ -1422,6 +1459,9 @@ sink_apply_batch(Sink *sink, char *errbuf, size_t errlen)
 				/* a handler raised outside a savepoint (never twice at one event) */
 				if (careful_from >= before)
 					careful_from = before == INT_MAX ? careful_from : before - 1;
+				break;
+			case TRY_INBOX_DUPS:
+				/* the next attempt uses ON CONFLICT (inbox_dups is set) */
 				break;
 		}
 	}
