@@ -108,6 +108,7 @@ typedef struct Sink
 	int			failures;
 	TimestampTz retry_at;
 	int			held_last;		/* events the last batch held */
+	bool		inbox_dups;		/* the inbox held some of the last ids */
 } Sink;
 
 /* What applying a batch came to. */

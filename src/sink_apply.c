@@ -98,6 +98,7 @@ static SPIPlanPtr plan_ensure_offsets;
 static SPIPlanPtr plan_lock_offsets;
 static SPIPlanPtr plan_held_keys;
 static SPIPlanPtr plan_inbox_many;
+static SPIPlanPtr plan_inbox_new;
 static SPIPlanPtr plan_inbox_one;
 static SPIPlanPtr plan_hold;
 static SPIPlanPtr plan_positions;
@@ -130,7 +131,8 @@ typedef struct SinkEvent
 	char	   *key;			/* NULL: no key */
 	const char *value;			/* NULL: a null value */
 	size_t		valuelen;
-	char	   *headers;		/* JSON object text */
+	char	   *headers;		/* JSON object text (NULL: see headers_jsonb) */
+	Jsonb	   *headers_jsonb;	/* the same as jsonb (NULL: see headers) */
 	char	   *event_id;		/* NULL: no event_id header */
 	TimestampTz ts;
 	bool		ts_null;
@@ -153,7 +155,7 @@ forget_plans(void)
 {
 	SPIPlanPtr *plans[] = {
 		&plan_lock_sink, &plan_ensure_offsets, &plan_lock_offsets, &plan_held_keys,
-		&plan_inbox_many, &plan_inbox_one, &plan_hold, &plan_positions, &plan_due,
+		&plan_inbox_many, &plan_inbox_new, &plan_inbox_one, &plan_hold, &plan_positions, &plan_due,
 		&plan_next_due, &plan_lock_held, &plan_lock_offset_one, &plan_delete_held,
 		&plan_held_failed, &plan_counters, &plan_dead_lettered, &plan_fetch_requests,
 		&plan_fetched, &plan_fetch_failed, &plan_notify
@@ -239,13 +241,15 @@ ensure_plans(void)
 		keep("SELECT DISTINCT h.topic, h.\"partition\", h.key FROM %s.cqrs_sink_held h"
 			 " WHERE h.sink = $1 AND h.status IN ('RETRY', 'BLOCKED') AND NOT h.replay"
 			 " AND h.key IS NOT NULL", 1, t1);
+	/* $2: distinct ids, sorted (see record_in_inbox) */
 	plan_inbox_many =
-		keep("WITH ins AS (INSERT INTO %s.cqrs_inbox AS i (consumer, event_id)"
-			 "  SELECT $1, u.e FROM pg_catalog.unnest($2) WITH ORDINALITY AS u(e, n) ORDER BY u.n"
-			 "  ON CONFLICT DO NOTHING RETURNING i.event_id)"
-			 " SELECT pg_catalog.min(u.n)::pg_catalog.int4"
-			 " FROM pg_catalog.unnest($2) WITH ORDINALITY AS u(e, n)"
-			 " JOIN ins ON ins.event_id = u.e COLLATE \"C\" GROUP BY u.e", 2, t_inbox_many);
+		keep("INSERT INTO %s.cqrs_inbox AS i (consumer, event_id)"
+			 " SELECT $1, u.e FROM pg_catalog.unnest($2) AS u(e)"
+			 " ON CONFLICT DO NOTHING RETURNING i.event_id", 2, t_inbox_many);
+	/* the same, for ids expected new: a unique violation if one is not */
+	plan_inbox_new =
+		keep("INSERT INTO %s.cqrs_inbox (consumer, event_id)"
+			 " SELECT $1, u.e FROM pg_catalog.unnest($2) AS u(e)", 2, t_inbox_many);
 	plan_inbox_one =
 		keep("INSERT INTO %s.cqrs_inbox (consumer, event_id) VALUES ($1, $2)"
 			 " ON CONFLICT DO NOTHING", 2, t_inbox_one);
@@ -394,7 +398,8 @@ static void
 event_from_message(SinkEvent *ev, rd_kafka_message_t *rkm, int part, int batch_index)
 {
 	rd_kafka_headers_t *hdrs = NULL;
-	StringInfoData json;
+	JsonbParseState *state = NULL;
+	JsonbValue *obj;
 	rd_kafka_timestamp_type_t tstype;
 	int64		ts;
 
@@ -408,34 +413,40 @@ event_from_message(SinkEvent *ev, rd_kafka_message_t *rkm, int part, int batch_i
 	ev->part = part;
 	ev->batch_index = batch_index;
 
-	initStringInfo(&json);
-	appendStringInfoChar(&json, '{');
+	/* the headers as jsonb at once: the handler's cqrs_event takes them so */
+	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	if (rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		const char *name;
 		const void *val;
 		size_t		size;
-		bool		first = true;
 
 		for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
 		{
 			char	   *v = val ? sink_text(val, size) : NULL;
+			JsonbValue	jk;
+			JsonbValue	jv;
 
-			if (!first)
-				appendStringInfoChar(&json, ',');
-			first = false;
-			escape_json(&json, sink_text(name, strlen(name)));
-			appendStringInfoChar(&json, ':');
+			jk.type = jbvString;
+			jk.val.string.val = sink_text(name, strlen(name));
+			jk.val.string.len = strlen(jk.val.string.val);
+			(void) pushJsonbValue(&state, WJB_KEY, &jk);
 			if (v)
-				escape_json(&json, v);
+			{
+				jv.type = jbvString;
+				jv.val.string.val = v;
+				jv.val.string.len = strlen(v);
+			}
 			else
-				appendStringInfoString(&json, "null");
+				jv.type = jbvNull;
+			(void) pushJsonbValue(&state, WJB_VALUE, &jv);
 			if (strcmp(name, "event_id") == 0 && v != NULL && v[0] != '\0')
 				ev->event_id = v;
 		}
 	}
-	appendStringInfoChar(&json, '}');
-	ev->headers = json.data;
+	obj = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	ev->headers_jsonb = JsonbValueToJsonb(obj);
+	ev->headers = NULL;			/* made when needed (event_headers_text) */
 
 	ts = rd_kafka_message_timestamp(rkm, &tstype);
 	ev->ts_null = (tstype == RD_KAFKA_TIMESTAMP_NOT_AVAILABLE || ts < 0);
@@ -447,6 +458,25 @@ static Datum
 jsonb_from_text(const char *s, size_t len)
 {
 	return DirectFunctionCall1(jsonb_in, CStringGetDatum(pnstrdup(s, len)));
+}
+
+/* The headers of an event as JSON text, made from the jsonb if needed. */
+static char *
+event_headers_text(SinkEvent *ev)
+{
+	if (ev->headers == NULL)
+		ev->headers = JsonbToCString(NULL, &ev->headers_jsonb->root,
+									 VARSIZE(ev->headers_jsonb));
+	return ev->headers;
+}
+
+/* The headers of an event as jsonb. */
+static Datum
+event_headers_jsonb(SinkEvent *ev)
+{
+	if (ev->headers_jsonb)
+		return JsonbPGetDatum(ev->headers_jsonb);
+	return jsonb_from_text(ev->headers, strlen(ev->headers));
 }
 
 /* ---- the handler ---------------------------------------------------------------- */
@@ -649,7 +679,7 @@ run_handler(Sink *sink, SinkEvent *ev)
 			values[3] = CStringGetTextDatum(ev->key);
 		else
 			nulls[3] = true;
-		values[5] = jsonb_from_text(ev->headers, strlen(ev->headers));
+		values[5] = event_headers_jsonb(ev);
 		if (ev->event_id)
 			values[6] = CStringGetTextDatum(ev->event_id);
 		else
@@ -828,7 +858,7 @@ hold_event(Sink *sink, SinkEvent *ev, const char *error)
 	}
 	else
 		nulls[5] = 'n';
-	values[6] = CStringGetTextDatum(ev->headers);
+	values[6] = CStringGetTextDatum(event_headers_text(ev));
 	if (ev->event_id)
 		values[7] = CStringGetTextDatum(ev->event_id);
 	else
@@ -861,7 +891,8 @@ typedef enum TryResult
 	TRY_DONE,
 	TRY_WAIT,
 	TRY_GONE,
-	TRY_CAREFUL					/* a handler raised: again, with savepoints */
+	TRY_CAREFUL,				/* a handler raised: again, with savepoints */
+	TRY_INBOX_DUPS				/* the inbox held an id: again, skipping it */
 } TryResult;
 
 /* One attempt at a batch, inside its transaction. */
@@ -870,6 +901,7 @@ typedef struct BatchWork
 	Sink	   *sink;
 	int			careful_from;	/* batch index from which savepoints are used */
 	volatile int *current;		/* batch index of the event whose handler runs */
+	volatile bool *inbox_new;	/* plan_inbox_new runs */
 	ResourceOwner txnowner;
 	PartTally  *tally;
 	SinkEvent  *events;
@@ -975,6 +1007,109 @@ apply_with_savepoint(BatchWork *w, SinkEvent *ev)
 	MemoryContextReset(event_cxt);
 }
 
+static int
+cmp_event_id(const void *a, const void *b)
+{
+	const SinkEvent *ea = *(SinkEvent *const *) a;
+	const SinkEvent *eb = *(SinkEvent *const *) b;
+	int			c = strcmp(ea->event_id, eb->event_id);
+
+	if (c != 0)
+		return c;
+	/* the first of the batch's copies first */
+	return (ea->batch_index > eb->batch_index) - (ea->batch_index < eb->batch_index);
+}
+
+/*
+ * Record the event_ids of events[0..n) in the inbox under the sink's
+ * consumer, in one statement, and say which events are new (is_new[e]).
+ * An event without an event_id is new (its position deduplicates it).  Of
+ * several copies of an event_id in the batch, the first is new if the
+ * inbox did not hold it, and the others are duplicates.  The ids are given
+ * distinct and sorted (in "C" order, the index's): two workers inserting
+ * overlapping ids take their index entries in the same order.
+ *
+ * Duplicates are rare (the relay sends at least once), and ON CONFLICT's
+ * check before each insertion costs an index search per id.  So while the
+ * inbox held none of the sink's last ids, they are inserted without it:
+ * an id the inbox holds (or gets from a transaction that commits
+ * meanwhile) raises a unique violation, which rolls the whole transaction
+ * back before any handler ran; try_batch() then says TRY_INBOX_DUPS and
+ * the batch is applied again at once, with ON CONFLICT, which skips it.
+ */
+static void
+record_in_inbox(BatchWork *w, SinkEvent *events, int n, bool *is_new)
+{
+	Sink	   *sink = w->sink;
+	SinkEvent **byid = palloc(sizeof(SinkEvent *) * Max(n, 1));
+	char	  **ids = palloc(sizeof(char *) * Max(n, 1));
+	int		   *first = palloc(sizeof(int) * Max(n, 1));
+	int			nids = 0;
+	int			nwith = 0;
+	Datum		args[2];
+
+	for (int e = 0; e < n; e++)
+	{
+		if (events[e].event_id)
+			byid[nwith++] = &events[e];
+		else
+			is_new[e] = true;
+	}
+	if (nwith == 0)
+		return;
+	qsort(byid, nwith, sizeof(SinkEvent *), cmp_event_id);
+	for (int i = 0; i < nwith; i++)
+	{
+		if (nids > 0 && strcmp(ids[nids - 1], byid[i]->event_id) == 0)
+			continue;			/* a later copy: a duplicate */
+		ids[nids] = byid[i]->event_id;
+		first[nids++] = byid[i] - events;
+	}
+
+	args[0] = CStringGetTextDatum(sink->consumer);
+	args[1] = text_array(ids, nids);
+	if (!sink->inbox_dups)
+	{
+		*w->inbox_new = true;
+		if (SPI_execute_plan(plan_inbox_new, args, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "cqrs_sync sink: could not record the events of sink \"%s\" in the inbox",
+				 sink->name);
+		*w->inbox_new = false;
+		for (int i = 0; i < nids; i++)
+			is_new[first[i]] = true;
+		return;
+	}
+	if (SPI_execute_plan(plan_inbox_many, args, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "cqrs_sync sink: could not record the events of sink \"%s\" in the inbox",
+			 sink->name);
+	/* without duplicates this time, the next batch tries without ON CONFLICT */
+	sink->inbox_dups = (SPI_processed < (uint64) nids);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		char	   *id = col_text(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
+		int			lo = 0;
+		int			hi = nids - 1;
+
+		/* binary search in the sorted ids */
+		while (lo <= hi)
+		{
+			int			mid = lo + (hi - lo) / 2;
+			int			c = strcmp(ids[mid], id);
+
+			if (c == 0)
+			{
+				is_new[first[mid]] = true;
+				break;
+			}
+			if (c < 0)
+				lo = mid + 1;
+			else
+				hi = mid - 1;
+		}
+		pfree(id);
+	}
+}
+
 /* The positions and counters of the batch, in its transaction. */
 static void
 store_positions(BatchWork *w)
@@ -1034,9 +1169,7 @@ batch_body(BatchWork *w)
 	Datum		args[2];
 	bool		isnull;
 	int			ret;
-	int			nfast = 0;
-	char	  **fast_ids;
-	int		   *fast_index;
+	int			nfast;
 	bool	   *is_new;
 	HandlerEnv	env;
 
@@ -1162,35 +1295,11 @@ batch_body(BatchWork *w)
 	}
 
 	/* the inbox of the events without savepoints, in one statement */
-	fast_ids = palloc(sizeof(char *) * Max(w->nevents, 1));
-	fast_index = palloc(sizeof(int) * Max(w->nevents, 1));
 	is_new = palloc0(sizeof(bool) * Max(w->nevents, 1));
-	for (int e = 0; e < w->nevents && w->events[e].batch_index < w->careful_from; e++)
-	{
-		if (w->events[e].event_id)
-		{
-			fast_index[nfast] = e;
-			fast_ids[nfast++] = w->events[e].event_id;
-		}
-		else
-			is_new[e] = true;
-	}
-	if (nfast > 0)
-	{
-		args[0] = CStringGetTextDatum(sink->consumer);
-		args[1] = text_array(fast_ids, nfast);
-		ret = SPI_execute_plan(plan_inbox_many, args, NULL, false, 0);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "cqrs_sync sink: could not record the events of sink \"%s\" in the inbox",
-				 sink->name);
-		for (uint64 r = 0; r < SPI_processed; r++)
-		{
-			int			n = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[r],
-														SPI_tuptable->tupdesc, 1, &isnull));
-
-			is_new[fast_index[n - 1]] = true;
-		}
-	}
+	nfast = 0;
+	while (nfast < w->nevents && w->events[nfast].batch_index < w->careful_from)
+		nfast++;
+	record_in_inbox(w, w->events, nfast, is_new);
 	MemoryContextSwitchTo(txn_cxt);
 
 	/* the events before careful_from: no savepoints */
@@ -1248,6 +1357,7 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	volatile int current = -1;
+	volatile bool inbox_new = false;
 	volatile TryResult result = TRY_DONE;
 	BatchWork	w;
 
@@ -1257,6 +1367,7 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 	w.sink = sink;
 	w.careful_from = *careful_from;
 	w.current = &current;
+	w.inbox_new = &inbox_new;
 	w.tally = palloc0(sizeof(PartTally) * Max(sink->nparts, 1));
 	w.events = palloc(sizeof(SinkEvent) * Max(sink->nbatch, 1));
 	w.errbuf = errbuf;
@@ -1288,6 +1399,12 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 		{
 			*careful_from = current;
 			result = TRY_CAREFUL;
+		}
+		else if (inbox_new && edata->sqlerrcode == ERRCODE_UNIQUE_VIOLATION)
+		{
+			/* an id was in the inbox: again at once, with ON CONFLICT */
+			sink->inbox_dups = true;
+			result = TRY_INBOX_DUPS;
 		}
 		else
 		{
@@ -1342,6 +1459,9 @@ sink_apply_batch(Sink *sink, char *errbuf, size_t errlen)
 				/* a handler raised outside a savepoint (never twice at one event) */
 				if (careful_from >= before)
 					careful_from = before == INT_MAX ? careful_from : before - 1;
+				break;
+			case TRY_INBOX_DUPS:
+				/* the next attempt uses ON CONFLICT (inbox_dups is set) */
 				break;
 		}
 	}
@@ -1549,7 +1669,7 @@ decide_dead_letter(RetryWork *w, Sink *sink, int64 id, SinkEvent *ev, int attemp
 		SET_VARSIZE(dl->value, VARHDRSZ + ev->valuelen);
 		memcpy(VARDATA(dl->value), ev->value, ev->valuelen);
 	}
-	dl->headers_json = pstrdup(ev->headers);
+	dl->headers_json = pstrdup(event_headers_text(ev));
 	dl->event_id = ev->event_id ? pstrdup(ev->event_id) : NULL;
 	dl->attempts = attempts;
 	dl->last_error = pstrdup(last_error ? last_error : "");
@@ -1714,6 +1834,7 @@ retry_body(RetryWork *w)
 		ev.headers = col_text(tup, desc, 8);
 		if (ev.headers == NULL)
 			ev.headers = "{}";
+		ev.headers_jsonb = NULL;
 		ev.event_id = col_text(tup, desc, 9);
 		d = SPI_getbinval(tup, desc, 10, &isnull);
 		ev.ts_null = isnull;

@@ -1,15 +1,19 @@
 # test/bench/bench_env.sh -- what the benchmarks share; source it after
 # setting PGPORT and KAFKA_PORT (each benchmark has its own ports):
 #   . "$HERE/bench_env.sh"   # test/lib.sh, the dependencies, the build and
-#                            # its installation, the Python venv ($VENV)
+#                            # its installation (into $PG_CONFIG's if set),
+#                            # the Python venv ($VENV)
 #   bench_start              # a broker and a cluster, stopped at exit;
 #                            # sets BROKER and the libpq variables
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 . "$HERE/../lib.sh"
 
 bash "$HERE/../setup-deps.sh"
-make -C "$CQRS_REPO" -s
-if cqrs_is_root; then make -C "$CQRS_REPO" -s install; else sudo make -C "$CQRS_REPO" -s install; fi
+# PG_CONFIG, when set, picks the PostgreSQL installation built against and
+# installed into (a private copy, for instance); set PG_BINDIR to match.
+make_pg=(make -C "$CQRS_REPO" -s ${PG_CONFIG:+PG_CONFIG="$PG_CONFIG"})
+"${make_pg[@]}"
+if cqrs_is_root; then "${make_pg[@]}" install; else sudo "${make_pg[@]}" install; fi
 
 # Python client libraries for the latency probes, in a cached venv (PyPI).
 VENV="${CQRS_BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cqrs_sync/bench-venv}"
