@@ -76,6 +76,10 @@
 /* A partition is stalled when its oldest message waits this long. */
 #define STALL_MS			5000
 
+/* How to put back the index the claim reads (pipeline_prepare()). */
+#define PENDING_INDEX_HINT \
+	"Create it again: CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING'."
+
 static MemoryContext pipeline_cxt = NULL;
 
 static dlist_head staged = DLIST_STATIC_INIT(staged);	/* claimed in the open
@@ -189,7 +193,7 @@ pipeline_prepare(Oid outbox, Oid seq)
 				 errmsg("cqrs_sync relay: index \"%s.cqrs_outbox_pending_idx\" does not exist",
 						get_namespace_name(nsp)),
 				 errdetail("The relay finds PENDING rows through it."),
-				 errhint("Create it again: CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING'.")));
+				 errhint(PENDING_INDEX_HINT)));
 	att_id = outbox_attnum(outbox, "id");
 	att_event_id = outbox_attnum(outbox, "event_id");
 	att_topic = outbox_attnum(outbox, "topic");
@@ -442,7 +446,7 @@ pipeline_claim(int limit, TimestampTz now)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("cqrs_sync relay: index \"%s\" is not on the outbox's id",
 						RelationGetRelationName(index)),
-				 errhint("Create it again: CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING'.")));
+				 errhint(PENDING_INDEX_HINT)));
 	snap = RegisterSnapshot(GetLatestSnapshot());
 	ScanKeyInit(&keys[0], 1, BTGreaterStrategyNumber, F_INT8GT, Int64GetDatum(start));
 	ScanKeyInit(&keys[1], 1, BTLessEqualStrategyNumber, F_INT8LE, Int64GetDatum(hw));

@@ -159,7 +159,7 @@ pin_settings(void)
 		{"session_replication_role", "origin"},
 		{"jit", "off"},
 		{"check_function_bodies", "on"},
-		/* recordings: flushed before the next produce (see above) */
+		/* recordings: not waited for; in the window until flushed (see above) */
 		{"synchronous_commit", "off"},
 
 		/*
@@ -446,10 +446,11 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	INSTR_TIME_SET_CURRENT(t0);
 	CommitTransactionCommand();
 	cqrs_relay_add_phase(CQRS_PHASE_COMMIT, elapsed_us(t0));
-	if (wrote && XactLastCommitEnd > record_lsn)
-		record_lsn = XactLastCommitEnd;
 	if (wrote)
+	{
+		record_lsn = Max(record_lsn, XactLastCommitEnd);
 		unflushed_rows += nrecorded;
+	}
 	pg_atomic_fetch_add_u64(&cqrs_shared->transactions, 1);
 
 	if (claimed)
