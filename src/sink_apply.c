@@ -1020,6 +1020,13 @@ cmp_event_id(const void *a, const void *b)
 	return (ea->batch_index > eb->batch_index) - (ea->batch_index < eb->batch_index);
 }
 
+/* For bsearch() in the sorted ids (strcmp: "C" order, as they were sorted). */
+static int
+cmp_id(const void *a, const void *b)
+{
+	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
 /*
  * Record the event_ids of events[0..n) in the inbox under the sink's
  * consumer, in one statement, and say which events are new (is_new[e]).
@@ -1087,25 +1094,10 @@ record_in_inbox(BatchWork *w, SinkEvent *events, int n, bool *is_new)
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		char	   *id = col_text(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1);
-		int			lo = 0;
-		int			hi = nids - 1;
+		char	  **hit = bsearch(&id, ids, nids, sizeof(char *), cmp_id);
 
-		/* binary search in the sorted ids */
-		while (lo <= hi)
-		{
-			int			mid = lo + (hi - lo) / 2;
-			int			c = strcmp(ids[mid], id);
-
-			if (c == 0)
-			{
-				is_new[first[mid]] = true;
-				break;
-			}
-			if (c < 0)
-				lo = mid + 1;
-			else
-				hi = mid - 1;
-		}
+		if (hit)
+			is_new[first[hit - ids]] = true;
 		pfree(id);
 	}
 }
