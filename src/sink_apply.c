@@ -82,6 +82,8 @@
 #include "sink.h"
 #include "util.h"
 
+/* How long an assignment may wait for Kafka's latest offsets (ms). */
+#define LATEST_OFFSETS_TIMEOUT_MS	5000
 /* Held events tried again per transaction, at most. */
 #define RETRY_PER_TXN	100
 /* A dead letter in flight is not tried again before this (ms). */
@@ -196,6 +198,7 @@ ensure_plans(void)
 	Oid			ext = get_extension_oid("cqrs_sync", false);
 	Oid			t1[] = {TEXTOID};
 	Oid			t_sink_parts[] = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID};
+	Oid			t_ensure[] = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID};
 	Oid			t_inbox_many[] = {TEXTOID, TEXTARRAYOID};
 	Oid			t_inbox_one[] = {TEXTOID, TEXTOID};
 	Oid			t_hold[] = {TEXTOID, TEXTOID, INT4OID, INT8OID, TEXTOID, BYTEAOID, TEXTOID,
@@ -230,8 +233,9 @@ ensure_plans(void)
 	plan_lock_sink = keep("SELECT paused FROM %s.cqrs_sink WHERE name = $1 FOR SHARE", 1, t1);
 	plan_ensure_offsets =
 		keep("INSERT INTO %s.cqrs_sink_offset (sink, topic, \"partition\", next_offset)"
-			 " SELECT $1, u.t, u.p, 0 FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3)) AS u(t, p)"
-			 " ON CONFLICT DO NOTHING", 3, t_sink_parts);
+			 " SELECT $1, u.t, u.p, u.o FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3),"
+			 " pg_catalog.unnest($4)) AS u(t, p, o)"
+			 " ON CONFLICT DO NOTHING", 4, t_ensure);
 	plan_lock_offsets =
 		keep("SELECT o.topic, o.\"partition\", o.next_offset, o.epoch FROM %s.cqrs_sink_offset o"
 			 " WHERE o.sink = $1 AND (o.topic, o.\"partition\") IN"
@@ -1200,7 +1204,9 @@ batch_body(BatchWork *w)
 		}
 	if (nunknown > 0)
 	{
-		Datum		a[3] = {args[0], text_array(ptopics, np), int4_array(pparts, np)};
+		/* (its row was deleted meanwhile: from the start of the batch) */
+		Datum		a[4] = {args[0], text_array(ptopics, np), int4_array(pparts, np),
+		int8_array(palloc0(sizeof(int64) * np), np)};
 
 		if (SPI_execute_plan(plan_ensure_offsets, a, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "cqrs_sync sink: could not create positions of sink \"%s\"", sink->name);
@@ -1232,7 +1238,6 @@ batch_body(BatchWork *w)
 		tally[p].locked = true;
 		tally[p].stored = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 		tally[p].next = tally[p].stored;
-		sink->parts[p].known = true;
 		/* rewound since the worker read it: fetch again from there */
 		if (DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull)) != sink->parts[p].epoch)
 			sink->parts[p].resync = true;
@@ -1416,6 +1421,12 @@ try_batch(Sink *sink, int *careful_from, char *errbuf, size_t errlen)
 	sink->held_last = 0;
 	for (int p = 0; p < sink->nparts; p++)
 	{
+		/*
+		 * Known only now: a batch that created the position and rolled back
+		 * must create it again, not take it for deleted (and resync).
+		 */
+		if (w.tally[p].locked)
+			sink->parts[p].known = true;
 		if (w.tally[p].locked && !sink->parts[p].resync)
 			sink->parts[p].position = w.tally[p].next;
 		sink->held_last += w.tally[p].held;
@@ -1464,17 +1475,58 @@ sink_apply_batch(Sink *sink, char *errbuf, size_t errlen)
 /* ---- positions on assignment -------------------------------------------------------- */
 
 /*
+ * The latest offsets of parts (a partition list), in ends[], asked of
+ * Kafka (one request per broker).  False if Kafka did not answer for all.
+ */
+static bool
+latest_offsets(Sink *sink, rd_kafka_topic_partition_list_t *parts, int64 *ends)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_copy(parts);
+	rd_kafka_resp_err_t err;
+	bool		ok = true;
+
+	for (int i = 0; i < list->cnt; i++)
+		list->elems[i].offset = RD_KAFKA_OFFSET_END;	/* as a time: the latest */
+	err = rd_kafka_offsets_for_times(sink->rk, list, LATEST_OFFSETS_TIMEOUT_MS);
+	for (int i = 0; i < list->cnt; i++)
+	{
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR || list->elems[i].err != RD_KAFKA_RESP_ERR_NO_ERROR ||
+			list->elems[i].offset < 0)
+		{
+			ereport(LOG,
+					(errmsg("cqrs_sync sink \"%s\": could not learn the latest offset of \"%s\" [%d]: %s",
+							sink->name, list->elems[i].topic, list->elems[i].partition,
+							rd_kafka_err2str(err != RD_KAFKA_RESP_ERR_NO_ERROR ? err : list->elems[i].err))));
+			ok = false;
+			break;
+		}
+		ends[i] = list->elems[i].offset;
+	}
+	rd_kafka_topic_partition_list_destroy(list);
+	return ok;
+}
+
+/*
  * Fill the offsets of parts (a partition list) from the stored positions of
- * the sink, creating those of a sink that starts at the earliest offset,
- * and update the matching sink->parts.  A partition without a position
- * starts at the beginning (or, for a sink that starts at the latest
- * offset, at the end).  False on a database error (then try again).
+ * the sink, and update the matching sink->parts.  A partition without a
+ * position gets one first: 0 (the beginning), or for a sink that starts at
+ * the latest offset, Kafka's latest offset now.  Storing that absolute
+ * offset at once matters: a batch that must wait, a paused partition or a
+ * rebalance would otherwise start at the latest offset again, and skip
+ * what came meanwhile.  False on a database or Kafka error (then try again).
  */
 bool
 sink_read_positions(Sink *sink, rd_kafka_topic_partition_list_t *parts)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	volatile bool ok = true;
+	int64	   *starts = palloc0(sizeof(int64) * Max(parts->cnt, 1));
+
+	if (sink->start_latest && !latest_offsets(sink, parts, starts))
+	{
+		pfree(starts);
+		return false;
+	}
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -1482,7 +1534,7 @@ sink_read_positions(Sink *sink, rd_kafka_topic_partition_list_t *parts)
 	{
 		char	  **ptopics = palloc(sizeof(char *) * Max(parts->cnt, 1));
 		int32	   *pparts = palloc(sizeof(int32) * Max(parts->cnt, 1));
-		Datum		args[3];
+		Datum		args[4];
 		bool		isnull;
 
 		SPI_connect();
@@ -1495,13 +1547,13 @@ sink_read_positions(Sink *sink, rd_kafka_topic_partition_list_t *parts)
 		{
 			ptopics[i] = parts->elems[i].topic;
 			pparts[i] = parts->elems[i].partition;
-			parts->elems[i].offset = sink->start_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
+			parts->elems[i].offset = RD_KAFKA_OFFSET_BEGINNING;
 		}
 		args[0] = CStringGetTextDatum(sink->name);
 		args[1] = text_array(ptopics, parts->cnt);
 		args[2] = int4_array(pparts, parts->cnt);
-		if (!sink->start_latest &&
-			SPI_execute_plan(plan_ensure_offsets, args, NULL, false, 0) != SPI_OK_INSERT)
+		args[3] = int8_array(starts, parts->cnt);
+		if (SPI_execute_plan(plan_ensure_offsets, args, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "cqrs_sync sink: could not create positions of sink \"%s\"", sink->name);
 		/* (FOR UPDATE: a batch of another worker in flight commits first) */
 		if (SPI_execute_plan(plan_lock_offsets, args, NULL, false, 0) != SPI_OK_SELECT)

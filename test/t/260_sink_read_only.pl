@@ -92,5 +92,32 @@ is($c->{duplicates}, $n, 'each copy skipped once');
 is($c->{retried} + $c->{dead_lettered} + $c->{dlt_failed}, 0, 'no retry budget spent, nothing dead-lettered');
 exact_check($node, \%expected, 'the read model is exact');
 
+# ---- a sink starting at the latest offset, whose first batch must wait -------------
+# Its positions are created by its first batch: that transaction rolls back
+# while the database is read-only, and the sink must create them again, not
+# take them for deleted (it then sought to the end: the waiting events were
+# skipped, and the consumer stalled).
+
+$node->safe_psql('postgres', "SELECT cqrs_sink_drop('ro')");
+my $late_topic = unique_topic('sink-ro-late');
+create_topic($late_topic, 4);
+my ($late, $exp_late) = exact_events(100, 10, 1, 1001);
+exact_setup($node, 'late', $late_topic, start => 'latest', max_retries => 0);
+ok(wait_for($node, "SELECT count(*) FROM cqrs_sink_partitions() WHERE sink = 'late'", '4', 60),
+	'a sink starting at the latest offset is assigned its partitions');
+$node->safe_psql('postgres', 'ALTER SYSTEM SET default_transaction_read_only = on');
+$node->reload;
+kafka_produce_events($late_topic, $late);
+ok(wait_for($node, "SELECT state FROM cqrs_stats_sink_workers WHERE worker = 0", 'waiting for database', 30),
+	'its first batch waits for the database');
+sleep 3;
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET default_transaction_read_only');
+$node->reload;
+ok(wait_applied($node, 'late', scalar @$late, 60), 'writable again, it applies every waiting event');
+my ($later, $exp_later) = exact_events(100, 10, 1, 1101);
+kafka_produce_events($late_topic, $later);
+ok(wait_applied($node, 'late', @$late + @$later, 60), 'and goes on consuming');
+exact_check($node, { %$exp_late, %$exp_later }, 'its read model is exact', 1001, 1200);
+
 $node->stop;
 done_testing();
