@@ -109,6 +109,8 @@ typedef struct Sink
 	TimestampTz retry_at;
 	int			held_last;		/* events the last batch held */
 	bool		inbox_dups;		/* the inbox held some of the last ids */
+	bool		kafka_commit_due;	/* positions not yet committed to Kafka */
+	TimestampTz kafka_committed_at; /* when they last were */
 } Sink;
 
 /* What applying a batch came to. */

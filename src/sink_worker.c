@@ -85,6 +85,12 @@ PGDLLEXPORT void cqrs_sink_main(Datum main_arg);
  */
 #define WATERMARKS_MS		5000
 #define WATERMARKS_TIMEOUT_MS	500
+/*
+ * The positions are committed to Kafka (for its lag tools only) at most this
+ * often (ms), and when a sink's partitions are revoked or its consumer closed:
+ * a commit per batch cost the broker an offset commit per transaction.
+ */
+#define KAFKA_COMMIT_MS		1000
 
 static int	my_index = 0;
 static char *connected_db = NULL;
@@ -121,6 +127,7 @@ static SinkDeadLetter *fetching = NULL;
 static TimestampTz fetch_deadline = 0;
 
 static void set_worker_state(void);
+static void commit_to_kafka(Sink *sink, bool wait);
 static void start_replay(void);
 
 /*
@@ -186,6 +193,8 @@ pin_settings(void)
 		{"search_path", "pg_catalog, pg_temp"},
 		{"session_replication_role", "origin"},
 		{"check_function_bodies", "on"},
+		/* compiling its small statements would cost more than running them */
+		{"jit", "off"},
 	};
 
 	for (int i = 0; i < lengthof(pins); i++)
@@ -223,6 +232,8 @@ rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list
 	else
 	{
 		/* revoked (or a rebalance error): give the partitions up at once */
+		if (sink->kafka_commit_due)
+			commit_to_kafka(sink, false);
 		rd_kafka_assign(rk, NULL);
 		sink->revoked = true;
 	}
@@ -265,6 +276,8 @@ close_consumer(Sink *sink)
 {
 	if (sink->rk == NULL)
 		return;
+	if (sink->kafka_commit_due)
+		commit_to_kafka(sink, true);
 	clear_parts(sink);
 	cqrs_kafka_destroy_consumer(sink->rk, 5000);
 	sink->rk = NULL;
@@ -561,18 +574,25 @@ serve_consumer(Sink *sink)
 	}
 }
 
-/* Commit the new positions to Kafka too, for its lag tools. */
+/*
+ * Commit the positions to Kafka too, for its lag tools (nothing reads them
+ * back); wait: until Kafka answered.  No elog: the rebalance callback calls
+ * it.
+ */
 static void
-commit_to_kafka(Sink *sink)
+commit_to_kafka(Sink *sink, bool wait)
 {
 	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(Max(sink->nparts, 1));
+
+	sink->kafka_commit_due = false;
+	sink->kafka_committed_at = GetCurrentTimestamp();
 
 	for (int p = 0; p < sink->nparts; p++)
 		if (sink->parts[p].known && sink->parts[p].position > 0)
 			rd_kafka_topic_partition_list_add(list, sink->parts[p].topic,
 											  sink->parts[p].partition)->offset = sink->parts[p].position;
 	if (list->cnt > 0)
-		(void) rd_kafka_commit(sink->rk, list, 1);
+		(void) rd_kafka_commit(sink->rk, list, wait ? 0 : 1);
 	rd_kafka_topic_partition_list_destroy(list);
 }
 
@@ -705,7 +725,10 @@ apply(Sink *sink)
 					sink->parts[p].oldest_unapplied = 0;
 			}
 			drop_batch(sink, -1);
-			commit_to_kafka(sink);
+			sink->kafka_commit_due = true;
+			if (TimestampDifferenceExceeds(sink->kafka_committed_at, GetCurrentTimestamp(),
+										   KAFKA_COMMIT_MS))
+				commit_to_kafka(sink, false);
 			if (any_resync)
 				resync(sink, false);
 			if (!sink->paused)
@@ -1333,7 +1356,14 @@ sink_turn(void)
 	serve_producer();
 	serve_replays();
 	foreach(lc, sinks)
-		publish_parts(lfirst(lc));
+	{
+		Sink	   *s = lfirst(lc);
+
+		if (s->kafka_commit_due && s->rk != NULL &&
+			TimestampDifferenceExceeds(s->kafka_committed_at, now, KAFKA_COMMIT_MS))
+			commit_to_kafka(s, false);
+		publish_parts(s);
+	}
 	set_worker_state();
 
 	if (more || next_retry_at == 0)
@@ -1346,6 +1376,8 @@ sink_turn(void)
 
 		if ((s->nbatch > 0 || s->pending_assign) && s->retry_at > now)
 			wake = Min(wake, s->retry_at);
+		if (s->kafka_commit_due)
+			wake = Min(wake, TimestampTzPlusMilliseconds(s->kafka_committed_at, KAFKA_COMMIT_MS));
 	}
 	if (fetching != NULL || dl_in_flight != NIL || dl_to_send != NIL)
 		wake = Min(wake, TimestampTzPlusMilliseconds(now, 100));
