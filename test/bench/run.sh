@@ -12,8 +12,9 @@
 #     relay's SQL without Kafka), to set the drain rate against.
 # Figures, not assertions: timing belongs here, not in the tests.
 #
-# Environment: BENCH_ROWS (200000), BENCH_RATE (1000), BENCH_SECONDS (30),
-# BENCH_RUNS (3 drain runs).
+# Environment: BENCH_ROWS (200000), BENCH_RATE (1000), BENCH_SECONDS (30,
+# measured after BENCH_WARMUP (180) seconds of the same load, which warm the
+# fresh broker's JVM; see latency.py), BENCH_RUNS (3 drain runs).
 set -euo pipefail
 
 export PGPORT="${BENCH_PGPORT:-55434}" KAFKA_PORT="${BENCH_KAFKA_PORT:-19096}"
