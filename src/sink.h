@@ -111,6 +111,7 @@ typedef struct Sink
 	bool		inbox_dups;		/* the inbox held some of the last ids */
 	bool		kafka_commit_due;	/* positions not yet committed to Kafka */
 	TimestampTz kafka_committed_at; /* when they last were */
+	TimestampTz resync_retry_at;	/* flagged partitions not sought before */
 } Sink;
 
 /* What applying a batch came to. */

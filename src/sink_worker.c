@@ -423,7 +423,11 @@ handle_assignment(Sink *sink)
 			(errmsg("cqrs_sync sink \"%s\": assigned %d partition(s)", sink->name, sink->nparts)));
 }
 
-/* Partitions rewound (or read again): seek to their stored positions. */
+/*
+ * Partitions rewound (or read again): seek to their stored positions.  If the
+ * positions cannot be read now, the partitions stay flagged (their messages
+ * are dropped as they come) and sink_turn() tries again a second later.
+ */
 static void
 resync(Sink *sink, bool all)
 {
@@ -433,9 +437,24 @@ resync(Sink *sink, bool all)
 	for (int p = 0; p < sink->nparts; p++)
 		if (all || sink->parts[p].resync)
 		{
+			sink->parts[p].resync = true;
 			drop_batch(sink, p);
 			rd_kafka_topic_partition_list_add(list, sink->parts[p].topic, sink->parts[p].partition);
 		}
+
+	/*
+	 * A sink that waited with a batch it no longer has waits for nothing:
+	 * fetch again (a next batch that fails waits again).
+	 */
+	if (sink->nbatch == 0 && sink->failures > 0)
+	{
+		sink->failures = 0;
+		sink->retry_at = 0;
+		if (!sink->paused)
+			kafka_pause(sink, false);
+	}
+
+	sink->resync_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	if (list->cnt > 0 && sink_read_positions(sink, list))
 	{
 		error = rd_kafka_seek_partitions(sink->rk, list, 0);
@@ -1344,6 +1363,15 @@ sink_turn(void)
 		apply(s);
 		if (s->nbatch > 0 && s->failures == 0)
 			more = true;
+		if (s->assigned && !s->paused && now >= s->resync_retry_at)
+		{
+			for (int p = 0; p < s->nparts; p++)
+				if (s->parts[p].resync)
+				{
+					resync(s, false);
+					break;
+				}
+		}
 	}
 	serve_producer();
 	if (cqrs_kafka_take_error(errbuf, sizeof(errbuf)) &&

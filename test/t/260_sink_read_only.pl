@@ -119,5 +119,24 @@ kafka_produce_events($late_topic, $later);
 ok(wait_applied($node, 'late', @$late + @$later, 60), 'and goes on consuming');
 exact_check($node, { %$exp_late, %$exp_later }, 'its read model is exact', 1001, 1200);
 
+# ---- a rewind while the sink waits ---------------------------------------------------
+# The rewind drops the batch the sink waits with; the sink must fetch again
+# (it kept its partitions paused, waiting for a batch it no longer had).
+
+$locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN');
+$locker->query_safe('LOCK TABLE cqrs_inbox IN ACCESS EXCLUSIVE MODE');
+my ($last, $exp_last) = exact_events(100, 10, 1, 1201);
+kafka_produce_events($late_topic, $last);
+ok(wait_for($node, "SELECT last_error ~ 'lock timeout' FROM cqrs_stats_sink_workers WHERE worker = 0", 't', 30),
+	'with its inbox locked the sink waits');
+# to its own position: only the epoch moves, nothing is read twice
+$node->safe_psql('postgres', "SELECT cqrs_sink_rewind('late', '$late_topic', 0,"
+	  . " (SELECT next_offset FROM cqrs_sink_offset WHERE sink = 'late' AND \"partition\" = 0))");
+$locker->query_safe('COMMIT');
+$locker->quit;
+ok(wait_applied($node, 'late', @$late + @$later + @$last, 60), 'rewound while it waited, it applies every event');
+exact_check($node, { %$exp_late, %$exp_later, %$exp_last }, 'its read model is exact', 1001, 1300);
+
 $node->stop;
 done_testing();
