@@ -27,6 +27,8 @@ EVENTS="${BENCH_SINK_EVENTS:-200000}"
 KEYS="${BENCH_SINK_KEYS:-10000}"
 RATE="${BENCH_RATE:-1000}"
 SECS="${BENCH_SECONDS:-30}"
+WARMUP="${BENCH_WARMUP:-180}"
+export BENCH_WARMUP="$WARMUP"
 
 bench_start
 PSQL=("$PG_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -d postgres)
@@ -113,6 +115,6 @@ cpu0="$(sink_cpu)"
     "host=$PGHOST port=$PGPORT user=$PGUSER dbname=bench_read" "$topic" "$RATE" "$SECS"
 cpu1="$(sink_cpu)"
 n="$("${RPSQL[@]}" -Atc "SELECT sum(applied) FROM cqrs_sink_offset WHERE sink = 'latency'")"
-awk -v n="$n" -v c="$((cpu1 - cpu0))" -v tick="$ticks" -v s="$SECS" 'BEGIN {
+awk -v n="$n" -v c="$((cpu1 - cpu0))" -v tick="$ticks" -v s="$((SECS + ${WARMUP%.*}))" 'BEGIN {
     printf "sink latency run: %d events applied; sink CPU %.1f us per event, %.0f%% of a core\n",
            n, c / tick * 1e6 / n, c / tick / s * 100 }'
