@@ -1475,32 +1475,45 @@ sink_apply_batch(Sink *sink, char *errbuf, size_t errlen)
 /* ---- positions on assignment -------------------------------------------------------- */
 
 /*
- * The latest offsets of parts (a partition list), in ends[], asked of
+ * The latest offsets of the partitions of parts (a partition list) whose
+ * position the worker has not read yet, in ends[] (others: 0), asked of
  * Kafka (one request per broker).  False if Kafka did not answer for all.
+ * (A resync of known partitions thus never waits for a broker away.)
  */
 static bool
 latest_offsets(Sink *sink, rd_kafka_topic_partition_list_t *parts, int64 *ends)
 {
-	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_copy(parts);
-	rd_kafka_resp_err_t err;
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(Max(parts->cnt, 1));
+	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
 	bool		ok = true;
 
-	for (int i = 0; i < list->cnt; i++)
-		list->elems[i].offset = RD_KAFKA_OFFSET_END;	/* as a time: the latest */
-	err = rd_kafka_offsets_for_times(sink->rk, list, LATEST_OFFSETS_TIMEOUT_MS);
+	for (int i = 0; i < parts->cnt; i++)
+	{
+		int			p = find_part(sink, parts->elems[i].topic, parts->elems[i].partition);
+
+		if (p < 0 || !sink->parts[p].known)
+			/* as a time, OFFSET_END means the latest */
+			rd_kafka_topic_partition_list_add(list, parts->elems[i].topic,
+											  parts->elems[i].partition)->offset = RD_KAFKA_OFFSET_END;
+	}
+	if (list->cnt > 0)
+		err = rd_kafka_offsets_for_times(sink->rk, list, LATEST_OFFSETS_TIMEOUT_MS);
 	for (int i = 0; i < list->cnt; i++)
 	{
-		if (err != RD_KAFKA_RESP_ERR_NO_ERROR || list->elems[i].err != RD_KAFKA_RESP_ERR_NO_ERROR ||
-			list->elems[i].offset < 0)
+		rd_kafka_topic_partition_t *tp = &list->elems[i];
+
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR || tp->err != RD_KAFKA_RESP_ERR_NO_ERROR || tp->offset < 0)
 		{
 			ereport(LOG,
 					(errmsg("cqrs_sync sink \"%s\": could not learn the latest offset of \"%s\" [%d]: %s",
-							sink->name, list->elems[i].topic, list->elems[i].partition,
-							rd_kafka_err2str(err != RD_KAFKA_RESP_ERR_NO_ERROR ? err : list->elems[i].err))));
+							sink->name, tp->topic, tp->partition,
+							rd_kafka_err2str(err != RD_KAFKA_RESP_ERR_NO_ERROR ? err : tp->err))));
 			ok = false;
 			break;
 		}
-		ends[i] = list->elems[i].offset;
+		for (int j = 0; j < parts->cnt; j++)
+			if (parts->elems[j].partition == tp->partition && strcmp(parts->elems[j].topic, tp->topic) == 0)
+				ends[j] = tp->offset;
 	}
 	rd_kafka_topic_partition_list_destroy(list);
 	return ok;
