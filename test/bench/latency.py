@@ -14,7 +14,6 @@ usage: latency.py DSN BROKERS TOPIC RATE SECONDS  (measured SECONDS after BENCH_
 """
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 import uuid
@@ -22,18 +21,11 @@ import uuid
 import psycopg
 from confluent_kafka import Consumer
 
-from steady_writers import WRITERS, pct, write_steadily
+from steady_writers import WARMUP, WRITERS, pct, write_steadily
 
 dsn, brokers = sys.argv[1], sys.argv[2]
 topic = f"{sys.argv[3]}.{uuid.uuid4().hex[:8]}"   # fresh topic: no old messages
 rate, seconds = float(sys.argv[4]), float(sys.argv[5])
-# The first WARMUP seconds (env BENCH_WARMUP, default 180) run the same load
-# but are not counted: a freshly started broker's JVM answers far slower until
-# its request path is compiled.  In one sandbox at 1k/s, commit->consumer p50
-# was 50, 24 and 15 ms in the first three half-minutes after a broker start,
-# 4.7 ms after three minutes and 0.9-1.3 ms after four.  Production brokers
-# are warm; the measured SECONDS come after the warm-up.
-WARMUP = float(os.environ.get("BENCH_WARMUP", "180"))
 PAD = "x" * 200
 
 

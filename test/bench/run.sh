@@ -14,7 +14,7 @@
 #
 # Environment: BENCH_ROWS (200000), BENCH_RATE (1000), BENCH_SECONDS (30,
 # measured after BENCH_WARMUP (180) seconds of the same load, which warm the
-# fresh broker's JVM; see latency.py), BENCH_RUNS (3 drain runs).
+# fresh broker's JVM; see steady_writers.py), BENCH_RUNS (3 drain runs).
 set -euo pipefail
 
 export PGPORT="${BENCH_PGPORT:-55434}" KAFKA_PORT="${BENCH_KAFKA_PORT:-19096}"

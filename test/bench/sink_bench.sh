@@ -16,7 +16,7 @@
 #
 # Environment: BENCH_SINK_EVENTS (200000), BENCH_SINK_KEYS (10000),
 # BENCH_RATE (1000), BENCH_SECONDS (30, measured after BENCH_WARMUP (180)
-# seconds of the same load; see latency.py), BENCH_SINK_PGPORT (55436),
+# seconds of the same load; see steady_writers.py), BENCH_SINK_PGPORT (55436),
 # BENCH_SINK_KAFKA_PORT (19100).
 set -euo pipefail
 

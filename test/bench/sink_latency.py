@@ -11,24 +11,16 @@ broker, the sink's fetch, its transaction and commit.
 
 usage: sink_latency.py WRITE_DSN READ_DSN TOPIC RATE SECONDS  (measured SECONDS after BENCH_WARMUP)
 """
-import os
 import sys
 import threading
 import time
 
 import psycopg
 
-from steady_writers import pct, run_writers
+from steady_writers import WARMUP, pct, run_writers
 
 write_dsn, read_dsn, topic = sys.argv[1], sys.argv[2], sys.argv[3]
 rate, seconds = float(sys.argv[4]), float(sys.argv[5])
-# The first WARMUP seconds (env BENCH_WARMUP, default 180) run the same load
-# but are not counted: a freshly started broker's JVM answers far slower until
-# its request path is compiled.  In one sandbox at 1k/s, commit->consumer p50
-# was 50, 24 and 15 ms in the first three half-minutes after a broker start,
-# 4.7 ms after three minutes and 0.9-1.3 ms after four.  Production brokers
-# are warm; the measured SECONDS come after the warm-up.
-WARMUP = float(os.environ.get("BENCH_WARMUP", "180"))
 PAD = "x" * 200
 
 visible = {}
