@@ -1498,10 +1498,13 @@ latest_offsets(Sink *sink, rd_kafka_topic_partition_list_t *parts, int64 *ends)
 	}
 	if (list->cnt > 0)
 		err = rd_kafka_offsets_for_times(sink->rk, list, LATEST_OFFSETS_TIMEOUT_MS);
-	for (int i = 0; i < list->cnt; i++)
+	for (int i = 0; i < parts->cnt && ok; i++)
 	{
-		rd_kafka_topic_partition_t *tp = &list->elems[i];
+		rd_kafka_topic_partition_t *tp =
+			rd_kafka_topic_partition_list_find(list, parts->elems[i].topic, parts->elems[i].partition);
 
+		if (tp == NULL)
+			continue;			/* known: not asked */
 		if (err != RD_KAFKA_RESP_ERR_NO_ERROR || tp->err != RD_KAFKA_RESP_ERR_NO_ERROR || tp->offset < 0)
 		{
 			ereport(LOG,
@@ -1509,11 +1512,9 @@ latest_offsets(Sink *sink, rd_kafka_topic_partition_list_t *parts, int64 *ends)
 							sink->name, tp->topic, tp->partition,
 							rd_kafka_err2str(err != RD_KAFKA_RESP_ERR_NO_ERROR ? err : tp->err))));
 			ok = false;
-			break;
 		}
-		for (int j = 0; j < parts->cnt; j++)
-			if (parts->elems[j].partition == tp->partition && strcmp(parts->elems[j].topic, tp->topic) == 0)
-				ends[j] = tp->offset;
+		else
+			ends[i] = tp->offset;
 	}
 	rd_kafka_topic_partition_list_destroy(list);
 	return ok;
