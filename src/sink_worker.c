@@ -744,10 +744,8 @@ apply(Sink *sink)
 					sink->parts[p].oldest_unapplied = 0;
 			}
 			drop_batch(sink, -1);
+			/* committed to Kafka by sink_turn(), at most every KAFKA_COMMIT_MS */
 			sink->kafka_commit_due = true;
-			if (TimestampDifferenceExceeds(sink->kafka_committed_at, GetCurrentTimestamp(),
-										   KAFKA_COMMIT_MS))
-				commit_to_kafka(sink, false);
 			if (any_resync)
 				resync(sink, false);
 			if (!sink->paused)
