@@ -3,8 +3,9 @@
  * sink.h
  *	  The sink: the read side's consumer.  Sinks declared in SQL
  *	  (sink_catalog.c) are applied by the sink workers (sink_worker.c), a
- *	  batch or a held event per transaction (sink_apply.c), with their state
- *	  in shared memory (sink_stats.c).
+ *	  batch or a held event per transaction (sink_apply.c), by a handler or
+ *	  a declarative route (sink_route.c), with their state in shared memory
+ *	  (sink_stats.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -86,7 +87,7 @@ typedef struct Sink
 	bool		usable;			/* handler, role and route resolved */
 	char		problem[256];	/* why not */
 	FmgrInfo	handler_finfo;
-	SPIPlanPtr	route_plan;
+	struct SinkRoute *route;	/* sink_route.c */
 
 	/* the consumer (sink_worker.c) */
 	MemoryContext cxt;
@@ -159,6 +160,14 @@ extern void sink_record_fetched(Sink *sink, int64 held_id, rd_kafka_message_t *r
 								const char *error);
 extern void sink_apply_reset(void);
 extern bool sink_error_is_transient(int sqlerrcode);
+
+/* sink_route.c */
+typedef struct SinkRoute SinkRoute;
+extern SinkRoute *sink_route_prepare(const char *sink_name, Oid relid, const char *version,
+									 const char *delete_spec, MemoryContext parent);
+extern void sink_route_free(SinkRoute *route);
+extern bool sink_route_valid(SinkRoute *route);
+extern void sink_route_apply(SinkRoute *route, const char *sink_name, Datum payload);
 
 /* sink_stats.c */
 typedef enum SinkWorkerState

@@ -485,69 +485,6 @@ event_headers_jsonb(SinkEvent *ev)
 
 /* ---- the handler ---------------------------------------------------------------- */
 
-/* Prepare the route's statement (as the sink's role and search_path). */
-static void
-prepare_route(Sink *sink, Oid relid)
-{
-	StringInfoData sql;
-	StringInfoData cols;
-	StringInfoData key;
-	int			ret;
-	Oid			argtypes[1] = {JSONBOID};
-	char	   *ver = quote_literal_cstr(sink->route_version);
-	char	   *target = psprintf("%u::pg_catalog.oid::pg_catalog.regclass", relid);
-	char	   *del;
-
-	/* the target's columns (not generated), and its primary key */
-	initStringInfo(&cols);
-	ret = SPI_execute(psprintf("SELECT pg_catalog.quote_literal(a.attname)"
-							   " FROM pg_catalog.pg_attribute a WHERE a.attrelid = %u"
-							   " AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''"
-							   " ORDER BY a.attnum", relid), true, 0);
-	if (ret != SPI_OK_SELECT || SPI_processed == 0)
-		elog(ERROR, "cqrs_sync sink: could not read the columns of relation %u", relid);
-	for (uint64 i = 0; i < SPI_processed; i++)
-		appendStringInfo(&cols, "%s%s", i ? ", " : "",
-						 SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
-	initStringInfo(&key);
-	ret = SPI_execute(psprintf("SELECT pg_catalog.quote_literal(a.attname)"
-							   " FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a"
-							   " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
-							   " WHERE i.indrelid = %u AND i.indisprimary ORDER BY a.attnum", relid),
-					  true, 0);
-	if (ret != SPI_OK_SELECT || SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("route target %s of sink \"%s\" has no primary key",
-						sink->route_target, sink->name)));
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		char	   *c = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
-
-		appendStringInfo(&key, "%s%s, $1->%s", i ? ", " : "", c, c);
-	}
-
-	/* what marks a delete: a field that is true, or fields with values */
-	if (sink->route_delete == NULL)
-		del = "false";
-	else if (sink->route_delete[0] == '"')
-		del = psprintf("COALESCE($1->(%s::pg_catalog.jsonb #>> '{}') = 'true'::pg_catalog.jsonb, false)",
-					   quote_literal_cstr(sink->route_delete));
-	else
-		del = psprintf("$1 @> %s::pg_catalog.jsonb", quote_literal_cstr(sink->route_delete));
-
-	initStringInfo(&sql);
-	appendStringInfo(&sql,
-					 "SELECT CASE WHEN %s"
-					 " THEN %s.cqrs_delete(%s, pg_catalog.jsonb_build_object(%s), ($1->>%s)::pg_catalog.int8)"
-					 " ELSE %s.cqrs_upsert(%s, (SELECT pg_catalog.jsonb_object_agg(e.key, e.value)"
-					 "  FROM pg_catalog.jsonb_each($1) AS e WHERE e.key = ANY (ARRAY[%s])),"
-					 "  ($1->>%s)::pg_catalog.int8) END",
-					 del, sink_ext_schema(), target, key.data, ver,
-					 sink_ext_schema(), target, cols.data, ver);
-	sink->route_plan = cqrs_keep_plan(sql.data, 1, argtypes);
-}
-
 static void
 enter_handler(Sink *sink, HandlerEnv *env)
 {
@@ -586,6 +523,8 @@ sink_check(Sink *sink)
 			sink->usable = false;
 		else if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(sink->run_as)))
 			sink->usable = false;
+		else if (sink->route && !sink_route_valid(sink->route))
+			sink->usable = false;
 		else
 			return true;
 	}
@@ -600,11 +539,8 @@ sink_resolve(Sink *sink)
 	HeapTuple	proc;
 
 	sink->usable = false;
-	if (sink->route_plan)
-	{
-		SPI_freeplan(sink->route_plan);
-		sink->route_plan = NULL;
-	}
+	sink_route_free(sink->route);
+	sink->route = NULL;
 	sink->run_as = get_role_oid(sink->run_as_name, true);
 	if (!OidIsValid(sink->run_as))
 	{
@@ -649,9 +585,10 @@ sink_resolve(Sink *sink)
 
 		relid = DatumGetObjectId(DirectFunctionCall1(regclassin,
 													 CStringGetDatum(sink->route_target)));
-		/* planned as it runs: as the sink's role, with its search_path */
+		/* prepared as it runs: as the sink's role, with its search_path */
 		enter_handler(sink, &env);
-		prepare_route(sink, relid);
+		sink->route = sink_route_prepare(sink->name, relid, sink->route_version,
+										 sink->route_delete, sink->cxt);
 		leave_handler(&env);
 	}
 	sink->problem[0] = '\0';
@@ -699,17 +636,12 @@ run_handler(Sink *sink, SinkEvent *ev)
 	}
 	else
 	{
-		int			ret;
-
 		if (nulls[4])
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("the route of sink \"%s\" needs a JSON object, not a null message value",
 							sink->name)));
-		ret = SPI_execute_plan(sink->route_plan, &values[4], NULL, false, 1);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "cqrs_sync sink: the route of sink \"%s\" failed: %s",
-				 sink->name, SPI_result_code_string(ret));
+		sink_route_apply(sink->route, sink->name, values[4]);
 	}
 }
 

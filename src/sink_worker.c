@@ -295,9 +295,7 @@ static void
 free_sink(Sink *sink)
 {
 	close_consumer(sink);
-	if (sink->route_plan)
-		SPI_freeplan(sink->route_plan);
-	MemoryContextDelete(sink->cxt);
+	MemoryContextDelete(sink->cxt);	/* the route's too */
 }
 
 static bool
@@ -910,9 +908,8 @@ read_catalog(void)
 
 			if (reconnect)
 				close_consumer(s);
-			if (s->route_plan)
-				SPI_freeplan(s->route_plan);
-			s->route_plan = NULL;
+			sink_route_free(s->route);
+			s->route = NULL;
 			s->usable = false;
 			copy_definition(s, def);
 			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" changed", s->name)));

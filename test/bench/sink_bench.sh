@@ -6,7 +6,8 @@
 #     in Kafka before a sink with a one-upsert handler (PL/pgSQL:
 #     PERFORM cqrs_upsert(...)) is created; events/s from the first position
 #     stored to the last (and including the consumer group's join), with one
-#     sink worker and with two;
+#     sink worker and with two; then the same events through a declarative
+#     route (no function: the payload is the row), with one worker;
 # (b) latency: write COMMIT (cqrs_enqueue() in autocommit, on the write
 #     database) -> row visible in the read model (the sink's handler upserts
 #     and notifies; notifications arrive only after its commit) at a steady
@@ -78,8 +79,15 @@ for i in range(n):
     k = i % keys
     print(f'k{k}\t{uuid.uuid4()}\t{{"id":{k},"title":"board {k} edit {i}","v":{i + 1}}}')
 PY
-for workers in 1 2; do
-    topic="bench.sink.$workers.$$"
+for run in handler:1 handler:2 route:1; do
+    kind="${run%:*}" workers="${run#*:}"
+    if [ "$kind" = handler ]; then
+        handler="'bench_apply(cqrs_event)'" options='{}'
+    else
+        handler=NULL options='{"route": {"target": "bench_board", "version": "v"}}'
+    fi
+    name="bench-$kind-$workers"
+    topic="bench.sink.$kind.$workers.$$"
     bash "$HERE/../kafka/topic.sh" create "$topic" 8 >/dev/null 2>&1
     "$PRODUCER" -b "$BROKER" -t "$topic" -f "$CQRS_TEST_DIR/sink-bench-events.txt" >/dev/null
     "${PSQL[@]}" -c "ALTER SYSTEM SET cqrs_sync.sink_workers = $workers" -c "SELECT pg_reload_conf()" >/dev/null
@@ -87,21 +95,23 @@ for workers in 1 2; do
     "${RPSQL[@]}" -c "TRUNCATE bench_board"
     cpu0="$(sink_cpu)"
     t_create="$(now)"
-    "${RPSQL[@]}" -c "SELECT cqrs_sink_create('bench$workers', ARRAY['$topic'], 'bench_apply(cqrs_event)')" >/dev/null
-    while [ "$("${RPSQL[@]}" -Atc "SELECT coalesce(sum(applied), 0) > 0 FROM cqrs_sink_offset WHERE sink = 'bench$workers'")" != t ]; do
+    "${RPSQL[@]}" -c "SELECT cqrs_sink_create('$name', ARRAY['$topic'], $handler, '$options')" >/dev/null
+    while [ "$("${RPSQL[@]}" -Atc "SELECT coalesce(sum(applied), 0) > 0 FROM cqrs_sink_offset WHERE sink = '$name'")" != t ]; do
         sleep 0.02
     done
     t_first="$(now)"
-    while [ "$("${RPSQL[@]}" -Atc "SELECT coalesce(sum(applied + duplicates), 0) FROM cqrs_sink_offset WHERE sink = 'bench$workers'")" != "$EVENTS" ]; do
+    while [ "$("${RPSQL[@]}" -Atc "SELECT coalesce(sum(applied + duplicates), 0) FROM cqrs_sink_offset WHERE sink = '$name'")" != "$EVENTS" ]; do
         sleep 0.05
     done
     t_last="$(now)"
     cpu1="$(sink_cpu)"
-    "${RPSQL[@]}" -c "SELECT cqrs_sink_pause('bench$workers')" >/dev/null
+    "${RPSQL[@]}" -c "SELECT cqrs_sink_pause('$name')" >/dev/null
+    what="one-upsert PL/pgSQL handler"
+    [ "$kind" = route ] && what="declarative route"
     awk -v n="$EVENTS" -v w="$workers" -v a="$t_create" -v f="$t_first" -v b="$t_last" \
-        -v c="$((cpu1 - cpu0))" -v tick="$ticks" 'BEGIN {
-        printf "sink throughput, %d worker(s): %d events (one-upsert handler) in %.2f s after the first batch: %d events/s (%.2f s including the group join: %d events/s); sink CPU %.1f us per event\n",
-               w, n, b - f, n / (b - f), b - a, n / (b - a), c / tick * 1e6 / n }'
+        -v c="$((cpu1 - cpu0))" -v tick="$ticks" -v what="$what" 'BEGIN {
+        printf "sink throughput, %d worker(s): %d events (%s) in %.2f s after the first batch: %d events/s (%.2f s including the group join: %d events/s); sink CPU %.1f us per event\n",
+               w, n, what, b - f, n / (b - f), b - a, n / (b - a), c / tick * 1e6 / n }'
 done
 "${PSQL[@]}" -c "ALTER SYSTEM SET cqrs_sync.sink_workers = 1" -c "SELECT pg_reload_conf()" >/dev/null
 

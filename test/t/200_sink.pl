@@ -123,6 +123,49 @@ is($node->safe_psql('postgres', "SELECT version FROM cqrs_tombstone WHERE target
 is($node->safe_psql('postgres', "SELECT sum(applied) || '/' || sum(duplicates) FROM cqrs_sink_offset WHERE sink = 'route'"),
 	'5/1', 'the copy was skipped as a duplicate');
 
+# ---- a route deleting by a field: its errors, and its role's right to the helpers ----
+# The route calls cqrs_upsert() and cqrs_delete() as the sink's role, which
+# needs EXECUTE on them (cqrs_sync_reader): without it the sink waits.
+
+my $t3 = unique_topic('sink-route2');
+create_topic($t3, 1);
+$node->safe_psql('postgres', qq{
+CREATE TABLE route_item (id bigint PRIMARY KEY, title text, version bigint);
+CREATE ROLE route_role NOLOGIN;
+GRANT SELECT, INSERT, UPDATE, DELETE ON route_item TO route_role;
+SELECT cqrs_sink_create('route2', ARRAY['$t3'], NULL,
+       '{"route": {"target": "route_item", "version": "v", "delete": "deleted"},
+         "run_as": "route_role", "max_retries": 0}');
+});
+kafka_produce_events($t3, [
+	[ 'i1', 'q1', '{"id":1,"title":"a","v":1}' ],
+	[ 'i1', 'q2', '{"id":1,"deleted":true,"v":2}' ],
+	[ 'i2', 'q3', '{"id":2,"title":"b","v":"3"}' ],
+	[ 'i3', 'q4', '[3, "not an object"]' ],
+	[ 'i4', 'q5', '{"id":4,"title":"no version"}' ],
+	[ 'i5', 'q6', '{"id":5,"title":"y","v":1.5}' ],
+	[ 'i6', 'q7', '{"id":6,"title":"z","v":1,"deleted":false,"other":1}' ] ]);
+ok(wait_for($node,
+	"SELECT state ~ 'waiting for database' AND last_error ~ 'permission denied for function cqrs_upsert' FROM cqrs_stats_sink_workers",
+	't', 30), 'a route whose role may not execute cqrs_upsert() waits, with the error');
+is($node->safe_psql('postgres', "SELECT count(*) FROM route_item") . '/'
+	. $node->safe_psql('postgres', "SELECT count(*) FROM cqrs_sink_held WHERE sink = 'route2'"),
+	'0/0', 'nothing applied, held or dead-lettered meanwhile');
+$node->safe_psql('postgres', 'GRANT cqrs_sync_reader TO route_role');
+ok(wait_for($node, "SELECT coalesce(sum(applied + dead_lettered), 0) FROM cqrs_sink_stats WHERE sink = 'route2'",
+	'7', 60), 'granted, the route goes on by itself');
+is($node->safe_psql('postgres', "SELECT string_agg(id || ':' || title || ':' || version, ',' ORDER BY id) FROM route_item"),
+	'2:b:3,6:z:1', 'a true field deletes, a false one does not; a version given as a string counts');
+is($node->safe_psql('postgres', "SELECT version FROM cqrs_tombstone WHERE target = 'route_item'::regclass"),
+	'2', 'the delete left a tombstone');
+is($node->safe_psql('postgres',
+	"SELECT string_agg(event_id || ': ' || last_error, E'\\n' ORDER BY event_id) FROM cqrs_sink_held WHERE sink = 'route2' AND status = 'DEAD_LETTERED'"),
+	join("\n",
+		'q4: the route of sink "route2" needs a JSON object, not a JSON array',
+		'q5: version must not be null',
+		'q6: invalid input syntax for type bigint: "1.5"'),
+	'messages the route cannot use are dead-lettered, each with its error');
+
 # ---- rewind: events read again, the inbox skips them ----------------------------
 
 my $before = $node->safe_psql('postgres', "SELECT string_agg(id || ':' || likes || ':' || version, ',' ORDER BY id) FROM board");
@@ -166,7 +209,7 @@ $node->safe_psql('postgres', 'CREATE ROLE watcher LOGIN IN ROLE pg_monitor');
 is($node->safe_psql('postgres',
 	"SELECT count(*) FROM cqrs_sink_stats WHERE sink = 'board-view' AND position IS NOT NULL AND high_watermark IS NOT NULL",
 	extra_params => [ '-U', 'watcher' ]), '3', 'pg_monitor reads cqrs_sink_stats');
-is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_stats_sink", extra_params => [ '-U', 'watcher' ]), '2',
+is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_stats_sink", extra_params => [ '-U', 'watcher' ]), '3',
 	'and cqrs_stats_sink');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_stats_sink_workers WHERE pid IS NOT NULL",
 	extra_params => [ '-U', 'watcher' ]), '1', 'and cqrs_stats_sink_workers');
