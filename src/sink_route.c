@@ -54,6 +54,9 @@ struct SinkRoute
 	Jsonb	   *delete_match;	/* or values that must all match */
 };
 
+static void prepare(SinkRoute *r, const char *sink_name, const char *version,
+					const char *delete_spec);
+
 /* The OID of the extension's helper name(regclass, jsonb, bigint). */
 static Oid
 helper_oid(Oid nsp, const char *name)
@@ -100,11 +103,30 @@ sink_route_prepare(const char *sink_name, Oid relid, const char *version,
 	MemoryContext cxt = AllocSetContextCreate(parent, "cqrs_sync sink route",
 											  ALLOCSET_SMALL_SIZES);
 	SinkRoute  *r = MemoryContextAllocZero(cxt, sizeof(SinkRoute));
-	Oid			nsp = get_namespace_oid(cqrs_extension_schema(get_extension_oid("cqrs_sync", false)),
-											false);
 
 	r->cxt = cxt;
 	r->relid = relid;
+	PG_TRY();
+	{
+		prepare(r, sink_name, version, delete_spec);
+	}
+	PG_CATCH();
+	{
+		MemoryContextDelete(cxt);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return r;
+}
+
+static void
+prepare(SinkRoute *r, const char *sink_name, const char *version, const char *delete_spec)
+{
+	MemoryContext cxt = r->cxt;
+	Oid			relid = r->relid;
+	Oid			nsp = get_namespace_oid(cqrs_extension_schema(get_extension_oid("cqrs_sync", false)),
+										false);
+
 	r->cols = query_names(psprintf("SELECT a.attname FROM pg_catalog.pg_attribute a"
 								   " WHERE a.attrelid = %u AND a.attnum > 0"
 								   " AND NOT a.attisdropped AND a.attgenerated = ''"
@@ -139,7 +161,6 @@ sink_route_prepare(const char *sink_name, Oid relid, const char *version,
 			r->delete_match = spec;
 		MemoryContextSwitchTo(old);
 	}
-	return r;
 }
 
 void
@@ -149,11 +170,15 @@ sink_route_free(SinkRoute *route)
 		MemoryContextDelete(route->cxt);
 }
 
-/* Whether the helpers the route calls still exist (see sink_check). */
+/*
+ * Whether the target and the helpers the route calls still exist (see
+ * sink_check): a target dropped and created again is resolved anew.
+ */
 bool
 sink_route_valid(SinkRoute *route)
 {
-	return SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(route->upsert.fn_oid)) &&
+	return SearchSysCacheExists1(RELOID, ObjectIdGetDatum(route->relid)) &&
+		SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(route->upsert.fn_oid)) &&
 		SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(route->delete.fn_oid));
 }
 

@@ -7,7 +7,7 @@
 #     PERFORM cqrs_upsert(...)) is created; events/s from the first position
 #     stored to the last (and including the consumer group's join), with one
 #     sink worker and with two; then the same events through a declarative
-#     route (no function: the payload is the row), with one worker;
+#     route (no function: the payload is the row), with one and two workers;
 # (b) latency: write COMMIT (cqrs_enqueue() in autocommit, on the write
 #     database) -> row visible in the read model (the sink's handler upserts
 #     and notifies; notifications arrive only after its commit) at a steady
@@ -79,7 +79,7 @@ for i in range(n):
     k = i % keys
     print(f'k{k}\t{uuid.uuid4()}\t{{"id":{k},"title":"board {k} edit {i}","v":{i + 1}}}')
 PY
-for run in handler:1 handler:2 route:1; do
+for run in handler:1 handler:2 route:1 route:2; do
     kind="${run%:*}" workers="${run#*:}"
     if [ "$kind" = handler ]; then
         handler="'bench_apply(cqrs_event)'" options='{}'

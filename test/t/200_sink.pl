@@ -166,6 +166,18 @@ is($node->safe_psql('postgres',
 		'q6: invalid input syntax for type bigint: "1.5"'),
 	'messages the route cannot use are dead-lettered, each with its error');
 
+# the route's target dropped: the sink waits; created again, it goes on
+$node->safe_psql('postgres', 'DROP TABLE route_item');
+kafka_produce_events($t3, [ [ 'i7', 'q8', '{"id":7,"title":"after","v":1}' ] ]);
+ok(wait_for($node, "SELECT state ~ 'waiting for database' AND last_error ~ 'route_item' FROM cqrs_stats_sink_workers",
+	't', 30), 'a dropped route target makes the sink wait');
+$node->safe_psql('postgres', q{
+CREATE TABLE route_item (id bigint PRIMARY KEY, title text, version bigint);
+GRANT SELECT, INSERT, UPDATE, DELETE ON route_item TO route_role;
+});
+ok(wait_for($node, "SELECT string_agg(id || ':' || title, ',') FROM route_item", '7:after', 30),
+	'created again, the route finds the new table');
+
 # ---- rewind: events read again, the inbox skips them ----------------------------
 
 my $before = $node->safe_psql('postgres', "SELECT string_agg(id || ':' || likes || ':' || version, ',' ORDER BY id) FROM board");
