@@ -208,6 +208,24 @@ apply_convert_error_callback(void *arg)
 				   cc->what, apply_member_name(cc->member), cc->col->typname);
 }
 
+/* The text of a JSON string, number or boolean, as ->> gives it; else NULL */
+char *
+apply_json_scalar_text(JsonbValue *v)
+{
+	switch (v->type)
+	{
+		case jbvString:
+			return pnstrdup(v->val.string.val, v->val.string.len);
+		case jbvNumeric:
+			return DatumGetCString(DirectFunctionCall1(numeric_out,
+													   NumericGetDatum(v->val.numeric)));
+		case jbvBool:
+			return pstrdup(v->val.boolean ? "true" : "false");
+		default:
+			return NULL;
+	}
+}
+
 /*
  * A JSON value as a parameter of the column's base type; the statement
  * coerces it to the column's type modifier and checks its domain.
@@ -248,18 +266,11 @@ apply_json_to_datum(ApplyColumn *c, JsonbValue *v, bool *isnull)
 			break;
 	}
 
+	str = apply_json_scalar_text(v);
+	if (str != NULL)
+		return InputFunctionCall(&c->input, str, c->ioparam, -1);
 	switch (v->type)
 	{
-		case jbvString:
-			str = pnstrdup(v->val.string.val, v->val.string.len);
-			break;
-		case jbvNumeric:
-			str = DatumGetCString(DirectFunctionCall1(numeric_out,
-													  NumericGetDatum(v->val.numeric)));
-			break;
-		case jbvBool:
-			str = v->val.boolean ? "true" : "false";
-			break;
 		case jbvBinary:
 			if (c->is_array && JsonContainerIsArray(v->val.binary.data))
 			{

@@ -36,6 +36,7 @@ extern char *apply_member_name(JsonMember *m);
 extern int	apply_column_cmp(const void *a, const void *b);
 extern int	apply_find_column(ApplyTarget *t, JsonMember *m, int *cursor);
 extern void apply_convert_error_callback(void *arg);
+extern char *apply_json_scalar_text(JsonbValue *v);
 extern Datum apply_json_to_datum(ApplyColumn *c, JsonbValue *v, bool *isnull);
 extern void apply_check_row_version(ApplyTarget *t, JsonMember *m, int64 version);
 extern void apply_check_version_range(ApplyTarget *t, int64 version);

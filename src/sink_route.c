@@ -36,6 +36,7 @@
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 
+#include "apply_json.h"
 #include "sink.h"
 #include "util.h"
 
@@ -199,22 +200,9 @@ route_version(SinkRoute *r, Jsonb *payload, int64 *version)
 
 	if (v == NULL || v->type == jbvNull)
 		return false;
-	switch (v->type)
-	{
-		case jbvString:
-			text = pnstrdup(v->val.string.val, v->val.string.len);
-			break;
-		case jbvNumeric:
-			text = DatumGetCString(DirectFunctionCall1(numeric_out,
-													   NumericGetDatum(v->val.numeric)));
-			break;
-		case jbvBool:
-			text = v->val.boolean ? "true" : "false";
-			break;
-		default:
-			text = JsonbToCString(NULL, v->val.binary.data, v->val.binary.len);
-			break;
-	}
+	text = apply_json_scalar_text(v);
+	if (text == NULL)			/* an object or an array */
+		text = JsonbToCString(NULL, v->val.binary.data, v->val.binary.len);
 	*version = DatumGetInt64(DirectFunctionCall1(int8in, CStringGetDatum(text)));
 	return true;
 }
