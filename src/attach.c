@@ -396,7 +396,7 @@ outbox_owner(void)
 
 	if (ext_oid != outbox_ext || !OidIsValid(outbox_relid))
 	{
-		Oid			nsp = get_namespace_oid(cqrs_extension_schema(ext_oid), false);
+		Oid			nsp = cqrs_extension_namespace(ext_oid);
 
 		outbox_relid = get_relname_relid("cqrs_outbox", nsp);
 		if (!OidIsValid(outbox_relid))

@@ -223,7 +223,7 @@ ensure_plans(void)
 
 	/* the type of the extension's schema, whatever the search_path */
 	event_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid, CStringGetDatum("cqrs_event"),
-								 ObjectIdGetDatum(get_namespace_oid(cqrs_extension_schema(ext), false)));
+								 ObjectIdGetDatum(cqrs_extension_namespace(ext)));
 	if (!OidIsValid(event_type))
 		elog(ERROR, "cqrs_sync sink: type cqrs_event does not exist");
 	old = MemoryContextSwitchTo(TopMemoryContext);

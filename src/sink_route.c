@@ -20,7 +20,6 @@
  */
 #include "postgres.h"
 
-#include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_proc.h"
@@ -125,8 +124,7 @@ prepare(SinkRoute *r, const char *sink_name, const char *version, const char *de
 {
 	MemoryContext cxt = r->cxt;
 	Oid			relid = r->relid;
-	Oid			nsp = get_namespace_oid(cqrs_extension_schema(get_extension_oid("cqrs_sync", false)),
-										false);
+	Oid			nsp = cqrs_extension_namespace(get_extension_oid("cqrs_sync", false));
 
 	r->cols = query_names(psprintf("SELECT a.attname FROM pg_catalog.pg_attribute a"
 								   " WHERE a.attrelid = %u AND a.attnum > 0"

@@ -21,11 +21,11 @@
 #include "util.h"
 
 /*
- * Name of the schema an extension lives in (PostgreSQL 15 does not export
+ * The schema an extension lives in (PostgreSQL 15 does not export
  * get_extension_schema()).
  */
-char *
-cqrs_extension_schema(Oid ext_oid)
+Oid
+cqrs_extension_namespace(Oid ext_oid)
 {
 	Relation	rel;
 	SysScanDesc scan;
@@ -45,7 +45,14 @@ cqrs_extension_schema(Oid ext_oid)
 
 	if (!OidIsValid(nsp))
 		elog(ERROR, "cache lookup failed for extension %u", ext_oid);
-	return get_namespace_name(nsp);
+	return nsp;
+}
+
+/* Name of the schema an extension lives in */
+char *
+cqrs_extension_schema(Oid ext_oid)
+{
+	return get_namespace_name(cqrs_extension_namespace(ext_oid));
 }
 
 /*

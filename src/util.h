@@ -11,6 +11,7 @@
 #include "access/tupdesc.h"
 #include "executor/spi.h"
 
+extern Oid	cqrs_extension_namespace(Oid ext_oid);
 extern char *cqrs_extension_schema(Oid ext_oid);
 extern void cqrs_check_row_layout(const char *function, TupleDesc desc, int ncols);
 extern ErrorData *cqrs_catch_and_abort(MemoryContext cxt);
