@@ -269,13 +269,17 @@ void
 sink_route_apply(SinkRoute *r, const char *sink_name, Datum payload_datum)
 {
 	Jsonb	   *payload = DatumGetJsonbP(payload_datum);
-	bool		is_object = JB_ROOT_IS_OBJECT(payload);
 	bool		deletes = false;
-	bool		have_version = false;
+	bool		have_version;
 	int64		version = 0;
 	bool		empty;
 
-	if (is_object && r->delete_field)
+	if (!JB_ROOT_IS_OBJECT(payload))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the route of sink \"%s\" needs a JSON object, not a JSON %s",
+						sink_name, JB_ROOT_IS_SCALAR(payload) ? "scalar" : "array")));
+	if (r->delete_field)
 	{
 		JsonbValue	buf;
 		JsonbValue *v = member(payload, r->delete_field, &buf);
@@ -285,12 +289,6 @@ sink_route_apply(SinkRoute *r, const char *sink_name, Datum payload_datum)
 	else if (r->delete_match)
 		deletes = DatumGetBool(DirectFunctionCall2(jsonb_contains, JsonbPGetDatum(payload),
 												   JsonbPGetDatum(r->delete_match)));
-	if (!is_object)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("the route of sink \"%s\" needs a JSON object, not a JSON %s",
-						sink_name, JB_ROOT_IS_ARRAY(payload) && !JB_ROOT_IS_SCALAR(payload) ?
-						"array" : "scalar")));
 	have_version = route_version(r, payload, &version);
 
 	if (deletes)

@@ -82,9 +82,9 @@ PY
 for run in handler:1 handler:2 route:1 route:2; do
     kind="${run%:*}" workers="${run#*:}"
     if [ "$kind" = handler ]; then
-        handler="'bench_apply(cqrs_event)'" options='{}'
+        handler="'bench_apply(cqrs_event)'" options='{}' what="one-upsert PL/pgSQL handler"
     else
-        handler=NULL options='{"route": {"target": "bench_board", "version": "v"}}'
+        handler=NULL options='{"route": {"target": "bench_board", "version": "v"}}' what="declarative route"
     fi
     name="bench-$kind-$workers"
     topic="bench.sink.$kind.$workers.$$"
@@ -106,8 +106,6 @@ for run in handler:1 handler:2 route:1 route:2; do
     t_last="$(now)"
     cpu1="$(sink_cpu)"
     "${RPSQL[@]}" -c "SELECT cqrs_sink_pause('$name')" >/dev/null
-    what="one-upsert PL/pgSQL handler"
-    [ "$kind" = route ] && what="declarative route"
     awk -v n="$EVENTS" -v w="$workers" -v a="$t_create" -v f="$t_first" -v b="$t_last" \
         -v c="$((cpu1 - cpu0))" -v tick="$ticks" -v what="$what" 'BEGIN {
         printf "sink throughput, %d worker(s): %d events (%s) in %.2f s after the first batch: %d events/s (%.2f s including the group join: %d events/s); sink CPU %.1f us per event\n",
