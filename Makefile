@@ -7,7 +7,7 @@ MODULE_big  = cqrs_sync
 OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
               src/relay_worker.o src/relay_pipeline.o src/relay_order.o src/relay_record.o \
               src/topics.o src/monitor_worker.o src/dlt_depth.o src/stats.o src/util.o \
-              src/apply.o src/apply_acl.o src/apply_cache.o src/apply_json.o src/apply_plans.o \
+              src/apply.o src/apply_acl.o src/apply_cache.o src/apply_json.o src/apply_plans.o src/apply_fast.o \
               src/cleanup_worker.o src/cleanup_stats.o src/attach.o \
               src/sink_catalog.o src/sink_apply.o src/sink_route.o src/sink_worker.o src/sink_stats.o
 

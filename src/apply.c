@@ -74,6 +74,7 @@
 #include "apply.h"
 #include "apply_acl.h"
 #include "apply_cache.h"
+#include "apply_fast.h"
 #include "apply_json.h"
 #include "apply_plans.h"
 
@@ -262,6 +263,7 @@ upsert(FunctionCallInfo fcinfo, bool version2)
 	ErrorContextCallback errcb;
 	ColumnSetPlan *p;
 	bool		result = false;
+	int			fast;
 
 	check_not_null(fcinfo, 0, "target");
 	check_not_null(fcinfo, 1, "row");
@@ -342,7 +344,10 @@ upsert(FunctionCallInfo fcinfo, bool version2)
 	p = apply_upsert_plan(t, ncols, colidx);
 	values[ncols] = Int64GetDatum(version);
 	nulls[ncols] = ' ';
-	if (apply_run_plan(p->plan, values, nulls, false, false) == 1)
+	fast = apply_fast_update(t, ncols, colidx, values, nulls, version);
+	if (fast < 0)
+		fast = (int) apply_run_plan(p->plan, values, nulls, false, false);
+	if (fast == 1)
 		result = true;
 	else
 	{

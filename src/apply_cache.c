@@ -334,6 +334,7 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		c->addable = is_addable_type(c->basetype);
 		c->generated = att->attgenerated != '\0';
 		c->identity_always = att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS;
+		c->plain = (c->basetype == att->atttypid && att->atttypmod < 0);
 		c->has_default = att->atthasdef || att->attidentity != '\0' ||
 			c->generated;
 		c->needs_value = att->attnotnull && !c->has_default;

@@ -37,6 +37,7 @@ typedef struct ApplyColumn
 	bool		addable;		/* int2/4/8, float4/8, numeric */
 	bool		generated;
 	bool		identity_always;
+	bool		plain;			/* stored as given: no domain, no type modifier */
 	bool		needs_value;	/* NOT NULL, no default, not identity */
 	bool		has_default;	/* a default, an identity or generated */
 	int			pkpos;			/* position in the primary key, or -1 */

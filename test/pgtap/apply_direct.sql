@@ -1,0 +1,166 @@
+-- test/pgtap/apply_direct.sql -- cqrs_upsert() updates an existing row
+-- without an UPDATE statement where that statement could do no more
+-- (src/apply_fast.c), and runs the statement everywhere else.  Each case
+-- below is one the direct update must not change: what the statement would
+-- enforce (privileges, row security, triggers, rules, inheritance, domains,
+-- type modifiers, identity columns, read-only transactions) and what the
+-- direct update must do as the statement does (constraints, unique indexes,
+-- replica identity, generated columns, keys in any column order, dropped
+-- columns, large values).  Rolled back.
+BEGIN;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+CREATE EXTENSION IF NOT EXISTS cqrs_sync;
+
+SELECT plan(36);
+
+CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
+
+--
+-- The direct update itself: a newer version updates, an older one does not
+--
+CREATE TABLE d_plain (id bigint PRIMARY KEY, title text, body text, version bigint);
+INSERT INTO d_plain VALUES (1, 'a', 'x', 5);
+SELECT ok(cqrs_upsert('d_plain', '{"id": 1, "title": "b"}', 6), 'a newer version updates');
+SELECT ok(NOT cqrs_upsert('d_plain', '{"id": 1, "title": "old"}', 4), 'an older version does not');
+SELECT ok(NOT cqrs_upsert('d_plain', '{"id": 1, "title": "same"}', 6), 'the same version does not');
+SELECT results_eq('SELECT title, body, version FROM d_plain',
+                  $$VALUES ('b'::text, 'x'::text, 6::bigint)$$,
+                  'columns not in the row keep their values');
+SELECT ok(cqrs_upsert('d_plain', jsonb_build_object('id', 1, 'body', repeat('z', 100000)), 7),
+          'a large value updates');
+SELECT is((SELECT length(body) FROM d_plain WHERE id = 1), 100000, 'and is written whole');
+
+-- a composite key, given in another order than the index's
+CREATE TABLE d_pair (b text, a integer, n integer, version integer, PRIMARY KEY (a, b));
+INSERT INTO d_pair VALUES ('k', 1, 0, 1), ('k', 2, 0, 1);
+SELECT ok(cqrs_upsert('d_pair', '{"n": 9, "b": "k", "a": 2}', 2), 'a composite key updates');
+SELECT results_eq('SELECT a, n, version FROM d_pair ORDER BY a',
+                  $$VALUES (1, 0, 1), (2, 9, 2)$$, 'only the row of that key');
+
+-- a dropped column before the written ones
+CREATE TABLE d_dropped (gone text, id bigint PRIMARY KEY, title text, version bigint);
+INSERT INTO d_dropped VALUES ('g', 1, 'a', 1);
+ALTER TABLE d_dropped DROP COLUMN gone;
+SELECT ok(cqrs_upsert('d_dropped', '{"id": 1, "title": "b"}', 2), 'a table with a dropped column updates');
+SELECT is((SELECT title FROM d_dropped), 'b', 'the right column');
+
+--
+-- What the direct update must enforce as the statement does
+--
+CREATE TABLE d_checked (id bigint PRIMARY KEY, n integer CHECK (n >= 0), code text UNIQUE,
+                        title text NOT NULL, version bigint);
+INSERT INTO d_checked VALUES (1, 0, 'a', 't', 1), (2, 0, 'b', 't', 1);
+SELECT throws_ok($$SELECT cqrs_upsert('d_checked', '{"id": 1, "n": -1}', 2)$$, '23514',
+                 NULL, 'a CHECK constraint');
+SELECT throws_ok($$SELECT cqrs_upsert('d_checked', '{"id": 1, "title": null}', 2)$$, '23502',
+                 NULL, 'a NOT NULL constraint');
+SELECT throws_ok($$SELECT cqrs_upsert('d_checked', '{"id": 1, "code": "b"}', 2)$$, '23505',
+                 NULL, 'a unique index');
+SELECT ok(cqrs_upsert('d_checked', '{"id": 1, "code": "c"}', 2), 'an indexed value changes');
+SET LOCAL enable_seqscan = off;
+SELECT results_eq($$SELECT id FROM d_checked WHERE code IN ('a', 'c')$$, $$VALUES (1::bigint)$$,
+                  'and is found through its index under the new value only');
+RESET enable_seqscan;
+
+CREATE TABLE d_generated (id bigint PRIMARY KEY, title text,
+                          upper_title text GENERATED ALWAYS AS (upper(title)) STORED, version bigint);
+INSERT INTO d_generated (id, title, version) VALUES (1, 'a', 1);
+SELECT ok(cqrs_upsert('d_generated', '{"id": 1, "title": "b"}', 2), 'a table with a generated column updates');
+SELECT is((SELECT upper_title FROM d_generated), 'B', 'the generated column is computed');
+
+CREATE TABLE d_published (id bigint PRIMARY KEY, title text, version bigint);
+INSERT INTO d_published VALUES (1, 'a', 1);
+ALTER TABLE d_published REPLICA IDENTITY NOTHING;
+SET LOCAL client_min_messages = error;   -- (no logical wal_level needed here)
+CREATE PUBLICATION regress_direct_pub FOR TABLE d_published;
+RESET client_min_messages;
+SELECT throws_ok($$SELECT cqrs_upsert('d_published', '{"id": 1, "title": "b"}', 2)$$, '55000',
+                 NULL, 'a table that publishes updates without a replica identity');
+
+--
+-- Where only the statement is right
+--
+-- privileges: UPDATE on the table is needed, column privileges suffice
+CREATE TABLE d_priv (id bigint PRIMARY KEY, title text, secret text, version bigint);
+INSERT INTO d_priv VALUES (1, 'a', 's', 1);
+GRANT SELECT ON d_priv TO regress_direct;
+SET LOCAL ROLE regress_direct;
+SELECT throws_ok($$SELECT cqrs_upsert('d_priv', '{"id": 1, "title": "b"}', 2)$$, '42501',
+                 NULL, 'no UPDATE privilege: permission denied');
+RESET ROLE;
+GRANT UPDATE (title, version) ON d_priv TO regress_direct;
+SET LOCAL ROLE regress_direct;
+SELECT ok(cqrs_upsert('d_priv', '{"id": 1, "title": "b"}', 2), 'UPDATE on the written columns suffices');
+SELECT throws_ok($$SELECT cqrs_upsert('d_priv', '{"id": 1, "secret": "t"}', 3)$$, '42501',
+                 NULL, 'but not for a column without it');
+RESET ROLE;
+
+-- row security: a row the policy hides is not updated
+CREATE TABLE d_rls (id bigint PRIMARY KEY, title text, version bigint);
+INSERT INTO d_rls VALUES (1, 'a', 1), (2, 'b', 1);
+ALTER TABLE d_rls ENABLE ROW LEVEL SECURITY;
+CREATE POLICY d_rls_p ON d_rls USING (id <> 2);
+GRANT SELECT, INSERT, UPDATE ON d_rls TO regress_direct;
+SET LOCAL ROLE regress_direct;
+SELECT ok(cqrs_upsert('d_rls', '{"id": 1, "title": "a2"}', 2), 'row security: a visible row updates');
+SELECT throws_ok($$SELECT cqrs_upsert('d_rls', '{"id": 2, "title": "b2"}', 2)$$, '42501',
+                 NULL, 'row security: a hidden row is not updated');
+RESET ROLE;
+
+-- triggers: row and statement triggers fire
+CREATE TABLE d_trig (id bigint PRIMARY KEY, title text, version bigint);
+CREATE TABLE d_trig_log (what text);
+INSERT INTO d_trig VALUES (1, 'a', 1);
+CREATE FUNCTION d_trig_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.title := NEW.title || '!'; RETURN NEW; END $$;
+CREATE FUNCTION d_trig_stmt() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO d_trig_log VALUES (TG_OP); RETURN NULL; END $$;
+CREATE TRIGGER d_trig_row BEFORE UPDATE ON d_trig FOR EACH ROW EXECUTE FUNCTION d_trig_row();
+CREATE TRIGGER d_trig_stmt AFTER UPDATE ON d_trig FOR EACH STATEMENT EXECUTE FUNCTION d_trig_stmt();
+SELECT ok(cqrs_upsert('d_trig', '{"id": 1, "title": "b"}', 2), 'a table with triggers updates');
+SELECT is((SELECT title FROM d_trig), 'b!', 'its row trigger fired');
+SELECT is((SELECT count(*) FROM d_trig_log), 1::bigint, 'its statement trigger fired');
+
+-- rules: refused as INSERT ... ON CONFLICT refuses them (when its statement is
+-- prepared, before any update), not updated behind them
+CREATE TABLE d_rule (id bigint PRIMARY KEY, title text, version bigint);
+CREATE TABLE d_rule_log (id bigint);
+INSERT INTO d_rule VALUES (1, 'a', 1);
+CREATE RULE d_rule_r AS ON UPDATE TO d_rule DO INSTEAD INSERT INTO d_rule_log VALUES (NEW.id);
+SELECT throws_ok($$SELECT cqrs_upsert('d_rule', '{"id": 1, "title": "b"}', 2)$$, '0A000',
+                 NULL, 'a table with an update rule');
+SELECT is((SELECT title FROM d_rule), 'a', 'its row unchanged');
+
+-- inheritance: the row of a child table is the parent's
+CREATE TABLE d_parent (id bigint PRIMARY KEY, title text, version bigint);
+CREATE TABLE d_child () INHERITS (d_parent);
+INSERT INTO d_child VALUES (5, 'kid', 1);
+SELECT ok(cqrs_upsert('d_parent', '{"id": 5, "title": "kid2"}', 2), 'a row of a child table updates');
+SELECT results_eq('SELECT tableoid::regclass::text, title FROM d_parent',
+                  $$VALUES ('d_child'::text, 'kid2'::text)$$, 'in the child, with no new row in the parent');
+
+-- values that need a coercion to the column's type
+CREATE DOMAIN d_positive AS integer CHECK (VALUE > 0);
+CREATE TABLE d_typed (id bigint PRIMARY KEY, n d_positive, price numeric(10, 2), code varchar(3),
+                      version bigint);
+INSERT INTO d_typed VALUES (1, 1, 0, 'a', 1);
+SELECT throws_ok($$SELECT cqrs_upsert('d_typed', '{"id": 1, "n": -1}', 2)$$, '23514',
+                 NULL, 'a domain''s constraint');
+SELECT throws_ok($$SELECT cqrs_upsert('d_typed', '{"id": 1, "code": "abcd"}', 3)$$, '22001',
+                 NULL, 'a type modifier''s length');
+SELECT ok(cqrs_upsert('d_typed', '{"id": 1, "price": 1.239}', 4), 'a numeric(10, 2) updates');
+SELECT is((SELECT price FROM d_typed)::text, '1.24', 'rounded to the type modifier''s scale');
+
+-- identity columns GENERATED ALWAYS (refused when the UPDATE is prepared)
+CREATE TABLE d_identity (id bigint PRIMARY KEY, n bigint GENERATED ALWAYS AS IDENTITY, version bigint);
+INSERT INTO d_identity (id, version) VALUES (1, 1);
+SELECT throws_ok($$SELECT cqrs_upsert('d_identity', '{"id": 1, "n": 5}', 2)$$, '428C9',
+                 NULL, 'an identity column GENERATED ALWAYS');
+
+-- a read-only transaction (throws_ok's subtransaction undoes the setting)
+SELECT throws_ok($$SELECT set_config('transaction_read_only', 'on', true),
+                          cqrs_upsert('d_plain', '{"id": 1, "title": "ro"}', 99)$$, '25006',
+                 NULL, 'a read-only transaction');
+
+SELECT * FROM finish();
+ROLLBACK;
