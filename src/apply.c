@@ -4,7 +4,8 @@
  *	  The read side: the entry points of the idempotent apply helpers and
  *	  their lock protocol.  (The target cache is in apply_cache.c, JSON to
  *	  Datum and keys in apply_json.c, the SQL and its plans in
- *	  apply_plans.c, who may write what in apply_acl.c.)
+ *	  apply_plans.c, the update of an existing row without its statement
+ *	  in apply_fast.c, who may write what in apply_acl.c.)
  *
  *	  A read service calls these inside its own transaction, so that an
  *	  event applied twice, or out of order, changes nothing:
