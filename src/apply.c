@@ -345,7 +345,7 @@ upsert(FunctionCallInfo fcinfo, bool version2)
 	p = apply_upsert_plan(t, ncols, colidx);
 	values[ncols] = Int64GetDatum(version);
 	nulls[ncols] = ' ';
-	fast = apply_fast_update(t, ncols, colidx, values, nulls, version);
+	fast = apply_fast_update(t, ncols, colidx, values, nulls, key.vals, version);
 	if (fast < 0)
 		fast = (int) apply_run_plan(p->plan, values, nulls, false, false);
 	if (fast == 1)

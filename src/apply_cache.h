@@ -50,7 +50,8 @@ typedef struct ApplyColumn
 	bool		key_by_text;	/* no hash function fits the key's equality:
 								 * hash and compare the text form */
 	FmgrInfo	keyhash;		/* hash function consistent with keyeq */
-	FmgrInfo	keyeq;			/* the primary key's equality */
+	FmgrInfo	keyeq;			/* the primary key's equality (also when
+								 * key_by_text; for index scans) */
 	bool		fixed_format;	/* text form depends on DateStyle & co. */
 } ApplyColumn;
 

@@ -43,7 +43,6 @@
 #include "miscadmin.h"
 #include "nodes/bitmapset.h"
 #include "utils/acl.h"
-#include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
 #include "utils/snapmgr.h"
@@ -69,10 +68,11 @@ needs_statement(ApplyTarget *t, int ncols, const int *colidx)
 		if (!c->plain || c->identity_always)
 			return true;
 	}
-	if (pg_class_aclcheck(t->relid, GetUserId(), ACL_UPDATE) != ACLCHECK_OK ||
-		pg_class_aclcheck(t->relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
-		return true;
-	return false;
+	for (int k = 0; k < t->npk; k++)
+		if (!OidIsValid(t->cols[t->pk_idx[k]].keyeq.fn_oid))
+			return true;
+	return pg_class_aclmask(t->relid, GetUserId(), ACL_UPDATE | ACL_SELECT,
+							ACLMASK_ALL) != (ACL_UPDATE | ACL_SELECT);
 }
 
 /* Whether the table itself needs the statement. */
@@ -164,16 +164,17 @@ find_older_and_lock(Relation rel, Relation idx, ScanKey skey, int nkeys,
 }
 
 /*
- * Update the row whose key is among values[] (the row's columns, in the
- * order colidx[] gives into t->cols; nulls[] 'n' for a null) to these
- * values and "version", if it exists with no or an older version.
+ * Update the row of the key keyvals[] (in primary key order) to values[]
+ * (the row's columns, in the order colidx[] gives into t->cols; nulls[]
+ * 'n' for a null) and "version", if it exists with no or an older version.
  * Returns 1 if it was updated, 0 if not (no row, or a newer one), and -1
  * if the caller must run the UPDATE statement instead (see the top of the
  * file).  Inside apply_enter() (SPI connected), the target locked.
  */
 int
 apply_fast_update(ApplyTarget *t, int ncols, const int *colidx,
-				  const Datum *values, const char *nulls, int64 version)
+				  const Datum *values, const char *nulls,
+				  const Datum *keyvals, int64 version)
 {
 	ApplyColumn *ver = &t->cols[t->version_idx];
 	Relation	rel;
@@ -227,23 +228,13 @@ apply_fast_update(ApplyTarget *t, int ncols, const int *colidx,
 	if (idx == NULL || idx->rd_index->indnkeyatts != t->npk)
 		elog(ERROR, "cqrs_sync: primary key index of \"%s\" not open", t->relname);
 
-	/* the key, with the index's own equality */
+	/* the key, with the index's own equality (apply_describe_key_column) */
 	for (int k = 0; k < t->npk; k++)
 	{
-		AttrNumber	attno = idx->rd_index->indkey.values[k];
-		Oid			optype = idx->rd_opcintype[k];
-		Oid			op = get_opfamily_member(idx->rd_opfamily[k], optype, optype,
-											 BTEqualStrategyNumber);
-		int			i;
+		ApplyColumn *c = &t->cols[t->pk_idx[k]];
 
-		for (i = 0; i < ncols; i++)
-			if (t->cols[colidx[i]].attnum == attno)
-				break;
-		if (i == ncols || !OidIsValid(op))
-			elog(ERROR, "cqrs_sync: no value or equality for key column %d of \"%s\"",
-				 attno, t->relname);
-		ScanKeyInit(&skey[k], k + 1, BTEqualStrategyNumber, get_opcode(op), values[i]);
-		skey[k].sk_collation = idx->rd_indcollation[k];
+		ScanKeyEntryInitializeWithInfo(&skey[k], 0, k + 1, BTEqualStrategyNumber, InvalidOid,
+									   c->keycoll, &c->keyeq, keyvals[k]);
 	}
 
 	oldslot = table_slot_create(rel, &estate->es_tupleTable);

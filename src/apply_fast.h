@@ -12,6 +12,6 @@
 
 extern int	apply_fast_update(ApplyTarget *t, int ncols, const int *colidx,
 							  const Datum *values, const char *nulls,
-							  int64 version);
+							  const Datum *keyvals, int64 version);
 
 #endif							/* CQRS_APPLY_FAST_H */

@@ -441,14 +441,13 @@ apply_describe_key_column(ApplyColumn *c, Relation idx, int k, MemoryContext cxt
 
 	eqop = get_opfamily_member(idx->rd_opfamily[k], opcintype, opcintype,
 							   BTEqualStrategyNumber);
+	if (OidIsValid(eqop))
+		fmgr_info_cxt(get_opcode(eqop), &c->keyeq, cxt);
 	c->key_by_text = !OidIsValid(eqop) ||
 		!get_op_hash_functions(eqop, &hashfn, &rhashfn) ||
 		!OidIsValid(hashfn);
 	if (!c->key_by_text)
-	{
 		fmgr_info_cxt(hashfn, &c->keyhash, cxt);
-		fmgr_info_cxt(get_opcode(eqop), &c->keyeq, cxt);
-	}
 }
 
 static uint32
