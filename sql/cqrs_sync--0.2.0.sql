@@ -283,7 +283,7 @@ COMMENT ON VIEW cqrs_stats_outbox IS
 
 CREATE VIEW cqrs_stats_relay AS
     SELECT (s.relay_pid IS NOT NULL)::integer AS relay_up,
-           (s.relay_state IN ('paused', 'waiting for broker'))::integer AS paused,
+           (s.relay_state IN ('paused', 'waiting for broker', 'waiting for standby'))::integer AS paused,
            s.relay_state AS state,
            s.relay_paused_topic AS paused_topic,
            s.relay_paused_reason AS paused_reason,
@@ -316,7 +316,7 @@ CREATE VIEW cqrs_stats_relay AS
       FROM @extschema@.cqrs_outbox_stats() s,
            @extschema@.cqrs_relay_state() r;
 COMMENT ON VIEW cqrs_stats_relay IS
-    'One row: whether the relay runs and what it does (running, paused on a topic, waiting for broker, partition stalled, recording failed, no producer), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age, the outbox size, the partitions whose keys wait, the rows between claim and recorded outcome (window), and the seconds spent per phase (record, claim, commit, flush, produce, poll) with the delivery reports and their total and longest wait, and the database the relay runs in (in_database: 1 if it is this one); for exporters.';
+    'One row: whether the relay runs and what it does (running, paused on a topic, waiting for broker, waiting for standby, partition stalled, recording failed, no producer), its counters since the server started, ages of its last success and error, the oldest PENDING row''s age, the outbox size, the partitions whose keys wait, the rows between claim and recorded outcome (window), and the seconds spent per phase (record, claim, commit, flush, produce, poll) with the delivery reports and their total and longest wait, and the database the relay runs in (in_database: 1 if it is this one); for exporters.';
 
 CREATE FUNCTION cqrs_dlt_depth_partitions(
     OUT topic text,

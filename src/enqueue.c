@@ -12,10 +12,13 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -34,6 +37,7 @@ PG_FUNCTION_INFO_V1(cqrs_discard_check);
 
 static bool enqueued_in_xact = false;
 static bool wake_at_commit = false;
+static bool early_commit = false;	/* counted in cqrs_early_commit_begin() */
 
 /* The prepared INSERTs, and the extension they were prepared for. */
 static SPIPlanPtr insert_plan = NULL;
@@ -41,9 +45,42 @@ static SPIPlanPtr insert_id_plan = NULL;
 static SPIPlanPtr insert_new_plan = NULL;
 static Oid	insert_plan_ext = InvalidOid;
 
+/*
+ * Will this transaction's commit be visible before it is durable?  With
+ * synchronous_commit = off it is visible before it is flushed; with local
+ * while synchronous standbys are configured, before the standbys have it.
+ * (A commit that must be flushed anyway, one that dropped a table, is
+ * counted too: the relay then flushes for nothing.)
+ */
+static bool
+commit_visible_early(void)
+{
+	if (synchronous_commit == SYNCHRONOUS_COMMIT_OFF)
+		return true;
+	return synchronous_commit == SYNCHRONOUS_COMMIT_LOCAL_FLUSH &&
+		max_wal_senders > 0 &&
+		SyncRepStandbyNames != NULL && SyncRepStandbyNames[0] != '\0';
+}
+
 static void
 cqrs_xact_callback(XactEvent event, void *arg)
 {
+	/*
+	 * Before the commit can become visible, and after it was written (or the
+	 * transaction aborted): the relay flushes only for such commits.
+	 */
+	if (event == XACT_EVENT_PRE_COMMIT && (enqueued_in_xact || wake_at_commit) &&
+		commit_visible_early())
+	{
+		cqrs_early_commit_begin();
+		early_commit = true;
+	}
+	else if (early_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
+	{
+		cqrs_early_commit_end(event == XACT_EVENT_COMMIT ? XactLastCommitEnd : InvalidXLogRecPtr);
+		early_commit = false;
+	}
+
 	if (wake_at_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
 	{
 		/* rows anywhere in the outbox may be PENDING again: rescan */

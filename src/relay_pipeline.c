@@ -99,8 +99,9 @@ static int64 cursor = 0;		/* every id at or below it was judged */
 static int64 staged_cursor = 0; /* the cursor once the open claim commits */
 static int64 staged_from = 0;	/* where the open claim's scan started */
 static bool last_claim_full = false;
-static XLogRecPtr staged_lsn = InvalidXLogRecPtr;	/* highest commit of the
-													 * claimed rows */
+static XLogRecPtr staged_lsn = InvalidXLogRecPtr;	/* the claimed rows' commits
+													 * are durable up to it */
+
 static RelayClaim *staged_claim = NULL;
 static TimestampTz last_ack_at = 0;
 
@@ -405,7 +406,6 @@ pipeline_claim(int limit, TimestampTz now)
 	int64		start;
 	int64		last_id = 0;
 	List	   *paused;
-	TransactionId last_xmin = InvalidTransactionId;
 	MemoryContext old;
 	uint64		discard_seq;
 	int			nread = 0;
@@ -416,6 +416,9 @@ pipeline_claim(int limit, TimestampTz now)
 	ScanKeyData keys[2];
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
+	uint64		early_mark;
+	XLogRecPtr	early_lsn;
+	XLogRecPtr	durable_lsn;
 
 	Assert(dlist_is_empty(&staged));
 	staged_lsn = InvalidXLogRecPtr;
@@ -447,7 +450,9 @@ pipeline_claim(int limit, TimestampTz now)
 				 errmsg("cqrs_sync relay: index \"%s\" is not on the outbox's id",
 						RelationGetRelationName(index)),
 				 errhint(PENDING_INDEX_HINT)));
+	early_mark = cqrs_early_commits_mark(&early_lsn);
 	snap = RegisterSnapshot(GetLatestSnapshot());
+	durable_lsn = cqrs_early_commits_bound(early_mark, early_lsn);
 	ScanKeyInit(&keys[0], 1, BTGreaterStrategyNumber, F_INT8GT, Int64GetDatum(start));
 	ScanKeyInit(&keys[1], 1, BTLessEqualStrategyNumber, F_INT8LE, Int64GetDatum(hw));
 	scan = index_beginscan(heap, index, snap, 2, 0);
@@ -469,7 +474,6 @@ pipeline_claim(int limit, TimestampTz now)
 		OrderVerdict verdict;
 		char	   *topic;
 		char	   *key;
-		TransactionId xmin;
 
 		/* the index's predicate says PENDING; the row says it too */
 		d = slot_getattr(slot, att_status, &isnull);
@@ -546,22 +550,14 @@ pipeline_claim(int limit, TimestampTz now)
 			copy_headers(&row->msg, d);
 		row->retry_count = DatumGetInt32(slot_getattr(slot, att_retry, &isnull));
 
-		/* the commit that made it visible, if it may not be flushed yet */
-		xmin = DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull));
-		if (xmin != last_xmin)
-		{
-			XLogRecPtr	lsn = TransactionIdGetCommitLSN(xmin);
-
-			if (lsn > staged_lsn)
-				staged_lsn = lsn;
-			last_xmin = xmin;
-		}
-
 		staged_claim->nopen++;
 		dlist_push_tail(&staged, &row->node);
 		n_staged++;
 	}
 	MemoryContextSwitchTo(old);
+	/* the commits that made them visible must be durable before they go */
+	if (n_staged > 0)
+		staged_lsn = durable_lsn;
 	ExecDropSingleTupleTableSlot(slot);
 	index_endscan(scan);
 	UnregisterSnapshot(snap);

@@ -23,10 +23,13 @@
  * WAL writer); the relay flushes it itself only when the window is full.
  * Rows between their claim and their durable outcome are therefore at most
  * the window, so a crash duplicates at most that many messages.  Before
- * producing rows whose commit may not be flushed (an
- * enqueuer with synchronous_commit = off), the relay flushes the WAL up to
- * that commit and, where synchronous standbys are configured, waits for
- * them: an event is never published for a transaction a crash then loses.
+ * producing rows whose commit may not be durable (an
+ * enqueuer with synchronous_commit = off, or local while synchronous standbys
+ * are configured: such writers announce it, see shmem.c), the relay flushes
+ * the WAL up to that commit and, where synchronous standbys are configured,
+ * waits for them: an event is never published for a transaction a crash or
+ * a failover then loses.  Rows of writers that waited for their commit need
+ * no flush.
  *
  * Errors: the relay pins its session settings, so that ALTER DATABASE or
  * ALTER ROLE settings (read-only transactions, timeouts, isolation,
@@ -52,6 +55,7 @@
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "replication/syncrep.h"
+#include "replication/walsender.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
@@ -96,6 +100,9 @@ static bool extension_missing = false;
 
 /* Claimed rows' commits that may not be flushed yet. */
 static XLogRecPtr rows_lsn = InvalidXLogRecPtr;
+static XLogRecPtr standby_lsn = InvalidXLogRecPtr;	/* the standbys confirmed
+													 * it */
+static bool standby_waiting = false;
 /* the end of the last recording's commit, and the rows recorded up to it */
 static XLogRecPtr record_lsn = InvalidXLogRecPtr;
 static int	unflushed_rows = 0;
@@ -474,27 +481,87 @@ relay_transaction(bool record, int limit, TimestampTz now)
 }
 
 /*
- * Before producing rows whose commit may not be flushed (their writer used
- * synchronous_commit = off): flush the WAL up to it, and wait for
- * synchronous standbys where they are configured.  Rows from ordinary
- * commits need nothing: their commit was flushed before they became
- * visible.
+ * SIGTERM while waiting for the synchronous standbys: SyncRepWaitForLSN()
+ * ends its wait on a cancel, not on a worker's shutdown request.
  */
 static void
+relay_sigterm_in_syncrep(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	ShutdownRequestPending = true;
+	QueryCancelPending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
+
+/*
+ * Wait until the synchronous standbys have the WAL up to lsn, as a commit
+ * with synchronous_commit = on waits.  The relay's own setting is off (its
+ * recordings are not waited for), so it is raised for the wait.  Returns
+ * false when the wait ended for a shutdown or postmaster death.
+ */
+static bool
+wait_for_standbys(XLogRecPtr lsn)
+{
+	pqsigfunc	prev;
+
+	standby_waiting = true;
+	publish_state(GetCurrentTimestamp());
+	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
+	prev = pqsignal(SIGTERM, relay_sigterm_in_syncrep);
+	if (!ShutdownRequestPending)
+		SyncRepWaitForLSN(lsn, false);
+	pqsignal(SIGTERM, prev);
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	if (ShutdownRequestPending)
+	{
+		QueryCancelPending = false; /* it was the shutdown */
+		ereport(LOG,
+				(errmsg("cqrs_sync relay: shutting down while rows wait for the synchronous standbys"),
+				 errdetail("The rows were not produced; they wait in the outbox for the next start.")));
+	}
+	standby_waiting = false;
+	publish_state(GetCurrentTimestamp());
+	return !ShutdownRequestPending && !ProcDiePending;
+}
+
+/*
+ * Before producing rows whose commit may not be durable yet (their writer
+ * used synchronous_commit = off, or local while synchronous standbys are
+ * configured): flush the WAL up to it, and wait for the synchronous standbys
+ * where they are configured.  Rows from commits that waited for their
+ * durability need nothing: rows_lsn then stays below what is flushed and
+ * confirmed.  Returns false when the rows must not be produced (shutdown).
+ */
+static bool
 flush_before_producing(void)
 {
 	instr_time	t0;
+	bool		flush;
+	bool		standbys;
 
-	if (XLogRecPtrIsInvalid(rows_lsn) || rows_lsn <= GetFlushRecPtr(NULL))
+	if (XLogRecPtrIsInvalid(rows_lsn))
+		return true;
+	flush = rows_lsn > GetFlushRecPtr(NULL);
+	standbys = max_wal_senders > 0 && SyncRepStandbyNames != NULL &&
+		SyncRepStandbyNames[0] != '\0' && rows_lsn > standby_lsn;
+	if (flush || standbys)
 	{
-		rows_lsn = InvalidXLogRecPtr;
-		return;
+		INSTR_TIME_SET_CURRENT(t0);
+		if (flush)
+			XLogFlush(rows_lsn);
+		if (standbys)
+		{
+			if (!wait_for_standbys(rows_lsn))
+				return false;
+			standby_lsn = rows_lsn;
+		}
+		cqrs_relay_add_phase(CQRS_PHASE_FLUSH, elapsed_us(t0));
 	}
-	INSTR_TIME_SET_CURRENT(t0);
-	XLogFlush(rows_lsn);
-	SyncRepWaitForLSN(rows_lsn, false);
-	cqrs_relay_add_phase(CQRS_PHASE_FLUSH, elapsed_us(t0));
 	rows_lsn = InvalidXLogRecPtr;
+	return true;
 }
 
 /*
@@ -540,6 +607,9 @@ publish_state(TimestampTz now)
 
 	if (relay_producer == NULL && producer_error[0] != '\0')
 		cqrs_relay_set_state(CQRS_RELAY_NO_PRODUCER, NULL, producer_error);
+	else if (standby_waiting)
+		cqrs_relay_set_state(CQRS_RELAY_WAITING_STANDBY, NULL,
+							 "rows committed without waiting for the synchronous standbys wait for them");
 	else if (txn_errors > 0)
 		cqrs_relay_set_state(CQRS_RELAY_RECORDING_FAILED, NULL, txn_error);
 	else if (pipeline_broker_waiting(now))
@@ -670,9 +740,9 @@ relay_turn(void)
 		}
 	}
 
-	if (pipeline_has_claimed() && relay_producer != NULL)
+	if (pipeline_has_claimed() && relay_producer != NULL &&
+		flush_before_producing())
 	{
-		flush_before_producing();
 		pipeline_produce_claimed();
 		pipeline_serve_reports();	/* those that failed before producing */
 	}
@@ -751,6 +821,12 @@ cqrs_relay_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
 	pin_settings();
+
+	/*
+	 * Which commits before this start were early (see shmem.c) is not known:
+	 * the first rows produced wait until the WAL written so far is durable.
+	 */
+	rows_lsn = GetXLogInsertRecPtr();
 
 	order_init(cqrs_shared->nslots);
 	pipeline_init();

@@ -37,6 +37,7 @@
  */
 #include "postgres.h"
 
+#include "access/xlog.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -90,6 +91,9 @@ cqrs_shmem_startup(void)
 		cqrs_shared->relay_pid = 0;
 		cqrs_shared->relay_dboid = InvalidOid;
 		pg_atomic_init_u32(&cqrs_shared->rescan, 0);
+		pg_atomic_init_u64(&cqrs_shared->early_begun, 0);
+		pg_atomic_init_u64(&cqrs_shared->early_ended, 0);
+		pg_atomic_init_u64(&cqrs_shared->early_lsn, 0);
 		pg_atomic_init_u64(&cqrs_shared->events_sent, 0);
 		pg_atomic_init_u64(&cqrs_shared->events_failed, 0);
 		pg_atomic_init_u64(&cqrs_shared->batches, 0);
@@ -523,6 +527,68 @@ cqrs_inflight_ids_contains(int64 id)
 	}
 	LWLockRelease(cqrs_shared->inflight_lock);
 	return found;
+}
+
+/* ---- commits visible before they are durable ----------------------------- */
+
+/*
+ * A transaction that wrote outbox rows and will commit without waiting for
+ * its commit to be flushed (or to reach the synchronous standbys) says so
+ * before it commits: before its rows can become visible.
+ */
+void
+cqrs_early_commit_begin(void)
+{
+	pg_atomic_fetch_add_u64(&cqrs_shared->early_begun, 1);
+}
+
+/* ... and once it committed (lsn: its commit's end) or aborted (invalid). */
+void
+cqrs_early_commit_end(XLogRecPtr lsn)
+{
+	if (!XLogRecPtrIsInvalid(lsn))
+	{
+		uint64		cur = pg_atomic_read_u64(&cqrs_shared->early_lsn);
+
+		while (cur < lsn &&
+			   !pg_atomic_compare_exchange_u64(&cqrs_shared->early_lsn, &cur, lsn))
+			;
+	}
+	pg_atomic_fetch_add_u64(&cqrs_shared->early_ended, 1);
+}
+
+/*
+ * The relay, before it takes the snapshot of a scan: how many early commits
+ * ended, and the highest commit end among them.
+ */
+uint64
+cqrs_early_commits_mark(XLogRecPtr *lsn)
+{
+	uint64		ended = pg_atomic_read_u64(&cqrs_shared->early_ended);
+
+	pg_read_barrier();
+	*lsn = pg_atomic_read_u64(&cqrs_shared->early_lsn);
+	return ended;
+}
+
+/*
+ * The relay, after it took the snapshot: a WAL position up to which every
+ * commit the snapshot sees must be durable before its rows are produced.
+ *
+ * When no early commit began since the mark was taken, every early commit
+ * the snapshot can see had ended by then (ended never exceeds begun), so the
+ * highest of their ends is the bound.  Otherwise one may still be between its
+ * commit and its end: the position of the WAL now bounds every commit the
+ * snapshot sees.  Writers that wait for their commit need no flush at all:
+ * their commit was durable before anyone could see it.
+ */
+XLogRecPtr
+cqrs_early_commits_bound(uint64 mark, XLogRecPtr lsn)
+{
+	pg_memory_barrier();
+	if (pg_atomic_read_u64(&cqrs_shared->early_begun) == mark)
+		return lsn;
+	return GetXLogInsertRecPtr();
 }
 
 /* ---- the relay's latch, counters and state -------------------------------- */

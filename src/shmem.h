@@ -12,6 +12,7 @@
 #ifndef CQRS_SHMEM_H
 #define CQRS_SHMEM_H
 
+#include "access/xlogdefs.h"
 #include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
@@ -83,10 +84,11 @@ typedef enum CqrsRelayState
 	CQRS_RELAY_WAITING_BROKER,	/* nothing acknowledged for a while */
 	CQRS_RELAY_PARTITION_STALLED,	/* some partitions hold their keys */
 	CQRS_RELAY_RECORDING_FAILED,	/* outcomes cannot be written; retrying */
-	CQRS_RELAY_NO_PRODUCER		/* the producer cannot be created */
+	CQRS_RELAY_NO_PRODUCER,		/* the producer cannot be created */
+	CQRS_RELAY_WAITING_STANDBY	/* rows wait for synchronous standbys */
 } CqrsRelayState;
 
-#define CQRS_RELAY_NSTATES 6
+#define CQRS_RELAY_NSTATES 7
 
 /* Depth of one dead-letter topic partition, as last seen. */
 typedef struct CqrsDltPartition
@@ -143,6 +145,17 @@ typedef struct CqrsShared
 	pid_t		relay_pid;
 	Oid			relay_dboid;	/* the database it runs in */
 	pg_atomic_uint32 rescan;	/* an operator asks for a full rescan */
+
+	/*
+	 * Commits of outbox rows that become visible before they are durable
+	 * (synchronous_commit = off, or local while synchronous standbys are
+	 * configured).  Their writer counts itself in early_begun before it
+	 * commits and in early_ended after it committed (raising early_lsn to its
+	 * commit's end) or aborted.  See cqrs_early_commits_bound().
+	 */
+	pg_atomic_uint64 early_begun;
+	pg_atomic_uint64 early_ended;
+	pg_atomic_uint64 early_lsn;
 
 	/* relay counters since server start */
 	pg_atomic_uint64 events_sent;
@@ -224,6 +237,12 @@ extern void cqrs_inflight_ids_remove(const int64 *ids, int n);
 extern void cqrs_inflight_ids_reset(void);
 extern bool cqrs_inflight_ids_contains(int64 id);
 extern bool cqrs_inflight_ids_contains_local(int64 id);
+
+/* commits visible before they are durable: writers, and the relay */
+extern void cqrs_early_commit_begin(void);
+extern void cqrs_early_commit_end(XLogRecPtr lsn);
+extern uint64 cqrs_early_commits_mark(XLogRecPtr *lsn);
+extern XLogRecPtr cqrs_early_commits_bound(uint64 mark, XLogRecPtr lsn);
 
 extern void cqrs_wake_relay(void);
 extern void cqrs_request_rescan(void);

@@ -36,7 +36,7 @@ typedef enum RelayStateVersion
 
 static const char *const state_names[CQRS_RELAY_NSTATES] = {
 	"running", "paused", "waiting for broker", "partition stalled",
-	"recording failed", "no producer"
+	"recording failed", "no producer", "waiting for standby"
 };
 
 static Datum

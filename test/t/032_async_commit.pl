@@ -33,6 +33,20 @@ $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 30),
 	'warm-up event sent');
 
+# Writers that commit synchronously need no flush: their commits were on
+# disk before anyone could see them.  The relay's own recordings commit
+# asynchronously and share the commit log's LSN groups (32 transactions)
+# with the writers', so a relay that took a row's group LSN for its commit's
+# flushed the WAL (its own recordings) before nearly every produce.
+my $flush = "SELECT flush_seconds FROM cqrs_relay_state()";
+my $flush0 = $node->safe_psql('postgres', $flush);
+my $script = join('', map { "SELECT cqrs_enqueue('$topic', 's$_', '{}');\nSELECT pg_sleep(0.003);\n" } 1 .. 300);
+$node->safe_psql('postgres', $script);
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '301', 30),
+	'300 events committed synchronously, one per transaction, were sent');
+is($node->safe_psql('postgres', "SELECT ($flush) - $flush0"), '0',
+	'the relay flushed no WAL before producing them');
+
 my $relay     = pid_of('cqrs_sync relay');
 my $walwriter = pid_of('walwriter');
 ok($relay =~ /^\d+$/ && $walwriter =~ /^\d+$/, 'relay and WAL writer found');
