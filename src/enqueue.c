@@ -70,7 +70,7 @@ cqrs_xact_callback(XactEvent event, void *arg)
 	 * transaction aborted): the relay flushes only for such commits.
 	 */
 	if (event == XACT_EVENT_PRE_COMMIT && (enqueued_in_xact || wake_at_commit) &&
-		commit_visible_early())
+		cqrs_shared != NULL && commit_visible_early())
 	{
 		cqrs_early_commit_begin();
 		early_commit = true;

@@ -29,9 +29,11 @@ is( $node->safe_psql('postgres', q{
 
 is($node->safe_psql('postgres', "SELECT cqrs_enqueue('t', 'k', '{}') > 0"), 't',
 	'cqrs_enqueue writes the outbox');
+is($node->safe_psql('postgres', "SET synchronous_commit = off; SELECT cqrs_enqueue('t', 'k', '{}') > 0"),
+	't', 'also in a transaction that commits without waiting for its flush');
 is( $node->safe_psql('postgres',
 		'SELECT pending, relay_pid IS NULL, relay_events_sent IS NULL FROM cqrs_outbox_stats()'),
-	'1|t|t',
+	'2|t|t',
 	'the stats show the PENDING row and no relay');
 is( $node->safe_psql('postgres',
 		"SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'cqrs_sync%'"),
