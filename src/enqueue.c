@@ -17,8 +17,6 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
-#include "replication/syncrep.h"
-#include "replication/walsender.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -58,8 +56,7 @@ commit_visible_early(void)
 	if (synchronous_commit == SYNCHRONOUS_COMMIT_OFF)
 		return true;
 	return synchronous_commit == SYNCHRONOUS_COMMIT_LOCAL_FLUSH &&
-		max_wal_senders > 0 &&
-		SyncRepStandbyNames != NULL && SyncRepStandbyNames[0] != '\0';
+		cqrs_sync_standbys_configured();
 }
 
 static void

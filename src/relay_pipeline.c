@@ -101,7 +101,6 @@ static int64 staged_from = 0;	/* where the open claim's scan started */
 static bool last_claim_full = false;
 static XLogRecPtr staged_lsn = InvalidXLogRecPtr;	/* the claimed rows' commits
 													 * are durable up to it */
-
 static RelayClaim *staged_claim = NULL;
 static TimestampTz last_ack_at = 0;
 

@@ -55,7 +55,6 @@
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "replication/syncrep.h"
-#include "replication/walsender.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
@@ -545,8 +544,7 @@ flush_before_producing(void)
 	if (XLogRecPtrIsInvalid(rows_lsn))
 		return true;
 	flush = rows_lsn > GetFlushRecPtr(NULL);
-	standbys = max_wal_senders > 0 && SyncRepStandbyNames != NULL &&
-		SyncRepStandbyNames[0] != '\0' && rows_lsn > standby_lsn;
+	standbys = cqrs_sync_standbys_configured() && rows_lsn > standby_lsn;
 	if (flush || standbys)
 	{
 		INSTR_TIME_SET_CURRENT(t0);

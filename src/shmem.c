@@ -40,6 +40,8 @@
 #include "access/xlog.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
 #include "storage/ipc.h"
 #include "storage/proc.h"
 #include "storage/shmem.h"
@@ -530,6 +532,14 @@ cqrs_inflight_ids_contains(int64 id)
 }
 
 /* ---- commits visible before they are durable ----------------------------- */
+
+/* Synchronous standbys are configured: commits may wait for them. */
+bool
+cqrs_sync_standbys_configured(void)
+{
+	return max_wal_senders > 0 &&
+		SyncRepStandbyNames != NULL && SyncRepStandbyNames[0] != '\0';
+}
 
 /*
  * A transaction that wrote outbox rows and will commit without waiting for

@@ -239,6 +239,7 @@ extern bool cqrs_inflight_ids_contains(int64 id);
 extern bool cqrs_inflight_ids_contains_local(int64 id);
 
 /* commits visible before they are durable: writers, and the relay */
+extern bool cqrs_sync_standbys_configured(void);
 extern void cqrs_early_commit_begin(void);
 extern void cqrs_early_commit_end(XLogRecPtr lsn);
 extern uint64 cqrs_early_commits_mark(XLogRecPtr *lsn);
