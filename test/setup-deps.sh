@@ -14,6 +14,9 @@ packages=(
     libipc-run-perl
     libtap-parser-sourcehandler-pgtap-perl
     kcat
+    # make bench's latency floor (test/bench/kafka_latency.py): a producer on
+    # the relay's own librdkafka, which this binding is built on
+    python3-confluent-kafka
     # monitoring suite and test/t/100_alerting.pl: promtool, amtool and the
     # real daemons (the tests start them on free loopback ports; the packages'
     # own services are not used)

@@ -5,7 +5,10 @@
 #     keys, committed in one transaction; events/s from COMMIT returned until
 #     the last row is SENT (acknowledged by Kafka and recorded);
 # (b) latency: commit-to-consumer p50/p99 at a steady 1,000 events/s, from
-#     the consumer's receipt (and from sent_at, the recorded outcome);
+#     the consumer's receipt (and from sent_at, the recorded outcome), and
+#     the floor of that figure on this machine at that moment: Kafka alone
+#     (test/bench/kafka_latency.py: the relay's librdkafka and producer
+#     settings, the same consumer, no database);
 # (c) the relay's CPU per event and where its time goes (cqrs_stats_relay's
 #     phase timers) in each run, and this machine's limits measured in the
 #     same run (test/bench/machine_limit.sh: kcat's idempotent producer, the
@@ -33,7 +36,12 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; Postgre
 echo "relay: batch_size $("${PSQL[@]}" -Atc 'SHOW cqrs_sync.batch_size')"
 
 RELAY_PID="$("${PSQL[@]}" -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'")"
-relay_cpu() { awk '{print $14 + $15}' "/proc/$RELAY_PID/stat"; }   # clock ticks
+# relay_cpu: "all librdkafka" clock ticks, the process's and its librdkafka
+# threads' (named rdk:*; the main thread is the rest)
+relay_cpu() {
+    echo "$(awk '{print $14 + $15}' "/proc/$RELAY_PID/stat")" \
+         "$(cat "/proc/$RELAY_PID/task/"*/stat 2>/dev/null | awk '$2 ~ /^\(rdk:/ { t += $14 + $15 } END { print t + 0 }')"
+}
 PHASES="SELECT concat_ws(' ', record_seconds, claim_seconds, commit_seconds, flush_seconds,
                          produce_seconds, poll_seconds, acks, ack_wait_seconds, transactions)
           FROM cqrs_relay_state()"
@@ -44,11 +52,11 @@ relay_report() {
     cpu1="$(relay_cpu)"
     awk -v label="$1" -v n="$2" -v c0="$3" -v c1="$cpu1" -v tick="$(getconf CLK_TCK)" \
         -v a="$4" -v b="$now" 'BEGIN {
-        split(a, x, " "); split(b, y, " ");
+        split(a, x, " "); split(b, y, " "); split(c0, p, " "); split(c1, q, " ");
         acks = y[7] - x[7];
-        printf "%s: relay CPU %.2f s, %.1f us per event; %d transactions; mean produce->report %.2f ms\n",
-               label, (c1 - c0) / tick, (c1 - c0) / tick * 1e6 / n, y[9] - x[9],
-               (acks > 0 ? (y[8] - x[8]) * 1000 / acks : 0);
+        printf "%s: relay CPU %.2f s, %.1f us per event (librdkafka threads %.1f); %d transactions; mean produce->report %.2f ms\n",
+               label, (q[1] - p[1]) / tick, (q[1] - p[1]) / tick * 1e6 / n, (q[2] - p[2]) / tick * 1e6 / n,
+               y[9] - x[9], (acks > 0 ? (y[8] - x[8]) * 1000 / acks : 0);
         printf "%s: seconds per phase: record %.2f, claim %.2f, commit %.2f, flush %.2f, produce %.2f, poll %.2f\n",
                label, y[1] - x[1], y[2] - x[2], y[3] - x[3], y[4] - x[4], y[5] - x[5], y[6] - x[6] }'
 }
@@ -104,5 +112,8 @@ relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbo
                   round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2))
       FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'
        AND created_at > (SELECT min(created_at) + interval '2 s' FROM cqrs_outbox)"
+# the floor for the figures above: Kafka alone, the relay's librdkafka and
+# producer settings, the same consumer and schedule, no database
+"$VENV/bin/python" "$HERE/kafka_latency.py" "127.0.0.1:$KAFKA_PORT" bench.floor "$RATE" "$SECS"
 awk '/^(VmRSS|VmHWM|RssAnon)/ {printf "%s %.0f MiB  ", $1, $2/1024} END {print "(relay; RssAnon is its own memory, VmRSS counts shared buffers it touched)"}' "/proc/$RELAY_PID/status"
 ROWS="$ROWS" bash "$HERE/machine_limit.sh" "127.0.0.1:$KAFKA_PORT"
