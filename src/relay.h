@@ -87,6 +87,7 @@ extern int	pipeline_room(void);
 extern int	pipeline_inflight(void);
 extern bool pipeline_has_reports(void);
 extern TimestampTz pipeline_oldest_report(void);
+extern TimestampTz pipeline_reports_may_wait(void);
 extern bool pipeline_has_claimed(void);
 extern bool pipeline_more_ready(void);
 extern bool pipeline_idle(void);

@@ -93,7 +93,7 @@ static int	n_claimed = 0;
 static int	n_inflight = 0;
 static int	n_stalled_inflight = 0;
 static int	n_done = 0;
-static TimestampTz first_done_at = 0;	/* when the oldest done row got there */
+static TimestampTz first_done_at = 0;	/* pipeline_oldest_report() */
 
 static int64 cursor = 0;		/* every id at or below it was judged */
 static int64 staged_cursor = 0; /* the cursor once the open claim commits */
@@ -281,6 +281,24 @@ pipeline_timers(TimestampTz now)
 	if (next_pause != 0 && (next == 0 || next_pause < next))
 		next = next_pause;
 	return next;
+}
+
+/*
+ * May the delivery reports of the rows in flight wait to be served until the
+ * relay wakes up for something else (relay_wait())?  Only while they change
+ * nothing urgent: everything claimed was produced, no report waits to be
+ * served, and the window has room for at least half of it.  Returns when the
+ * oldest row in flight was produced (0: they may not wait).
+ */
+TimestampTz
+pipeline_reports_may_wait(void)
+{
+	int			cap = Min(cqrs_batch_size, CQRS_MAX_WINDOW);
+
+	if (n_inflight == 0 || n_claimed > 0 ||
+		!dlist_is_empty(&reported) || pipeline_room() < cap / 2)
+		return 0;
+	return dlist_container(RelayRow, node, dlist_head_node(&inflight))->produced_at;
 }
 
 /* Anything in flight at all (stalled partitions included)? */
@@ -872,10 +890,14 @@ finish(RelayRow *row, RelayOutcome outcome)
 	row->outcome = outcome;
 	dlist_push_tail(&done, &row->node);
 	if (n_done++ == 0)
-		first_done_at = GetCurrentTimestamp();
+		first_done_at = row->produced_at != 0 ? row->produced_at : GetCurrentTimestamp();
 }
 
-/* Since when the oldest outcome waits to be recorded. */
+/*
+ * Since when the oldest outcome waits to be recorded: since its row was
+ * produced (its report may have been served late, relay_wait()), or for a
+ * row that failed before that, since it failed.
+ */
 TimestampTz
 pipeline_oldest_report(void)
 {

@@ -6,7 +6,9 @@
  *
  * The loop waits on three things at once: its latch (set by committing
  * enqueuers, signals and operators), librdkafka's event pipe (a delivery
- * report, an error or a log line is ready) and postmaster death.  Each turn
+ * report, an error or a log line is ready) and postmaster death; while the
+ * rows in flight change nothing urgent, on its latch alone, for at most
+ * RECORD_DELAY_MS after the oldest was produced (relay_wait()).  Each turn
  * it serves librdkafka, turns reports into outcomes, and, when there are
  * outcomes to record or rows may be ready, runs one short transaction that
  * records the outcomes and claims the next rows (relay_pipeline.c), then
@@ -120,6 +122,7 @@ static char producer_error[CQRS_ERROR_LEN];
 static bool wake_claim = true;	/* the latch was set: rows may be ready */
 
 static WaitEventSet *wait_set = NULL;
+static WaitEventSet *wait_set_latch = NULL;	/* the same without the pipe */
 
 /*
  * Register the relay; called from _PG_init during shared_preload_libraries.
@@ -767,14 +770,36 @@ relay_turn(void)
 	return sleep_ms;
 }
 
-/* Wait for the latch, librdkafka's pipe, or the timeout. */
+/*
+ * Wait for the latch, librdkafka's pipe, or the timeout.
+ *
+ * While the rows in flight change nothing urgent (pipeline_reports_may_wait())
+ * their delivery reports do not wake the relay: it waits on its latch alone,
+ * and serves them at its next wake-up, a commit's or RECORD_DELAY_MS after
+ * the oldest row in flight was produced, whichever comes first (outcomes wait
+ * that long to be recorded anyway).  At a steady rate of single-event
+ * commits this halves the relay's wake-ups.  Once the oldest has waited that
+ * long (a slow broker, an outage), the pipe wakes it again as reports come.
+ */
 static void
-relay_wait(long timeout_ms)
+relay_wait(long timeout_ms, bool reports_may_wait)
 {
 	WaitEvent	events[3];
+	WaitEventSet *set = wait_set;
+	TimestampTz oldest = reports_may_wait ? pipeline_reports_may_wait() : 0;
 	int			n;
 
-	n = WaitEventSetWait(wait_set, timeout_ms, events, lengthof(events),
+	if (oldest != 0)
+	{
+		long		left = (oldest + RECORD_DELAY_MS * 1000 - GetCurrentTimestamp()) / 1000 + 1;
+
+		if (left > 1)
+		{
+			set = wait_set_latch;
+			timeout_ms = Min(timeout_ms, left);
+		}
+	}
+	n = WaitEventSetWait(set, timeout_ms, events, lengthof(events),
 						 PG_WAIT_EXTENSION);
 	for (int i = 0; i < n; i++)
 		if (events[i].events & WL_LATCH_SET)
@@ -795,7 +820,7 @@ relay_shutdown(void)
 		   !pipeline_broker_waiting(GetCurrentTimestamp()) &&
 		   GetCurrentTimestamp() < deadline)
 	{
-		relay_wait(50);
+		relay_wait(50, false);
 		serve_kafka();
 		if (pipeline_has_claimed())
 			break;
@@ -846,6 +871,9 @@ cqrs_relay_main(Datum main_arg)
 	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 	AddWaitEventToSet(wait_set, WL_SOCKET_READABLE, cqrs_kafka_event_fd(), NULL, NULL);
+	wait_set_latch = CreateWaitEventSet(TopMemoryContext, 2);
+	AddWaitEventToSet(wait_set_latch, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wait_set_latch, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 
 	/*
 	 * An error in the relay's transaction (a lock timeout, a full disk, a
@@ -884,11 +912,11 @@ cqrs_relay_main(Datum main_arg)
 		if (ShutdownRequestPending)
 			break;
 		if (sleep_ms > 0)
-			relay_wait(sleep_ms);
+			relay_wait(sleep_ms, true);
 		else
 		{
 			/* busy: still notice the latch without sleeping */
-			relay_wait(0);
+			relay_wait(0, false);
 		}
 	}
 
