@@ -422,11 +422,22 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	bool		wrote;
 	int			nrecorded = 0;
 	dlist_head *done = pipeline_done_rows();
+	bool		spi;
+	bool		had_errors = txn_errors > 0;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+
+	/*
+	 * A claim alone reads the outbox with a snapshot of its own, without SPI
+	 * (asked after the start, whose invalidations may make the plans stale).
+	 */
+	spi = record || !plans_valid;
+	if (spi)
+	{
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+	}
 	pgstat_report_activity(STATE_RUNNING, "cqrs_sync relay");
 
 	if (!ensure_plans())
@@ -449,8 +460,11 @@ relay_transaction(bool record, int limit, TimestampTz now)
 		}
 	}
 
-	SPI_finish();
-	PopActiveSnapshot();
+	if (spi)
+	{
+		SPI_finish();
+		PopActiveSnapshot();
+	}
 	wrote = TransactionIdIsValid(GetTopTransactionIdIfAny());
 	INSTR_TIME_SET_CURRENT(t0);
 	CommitTransactionCommand();
@@ -479,7 +493,9 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	}
 	pgstat_report_activity(STATE_IDLE, NULL);
 	txn_errors = 0;
-	publish_state(GetCurrentTimestamp());
+	/* a claim alone changes no state that periodic_checks() does not publish */
+	if (record || had_errors)
+		publish_state(GetCurrentTimestamp());
 }
 
 /*
