@@ -19,6 +19,8 @@ import sys
 import time
 import uuid
 
+from steady_writers import consume_arrivals, on_schedule, pct
+
 DEBIAN_PYTHON = "/usr/bin/python3"     # its python3-confluent-kafka is built on the relay's librdkafka
 if sys.argv[1] != "--produce":
     brokers = sys.argv[1]
@@ -28,41 +30,9 @@ WARMUP = float(os.environ.get("WARMUP_FLOOR", "10"))
 PAD = "x" * 200
 
 
-def pct(vals, p):
-    return vals[min(len(vals) - 1, int(p / 100.0 * len(vals)))]
-
-
 def line(c, i):
     return f"key-{i % 1000}", json.dumps({"c": c, "type": "CommentAdded", "board_id": i % 1000,
                                           "author": f"user-{i % 97}", "body": PAD})
-
-
-def consumer(ready, done, out):
-    """latency.py's consumer: notes each event's arrival."""
-    from confluent_kafka import Consumer
-    cons = Consumer({"bootstrap.servers": brokers, "group.id": "floor-" + uuid.uuid4().hex,
-                     "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                     "fetch.wait.max.ms": 50})
-    cons.subscribe([topic])
-    arrived = {}
-    deadline = None
-    while True:
-        m = cons.poll(0.05)
-        t = time.monotonic()
-        if m is not None and not m.error():
-            c = json.loads(m.value())["c"]
-            arrived.setdefault(c, t)
-            if c == "warmup":
-                ready.set()
-        if done.is_set():
-            if deadline is None:
-                deadline = t + 10.0
-                expected = out.recv()
-            if t > deadline or expected <= arrived.keys():
-                break
-    cons.close()
-    out.send(arrived)
-    out.close()
 
 
 def produce(brokers, topic, rate, seconds):
@@ -78,26 +48,21 @@ def produce(brokers, topic, rate, seconds):
         p.produce(topic, line("warmup", 0)[1], key="key-0")
         p.poll(0)
     sys.stdin.readline()
-    cpu0 = None
     sent = {}
+    mark = []                   # [(cpu, count)] when the warm-up ended
     t0 = time.monotonic() + 0.5
-    i = 0
-    while True:
-        due = t0 + i / rate
-        now = time.monotonic()
-        if due > now:
-            time.sleep(due - now)
-        if time.monotonic() - t0 > WARMUP + seconds:
-            break
-        if cpu0 is None and time.monotonic() - t0 > WARMUP:
-            cpu0, n0 = librdkafka_cpu(), i
+
+    def send(i):
+        if not mark and time.monotonic() - t0 > WARMUP:
+            mark.append((librdkafka_cpu(), i))
         c = f"f-{i}"
         key, value = line(c, i)
         sent[c] = time.monotonic()
         p.produce(topic, value, key=key)
         p.poll(0)
-        i += 1
-    cpu = (librdkafka_cpu() - cpu0) / (i - n0)
+
+    on_schedule(rate, WARMUP + seconds, t0, send)
+    cpu = (librdkafka_cpu() - mark[0][0]) / (len(sent) - mark[0][1])
     p.flush(30)
     print(json.dumps({"t0": t0, "end": time.monotonic(), "sent": sent, "cpu": cpu}), flush=True)
 
@@ -126,7 +91,7 @@ if __name__ == "__main__" and sys.argv[1] == "--produce":
 ctx = mp.get_context("fork")
 ready, done = ctx.Event(), ctx.Event()
 cons_end, here = ctx.Pipe()
-cp = ctx.Process(target=consumer, args=(ready, done, cons_end), daemon=True)
+cp = ctx.Process(target=consume_arrivals, args=(brokers, topic, ready, done, cons_end), daemon=True)
 cp.start()
 child = subprocess.Popen([DEBIAN_PYTHON, __file__, "--produce", brokers, topic, str(rate), str(seconds)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -19,9 +19,8 @@ import time
 import uuid
 
 import psycopg
-from confluent_kafka import Consumer
 
-from steady_writers import WARMUP, WRITERS, pct, write_steadily
+from steady_writers import WARMUP, WRITERS, consume_arrivals, pct, write_steadily
 
 dsn, brokers = sys.argv[1], sys.argv[2]
 topic = f"{sys.argv[3]}.{uuid.uuid4().hex[:8]}"   # fresh topic: no old messages
@@ -43,37 +42,10 @@ def writer(n, t0, out):
     out.close()
 
 
-def consumer(ready, done, out):
-    """Notes each event's arrival; after `done` is set, reads until `expected` arrived or 10 s."""
-    cons = Consumer({"bootstrap.servers": brokers, "group.id": "lat-" + uuid.uuid4().hex,
-                     "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                     "fetch.wait.max.ms": 50})
-    cons.subscribe([topic])
-    arrived = {}
-    deadline = None
-    while True:
-        m = cons.poll(0.05)
-        t = time.monotonic()
-        if m is not None and not m.error():
-            c = json.loads(m.value())["c"]
-            arrived.setdefault(c, t)
-            if c == "warmup":
-                ready.set()
-        if done.is_set():
-            if deadline is None:
-                deadline = t + 10.0
-                expected = out.recv()
-            if t > deadline or expected <= arrived.keys():
-                break
-    cons.close()
-    out.send(arrived)
-    out.close()
-
-
 ctx = mp.get_context("fork")
 ready, done = ctx.Event(), ctx.Event()
 cons_end, here = ctx.Pipe()
-cp = ctx.Process(target=consumer, args=(ready, done, cons_end))
+cp = ctx.Process(target=consume_arrivals, args=(brokers, topic, ready, done, cons_end))
 cp.start()
 # the topic exists and the consumer reads it before the clock starts
 with psycopg.connect(dsn, autocommit=True) as conn:

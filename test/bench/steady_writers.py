@@ -13,14 +13,25 @@ threads (sink_latency.py) and returns when they are done: (committed,
 committed_wall, t0), for each c the monotonic and wall-clock time COMMIT
 returned, and the monotonic start.
 
+on_schedule(rate, seconds, start, step) calls step(i) at start + i / rate
+until seconds after start (the writers' schedule; kafka_latency.py's too).
+
+consume_arrivals(brokers, topic, ready, done, out) is the probes' Kafka
+consumer: it notes each event's arrival (its payload's "c"), sets ready when
+the event "warmup" arrived, and once done is set reads until every event
+named in the set that out then delivers arrived, or 10 s, and sends the
+arrivals {c: monotonic time} back on out.
+
 WARMUP: the seconds both probes run before they count (see below).
+
+Only the standard library is imported at the top: kafka_latency.py runs
+parts of this module in Debian's python3, which has no psycopg.
 """
 import json
 import os
 import threading
 import time
-
-import psycopg
+import uuid
 
 WRITERS = 4
 
@@ -37,23 +48,58 @@ def pct(vals, p):
     return vals[min(len(vals) - 1, int(p / 100.0 * len(vals)))]
 
 
+def on_schedule(rate, seconds, start, step):
+    i = 0
+    while True:
+        due = start + i / rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        if time.monotonic() - start > seconds:
+            return
+        step(i)
+        i += 1
+
+
 def write_steadily(dsn, topic, rate, seconds, n, start, make_payload, note):
-    per = rate / WRITERS
-    start += n / rate
+    import psycopg
+
     with psycopg.connect(dsn, autocommit=True) as conn:
-        i = 0
-        while True:
-            due = start + i / per
-            now = time.monotonic()
-            if due > now:
-                time.sleep(due - now)
-            if time.monotonic() - start > seconds:
-                break
+        def enqueue(i):
             c = f"{n}-{i}"
             conn.execute("SELECT cqrs_enqueue(%s, %s, %s::jsonb)",
                          (topic, f"key-{i % 1000}", json.dumps(make_payload(c, i))))
             note(c)
-            i += 1
+
+        on_schedule(rate / WRITERS, seconds, start + n / rate, enqueue)
+
+
+def consume_arrivals(brokers, topic, ready, done, out):
+    from confluent_kafka import Consumer
+
+    cons = Consumer({"bootstrap.servers": brokers, "group.id": "probe-" + uuid.uuid4().hex,
+                     "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                     "fetch.wait.max.ms": 50})
+    cons.subscribe([topic])
+    arrived = {}
+    deadline = None
+    while True:
+        m = cons.poll(0.05)
+        t = time.monotonic()
+        if m is not None and not m.error():
+            c = json.loads(m.value())["c"]
+            arrived.setdefault(c, t)
+            if c == "warmup":
+                ready.set()
+        if done.is_set():
+            if deadline is None:
+                deadline = t + 10.0
+                expected = out.recv()
+            if t > deadline or expected <= arrived.keys():
+                break
+    cons.close()
+    out.send(arrived)
+    out.close()
 
 
 def run_writers(dsn, topic, rate, seconds, make_payload):
