@@ -18,7 +18,7 @@
  *
  * Durability: claims are read-only transactions (nothing to flush: a new
  * event goes out at once); outcomes are recorded in batches, at most
- * RECORD_DELAY_MS after the first came back, in transactions committed
+ * RECORD_DELAY_MS after the first was produced, in transactions committed
  * asynchronously: the relay does not wait for their flush.  Recorded rows
  * leave the window only once the WAL holding their recording is flushed
  * (usually at once, by the commits of the events that come next, or by the
