@@ -83,6 +83,7 @@ extern void relay_want_batch_bytes(int bytes);
 extern void pipeline_init(void);
 extern void pipeline_reset(void);
 extern void pipeline_prepare(Oid outbox, Oid seq);
+extern int	pipeline_window(void);
 extern int	pipeline_room(void);
 extern int	pipeline_inflight(void);
 extern bool pipeline_has_reports(void);

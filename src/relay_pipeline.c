@@ -225,13 +225,18 @@ pipeline_inflight(void)
 	return n_inflight - n_stalled_inflight + n_done + n_claimed;
 }
 
+/* The window: the most rows between their claim and their recorded outcome. */
+int
+pipeline_window(void)
+{
+	return Min(cqrs_batch_size, CQRS_MAX_WINDOW);
+}
+
 /* How many more rows may be claimed now. */
 int
 pipeline_room(void)
 {
-	int			cap = Min(cqrs_batch_size, CQRS_MAX_WINDOW);
-
-	return Max(cap - pipeline_inflight(), 0);
+	return Max(pipeline_window() - pipeline_inflight(), 0);
 }
 
 bool
@@ -293,10 +298,8 @@ pipeline_timers(TimestampTz now)
 TimestampTz
 pipeline_reports_may_wait(void)
 {
-	int			cap = Min(cqrs_batch_size, CQRS_MAX_WINDOW);
-
 	if (n_inflight == 0 || n_claimed > 0 ||
-		!dlist_is_empty(&reported) || pipeline_room() < cap / 2)
+		!dlist_is_empty(&reported) || pipeline_room() < pipeline_window() / 2)
 		return 0;
 	return dlist_container(RelayRow, node, dlist_head_node(&inflight))->produced_at;
 }

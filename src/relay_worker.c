@@ -727,7 +727,7 @@ relay_turn(void)
 	 */
 	record_urgent = pipeline_has_reports() &&
 		(now >= pipeline_oldest_report() + RECORD_DELAY_MS * 1000 ||
-		 room < Min(cqrs_batch_size, CQRS_MAX_WINDOW) / 2);
+		 room < pipeline_window() / 2);
 	/* a claim for new commits goes first; one for a backlog takes them along */
 	want_record = record_alerts_queued() || record_urgent ||
 		(pipeline_has_reports() && want_claim && !wake_claim);
