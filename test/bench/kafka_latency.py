@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 
-from steady_writers import consume_arrivals, on_schedule, pct
+from steady_writers import consume_arrivals, on_schedule, pct, probe_payload
 
 DEBIAN_PYTHON = "/usr/bin/python3"     # its python3-confluent-kafka is built on the relay's librdkafka
 if sys.argv[1] != "--produce":
@@ -27,12 +27,11 @@ if sys.argv[1] != "--produce":
     topic = f"{sys.argv[2]}.{uuid.uuid4().hex[:8]}"
     rate, seconds = float(sys.argv[3]), float(sys.argv[4])
 WARMUP = float(os.environ.get("WARMUP_FLOOR", "10"))
-PAD = "x" * 200
 
 
 def line(c, i):
-    return f"key-{i % 1000}", json.dumps({"c": c, "type": "CommentAdded", "board_id": i % 1000,
-                                          "author": f"user-{i % 97}", "body": PAD})
+    """latency.py's event i: its key and value."""
+    return f"key-{i % 1000}", json.dumps(probe_payload(c, i))
 
 
 def produce(brokers, topic, rate, seconds):

@@ -20,17 +20,12 @@ import uuid
 
 import psycopg
 
-from steady_writers import WARMUP, WRITERS, consume_arrivals, pct, write_steadily
+from steady_writers import (WARMUP, WRITERS, consume_arrivals, pct, probe_payload as payload,
+                            write_steadily)
 
 dsn, brokers = sys.argv[1], sys.argv[2]
 topic = f"{sys.argv[3]}.{uuid.uuid4().hex[:8]}"   # fresh topic: no old messages
 rate, seconds = float(sys.argv[4]), float(sys.argv[5])
-PAD = "x" * 200
-
-
-def payload(c, i):
-    return {"c": c, "type": "CommentAdded", "board_id": i % 1000,
-            "author": f"user-{i % 97}", "body": PAD}
 
 
 def writer(n, t0, out):

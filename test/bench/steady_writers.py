@@ -44,6 +44,15 @@ WRITERS = 4
 WARMUP = float(os.environ.get("BENCH_WARMUP", "180"))
 
 
+PAD = "x" * 200
+
+
+def probe_payload(c, i):
+    """latency.py's events (and kafka_latency.py's, so that both are alike)."""
+    return {"c": c, "type": "CommentAdded", "board_id": i % 1000,
+            "author": f"user-{i % 97}", "body": PAD}
+
+
 def pct(vals, p):
     return vals[min(len(vals) - 1, int(p / 100.0 * len(vals)))]
 
