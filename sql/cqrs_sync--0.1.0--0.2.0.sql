@@ -9,6 +9,21 @@
 -- both).  Rows are kept: nothing here drops a table that holds data.
 
 -----------------------------------------------------------------------------
+-- New events get time-ordered ids, so that the unique index on event_id
+-- takes them at its right edge (rows already in the outbox keep theirs).
+-----------------------------------------------------------------------------
+
+CREATE FUNCTION cqrs_uuidv7() RETURNS uuid
+AS 'MODULE_PATHNAME', 'cqrs_uuidv7'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION cqrs_uuidv7() IS
+    'A time-ordered UUID (version 7, RFC 9562): 48 bits of Unix time in milliseconds, 12 bits of sub-millisecond time, 62 random bits; strictly increasing within a session. The default of cqrs_outbox.event_id: the entries of recent events sit together in its unique index.';
+-- only the outbox's inserts need it, and they run as its owner
+REVOKE ALL ON FUNCTION cqrs_uuidv7() FROM PUBLIC;
+ALTER TABLE cqrs_outbox ALTER COLUMN event_id SET DEFAULT cqrs_uuidv7();
+COMMENT ON COLUMN cqrs_outbox.event_id IS 'Unique event id, sent as the Kafka header event_id; consumers deduplicate by it. Time-ordered (cqrs_uuidv7()) unless the event brought its own.';
+
+-----------------------------------------------------------------------------
 -- Monitoring sees counts, ages and errors, never an event's key, payload or
 -- headers (pg_monitor had SELECT on both tables).
 -----------------------------------------------------------------------------

@@ -20,6 +20,21 @@ SELECT topic, key, payload, headers, status, retry_count, dlt_retry_count,
 -- ids follow enqueue order
 SELECT array_agg(id ORDER BY id) = array_agg(id ORDER BY created_at, id) AS ordered FROM cqrs_outbox;
 
+-- event ids are time-ordered UUIDs (cqrs_uuidv7(), RFC 9562 version 7):
+-- the first 48 bits are the Unix time in ms, then the version (7); the
+-- variant is 10; 62 bits are random; a session's ids strictly increase
+SELECT substr(event_id::text, 15, 1) AS version,
+       substr(event_id::text, 20, 1) IN ('8', '9', 'a', 'b') AS rfc_variant,
+       abs(extract(epoch FROM created_at) * 1000
+           - ('x' || lpad(replace(substr(event_id::text, 1, 13), '-', ''), 16, '0'))::bit(64)::bigint) < 60000
+         AS time_is_the_enqueue_time
+  FROM cqrs_outbox ORDER BY id;
+WITH g AS (SELECT n, cqrs_uuidv7() AS u FROM generate_series(1, 10000) n)
+SELECT count(DISTINCT u) AS distinct_ids, bool_and(u > prev) AS increasing,
+       count(DISTINCT right(u::text, 12)) AS distinct_random_tails,
+       bool_and(substr(u::text, 15, 1) = '7') AS all_version_7
+  FROM (SELECT u, lag(u) OVER (ORDER BY n) AS prev FROM g) s;
+
 -- an event of a rolled-back transaction does not exist
 BEGIN;
 SELECT cqrs_enqueue('board.events', 'board-2', '{"type": "BoardCreated"}') > 0 AS enqueued;
