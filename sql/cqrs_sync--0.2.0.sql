@@ -41,7 +41,7 @@ COMMENT ON TYPE cqrs_outbox_status IS
 
 CREATE FUNCTION cqrs_uuidv7() RETURNS uuid
 AS 'MODULE_PATHNAME', 'cqrs_uuidv7'
-LANGUAGE C VOLATILE PARALLEL SAFE;
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION cqrs_uuidv7() IS
     'A time-ordered UUID (version 7, RFC 9562): 48 bits of Unix time in milliseconds, 12 bits of sub-millisecond time, 62 random bits; strictly increasing within a session. The default of cqrs_outbox.event_id: the entries of recent events sit together in its unique index.';
 -- only the outbox's inserts need it, and they run as its owner
