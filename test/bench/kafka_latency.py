@@ -5,9 +5,10 @@ relay's librdkafka (Debian's python3-confluent-kafka is built on the same
 Debian librdkafka) and the relay's producer settings (idempotent, acks=all,
 linger.ms=0), producing one ~300-byte event at a time on the same steady
 schedule, without a database.  Latency = consumer arrival - the moment the
-event was handed to librdkafka (one CLOCK_MONOTONIC for all processes).  No relay can deliver faster than this
-on the same machine at the same moment: run it right after latency.py
-(which also warms the broker's JVM) and compare within the run.
+event was handed to librdkafka (one CLOCK_MONOTONIC for all processes).  No
+relay can deliver faster than this on the same machine at the same moment:
+run it right after latency.py (which also warms the broker's JVM) and
+compare within the run.
 
 usage: kafka_latency.py BROKERS TOPIC RATE SECONDS  (SECONDS measured after WARMUP_FLOOR, default 10)
 """
