@@ -3,7 +3,8 @@
 #
 # (a) drain: a backlog of 200,000 PENDING rows of ~300-byte JSON over 1,000
 #     keys, committed in one transaction; events/s from COMMIT returned until
-#     the last row is SENT (acknowledged by Kafka and recorded);
+#     the last row is SENT (acknowledged by Kafka and recorded); after (b), so
+#     that the broker is warm, as for the machine limit;
 # (b) latency: commit-to-consumer p50/p99 at a steady 1,000 events/s, from
 #     the consumer's receipt (and from sent_at, the recorded outcome), and
 #     the floor of that figure on this machine at that moment: Kafka alone
@@ -61,6 +62,23 @@ relay_report() {
                label, y[1] - x[1], y[2] - x[2], y[3] - x[3], y[4] - x[4], y[5] - x[5], y[6] - x[6] }'
 }
 
+"${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
+cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
+"$VENV/bin/python" "$HERE/latency.py" "host=$PGHOST port=$PGPORT user=$PGUSER dbname=postgres" \
+    "127.0.0.1:$KAFKA_PORT" bench.latency "$RATE" "$SECS"
+relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'")" "$cpu0" "$ph0"
+"${PSQL[@]}" -At -F ' ' -c "
+    SELECT format('latency: enqueue->SENT recorded ms  p50 %s  p99 %s (server clock, includes the commit)',
+                  round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2),
+                  round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2))
+      FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'
+       AND created_at > (SELECT min(created_at) + interval '2 s' FROM cqrs_outbox)"
+# the floor for the figures above: Kafka alone, the relay's librdkafka and
+# producer settings, the same consumer and schedule, no database
+"$VENV/bin/python" "$HERE/kafka_latency.py" "127.0.0.1:$KAFKA_PORT" bench.floor "$RATE" "$SECS"
+# the drains after the latency runs: against a broker whose JVM is warm, as
+# for the machine limit below (a broker that has just started is many times
+# slower for its first minutes)
 for run in $(seq 1 "$RUNS"); do
     "${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
     cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
@@ -101,19 +119,5 @@ t1=$(date +%s.%N)
 awk -v n="$ROWS" -v a="$t0" -v b="$t1" 'BEGIN { printf "drain with delete_on_sent: %d events, %.2f s from COMMIT to the last row deleted (polled every 20 ms): %d events/s\n", n, b - a, n / (b - a) }'
 "${PSQL[@]}" -c "ALTER SYSTEM RESET cqrs_sync.delete_on_sent" -c "SELECT pg_reload_conf()" >/dev/null
 
-"${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
-cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
-"$VENV/bin/python" "$HERE/latency.py" "host=$PGHOST port=$PGPORT user=$PGUSER dbname=postgres" \
-    "127.0.0.1:$KAFKA_PORT" bench.latency "$RATE" "$SECS"
-relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'")" "$cpu0" "$ph0"
-"${PSQL[@]}" -At -F ' ' -c "
-    SELECT format('latency: enqueue->SENT recorded ms  p50 %s  p99 %s (server clock, includes the commit)',
-                  round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2),
-                  round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2))
-      FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'
-       AND created_at > (SELECT min(created_at) + interval '2 s' FROM cqrs_outbox)"
-# the floor for the figures above: Kafka alone, the relay's librdkafka and
-# producer settings, the same consumer and schedule, no database
-"$VENV/bin/python" "$HERE/kafka_latency.py" "127.0.0.1:$KAFKA_PORT" bench.floor "$RATE" "$SECS"
 awk '/^(VmRSS|VmHWM|RssAnon)/ {printf "%s %.0f MiB  ", $1, $2/1024} END {print "(relay; RssAnon is its own memory, VmRSS counts shared buffers it touched)"}' "/proc/$RELAY_PID/status"
 ROWS="$ROWS" bash "$HERE/machine_limit.sh" "127.0.0.1:$KAFKA_PORT"
