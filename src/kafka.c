@@ -543,15 +543,7 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 	/* defaults the properties file may change */
 	if (!conf_set(conf, "client.id", relay ? "cqrs_sync" : "cqrs_sync-monitor",
 				  "default", errbuf, errlen) ||
-		/*
-		 * Not 0: with 0, producing each message wakes librdkafka's broker
-		 * thread (a pipe write in the relay's thread, a read in the
-		 * broker's) and sends it in a request of its own.  With 0.5, at
-		 * 1,000 events/s, the relay used about a sixth less CPU per
-		 * event and the median commit-to-consumer latency rose from 0.3 to
-		 * 1.1 ms (docs/configuration.md); drains are not slower.
-		 */
-		!conf_set(conf, "linger.ms", "0.5", "default", errbuf, errlen) ||
+		!conf_set(conf, "linger.ms", "0", "default", errbuf, errlen) ||
 		!conf_set(conf, "reconnect.backoff.max.ms", "1000", "default", errbuf, errlen) ||
 		/* an outage pauses delivery; it never fails messages */
 		!conf_set(conf, "message.timeout.ms", "0", "default", errbuf, errlen))

@@ -3,7 +3,7 @@
 The same broker, the same consumer as latency.py, and a producer with the
 relay's librdkafka (Debian's python3-confluent-kafka is built on the same
 Debian librdkafka) and the relay's producer settings (idempotent, acks=all,
-linger.ms=0.5), producing one ~300-byte event at a time on the same steady
+linger.ms=0), producing one ~300-byte event at a time on the same steady
 schedule, without a database.  Latency = consumer arrival - the moment the
 event was handed to librdkafka (one CLOCK_MONOTONIC for all processes).  No
 relay can deliver faster than this on the same machine at the same moment:
@@ -42,7 +42,7 @@ def produce(brokers, topic, rate, seconds):
     import select
     from confluent_kafka import Producer
     p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True,
-                  "acks": "all", "linger.ms": 0.5})
+                  "acks": "all", "linger.ms": 0})
     # the first produce to a new topic can fail while the broker creates it
     while not select.select([sys.stdin], [], [], 0.5)[0]:
         p.produce(topic, line("warmup", 0)[1], key="key-0")
