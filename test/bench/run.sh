@@ -13,7 +13,8 @@
 # (c) the relay's CPU per event and where its time goes (cqrs_stats_relay's
 #     phase timers) in each run, and this machine's limits measured in the
 #     same run (test/bench/machine_limit.sh: kcat's idempotent producer, the
-#     relay's SQL without Kafka), to set the drain rate against.
+#     relay's SQL without Kafka), and the drain rates divided by the slower
+#     of the two.
 # Figures, not assertions: timing belongs here, not in the tests.
 #
 # Environment: BENCH_ROWS (200000), BENCH_RATE (1000), BENCH_SECONDS (30,
@@ -79,6 +80,7 @@ relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbo
 # the drains after the latency runs: against a broker whose JVM is warm, as
 # for the machine limit below (a broker that has just started is many times
 # slower for its first minutes)
+DRAINS=()    # "N events/s" per drain run, set against the machine limit at the end
 for run in $(seq 1 "$RUNS"); do
     "${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
     cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
@@ -93,12 +95,14 @@ SQL
     while [ "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'")" != 0 ]; do
         sleep 0.05
     done
-    "${PSQL[@]}" -At -F ' ' -c "
+    line="$("${PSQL[@]}" -At -F ' ' -c "
         SELECT format('drain run %s: %s events, avg %s bytes, %s s from COMMIT to last SENT: %s events/s',
                       $run, count(*), round(avg(octet_length(payload::text))),
                       round((extract(epoch FROM max(sent_at)) - $t0)::numeric, 2),
                       round(count(*) / (extract(epoch FROM max(sent_at)) - $t0)))
-          FROM cqrs_outbox"
+          FROM cqrs_outbox")"
+    echo "$line"
+    DRAINS+=("${line##*: }")
     relay_report "drain run $run" "$ROWS" "$cpu0" "$ph0"
 done
 
@@ -120,4 +124,19 @@ awk -v n="$ROWS" -v a="$t0" -v b="$t1" 'BEGIN { printf "drain with delete_on_sen
 "${PSQL[@]}" -c "ALTER SYSTEM RESET cqrs_sync.delete_on_sent" -c "SELECT pg_reload_conf()" >/dev/null
 
 awk '/^(VmRSS|VmHWM|RssAnon)/ {printf "%s %.0f MiB  ", $1, $2/1024} END {print "(relay; RssAnon is its own memory, VmRSS counts shared buffers it touched)"}' "/proc/$RELAY_PID/status"
-ROWS="$ROWS" bash "$HERE/machine_limit.sh" "127.0.0.1:$KAFKA_PORT"
+LIMITS="$(ROWS="$ROWS" bash "$HERE/machine_limit.sh" "127.0.0.1:$KAFKA_PORT")"
+echo "$LIMITS"
+# the drains against the slower of the two limits of marking rows SENT:
+# Kafka's producer and PostgreSQL's scan + UPDATE
+awk -v drains="${DRAINS[*]}" '
+    /^machine limit, producer/ { kafka = $(NF - 1) }
+    /^machine limit, sql \(scan \+ update/ { sql = $(NF - 1) }
+    END {
+        limit = (kafka < sql) ? kafka : sql
+        if (limit <= 0) { print "drain / machine limit: no machine limit measured"; exit }
+        n = split(drains, d, " ")
+        out = ""
+        for (i = 1; i < n; i += 2)
+            out = out sprintf("%s%.2f", (out == "" ? "" : ", "), d[i] / limit)
+        printf "drain / machine limit (%.0f/s, the slower of producer and SQL): %s\n", limit, out
+    }' <<<"$LIMITS"
