@@ -60,18 +60,20 @@ SELECT p.proname,
 SELECT * FROM cqrs_cleanup();
 
 -- rows of every status and age (inserted directly: a test, not an app)
-INSERT INTO cqrs_outbox (topic, key, payload, status, created_at, sent_at)
-VALUES ('t', 'a', '{"n": 1}', 'SENT',          now() - interval '10 days', now() - interval '10 days'),
-       ('t', 'b', '{"n": 2}', 'SENT',          now() - interval '9 days',  now() - interval '9 days'),
-       ('t', 'c', '{"n": 3}', 'PENDING',       now() - interval '9 days',  NULL),
-       ('t', 'd', '{"n": 4}', 'DEAD_LETTERED', now() - interval '8 days',  NULL),
-       ('t', 'e', '{"n": 5}', 'DLT_FAILED',    now() - interval '8 days',  NULL),
-       ('t', 'f', '{"n": 6}', 'DEAD_LETTERED', now() - interval '8 days',  NULL),
-       ('t', 'g', '{"n": 7}', 'DLT_FAILED',    now() - interval '2 days',  NULL),
-       ('t', 'h', '{"n": 8}', 'SENT',          now() - interval '1 hour',  now() - interval '1 hour'),
-       ('t', 'i', '{"n": 9}', 'PENDING',       now(),                      NULL);
-UPDATE cqrs_outbox SET last_error = 'MSG_SIZE_TOO_LARGE: Message size too large'
- WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
+INSERT INTO cqrs_outbox (topic, key, payload, status, created_at, sent_at, last_error)
+VALUES ('t', 'a', '{"n": 1}', 'SENT',          now() - interval '10 days', now() - interval '10 days', NULL),
+       ('t', 'b', '{"n": 2}', 'SENT',          now() - interval '9 days',  now() - interval '9 days', NULL),
+       ('t', 'c', '{"n": 3}', 'PENDING',       now() - interval '9 days',  NULL, NULL),
+       ('t', 'd', '{"n": 4}', 'DEAD_LETTERED', now() - interval '8 days',  NULL, 'MSG_SIZE_TOO_LARGE: Message size too large'),
+       ('t', 'e', '{"n": 5}', 'DLT_FAILED',    now() - interval '8 days',  NULL, 'MSG_SIZE_TOO_LARGE: Message size too large'),
+       ('t', 'f', '{"n": 6}', 'DEAD_LETTERED', now() - interval '8 days',  NULL, 'MSG_SIZE_TOO_LARGE: Message size too large'),
+       ('t', 'g', '{"n": 7}', 'DLT_FAILED',    now() - interval '2 days',  NULL, 'MSG_SIZE_TOO_LARGE: Message size too large'),
+       ('t', 'h', '{"n": 8}', 'SENT',          now() - interval '1 hour',  now() - interval '1 hour', NULL),
+       ('t', 'i', '{"n": 9}', 'PENDING',       now(),                      NULL, NULL);
+-- a failed row always has its error
+\set VERBOSITY terse
+INSERT INTO cqrs_outbox (topic, key, payload, status) VALUES ('t', 'x', '{}', 'DLT_FAILED');
+\set VERBOSITY default
 SELECT id, key, status FROM cqrs_outbox ORDER BY id;
 
 -- approvals: an operator (the approver is the session user, postgres here;

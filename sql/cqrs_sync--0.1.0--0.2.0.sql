@@ -57,14 +57,66 @@ GRANT SELECT (audit_id, action, outbox_id, event_id, topic, status, reason, appr
               session_user_name)
     ON cqrs_outbox_audit TO pg_monitor;
 
+-----------------------------------------------------------------------------
+-- The relay's update to SENT becomes a HOT update (no index entry): no index
+-- mentions status any more, and each page keeps room for the new versions.
+-- The relay walks the primary key from its mark instead of a PENDING index;
+-- failed rows are found through the index of rows with an error.
+-----------------------------------------------------------------------------
+
+-- enqueueing waits until the update commits (reading goes on)
+LOCK TABLE cqrs_outbox IN EXCLUSIVE MODE;
+-- new pages only: the rows already there keep their pages
+ALTER TABLE cqrs_outbox SET (fillfactor = 50);
+-- a failed row always has its error (0.1.0 could leave it empty)
+UPDATE cqrs_outbox SET last_error = 'unknown error (failed before version 0.2.0)'
+ WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED') AND last_error IS NULL;
+ALTER TABLE cqrs_outbox ADD CONSTRAINT cqrs_outbox_failed_error_check
+    CHECK (status IN ('PENDING', 'SENT') OR last_error IS NOT NULL);
+
+-- The mark starts at the lowest PENDING row (the LOCK TABLE above waited for
+-- every transaction that had written to the outbox).
+CREATE TABLE cqrs_relay_mark (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    scan_from bigint NOT NULL DEFAULT 1
+);
+COMMENT ON TABLE cqrs_relay_mark IS
+    'Where the relay''s scan of the outbox starts after a restart (one row).';
+COMMENT ON COLUMN cqrs_relay_mark.singleton IS 'Always true: the table has one row.';
+COMMENT ON COLUMN cqrs_relay_mark.scan_from IS 'No committed outbox row below this id is PENDING; the relay moves it up about once a second while it records outcomes, the operator functions move it down.';
+INSERT INTO cqrs_relay_mark (scan_from)
+SELECT coalesce((SELECT min(id) FROM cqrs_outbox WHERE status = 'PENDING'),
+                (SELECT max(id) + 1 FROM cqrs_outbox), 1);
+REVOKE ALL ON cqrs_relay_mark FROM PUBLIC;
+GRANT SELECT ON cqrs_relay_mark TO cqrs_sync_operator;
+
+DROP INDEX cqrs_outbox_pending_idx;
+DROP INDEX cqrs_outbox_failed_idx;
+CREATE INDEX cqrs_outbox_error_idx ON cqrs_outbox (topic) WHERE last_error IS NOT NULL;
+COMMENT ON INDEX cqrs_outbox_error_idx IS
+    'Rows with an error: PENDING rows being retried, DEAD_LETTERED and DLT_FAILED rows; for the failed counts, the dead-letter topics and cleanup. The relay''s update to SENT of a row without an error leaves it alone.';
+
+CREATE FUNCTION cqrs_relay_revisit(from_id bigint)
+RETURNS void
+AS 'MODULE_PATHNAME', 'cqrs_relay_revisit'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_relay_revisit(bigint) IS
+    'Internal (the operator functions): when the calling transaction commits, wakes the relay and has its scan go back to outbox id from_id, where a row was made PENDING again. The caller also lowers cqrs_relay_mark.scan_from, so that a restart goes back there too.';
+REVOKE ALL ON FUNCTION cqrs_relay_revisit(bigint) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION cqrs_wake_relay()
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE @extschema@.cqrs_relay_mark SET scan_from = 1;
+    PERFORM @extschema@.cqrs_relay_revisit(1);
+END
+$$;
+
 -- The stats run as the extension's owner, and estimate SENT rows on a large
 -- outbox instead of counting them.
--- Counts of failed rows per status without reading the table (index-only;
--- the relay's updates to SENT never add entries).
-CREATE INDEX cqrs_outbox_failed_status_idx ON cqrs_outbox (status)
-    WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
-COMMENT ON INDEX cqrs_outbox_failed_status_idx IS
-    'Lets cqrs_outbox_stats() count DEAD_LETTERED and DLT_FAILED rows with an index-only scan.';
 CREATE OR REPLACE FUNCTION cqrs_outbox_stats(
     OUT pending bigint,
     OUT sent bigint,
@@ -95,8 +147,10 @@ SET search_path = pg_catalog, pg_temp
 -- a large one: compiling it would take longer than the whole call
 SET jit = off
 AS $$
-    -- PENDING and failed rows are counted exactly, through their partial
-    -- indexes (index-only).  SENT rows are the rest of the table: counted
+    -- PENDING rows are counted exactly by walking the primary key from the
+    -- relay's mark (no committed row below it is PENDING); failed rows
+    -- exactly, through the index of rows with an error.  SENT rows are the
+    -- rest of the table: counted
     -- exactly while it has at most 1,000 pages (8 MB), estimated above that
     -- from the planner's statistics (live rows per page at the last VACUUM
     -- or ANALYZE, times the table's current number of pages) so that a
@@ -121,15 +175,18 @@ AS $$
                                 ELSE pg_stat_get_live_tuples(c.oid) END AS live
                       FROM pg_class c
                      WHERE c.oid = '@extschema@.cqrs_outbox'::regclass) est,
-           (SELECT count(*) AS pending
-              FROM @extschema@.cqrs_outbox WHERE status = 'PENDING') p,
+           (SELECT coalesce((SELECT scan_from FROM @extschema@.cqrs_relay_mark), 1) AS scan_from) m,
+           LATERAL (SELECT count(*) AS pending
+                      FROM @extschema@.cqrs_outbox
+                     WHERE id >= m.scan_from AND status = 'PENDING') p,
            (SELECT count(*) FILTER (WHERE status = 'DEAD_LETTERED') AS dead_lettered,
                    count(*) FILTER (WHERE status = 'DLT_FAILED')    AS dlt_failed
               FROM @extschema@.cqrs_outbox
-             WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED')) f,
+             WHERE last_error IS NOT NULL AND status IN ('DEAD_LETTERED', 'DLT_FAILED')) f,
            -- the first PENDING row in outbox order
-           (SELECT (SELECT created_at FROM @extschema@.cqrs_outbox
-                     WHERE status = 'PENDING' ORDER BY id LIMIT 1) AS oldest) o,
+           LATERAL (SELECT (SELECT created_at FROM @extschema@.cqrs_outbox
+                             WHERE id >= m.scan_from AND status = 'PENDING'
+                             ORDER BY id LIMIT 1) AS oldest) o,
            @extschema@.cqrs_relay_state() r
 $$;
 COMMENT ON FUNCTION cqrs_outbox_stats() IS
@@ -177,7 +234,10 @@ BEGIN
      WHERE o.id = r.id;
     -- the cleanup's walk may have passed the row: it comes back for it
     UPDATE @extschema@.cqrs_cleanup_state SET walk_from = r.id WHERE walk_from > r.id;
-    PERFORM @extschema@.cqrs_wake_relay();
+    -- the relay's scan goes back to it, also after a restart (the update
+    -- always locks the mark: the relay then does not move it past the row)
+    UPDATE @extschema@.cqrs_relay_mark SET scan_from = least(scan_from, r.id);
+    PERFORM @extschema@.cqrs_relay_revisit(r.id);
     RETURN true;
 END
 $$;
@@ -219,7 +279,8 @@ BEGIN
     IF n > 0 THEN
         -- the cleanup's walk may have passed the rows: it comes back for them
         UPDATE @extschema@.cqrs_cleanup_state SET walk_from = lowest WHERE walk_from > lowest;
-        PERFORM @extschema@.cqrs_wake_relay();
+        UPDATE @extschema@.cqrs_relay_mark SET scan_from = least(scan_from, lowest);
+        PERFORM @extschema@.cqrs_relay_revisit(lowest);
     END IF;
     RETURN n;
 END
@@ -971,7 +1032,7 @@ REVOKE ALL ON FUNCTION cqrs_discard(bigint, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_discard(bigint, text) TO cqrs_sync_operator;
 
 COMMENT ON FUNCTION cqrs_wake_relay() IS
-    'Wakes the relay when the calling transaction commits and has it scan the outbox from the start (the operator functions use it), so a row made PENDING again is sent at once.';
+    'Wakes the relay when the calling transaction commits and has it scan the outbox from the start (also after a restart, until it has), so that rows made PENDING by hand are sent.';
 
 -- @@MONITORING_BEGIN@@
 
@@ -1069,10 +1130,11 @@ AS $$
            WHERE o.id = ANY ((SELECT walk_pending FROM w)::bigint[]) AND o.id < (SELECT walk_from FROM w)
              AND o.status = 'SENT' AND o.sent_at < (SELECT sent_cutoff FROM cut)),
     -- failed rows old enough to be purged that nobody approved (through the
-    -- failed rows' partial indexes)
+    -- index of rows with an error)
     a AS (SELECT count(*) AS n, min(o.created_at) AS oldest
             FROM @extschema@.cqrs_outbox o
-           WHERE o.status IN ('DEAD_LETTERED', 'DLT_FAILED') AND o.purge_approved_at IS NULL
+           WHERE o.last_error IS NOT NULL AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED')
+             AND o.purge_approved_at IS NULL
              AND o.created_at < (SELECT dlt_cutoff FROM cut))
     SELECT st.worker_pid, st.interval_seconds, st.passes, st.errors,
            st.last_pass_start, st.last_pass_end, st.last_success_at,

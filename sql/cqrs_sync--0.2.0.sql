@@ -65,8 +65,15 @@ CREATE TABLE cqrs_outbox (
     purge_approved_at timestamptz,
     CONSTRAINT cqrs_outbox_topic_check CHECK (topic <> ''),
     CONSTRAINT cqrs_outbox_headers_check
-        CHECK (headers IS NULL OR jsonb_typeof(headers) = 'object')
-);
+        CHECK (headers IS NULL OR jsonb_typeof(headers) = 'object'),
+    -- failed rows are found through cqrs_outbox_error_idx
+    CONSTRAINT cqrs_outbox_failed_error_check
+        CHECK (status IN ('PENDING', 'SENT') OR last_error IS NOT NULL)
+)
+-- Room on each page for the relay's update to SENT: it stays on the row's
+-- page and adds no index entry (a HOT update); see the comment on the index
+-- below.
+WITH (fillfactor = 50);
 COMMENT ON TABLE cqrs_outbox IS
     'Transactional outbox: one row per event, written by cqrs_enqueue() in the caller''s transaction and published to Kafka by the cqrs_sync relay worker.';
 COMMENT ON COLUMN cqrs_outbox.id IS 'Outbox order; events of one key reach Kafka in id order.';
@@ -85,15 +92,37 @@ COMMENT ON COLUMN cqrs_outbox.purge_approved_by IS 'Operator who approved purgin
 COMMENT ON COLUMN cqrs_outbox.purge_approved_at IS 'When purging this failed row was approved.';
 COMMENT ON COLUMN cqrs_outbox.sent_at IS 'When Kafka acknowledged the last message of the row''s batch.';
 
--- The relay's scan: only PENDING rows, in id order.
 COMMENT ON SEQUENCE cqrs_outbox_id_seq IS
     'Outbox ids; the relay reads its high-water mark to keep per-key order across out-of-order commits.';
 
-CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING';
+-- No index mentions status, next_attempt_at or sent_at: the relay's update
+-- of a row to SENT changes none of the indexed columns, so it is a HOT update
+-- (no index entry).  The relay walks the primary key from cqrs_relay_mark;
+-- failed rows, and rows whose delivery failed, are found through this index
+-- (a failed row always has its error; see cqrs_outbox_failed_error_check).
+CREATE INDEX cqrs_outbox_error_idx ON cqrs_outbox (topic) WHERE last_error IS NOT NULL;
+COMMENT ON INDEX cqrs_outbox_error_idx IS
+    'Rows with an error: PENDING rows being retried, DEAD_LETTERED and DLT_FAILED rows; for the failed counts, the dead-letter topics and cleanup. The relay''s update to SENT of a row without an error leaves it alone.';
+
+-- Where the relay's scan of the outbox starts (one row): below scan_from no
+-- committed row is PENDING.  Written by the relay, lowered by cqrs_retry(),
+-- cqrs_retry_dlt_failed() and cqrs_wake_relay().  Not dumped: after a restore
+-- the relay walks the whole outbox once.
+CREATE TABLE cqrs_relay_mark (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    scan_from bigint NOT NULL DEFAULT 1
+);
+COMMENT ON TABLE cqrs_relay_mark IS
+    'Where the relay''s scan of the outbox starts after a restart (one row).';
+COMMENT ON COLUMN cqrs_relay_mark.singleton IS 'Always true: the table has one row.';
+COMMENT ON COLUMN cqrs_relay_mark.scan_from IS 'No committed outbox row below this id is PENDING; the relay moves it up about once a second while it records outcomes, the operator functions move it down.';
+INSERT INTO cqrs_relay_mark DEFAULT VALUES;
 
 REVOKE ALL ON cqrs_outbox FROM PUBLIC;
 REVOKE ALL ON SEQUENCE cqrs_outbox_id_seq FROM PUBLIC;
 GRANT SELECT ON cqrs_outbox TO cqrs_sync_operator;
+REVOKE ALL ON cqrs_relay_mark FROM PUBLIC;
+GRANT SELECT ON cqrs_relay_mark TO cqrs_sync_operator;
 -- Monitoring sees counts, ages and errors, never an event's key, payload or
 -- headers.
 GRANT SELECT (id, event_id, topic, status, retry_count, dlt_retry_count, next_attempt_at,
@@ -195,16 +224,6 @@ LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION cqrs_relay_state() IS
     'Counters, phase timers and state of the relay worker since the server started (shared memory, kept across worker restarts), and the database it runs in; NULLs when cqrs_sync is not in shared_preload_libraries.';
 
--- Failed rows, for counts, the dead-letter topic list and cleanup.
-CREATE INDEX cqrs_outbox_failed_idx ON cqrs_outbox (topic)
-    WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
--- Counts of failed rows per status without reading the table (index-only;
--- the relay's updates to SENT never add entries).
-CREATE INDEX cqrs_outbox_failed_status_idx ON cqrs_outbox (status)
-    WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED');
-COMMENT ON INDEX cqrs_outbox_failed_status_idx IS
-    'Lets cqrs_outbox_stats() count DEAD_LETTERED and DLT_FAILED rows with an index-only scan.';
-
 CREATE FUNCTION cqrs_outbox_stats(
     OUT pending bigint,
     OUT sent bigint,
@@ -235,8 +254,10 @@ SET search_path = pg_catalog, pg_temp
 -- a large one: compiling it would take longer than the whole call
 SET jit = off
 AS $$
-    -- PENDING and failed rows are counted exactly, through their partial
-    -- indexes (index-only).  SENT rows are the rest of the table: counted
+    -- PENDING rows are counted exactly by walking the primary key from the
+    -- relay's mark (no committed row below it is PENDING); failed rows
+    -- exactly, through the index of rows with an error.  SENT rows are the
+    -- rest of the table: counted
     -- exactly while it has at most 1,000 pages (8 MB), estimated above that
     -- from the planner's statistics (live rows per page at the last VACUUM
     -- or ANALYZE, times the table's current number of pages) so that a
@@ -261,15 +282,18 @@ AS $$
                                 ELSE pg_stat_get_live_tuples(c.oid) END AS live
                       FROM pg_class c
                      WHERE c.oid = '@extschema@.cqrs_outbox'::regclass) est,
-           (SELECT count(*) AS pending
-              FROM @extschema@.cqrs_outbox WHERE status = 'PENDING') p,
+           (SELECT coalesce((SELECT scan_from FROM @extschema@.cqrs_relay_mark), 1) AS scan_from) m,
+           LATERAL (SELECT count(*) AS pending
+                      FROM @extschema@.cqrs_outbox
+                     WHERE id >= m.scan_from AND status = 'PENDING') p,
            (SELECT count(*) FILTER (WHERE status = 'DEAD_LETTERED') AS dead_lettered,
                    count(*) FILTER (WHERE status = 'DLT_FAILED')    AS dlt_failed
               FROM @extschema@.cqrs_outbox
-             WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED')) f,
+             WHERE last_error IS NOT NULL AND status IN ('DEAD_LETTERED', 'DLT_FAILED')) f,
            -- the first PENDING row in outbox order
-           (SELECT (SELECT created_at FROM @extschema@.cqrs_outbox
-                     WHERE status = 'PENDING' ORDER BY id LIMIT 1) AS oldest) o,
+           LATERAL (SELECT (SELECT created_at FROM @extschema@.cqrs_outbox
+                             WHERE id >= m.scan_from AND status = 'PENDING'
+                             ORDER BY id LIMIT 1) AS oldest) o,
            @extschema@.cqrs_relay_state() r
 $$;
 COMMENT ON FUNCTION cqrs_outbox_stats() IS
@@ -356,12 +380,26 @@ GRANT SELECT ON cqrs_stats_outbox, cqrs_stats_relay, cqrs_dlt_depth TO pg_monito
 
 -- @@OPERATOR_BEGIN@@
 
+CREATE FUNCTION cqrs_relay_revisit(from_id bigint)
+RETURNS void
+AS 'MODULE_PATHNAME', 'cqrs_relay_revisit'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs_relay_revisit(bigint) IS
+    'Internal (the operator functions): when the calling transaction commits, wakes the relay and has its scan go back to outbox id from_id, where a row was made PENDING again. The caller also lowers cqrs_relay_mark.scan_from, so that a restart goes back there too.';
+REVOKE ALL ON FUNCTION cqrs_relay_revisit(bigint) FROM PUBLIC;
+
 CREATE FUNCTION cqrs_wake_relay()
 RETURNS void
-AS 'MODULE_PATHNAME', 'cqrs_wake_relay_sql'
-LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE @extschema@.cqrs_relay_mark SET scan_from = 1;
+    PERFORM @extschema@.cqrs_relay_revisit(1);
+END
+$$;
 COMMENT ON FUNCTION cqrs_wake_relay() IS
-    'Wakes the relay when the calling transaction commits and has it scan the outbox from the start (the operator functions use it), so a row made PENDING again is sent at once.';
+    'Wakes the relay when the calling transaction commits and has it scan the outbox from the start (also after a restart, until it has), so that rows made PENDING by hand are sent.';
 REVOKE ALL ON FUNCTION cqrs_wake_relay() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_wake_relay() TO cqrs_sync_operator;
 
@@ -410,7 +448,10 @@ BEGIN
      WHERE o.id = r.id;
     -- the cleanup's walk may have passed the row: it comes back for it
     UPDATE @extschema@.cqrs_cleanup_state SET walk_from = r.id WHERE walk_from > r.id;
-    PERFORM @extschema@.cqrs_wake_relay();
+    -- the relay's scan goes back to it, also after a restart (the update
+    -- always locks the mark: the relay then does not move it past the row)
+    UPDATE @extschema@.cqrs_relay_mark SET scan_from = least(scan_from, r.id);
+    PERFORM @extschema@.cqrs_relay_revisit(r.id);
     RETURN true;
 END
 $$;
@@ -454,7 +495,8 @@ BEGIN
     IF n > 0 THEN
         -- the cleanup's walk may have passed the rows: it comes back for them
         UPDATE @extschema@.cqrs_cleanup_state SET walk_from = lowest WHERE walk_from > lowest;
-        PERFORM @extschema@.cqrs_wake_relay();
+        UPDATE @extschema@.cqrs_relay_mark SET scan_from = least(scan_from, lowest);
+        PERFORM @extschema@.cqrs_relay_revisit(lowest);
     END IF;
     RETURN n;
 END
@@ -1060,10 +1102,11 @@ AS $$
            WHERE o.id = ANY ((SELECT walk_pending FROM w)::bigint[]) AND o.id < (SELECT walk_from FROM w)
              AND o.status = 'SENT' AND o.sent_at < (SELECT sent_cutoff FROM cut)),
     -- failed rows old enough to be purged that nobody approved (through the
-    -- failed rows' partial indexes)
+    -- index of rows with an error)
     a AS (SELECT count(*) AS n, min(o.created_at) AS oldest
             FROM @extschema@.cqrs_outbox o
-           WHERE o.status IN ('DEAD_LETTERED', 'DLT_FAILED') AND o.purge_approved_at IS NULL
+           WHERE o.last_error IS NOT NULL AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED')
+             AND o.purge_approved_at IS NULL
              AND o.created_at < (SELECT dlt_cutoff FROM cut))
     SELECT st.worker_pid, st.interval_seconds, st.passes, st.errors,
            st.last_pass_start, st.last_pass_end, st.last_success_at,

@@ -22,7 +22,8 @@ SELECT p.oid::regprocedure AS function,
        p.prosecdef AS security_definer,
        p.proconfig AS settings
   FROM pg_proc p
- WHERE p.proname IN ('cqrs_retry', 'cqrs_retry_dlt_failed', 'cqrs_discard', 'cqrs_wake_relay')
+ WHERE p.proname IN ('cqrs_retry', 'cqrs_retry_dlt_failed', 'cqrs_discard', 'cqrs_wake_relay',
+                     'cqrs_relay_revisit')
  ORDER BY p.oid::regprocedure::text COLLATE "C";
 
 CREATE ROLE cqrs_regress_nobody LOGIN;

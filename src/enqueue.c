@@ -28,6 +28,7 @@
 
 PG_FUNCTION_INFO_V1(cqrs_enqueue);
 PG_FUNCTION_INFO_V1(cqrs_wake_relay_sql);
+PG_FUNCTION_INFO_V1(cqrs_relay_revisit);
 PG_FUNCTION_INFO_V1(cqrs_discard_check);
 
 /* Kafka's limit on topic names (Topic.MAX_NAME_LENGTH). */
@@ -35,6 +36,7 @@ PG_FUNCTION_INFO_V1(cqrs_discard_check);
 
 static bool enqueued_in_xact = false;
 static bool wake_at_commit = false;
+static int64 wake_from = PG_INT64_MAX;	/* the relay's scan goes back to it */
 static bool early_commit = false;	/* counted in cqrs_early_commit_begin() */
 
 /* The prepared INSERTs, and the extension they were prepared for. */
@@ -80,10 +82,11 @@ cqrs_xact_callback(XactEvent event, void *arg)
 
 	if (wake_at_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
 	{
-		/* rows anywhere in the outbox may be PENDING again: rescan */
+		/* rows from wake_from on may be PENDING again: the relay goes back */
 		if (event == XACT_EVENT_COMMIT)
-			cqrs_request_rescan();
+			cqrs_request_rescan(wake_from);
 		wake_at_commit = false;
+		wake_from = PG_INT64_MAX;
 	}
 	if (!enqueued_in_xact)
 		return;
@@ -118,14 +121,30 @@ cqrs_enqueue_init(void)
 }
 
 /*
- * cqrs_wake_relay() -> void: when this transaction commits, wake the relay
- * and have it scan the outbox from the start (an operator made rows PENDING
- * again, below where the relay's scan has got to).
+ * Version 0.1.0's cqrs_wake_relay() -> void: when this transaction commits,
+ * wake the relay and have it scan the outbox from the start (an operator made
+ * rows PENDING again, below where the relay's scan has got to).
  */
 Datum
 cqrs_wake_relay_sql(PG_FUNCTION_ARGS)
 {
 	wake_at_commit = true;
+	wake_from = 1;
+	PG_RETURN_VOID();
+}
+
+/*
+ * cqrs_relay_revisit(from_id bigint) -> void: when this transaction commits,
+ * wake the relay and have its scan go back to from_id (a row there was made
+ * PENDING again).  The caller lowers cqrs_relay_mark too.
+ */
+Datum
+cqrs_relay_revisit(PG_FUNCTION_ARGS)
+{
+	int64		from = PG_GETARG_INT64(0);
+
+	wake_at_commit = true;
+	wake_from = Min(wake_from, Max(from, 1));
 	PG_RETURN_VOID();
 }
 

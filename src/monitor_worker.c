@@ -87,7 +87,7 @@ read_dead_letter_topics(void)
 	if (OidIsValid(ext))
 	{
 		char	   *sql = psprintf("SELECT DISTINCT topic FROM %s.cqrs_outbox"
-								   " WHERE status = 'DEAD_LETTERED'",
+								   " WHERE last_error IS NOT NULL AND status = 'DEAD_LETTERED'",
 								   quote_identifier(cqrs_extension_schema(ext)));
 
 		if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)

@@ -82,7 +82,7 @@ extern void relay_want_batch_bytes(int bytes);
 /* ---- relay_pipeline.c ---- */
 extern void pipeline_init(void);
 extern void pipeline_reset(void);
-extern void pipeline_prepare(Oid outbox, Oid seq);
+extern void pipeline_prepare(Oid outbox, Oid seq, const char *mark);
 extern int	pipeline_window(void);
 extern int	pipeline_room(void);
 extern int	pipeline_inflight(void);
@@ -106,6 +106,9 @@ extern bool pipeline_broker_waiting(TimestampTz now);
 extern dlist_head *pipeline_done_rows(void);
 extern void pipeline_recorded(void);
 extern void pipeline_learn_limit(const char *topic, int limit);
+extern bool pipeline_needs_mark(void);
+extern void pipeline_read_mark(void);
+extern void pipeline_write_mark(TimestampTz now);
 
 /* ---- relay_order.c ---- */
 typedef enum OrderVerdict
@@ -117,6 +120,8 @@ typedef enum OrderVerdict
 
 extern void order_init(int nslots);
 extern void order_reset(void);
+extern void order_start_at(int64 from);
+extern int64 order_floor(void);
 extern int64 order_read_registry(int64 hw, int64 cursor);
 extern int64 order_scan_start(int64 cursor);
 extern void order_revisit(int64 from);

@@ -159,6 +159,46 @@ order_reset(void)
 	next_timer = 0;
 }
 
+/*
+ * The scan starts at id from (the relay's mark): transactions it sees as
+ * still taking their first id take ids from there on.
+ */
+void
+order_start_at(int64 from)
+{
+	prev_hw = Max(from - 1, 0);
+}
+
+/*
+ * The lowest id the scan may still have to come back to for a reason of
+ * order's: a revisit not yet done, a row held or waiting for a retry or for
+ * its failure's recording, or a row a watched transaction may still commit.
+ * (Rows in flight and rows of paused topics are the pipeline's.)
+ */
+int64
+order_floor(void)
+{
+	keys_iterator it;
+	KeyState   *ks;
+	int64		floor = revisit_from;
+
+	keys_start_iterate(keystates, &it);
+	while ((ks = keys_iterate(keystates, &it)) != NULL)
+	{
+		floor = Min(floor, ks->hold_from);
+		if (ks->wait_id != 0)
+			floor = Min(floor, ks->wait_id);
+		if (ks->failing_id != 0)
+			floor = Min(floor, ks->failing_id);
+		if (ks->redo_upto != 0)
+			floor = Min(floor, ks->redo_from);
+	}
+	for (int slot = 0; slot < nslots; slot++)
+		if (watched_gen[slot] != 0)
+			floor = Min(floor, watched_revisit[slot]);
+	return floor;
+}
+
 static KeyState *
 key_get(uint64 holdhash)
 {

@@ -76,9 +76,18 @@
 /* A partition is stalled when its oldest message waits this long. */
 #define STALL_MS			5000
 
+/*
+ * A claim reads at most this many rows of the primary key (most of them not
+ * PENDING when it goes back far); the next claim goes on from there.
+ */
+#define CLAIM_WALK_MAX		50000
+
+/* How often the relay's mark (cqrs_relay_mark) may move up. */
+#define MARK_MS				1000
+
 /* How to put back the index the claim reads (pipeline_prepare()). */
-#define PENDING_INDEX_HINT \
-	"Create it again: CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING'."
+#define PRIMARY_KEY_HINT \
+	"Create it again: ALTER TABLE cqrs_outbox ADD PRIMARY KEY (id)."
 
 static MemoryContext pipeline_cxt = NULL;
 
@@ -106,7 +115,11 @@ static TimestampTz last_ack_at = 0;
 
 static Oid	seq_oid = InvalidOid;
 static Oid	outbox_oid = InvalidOid;
-static Oid	pending_index = InvalidOid;	/* on (id) WHERE status = 'PENDING' */
+static Oid	pkey_index = InvalidOid;	/* the outbox's primary key, on (id) */
+static char *mark_table = NULL; /* cqrs_relay_mark (NULL: version 0.1.0) */
+static bool mark_known = false; /* was the mark read since the reset? */
+static int64 mark_value = 1;	/* the mark as last read or written */
+static TimestampTz next_mark_at = 0;
 static Oid	pending_label = InvalidOid; /* the enum value PENDING */
 static AttrNumber att_id,
 			att_event_id,
@@ -154,6 +167,7 @@ pipeline_reset(void)
 	dlist_init(&done);
 	n_staged = n_claimed = n_inflight = n_stalled_inflight = n_done = 0;
 	cursor = 0;
+	mark_known = false;
 	last_claim_full = false;
 	staged_claim = NULL;
 	size_checks_forget();
@@ -176,24 +190,27 @@ outbox_attnum(Oid outbox, const char *name)
 
 /*
  * Prepare the claim for the extension's outbox (inside a transaction): find
- * its pending index, its columns and the enum value PENDING.  The claim reads
- * the index itself rather than through a query: it runs once per wake, and
- * an executor's start and end cost more than the few rows it reads.
+ * its primary key, its columns, the enum value PENDING, and the relay's mark
+ * (mark: its table's qualified name; NULL when the extension's version has
+ * none).  The claim reads the index itself rather than through a query: it
+ * runs once per wake, and an executor's start and end cost more than the few
+ * rows it reads.
  */
 void
-pipeline_prepare(Oid outbox, Oid seq)
+pipeline_prepare(Oid outbox, Oid seq, const char *mark)
 {
-	Oid			nsp = get_rel_namespace(outbox);
 	HeapTuple	tup;
+	Relation	rel;
 
-	pending_index = get_relname_relid("cqrs_outbox_pending_idx", nsp);
-	if (!OidIsValid(pending_index))
+	rel = table_open(outbox, AccessShareLock);
+	pkey_index = RelationGetPrimaryKeyIndex(rel);
+	table_close(rel, AccessShareLock);
+	if (!OidIsValid(pkey_index))
 		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("cqrs_sync relay: index \"%s.cqrs_outbox_pending_idx\" does not exist",
-						get_namespace_name(nsp)),
-				 errdetail("The relay finds PENDING rows through it."),
-				 errhint(PENDING_INDEX_HINT)));
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cqrs_sync relay: the outbox has no primary key"),
+				 errdetail("The relay walks the outbox's primary key to find PENDING rows."),
+				 errhint(PRIMARY_KEY_HINT)));
 	att_id = outbox_attnum(outbox, "id");
 	att_event_id = outbox_attnum(outbox, "event_id");
 	att_topic = outbox_attnum(outbox, "topic");
@@ -214,6 +231,9 @@ pipeline_prepare(Oid outbox, Oid seq)
 
 	outbox_oid = outbox;
 	seq_oid = seq;
+	if (mark_table)
+		pfree(mark_table);
+	mark_table = mark ? MemoryContextStrdup(TopMemoryContext, mark) : NULL;
 }
 
 /* ---- the window ------------------------------------------------------------------ */
@@ -265,9 +285,10 @@ pipeline_cursor(void)
 }
 
 /*
- * Reasons to go back that ended: operator retries (a full rescan), lapsed
- * pauses, retries whose time came.  Returns when the next one ends (0:
- * none); order_revisit_pending() says whether a claim should go back now.
+ * Reasons to go back that ended: operator retries (back to the rows they
+ * made PENDING), lapsed pauses, retries whose time came.  Returns when the
+ * next one ends (0: none); order_revisit_pending() says whether a claim
+ * should go back now.
  */
 TimestampTz
 pipeline_timers(TimestampTz now)
@@ -276,9 +297,13 @@ pipeline_timers(TimestampTz now)
 	TimestampTz next;
 	int64		resume;
 
-	if (pg_atomic_read_u32(&cqrs_shared->rescan) != 0 &&
-		pg_atomic_exchange_u32(&cqrs_shared->rescan, 0) != 0)
-		order_revisit(1);
+	if (pg_atomic_read_u64(&cqrs_shared->rescan_from) != 0)
+	{
+		uint64		from = pg_atomic_exchange_u64(&cqrs_shared->rescan_from, 0);
+
+		if (from != 0)
+			order_revisit((int64) from);
+	}
 	resume = cqrs_topics_expire_pauses(now, &next_pause);
 	if (resume != PG_INT64_MAX)
 		order_revisit(resume);
@@ -413,11 +438,12 @@ topic_in(const char *topic, List *names)
 
 /*
  * Claim up to limit rows: read the high-water mark, the in-flight registry,
- * then scan the pending index in id order with a snapshot taken after both
- * (so that no commit in between is missed), and judge each row.  Inside the
- * relay's transaction.  The rows that may go are staged;
- * pipeline_claim_commit() makes them the claimed rows once the transaction
- * committed.  Returns how many.
+ * then walk the primary key in id order with a snapshot taken after both (so
+ * that no commit in between is missed), and judge each PENDING row.  The walk
+ * reads at most CLAIM_WALK_MAX rows (a revisit far back reads mostly rows
+ * already sent).  Inside the relay's transaction.  The rows that may go are
+ * staged; pipeline_claim_commit() makes them the claimed rows once the
+ * transaction committed.  Returns how many.
  */
 int
 pipeline_claim(int limit, TimestampTz now)
@@ -425,6 +451,7 @@ pipeline_claim(int limit, TimestampTz now)
 	int64		hw;
 	int64		start;
 	int64		last_id = 0;
+	int			nwalked = 0;
 	List	   *paused;
 	MemoryContext old;
 	uint64		discard_seq;
@@ -459,17 +486,17 @@ pipeline_claim(int limit, TimestampTz now)
 	if (paused != NIL)
 		cqrs_topics_note_skipped(now, start + 1);
 
-	/* 3. the rows visible now: PENDING, ids in (start, hw], in id order */
+	/* 3. the rows visible now: ids in (start, hw], in id order; the PENDING ones */
 	heap = table_open(outbox_oid, AccessShareLock);
-	index = index_open(pending_index, AccessShareLock);
+	index = index_open(pkey_index, AccessShareLock);
 	if (index->rd_index->indrelid != outbox_oid ||
 		index->rd_index->indnatts != 1 ||
 		index->rd_index->indkey.values[0] != att_id)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("cqrs_sync relay: index \"%s\" is not on the outbox's id",
+				 errmsg("cqrs_sync relay: the outbox's primary key \"%s\" is not on its id",
 						RelationGetRelationName(index)),
-				 errhint(PENDING_INDEX_HINT)));
+				 errhint(PRIMARY_KEY_HINT)));
 	early_mark = cqrs_early_commits_mark(&early_lsn);
 	snap = RegisterSnapshot(GetLatestSnapshot());
 	durable_lsn = cqrs_early_commits_bound(early_mark, early_lsn);
@@ -483,7 +510,8 @@ pipeline_claim(int limit, TimestampTz now)
 	staged_claim = new_claim();
 	staged_claim->discard_seq = discard_seq;
 	old = MemoryContextSwitchTo(staged_claim->cxt);
-	while (nread < limit && index_getnext_slot(scan, ForwardScanDirection, slot))
+	while (nread < limit && nwalked < CLAIM_WALK_MAX &&
+		   index_getnext_slot(scan, ForwardScanDirection, slot))
 	{
 		RelayRow	probe;
 		RelayRow   *row;
@@ -495,7 +523,8 @@ pipeline_claim(int limit, TimestampTz now)
 		char	   *topic;
 		char	   *key;
 
-		/* the index's predicate says PENDING; the row says it too */
+		nwalked++;
+		last_id = DatumGetInt64(slot_getattr(slot, att_id, &isnull));
 		d = slot_getattr(slot, att_status, &isnull);
 		if (isnull || DatumGetObjectId(d) != pending_label)
 			continue;
@@ -508,8 +537,7 @@ pipeline_claim(int limit, TimestampTz now)
 		nread++;
 
 		memset(&probe, 0, sizeof(probe));
-		probe.msg.id = DatumGetInt64(slot_getattr(slot, att_id, &isnull));
-		last_id = probe.msg.id;
+		probe.msg.id = last_id;
 		key = slot_text(slot, att_key);
 		probe.msg.key = key;
 		probe.msg.keylen = key ? strlen(key) : 0;
@@ -584,8 +612,11 @@ pipeline_claim(int limit, TimestampTz now)
 	index_close(index, NoLock);
 	table_close(heap, NoLock);
 
-	/* a full claim ends at its last row; otherwise every id up to the mark was seen */
-	last_claim_full = (nread == limit);
+	/*
+	 * a full claim, or a walk that stopped at its bound, ends at its last row;
+	 * otherwise every id up to the high-water mark was seen
+	 */
+	last_claim_full = (nread == limit || nwalked == CLAIM_WALK_MAX);
 	staged_cursor = last_claim_full ? last_id : Max(hw, start);
 	if (staged_claim->nopen == 0)
 	{
@@ -594,8 +625,8 @@ pipeline_claim(int limit, TimestampTz now)
 		staged_claim = NULL;
 	}
 	ereport(DEBUG1,
-			(errmsg_internal("cqrs_sync relay: claim of ids " INT64_FORMAT " to " INT64_FORMAT " (cursor " INT64_FORMAT "): %d rows read, %d to produce, %d in flight already, %d held",
-							 start + 1, hw, cursor, nread, n_staged, nskipped,
+			(errmsg_internal("cqrs_sync relay: claim of ids " INT64_FORMAT " to " INT64_FORMAT " (cursor " INT64_FORMAT "): %d rows walked, %d PENDING, %d to produce, %d in flight already, %d held",
+							 start + 1, hw, cursor, nwalked, nread, n_staged, nskipped,
 							 nread - n_staged - nskipped)));
 	return n_staged;
 }
@@ -640,6 +671,121 @@ pipeline_claim_abort(void)
 	n_staged = 0;
 	order_revisit(staged_from + 1);
 	last_claim_full = false;
+}
+
+/* ---- the relay's mark --------------------------------------------------------------- */
+
+/*
+ * cqrs_relay_mark.scan_from: no committed row below it is PENDING.  The scan
+ * starts there after a restart instead of at id 1, and the stats count
+ * PENDING rows from there.  The relay moves it up (pipeline_write_mark());
+ * cqrs_retry(), cqrs_retry_dlt_failed() and cqrs_wake_relay() move it down,
+ * always locking its row, in the transaction that makes rows PENDING again.
+ */
+
+/* Must the mark be read (in a transaction with SPI) before the next claim? */
+bool
+pipeline_needs_mark(void)
+{
+	return !mark_known;
+}
+
+/* Read the mark after a reset: the scan starts there.  SPI connected. */
+void
+pipeline_read_mark(void)
+{
+	int64		from = 1;
+
+	if (mark_known)
+		return;
+	if (mark_table != NULL)
+	{
+		bool		isnull;
+
+		if (SPI_execute(psprintf("SELECT scan_from FROM %s", mark_table), true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "cqrs_sync relay: could not read %s", mark_table);
+		if (SPI_processed == 1)
+		{
+			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+			if (!isnull)
+				from = Max(DatumGetInt64(d), 1);
+		}
+	}
+	mark_value = from;
+	cursor = Max(cursor, from - 1);
+	order_start_at(from);
+	mark_known = true;
+	next_mark_at = 0;
+}
+
+/* The lowest id among the rows between their claim and their recorded outcome. */
+static int64
+rows_floor(dlist_head *list, int64 floor)
+{
+	dlist_iter	it;
+
+	dlist_foreach(it, list)
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+
+		floor = Min(floor, row->msg.id);
+	}
+	return floor;
+}
+
+/*
+ * Move the mark up to the lowest id the scan may still need: the cursor, the
+ * order's holds, revisits and watched transactions, the rows in the
+ * pipeline, the rows of paused topics and stalled partitions.  At most once
+ * per MARK_MS, in a transaction that writes anyway (recording outcomes),
+ * before the outcomes are recorded.  SPI connected.
+ *
+ * The mark's row is locked with SKIP LOCKED: an operator's transaction that
+ * holds it (it lowers the mark) never makes the relay wait, and one that
+ * lowered it since the relay last looked makes the relay go back there
+ * instead (its rows may be PENDING below the relay's cursor).
+ */
+void
+pipeline_write_mark(TimestampTz now)
+{
+	int64		floor;
+	int64		cur;
+	bool		isnull;
+	Datum		arg[1];
+	Oid			argtype[1] = {INT8OID};
+
+	if (mark_table == NULL || !mark_known || now < next_mark_at)
+		return;
+	next_mark_at = TimestampTzPlusMilliseconds(now, MARK_MS);
+
+	floor = Min(cursor + 1, order_floor());
+	floor = rows_floor(&claimed, floor);
+	floor = rows_floor(&inflight, floor);
+	floor = rows_floor(&reported, floor);
+	floor = rows_floor(&done, floor);
+	floor = Min(floor, cqrs_topics_resume_floor());
+	if (floor <= mark_value)
+		return;
+
+	if (SPI_execute(psprintf("SELECT scan_from FROM %s FOR UPDATE SKIP LOCKED", mark_table),
+					false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "cqrs_sync relay: could not lock %s", mark_table);
+	if (SPI_processed != 1)
+		return;					/* an operator is lowering it: next time */
+	cur = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (cur != mark_value)
+	{
+		/* lowered meanwhile: rows from there on may be PENDING again */
+		order_revisit(cur);
+		mark_value = cur;
+		return;
+	}
+	arg[0] = Int64GetDatum(floor);
+	if (SPI_execute_with_args(psprintf("UPDATE %s SET scan_from = $1", mark_table),
+							  1, argtype, arg, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "cqrs_sync relay: could not update %s", mark_table);
+	mark_value = floor;
 }
 
 /* ---- producing --------------------------------------------------------------------- */

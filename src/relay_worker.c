@@ -212,6 +212,7 @@ ensure_plans(void)
 	const char *schema;
 	char	   *outbox;
 	char	   *audit = NULL;
+	char	   *mark = NULL;
 	int			ret;
 	bool		isnull;
 	Oid			seq;
@@ -250,17 +251,21 @@ ensure_plans(void)
 		elog(ERROR, "cqrs_sync relay: %s.id has no sequence", outbox);
 
 	/*
-	 * Failed dead-letter publishes are audited from version 0.2.0 on (an
-	 * older cqrs_outbox_audit refuses the action): before ALTER EXTENSION
-	 * ... UPDATE the relay only counts them.
+	 * Failed dead-letter publishes are audited, and the relay's mark kept,
+	 * from version 0.2.0 on (an older cqrs_outbox_audit refuses the action,
+	 * and there is no cqrs_relay_mark): before ALTER EXTENSION ... UPDATE the
+	 * relay only counts them, and its scan starts at id 1 after a restart.
 	 */
 	ret = SPI_execute("SELECT extversion <> '0.1.0' FROM pg_catalog.pg_extension"
 					  " WHERE extname = 'cqrs_sync'", true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1 &&
 		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+	{
 		audit = psprintf("%s.cqrs_outbox_audit", schema);
+		mark = psprintf("%s.cqrs_relay_mark", schema);
+	}
 
-	pipeline_prepare(outbox_relid, seq);
+	pipeline_prepare(outbox_relid, seq, mark);
 	record_prepare(outbox, audit);
 	plans_ext = ext;
 	plans_valid = true;
@@ -432,7 +437,7 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	 * A claim alone reads the outbox with a snapshot of its own, without SPI
 	 * (asked after the start, whose invalidations may make the plans stale).
 	 */
-	spi = record || !plans_valid;
+	spi = record || !plans_valid || pipeline_needs_mark();
 	if (spi)
 	{
 		SPI_connect();
@@ -445,9 +450,11 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	else
 	{
 		extension_missing = false;
+		pipeline_read_mark();
 		if (record)
 		{
 			INSTR_TIME_SET_CURRENT(t0);
+			pipeline_write_mark(now);
 			nrecorded = record_outcomes(done, now);
 			cqrs_relay_add_phase(CQRS_PHASE_RECORD, elapsed_us(t0));
 		}

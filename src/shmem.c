@@ -92,7 +92,7 @@ cqrs_shmem_startup(void)
 		cqrs_shared->relay_latch = NULL;
 		cqrs_shared->relay_pid = 0;
 		cqrs_shared->relay_dboid = InvalidOid;
-		pg_atomic_init_u32(&cqrs_shared->rescan, 0);
+		pg_atomic_init_u64(&cqrs_shared->rescan_from, 0);
 		pg_atomic_init_u64(&cqrs_shared->early_begun, 0);
 		pg_atomic_init_u64(&cqrs_shared->early_ended, 0);
 		pg_atomic_init_u64(&cqrs_shared->early_lsn, 0);
@@ -636,15 +636,20 @@ cqrs_wake_monitor(void)
 }
 
 /*
- * An operator made rows PENDING again (anywhere in the outbox): the relay
- * rescans from the start at its next wake.
+ * An operator made rows PENDING again, from id from on: the relay's scan goes
+ * back there at its next wake.
  */
 void
-cqrs_request_rescan(void)
+cqrs_request_rescan(int64 from)
 {
+	uint64		cur;
+
 	if (cqrs_shared == NULL)
 		return;
-	pg_atomic_write_u32(&cqrs_shared->rescan, 1);
+	cur = pg_atomic_read_u64(&cqrs_shared->rescan_from);
+	while (cur == 0 || cur > (uint64) from)
+		if (pg_atomic_compare_exchange_u64(&cqrs_shared->rescan_from, &cur, (uint64) from))
+			break;
 	cqrs_wake_relay();
 }
 

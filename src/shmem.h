@@ -144,7 +144,7 @@ typedef struct CqrsShared
 	Latch	   *relay_latch;	/* NULL when no relay is running */
 	pid_t		relay_pid;
 	Oid			relay_dboid;	/* the database it runs in */
-	pg_atomic_uint32 rescan;	/* an operator asks for a full rescan */
+	pg_atomic_uint64 rescan_from;	/* operators made rows PENDING from it on; 0: none */
 
 	/*
 	 * Commits of outbox rows that become visible before they are durable
@@ -246,7 +246,7 @@ extern uint64 cqrs_early_commits_mark(XLogRecPtr *lsn);
 extern XLogRecPtr cqrs_early_commits_bound(uint64 mark, XLogRecPtr lsn);
 
 extern void cqrs_wake_relay(void);
-extern void cqrs_request_rescan(void);
+extern void cqrs_request_rescan(int64 from);
 extern void cqrs_relay_note_failure(const char *msg, uint64 nfailed);
 extern void cqrs_relay_note_success(uint64 nsent);
 extern void cqrs_relay_set_state(CqrsRelayState state, const char *topic,

@@ -346,6 +346,29 @@ cqrs_topics_note_skipped(TimestampTz now, int64 from)
 	cqrs_topics_visit(note_skipped, &ps);
 }
 
+static void
+resume_floor(CqrsTopic *topic, void *arg)
+{
+	int64	   *floor = arg;
+
+	*floor = Min(*floor, topic->resume_from);
+	for (int p = 0; p < topic->nparts; p++)
+		*floor = Min(*floor, topic->parts[p].resume_from);
+}
+
+/*
+ * The lowest id held for a topic or a partition (paused, waiting for its
+ * limit, stalled), to come back to when that ends; PG_INT64_MAX: none.
+ */
+int64
+cqrs_topics_resume_floor(void)
+{
+	int64		floor = PG_INT64_MAX;
+
+	cqrs_topics_visit(resume_floor, &floor);
+	return floor;
+}
+
 /* ---- partitions ------------------------------------------------------------------ */
 
 /* The state of one partition; NULL when the topic's partitions are unknown. */

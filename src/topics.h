@@ -75,6 +75,7 @@ extern CqrsTopic *cqrs_topics_first_paused(TimestampTz now);
 extern List *cqrs_topics_paused_names(TimestampTz now);
 extern int64 cqrs_topics_expire_pauses(TimestampTz now, TimestampTz *next);
 extern void cqrs_topics_note_skipped(TimestampTz now, int64 from);
+extern int64 cqrs_topics_resume_floor(void);
 
 /* partitions */
 extern CqrsPartition *cqrs_topic_partition(CqrsTopic *topic, int32 partition);

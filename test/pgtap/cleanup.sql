@@ -140,7 +140,7 @@ SELECT results_eq($$SELECT sent, dead_lettered FROM cqrs_cleanup()$$, $$VALUES (
 -- A retried row loses its approval: it is not purged if it fails again.
 SELECT is(cqrs_approve_purge(array(SELECT id FROM cqrs_outbox WHERE key = 'df-old')), 1, 'approve df-old');
 SELECT ok(cqrs_retry((SELECT id FROM cqrs_outbox WHERE key = 'df-old')), 'retry df-old');
-UPDATE cqrs_outbox SET status = 'DLT_FAILED' WHERE key = 'df-old';   -- it fails again
+UPDATE cqrs_outbox SET status = 'DLT_FAILED', last_error = 'failed again' WHERE key = 'df-old';   -- it fails again
 SELECT is((SELECT dlt_failed FROM cqrs_cleanup()), 0::bigint, 'a retried row that failed again is not purged without a new approval');
 
 -- The walk in id order stops after the window (batch) holding the first

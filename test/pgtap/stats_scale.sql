@@ -1,7 +1,8 @@
 -- test/pgtap/stats_scale.sql -- cqrs_outbox_stats() does not count the
 -- whole outbox (issue 13, item 13): on a table larger than 1,000 pages it
--- reads only the PENDING and failed rows (exact, through their indexes)
--- and estimates the SENT rows from the table's statistics and its current
+-- reads only the rows from the relay's mark on (the PENDING ones: none is
+-- below it) and the failed rows (through the index of rows with an error),
+-- both exact, and estimates the SENT rows from the table's statistics and its current
 -- size; on small tables every count is exact.  What it reads comes from the
 -- statistics of this transaction (pg_stat_xact_*), not from timing.
 -- Rolled back.
@@ -26,15 +27,20 @@ SELECT 'pgtap.stats', '{}', CASE WHEN g <= 7 THEN 'SENT' ELSE 'PENDING' END::cqr
 SELECT results_eq($$SELECT pending, sent, dead_lettered, dlt_failed FROM cqrs_outbox_stats()$$,
                   $$VALUES (3::bigint, 7::bigint, 0::bigint, 0::bigint)$$, 'a small outbox: exact counts');
 
--- large: 120,000 SENT rows, 300 PENDING, 40 DEAD_LETTERED, 20 DLT_FAILED
+-- (the relay sent those)
+UPDATE cqrs_outbox SET status = 'SENT', sent_at = now() WHERE status = 'PENDING';
+-- large: 120,000 SENT rows, 300 PENDING (the newest, where the relay is),
+-- 40 DEAD_LETTERED, 20 DLT_FAILED
 INSERT INTO cqrs_outbox (topic, key, payload, status, sent_at, last_error)
 SELECT 'pgtap.stats', 'k' || (g % 100), jsonb_build_object('n', g, 'body', repeat('x', 100)),
-       CASE WHEN g % 400 = 0 THEN 'PENDING'
+       CASE WHEN g > 119700 THEN 'PENDING'
             WHEN g % 3000 = 1 THEN 'DEAD_LETTERED'
             WHEN g % 6000 = 2 THEN 'DLT_FAILED'
             ELSE 'SENT' END::cqrs_outbox_status,
-       now(), NULL
+       now(), CASE WHEN g % 3000 = 1 OR g % 6000 = 2 THEN 'failed' END
   FROM generate_series(1, 120000) g;
+-- the relay's mark, as the relay leaves it: at the first PENDING row
+UPDATE cqrs_relay_mark SET scan_from = (SELECT min(id) FROM cqrs_outbox WHERE status = 'PENDING');
 ANALYZE cqrs_outbox;
 CREATE TEMP TABLE truth AS
 SELECT count(*) FILTER (WHERE status = 'PENDING') AS pending, count(*) FILTER (WHERE status = 'SENT') AS sent,

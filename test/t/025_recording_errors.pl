@@ -128,21 +128,20 @@ is(scalar(grep { $_->{key} eq 'L' } @locked), 1,
 is(relay_pid(), $pid, 'the relay did not restart');
 
 # ---- the claim's index gone: a clear error, the relay waits, then goes on ----------
-# (the relay reads cqrs_outbox_pending_idx itself, not through a query that
+# (the relay walks the outbox's primary key itself, not through a query that
 # would fall back to another plan)
 my $idx_topic = unique_topic('noindex');
-$node->safe_psql('postgres', 'DROP INDEX cqrs_outbox_pending_idx');
+$node->safe_psql('postgres', 'ALTER TABLE cqrs_outbox DROP CONSTRAINT cqrs_outbox_pkey');
 my $iid = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$idx_topic', 'I', '{}')");
 ok( wait_for($node,
-		"SELECT last_error LIKE '%cqrs_outbox_pending_idx%does not exist%' FROM cqrs_stats_relay",
+		"SELECT last_error LIKE '%outbox has no primary key%' FROM cqrs_stats_relay",
 		't', 30),
-	'without its index the relay says which index is missing');
+	'without its primary key the relay says so');
 is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE id = $iid"),
 	'PENDING', 'and sends nothing meanwhile');
-$node->safe_psql('postgres',
-	"CREATE INDEX cqrs_outbox_pending_idx ON cqrs_outbox (id) WHERE status = 'PENDING'");
+$node->safe_psql('postgres', 'ALTER TABLE cqrs_outbox ADD PRIMARY KEY (id)');
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $iid", 'SENT', 60),
-	'once the index is back the row is sent');
+	'once the primary key is back the row is sent');
 is(relay_pid(), $pid, 'the relay did not restart for it');
 
 $node->stop;

@@ -46,12 +46,13 @@ $cron->start;
 $cron->safe_psql('postgres', 'CREATE EXTENSION cqrs_sync; CREATE EXTENSION pg_cron;');
 $cron->safe_psql(
 	'postgres', q{
-	INSERT INTO cqrs_outbox (topic, key, payload, status, created_at, sent_at)
+	INSERT INTO cqrs_outbox (topic, key, payload, status, created_at, sent_at, last_error)
 	SELECT 'cron', 'k' || g, jsonb_build_object('g', g),
 	       CASE WHEN g <= 1000 THEN 'SENT' WHEN g <= 1010 THEN 'PENDING'
 	            ELSE 'DLT_FAILED' END::cqrs_outbox_status,
 	       now() - interval '9 days' + g * interval '1 second',
-	       CASE WHEN g <= 1000 THEN now() - interval '9 days' + g * interval '1 second' END
+	       CASE WHEN g <= 1000 THEN now() - interval '9 days' + g * interval '1 second' END,
+	       CASE WHEN g > 1010 THEN 'dlt refused' END
 	  FROM generate_series(1, 1020) g;
 	INSERT INTO cqrs_outbox (topic, key, payload, status, sent_at)
 	SELECT 'cron', 'young' || g, '{}', 'SENT', now() FROM generate_series(1, 10) g;

@@ -80,6 +80,28 @@ like($listener->query('SELECT 1'),
 	'a topic_paused NOTIFY');
 $listener->quit;
 
+# while the topic is paused, the other topic's rows flow on and the relay
+# records them, but its mark stays at the paused topic's first row: a relay
+# restarted now still sends that topic's rows once it exists
+my $first_missing =
+  $node->safe_psql('postgres', "SELECT min(id) FROM cqrs_outbox WHERE topic = '$missing'");
+for my $n (1 .. 10)
+{
+	$node->safe_psql('postgres', "SELECT cqrs_enqueue('$good', 'more', jsonb_build_object('more', $n))");
+	usleep(300_000);
+}
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$good' AND status = 'SENT'", '20', 30),
+	'the other topic flows on while one is paused');
+is($node->safe_psql('postgres', "SELECT scan_from <= $first_missing FROM cqrs_relay_mark"),
+	't', "the relay's mark stays at the paused topic's first row");
+my $relay = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($relay)");
+ok( wait_for($node,
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay' AND pid <> $relay",
+		'1', 30),
+	'the relay restarts');
+
 run_script("$ENV{CQRS_REPO}/test/kafka/topic.sh", 'create', $missing, 2);
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$missing' AND status = 'SENT'", '10', 90),
 	'once the topic exists its rows are sent');
