@@ -85,3 +85,18 @@ if [ -z "${CQRS_KAFKA_CACHE:-}" ]; then
     fi
 fi
 export CQRS_KAFKA_CACHE
+
+# The relay's count of events recorded as sent (or deleted), from shared
+# memory: waiting for a drain reads it instead of counting PENDING rows (a
+# count that walks the outbox and would compete with the relay for the CPU).
+cqrs_relay_sent() {
+    "$PG_BINDIR/psql" -X -At -d postgres -c "SELECT events_sent FROM cqrs_relay_state()"
+}
+
+# Wait until the relay recorded n more events than $before (a cqrs_relay_sent()
+# reading), polling every $poll seconds (default 0.05).
+cqrs_wait_sent() { # before n [poll]
+    local target=$(($1 + $2))
+    while [ "$(cqrs_relay_sent)" -lt "$target" ]; do sleep "${3:-0.05}"; done
+}
+

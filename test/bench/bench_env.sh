@@ -32,3 +32,4 @@ bench_start() {
     BROKER="$(bash "$HERE/../kafka/broker.sh" start)"
     eval "$(bash "$HERE/../pg/cluster.sh" start)"
 }
+

@@ -65,8 +65,9 @@ echo "relay: batch_size $(q 'SHOW cqrs_sync.batch_size'); cleanup: batch_size $(
 echo "backlog $ROWS rows, outbox pre-filled with $PREFILL SENT rows"
 
 # warm up: topic creation, producer connection
+sent0="$(cqrs_relay_sent)"
 q "SELECT count(cqrs_enqueue('bench.cleanup', 'key-' || g, '{}')) FROM generate_series(1, 1000) g" >/dev/null
-while [ "$(q "SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'")" != 0 ]; do sleep 0.1; done
+cqrs_wait_sent "$sent0" 1000 0.1
 
 set_conf() { # interval retention
     q "ALTER SYSTEM SET cqrs_sync.cleanup_interval = '$1'" >/dev/null
@@ -90,6 +91,7 @@ run() { # mode run
     q "CHECKPOINT" >/dev/null
     sleep 1
     av0=$(q "SELECT autovacuum_count FROM pg_stat_user_tables WHERE relid = 'cqrs_outbox'::regclass")
+    sent0="$(cqrs_relay_sent)"
 
     t0=$("${PSQL[@]}" -At <<SQL
 SELECT count(cqrs_enqueue('bench.cleanup', 'key-' || (g % 1000),
@@ -120,9 +122,7 @@ SQL
         worker) set_conf 1s 0 ;;
     esac
 
-    while [ "$(q "SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'")" != 0 ]; do
-        sleep 0.02
-    done
+    cqrs_wait_sent "$sent0" "$ROWS" 0.02
     t1=$(q "SELECT extract(epoch FROM relay_last_success_at) FROM cqrs_outbox_stats()")
     left=$(q "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT' AND sent_at < now() - interval '1 day'")
     av1=$(q "SELECT autovacuum_count FROM pg_stat_user_tables WHERE relid = 'cqrs_outbox'::regclass")

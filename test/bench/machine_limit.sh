@@ -10,7 +10,8 @@
 #             rows above a cursor (5,000 a time, payload as text) and the
 #             UPDATE to SENT by id, in one transaction per batch, over a
 #             backlog of ROWS rows (rows/s), on a copy of cqrs_outbox (same
-#             columns, indexes and defaults) that the relay does not read;
+#             columns, indexes, defaults and storage parameters) that the
+#             relay does not read;
 #   sql-delete: the same with DELETE instead of UPDATE (delete_on_sent).
 #
 # The machine limit of a relay that marks rows SENT is min(producer, sql).
@@ -51,6 +52,11 @@ awk -v n="$ROWS" -v a="$t0" -v b="$t1" \
 sql_limit() { # what: update|delete
     "${PSQL[@]}" -c "DROP TABLE IF EXISTS bench_limit" \
         -c "CREATE TABLE bench_limit (LIKE cqrs_outbox INCLUDING ALL)"
+    # and its storage parameters (fillfactor: room for HOT updates)
+    local opts
+    opts="$("${PSQL[@]}" -c "SELECT array_to_string(reloptions, ', ') FROM pg_class
+                              WHERE oid = 'cqrs_outbox'::regclass")"
+    [ -z "$opts" ] || "${PSQL[@]}" -c "ALTER TABLE bench_limit SET ($opts)"
     "${PSQL[@]}" -c "INSERT INTO bench_limit (topic, key, payload)
         SELECT 'bench.sql', 'k' || lpad((g % 1000)::text, 4, '0'),
                jsonb_build_object('seq', g, 'aggregate', 'k' || (g % 1000), 'kind', 'JobPostUpdated',

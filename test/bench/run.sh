@@ -83,6 +83,7 @@ relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbo
 DRAINS=()    # "N events/s" per drain run, set against the machine limit at the end
 for run in $(seq 1 "$RUNS"); do
     "${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
+    sent0="$(cqrs_relay_sent)"
     cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
     t0=$("${PSQL[@]}" -At <<SQL
 SELECT count(cqrs_enqueue('bench.drain', 'key-' || (g % 1000),
@@ -92,9 +93,7 @@ SELECT count(cqrs_enqueue('bench.drain', 'key-' || (g % 1000),
 SELECT extract(epoch FROM clock_timestamp());
 SQL
 )
-    while [ "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'")" != 0 ]; do
-        sleep 0.05
-    done
+    cqrs_wait_sent "$sent0" "$ROWS"
     line="$("${PSQL[@]}" -At -F ' ' -c "
         SELECT format('drain run %s: %s events, avg %s bytes, %s s from COMMIT to last SENT: %s events/s',
                       $run, count(*), round(avg(octet_length(payload::text))),
@@ -110,6 +109,7 @@ done
 # acknowledgement instead of updated to SENT (measured by wall clock)
 "${PSQL[@]}" -c "TRUNCATE cqrs_outbox" -c "ALTER SYSTEM SET cqrs_sync.delete_on_sent = on" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 1
+sent0="$(cqrs_relay_sent)"
 t0=$("${PSQL[@]}" -At <<SQL
 SELECT count(cqrs_enqueue('bench.drain', 'key-' || (g % 1000),
        jsonb_build_object('type', 'CommentAdded', 'board_id', g % 1000, 'seq', g,
@@ -118,7 +118,7 @@ SELECT count(cqrs_enqueue('bench.drain', 'key-' || (g % 1000),
 SELECT extract(epoch FROM clock_timestamp());
 SQL
 )
-while [ "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox")" != 0 ]; do sleep 0.02; done
+cqrs_wait_sent "$sent0" "$ROWS" 0.02
 t1=$(date +%s.%N)
 awk -v n="$ROWS" -v a="$t0" -v b="$t1" 'BEGIN { printf "drain with delete_on_sent: %d events, %.2f s from COMMIT to the last row deleted (polled every 20 ms): %d events/s\n", n, b - a, n / (b - a) }'
 "${PSQL[@]}" -c "ALTER SYSTEM RESET cqrs_sync.delete_on_sent" -c "SELECT pg_reload_conf()" >/dev/null

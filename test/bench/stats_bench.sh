@@ -5,8 +5,9 @@
 # not an assertion.  Its own throwaway cluster; no broker needed (the relay
 # is off: the rows are made directly).
 #
-# The mix: 1% PENDING (a backlog), 0.1% DEAD_LETTERED, 0.1% DLT_FAILED, the
-# rest SENT; ~200-byte JSON payloads; 1,000 keys.  Rows are made in chunks of
+# The mix: 1% PENDING (a backlog: the newest rows, with the relay's mark at
+# the first of them, as the relay leaves it), 0.1% DEAD_LETTERED, 0.1%
+# DLT_FAILED (with their errors), the rest SENT; ~200-byte JSON payloads; 1,000 keys.  Rows are made in chunks of
 # BENCH_CHUNK with event_id in id order (the unique index then grows at its
 # end: the stats never read it, and random uuids would make a 50M-row load
 # take hours here), with fsync and autovacuum off while loading, then VACUUM
@@ -56,15 +57,19 @@ if [ "$have" -lt "$ROWS" ]; then
     for ((from = have + 1; from <= ROWS; from += CHUNK)); do
         to=$((from + CHUNK - 1))
         [ "$to" -le "$ROWS" ] || to=$ROWS
-        "${PSQL[@]}" -c "INSERT INTO cqrs_outbox (event_id, topic, key, payload, status, sent_at, created_at)
+        "${PSQL[@]}" -c "INSERT INTO cqrs_outbox (event_id, topic, key, payload, status, sent_at, created_at,
+                                     last_error)
             SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid,
                    'bench.stats', 'k' || (g % 1000), jsonb_build_object('n', g, 'body', repeat('x', 200)),
-                   CASE WHEN g % 1000 = 0 THEN 'DEAD_LETTERED' WHEN g % 997 = 0 THEN 'DLT_FAILED'
-                        WHEN g % 100 = 1 THEN 'PENDING' ELSE 'SENT' END::cqrs_outbox_status,
-                   now(), now() - interval '1 hour'
+                   CASE WHEN g > $ROWS * 0.99 THEN 'PENDING' WHEN g % 1000 = 0 THEN 'DEAD_LETTERED'
+                        WHEN g % 997 = 0 THEN 'DLT_FAILED' ELSE 'SENT' END::cqrs_outbox_status,
+                   now(), now() - interval '1 hour',
+                   CASE WHEN g <= $ROWS * 0.99 AND (g % 1000 = 0 OR g % 997 = 0) THEN 'failed' END
               FROM generate_series($from, $to) g"
         echo "loaded $to of $ROWS rows ($((SECONDS - start)) s)"
     done
+    "${PSQL[@]}" -c "UPDATE cqrs_relay_mark
+                       SET scan_from = (SELECT min(id) FROM cqrs_outbox WHERE id > $ROWS * 0.99)"
     "${PSQL[@]}" -c "VACUUM ANALYZE cqrs_outbox"
     echo "load and VACUUM ANALYZE: $((SECONDS - start)) s"
 fi
