@@ -27,13 +27,7 @@ $node->safe_psql('postgres', q{
 	ALTER DATABASE postgres SET default_transaction_isolation = 'repeatable read';
 	ALTER ROLE postgres SET default_transaction_isolation = 'repeatable read';
 });
-my $old = $node->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($old)");
-ok( wait_for($node,
-		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay' AND pid <> $old",
-		'1', 30),
-	'the relay runs with a REPEATABLE READ default');
+ok(restart_relay($node), 'the relay runs with a REPEATABLE READ default');
 my $relay = $node->safe_psql('postgres',
 	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
 

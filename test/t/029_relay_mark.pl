@@ -16,25 +16,6 @@ my $node  = new_node('relay_mark');
 my $topic = unique_topic('mark');
 my $fill  = unique_topic('markfill');
 
-sub relay_pid
-{
-	return $node->safe_psql('postgres',
-		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
-}
-
-# a relay other than $old runs (1), or 30 s passed (0)
-sub relay_restarted
-{
-	my ($old) = @_;
-	for (1 .. 300)
-	{
-		my $pid = relay_pid();
-		return 1 if $pid =~ /^\d+$/ && $pid != $old;
-		usleep(100_000);
-	}
-	return 0;
-}
-
 # $sql returns t within $tries * 0.3 s (default 100: 30 s) while single
 # events (to another topic) keep the relay recording: the mark moves, and the
 # statistics are reported, at most once a second and only while outcomes are
@@ -85,14 +66,13 @@ is($node->safe_psql('postgres', "SELECT pending FROM cqrs_outbox_stats()"), '0',
 $node->safe_psql('postgres',
 	"ALTER SYSTEM SET log_min_messages = debug1; SELECT pg_reload_conf()");
 my $mark = $node->safe_psql('postgres', "SELECT scan_from FROM cqrs_relay_mark");
-my $pid  = relay_pid();
 my $log_at = -s $node->logfile;
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
-ok(relay_restarted($pid), 'the relay was restarted');
+ok(restart_relay($node), 'the relay was restarted');
 enqueue(5, 3001);
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'PENDING'", '0', 30),
 	'the rows enqueued after the restart are sent');
-my $new = relay_pid();
+my $new = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
 my $log = slurp_file($node->logfile, $log_at);
 my ($first) = $log =~ /\[$new\].*claim of ids (\d+) to/;
 ok(defined $first && $first >= $mark,
@@ -110,10 +90,8 @@ my $relay = freeze_relay($node);
 $node->safe_psql('postgres', "SELECT cqrs_retry(100)");
 is($node->safe_psql('postgres', "SELECT scan_from FROM cqrs_relay_mark"), '100',
 	'cqrs_retry() lowered the mark to the row, in its transaction');
-# the frozen relay never saw the wake-up: killed, it starts again from the mark
-kill 'CONT', $relay;
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($relay)");
-ok(relay_restarted($relay), 'the relay was restarted');
+# the frozen relay never saw the wake-up: ended, it starts again from the mark
+ok(restart_relay($node), 'the relay was restarted');
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = 100", 'SENT', 30),
 	'the row made PENDING below the old mark was sent');
 my @msgs = kafka_consume($topic, 3006, 60);
@@ -154,9 +132,7 @@ ok( wait_for($node,
 	'the rows after the open transaction are sent');
 ok(!mark_past($open_id, 15), "the mark does not move past the open transaction's row")
   or diag($node->safe_psql('postgres', "SELECT scan_from FROM cqrs_relay_mark") . " > $open_id");
-$pid = relay_pid();
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
-ok(relay_restarted($pid), 'the relay was restarted');
+ok(restart_relay($node), 'the relay was restarted');
 $open->query_safe('COMMIT');
 $open->quit;
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $open_id", 'SENT', 30),

@@ -94,13 +94,7 @@ ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$good' AND s
 	'the other topic flows on while one is paused');
 is($node->safe_psql('postgres', "SELECT scan_from <= $first_missing FROM cqrs_relay_mark"),
 	't', "the relay's mark stays at the paused topic's first row");
-my $relay = $node->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($relay)");
-ok( wait_for($node,
-		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay' AND pid <> $relay",
-		'1', 30),
-	'the relay restarts');
+ok(restart_relay($node), 'the relay restarts');
 
 run_script("$ENV{CQRS_REPO}/test/kafka/topic.sh", 'create', $missing, 2);
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$missing' AND status = 'SENT'", '10', 90),

@@ -43,7 +43,8 @@ use Time::HiRes qw(time usleep);
 our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   wait_for create_topic create_topic_assigned kafka_broker_start
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
-  probe_producer_start freeze_relay freeze_waiting crash_cluster);
+  probe_producer_start freeze_relay freeze_waiting crash_cluster
+  restart_relay);
 
 =pod
 
@@ -403,6 +404,29 @@ sub freeze_relay
 {
 	my ($node) = @_;
 	return freeze_waiting($node, 'cqrs_sync relay', 'Extension');
+}
+
+=pod
+
+=item restart_relay($node)
+
+Ends the relay worker with pg_terminate_backend() (it exits with 1 and the
+postmaster starts it again) and waits up to 30 s for another one to run.
+Returns true when one does.  A relay stopped with SIGSTOP is let go first.
+
+=cut
+
+sub restart_relay
+{
+	my ($node) = @_;
+	my $old = $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
+	die 'restart_relay: no relay runs' unless $old =~ /^\d+$/;
+	kill 'CONT', $old;
+	$node->safe_psql('postgres', "SELECT pg_terminate_backend($old)");
+	return wait_for($node,
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay' AND pid <> $old",
+		'1', 30);
 }
 
 =pod
