@@ -35,8 +35,8 @@ PG_FUNCTION_INFO_V1(cqrs_discard_check);
 #define KAFKA_TOPIC_MAX_LEN 249
 
 static bool enqueued_in_xact = false;
-static bool wake_at_commit = false;
-static int64 wake_from = PG_INT64_MAX;	/* the relay's scan goes back to it */
+/* at commit, wake the relay and have its scan go back to this id; MAX: no */
+static int64 wake_from = PG_INT64_MAX;
 static bool early_commit = false;	/* counted in cqrs_early_commit_begin() */
 
 /* The prepared INSERTs, and the extension they were prepared for. */
@@ -68,7 +68,8 @@ cqrs_xact_callback(XactEvent event, void *arg)
 	 * Before the commit can become visible, and after it was written (or the
 	 * transaction aborted): the relay flushes only for such commits.
 	 */
-	if (event == XACT_EVENT_PRE_COMMIT && (enqueued_in_xact || wake_at_commit) &&
+	if (event == XACT_EVENT_PRE_COMMIT &&
+		(enqueued_in_xact || wake_from != PG_INT64_MAX) &&
 		cqrs_shared != NULL && commit_visible_early())
 	{
 		cqrs_early_commit_begin();
@@ -80,12 +81,11 @@ cqrs_xact_callback(XactEvent event, void *arg)
 		early_commit = false;
 	}
 
-	if (wake_at_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
+	if (wake_from != PG_INT64_MAX && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
 	{
 		/* rows from wake_from on may be PENDING again: the relay goes back */
 		if (event == XACT_EVENT_COMMIT)
 			cqrs_request_rescan(wake_from);
-		wake_at_commit = false;
 		wake_from = PG_INT64_MAX;
 	}
 	if (!enqueued_in_xact)
@@ -128,7 +128,6 @@ cqrs_enqueue_init(void)
 Datum
 cqrs_wake_relay_sql(PG_FUNCTION_ARGS)
 {
-	wake_at_commit = true;
 	wake_from = 1;
 	PG_RETURN_VOID();
 }
@@ -143,7 +142,6 @@ cqrs_relay_revisit(PG_FUNCTION_ARGS)
 {
 	int64		from = PG_GETARG_INT64(0);
 
-	wake_at_commit = true;
 	wake_from = Min(wake_from, Max(from, 1));
 	PG_RETURN_VOID();
 }

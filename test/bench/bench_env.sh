@@ -32,4 +32,3 @@ bench_start() {
     BROKER="$(bash "$HERE/../kafka/broker.sh" start)"
     eval "$(bash "$HERE/../pg/cluster.sh" start)"
 }
-

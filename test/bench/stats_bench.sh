@@ -7,15 +7,15 @@
 #
 # The mix: 1% PENDING (a backlog: the newest rows, with the relay's mark at
 # the first of them, as the relay leaves it), 0.1% DEAD_LETTERED, 0.1%
-# DLT_FAILED (with their errors), the rest SENT; ~200-byte JSON payloads; 1,000 keys.  Rows are made in chunks of
-# BENCH_CHUNK with event_id in id order (the unique index then grows at its
-# end: the stats never read it, and random uuids would make a 50M-row load
-# take hours here), with fsync and autovacuum off while loading, then VACUUM
-# ANALYZE (which autovacuum does on a live outbox).  Prints, per query, the
-# times of 5 warm calls, the first call after a restart (cold shared
-# buffers), the 0.1.0 way (count(*) of the whole table) for comparison, and
-# how far the SENT estimate is from the exact count.  The first call of a
-# session also loads its caches: the median is the figure.
+# DLT_FAILED (with their errors), the rest SENT; ~200-byte JSON payloads;
+# 1,000 keys.  Rows are made in chunks of BENCH_CHUNK with event_id in id order
+# (the unique index then grows at its end: the stats never read it, and random
+# uuids would make a 50M-row load take hours here), with fsync and autovacuum
+# off while loading, then VACUUM ANALYZE (which autovacuum does on a live
+# outbox).  Prints, per query, the times of 5 warm calls, the first call after
+# a restart (cold shared buffers), the 0.1.0 way (count(*) of the whole table)
+# for comparison, and how far the SENT estimate is from the exact count.  The
+# first call of a session also loads its caches: the median is the figure.
 #
 # Environment: BENCH_ROWS (1000000; 50000000 for the figure),
 # BENCH_CHUNK (5000000), BENCH_CALLS (calls per query, 5), BENCH_PGPORT (55435), BENCH_KEEP=1 keeps the cluster
