@@ -549,6 +549,16 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 		!conf_set(conf, "message.timeout.ms", "0", "default", errbuf, errlen))
 		goto fail;
 
+	/*
+	 * Fewer requests in flight than idempotence allows (5): while they are,
+	 * messages gather into fuller batches.  On a nearby broker a backlog
+	 * drains faster for it, at half librdkafka's CPU.
+	 */
+	if (relay &&
+		!conf_set(conf, "max.in.flight.requests.per.connection", "3", "default",
+				  errbuf, errlen))
+		goto fail;
+
 	if (!apply_config_file(conf, errbuf, errlen))
 		goto fail;
 
