@@ -56,6 +56,7 @@ static int	event_pipe[2] = {-1, -1};
 /* The relay's queue of DescribeConfigs results, and the main queue. */
 static rd_kafka_queue_t *admin_queue = NULL;
 static rd_kafka_queue_t *main_queue = NULL;
+static bool main_wakeups = true;	/* the main queue writes to event_pipe */
 
 static CqrsDeliveryHook delivery_hook = NULL;
 
@@ -264,6 +265,28 @@ cqrs_kafka_drain_events(void)
 		return;
 	while (read(event_pipe[0], buf, sizeof(buf)) > 0)
 		;
+}
+
+/*
+ * Whether the main queue (delivery reports, logs, errors) writes to the event
+ * pipe when something arrives in it.  The relay turns this off while its
+ * reports may wait for its next wake-up anyway: each write costs librdkafka's
+ * thread a system call, and the relay another to read it.  Turning it on
+ * announces nothing already queued: returns true when the queue holds events
+ * (the caller must not sleep).
+ */
+bool
+cqrs_kafka_main_wakeups(bool on)
+{
+	if (main_queue == NULL)
+		return false;
+	if (on != main_wakeups)
+	{
+		rd_kafka_queue_io_event_enable(main_queue, on ? event_pipe[1] : -1,
+									   "m", 1);
+		main_wakeups = on;
+	}
+	return on && rd_kafka_queue_length(main_queue) > 0;
 }
 
 /* Serve delivery reports, errors and logs; returns the events served. */
@@ -587,6 +610,7 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 		return NULL;
 	main_queue = rd_kafka_queue_get_main(rk);
 	rd_kafka_queue_io_event_enable(main_queue, event_pipe[1], "m", 1);
+	main_wakeups = true;
 	if (relay)
 	{
 		admin_queue = rd_kafka_queue_new(rk);

@@ -66,6 +66,7 @@ extern void cqrs_kafka_destroy(rd_kafka_t *rk, int timeout_ms);
 extern void cqrs_kafka_set_delivery_hook(CqrsDeliveryHook hook);
 extern int	cqrs_kafka_event_fd(void);
 extern void cqrs_kafka_drain_events(void);
+extern bool cqrs_kafka_main_wakeups(bool on);
 extern int	cqrs_kafka_serve(rd_kafka_t *rk);
 extern void cqrs_kafka_emit_logs(const char *who);
 extern bool cqrs_kafka_take_error(char *buf, size_t len);

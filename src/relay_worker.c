@@ -347,7 +347,6 @@ serve_kafka(void)
 	instr_time	t0;
 
 	INSTR_TIME_SET_CURRENT(t0);
-	cqrs_kafka_drain_events();
 	cqrs_kafka_serve(relay_producer);
 	pipeline_serve_reports();
 	cqrs_relay_add_phase(CQRS_PHASE_POLL, elapsed_us(t0));
@@ -803,6 +802,9 @@ relay_turn(void)
  * that long to be recorded anyway).  At a steady rate of single-event
  * commits this halves the relay's wake-ups.  Once the oldest has waited that
  * long (a slow broker, an outage), the pipe wakes it again as reports come.
+ * While it does not watch the pipe, librdkafka does not write to it either
+ * (cqrs_kafka_main_wakeups()): at that rate, a system call fewer on each side
+ * per event.
  */
 static void
 relay_wait(long timeout_ms, bool reports_may_wait)
@@ -822,14 +824,21 @@ relay_wait(long timeout_ms, bool reports_may_wait)
 			timeout_ms = Min(timeout_ms, left);
 		}
 	}
+	/* reports queued before the pipe was watched again do not write to it */
+	if (cqrs_kafka_main_wakeups(set == wait_set))
+		timeout_ms = 0;
 	n = WaitEventSetWait(set, timeout_ms, events, lengthof(events),
 						 PG_WAIT_EXTENSION);
 	for (int i = 0; i < n; i++)
+	{
 		if (events[i].events & WL_LATCH_SET)
 		{
 			ResetLatch(MyLatch);
 			wake_claim = true;
 		}
+		if (events[i].events & WL_SOCKET_READABLE)
+			cqrs_kafka_drain_events();
+	}
 }
 
 /* SIGTERM: record what came back within a second, then go. */
