@@ -101,7 +101,7 @@ RETURNS void
 AS 'MODULE_PATHNAME', 'cqrs_relay_revisit'
 LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION cqrs_relay_revisit(bigint) IS
-    'Internal (the operator functions): when the calling transaction commits, wakes the relay and has its scan go back to outbox id from_id, where a row was made PENDING again. The caller also lowers cqrs_relay_mark.scan_from, so that a restart goes back there too.';
+    'Internal (the operator functions): a row at outbox id from_id was made PENDING again. Lowers cqrs_relay_mark.scan_from to it in the calling transaction, so that a restart goes back there too; when the transaction commits, wakes the relay and has its scan go back there.';
 REVOKE ALL ON FUNCTION cqrs_relay_revisit(bigint) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION cqrs_wake_relay()
@@ -110,7 +110,6 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    UPDATE @extschema@.cqrs_relay_mark SET scan_from = 1;
     PERFORM @extschema@.cqrs_relay_revisit(1);
 END
 $$;
@@ -234,9 +233,7 @@ BEGIN
      WHERE o.id = r.id;
     -- the cleanup's walk may have passed the row: it comes back for it
     UPDATE @extschema@.cqrs_cleanup_state SET walk_from = r.id WHERE walk_from > r.id;
-    -- the relay's scan goes back to it, also after a restart (the update
-    -- always locks the mark: the relay then does not move it past the row)
-    UPDATE @extschema@.cqrs_relay_mark SET scan_from = least(scan_from, r.id);
+    -- the relay's scan goes back to it, also after a restart
     PERFORM @extschema@.cqrs_relay_revisit(r.id);
     RETURN true;
 END
@@ -279,7 +276,6 @@ BEGIN
     IF n > 0 THEN
         -- the cleanup's walk may have passed the rows: it comes back for them
         UPDATE @extschema@.cqrs_cleanup_state SET walk_from = lowest WHERE walk_from > lowest;
-        UPDATE @extschema@.cqrs_relay_mark SET scan_from = least(scan_from, lowest);
         PERFORM @extschema@.cqrs_relay_revisit(lowest);
     END IF;
     RETURN n;

@@ -133,16 +133,30 @@ cqrs_wake_relay_sql(PG_FUNCTION_ARGS)
 }
 
 /*
- * cqrs_relay_revisit(from_id bigint) -> void: when this transaction commits,
- * wake the relay and have its scan go back to from_id (a row there was made
- * PENDING again).  The caller lowers cqrs_relay_mark too.
+ * cqrs_relay_revisit(from_id bigint) -> void: a row at from_id was made
+ * PENDING again.  Lowers cqrs_relay_mark.scan_from to it in this transaction,
+ * so that a relay restarted later goes back there too (the update locks the
+ * mark's row: the relay does not move it past the row meanwhile).  When the
+ * transaction commits, wakes the relay and has its scan go back there.
  */
 Datum
 cqrs_relay_revisit(PG_FUNCTION_ARGS)
 {
-	int64		from = PG_GETARG_INT64(0);
+	int64		from = Max(PG_GETARG_INT64(0), 1);
+	Oid			nsp = get_func_namespace(fcinfo->flinfo->fn_oid);
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(from)};
+	char	   *sql;
 
-	wake_from = Min(wake_from, Max(from, 1));
+	sql = psprintf("UPDATE %s.cqrs_relay_mark SET scan_from = least(scan_from, $1)",
+				   quote_identifier(get_namespace_name(nsp)));
+	SPI_connect();
+	if (SPI_execute_with_args(sql, 1, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "cqrs_relay_revisit: could not update cqrs_relay_mark");
+	SPI_finish();
+	pfree(sql);
+
+	wake_from = Min(wake_from, from);
 	PG_RETURN_VOID();
 }
 
