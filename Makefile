@@ -10,7 +10,7 @@ OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
               src/apply.o src/apply_acl.o src/apply_cache.o src/apply_json.o src/apply_plans.o src/apply_fast.o \
               src/cleanup_worker.o src/cleanup_stats.o src/attach.o \
               src/sink_catalog.o src/sink_apply.o src/sink_route.o src/sink_worker.o src/sink_stats.o \
-              src/event_id.o
+              src/event_id.o src/jsonb_text.o
 
 DATA        = $(wildcard sql/cqrs_sync--*.sql)
 DOCS        = README.md

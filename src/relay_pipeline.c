@@ -69,6 +69,7 @@
 
 #include "cqrs_sync.h"
 #include "enqueue.h"
+#include "jsonb_text.h"
 #include "relay.h"
 #include "shmem.h"
 #include "util.h"
@@ -589,10 +590,11 @@ pipeline_claim(int limit, TimestampTz now)
 																slot_getattr(slot, att_event_id, &isnull)));
 		{
 			Jsonb	   *jb = DatumGetJsonbP(slot_getattr(slot, att_payload, &isnull));
+			int			len;
 
-			row->msg.value = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+			row->msg.value = cqrs_jsonb_text(jb, &len);
+			row->msg.valuelen = len;
 		}
-		row->msg.valuelen = strlen(row->msg.value);
 		d = slot_getattr(slot, att_headers, &isnull);
 		if (!isnull)
 			copy_headers(&row->msg, d);

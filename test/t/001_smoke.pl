@@ -1,5 +1,6 @@
 # Smoke test: the relay starts, and ten enqueued events reach Kafka, each
-# marked SENT and carrying its event_id header.
+# marked SENT and carrying its event_id header; message values are
+# payload::text byte for byte.
 use strict;
 use warnings;
 
@@ -56,6 +57,41 @@ is_deeply(
 	[ sort map { $_->{key} . '=' . ($_->{json} ? $_->{json}{n} // '?' : 'not json') } @msgs ],
 	[ sort map { "k$_=$_" } 1 .. 10 ],
 	'keys and JSON values as enqueued');
+
+# The message value is payload::text byte for byte (src/jsonb_text.c writes
+# it without jsonb's output function): every escape, number and nesting form.
+my $vtopic   = unique_topic('smoke_values');
+my @payloads = (
+	q{'{"s": "plain", "n": 1}'},
+	q{'{"q": "a\"b\\\\c/d", "ctl": "\b\f\n\r\t\u0001\u001f\u007f", "u": "é日本🙂"}'},
+	q{'[1, -0, 1.50, 1e100, 0.000001, -12345678901234567890.123, 2.5e-7]'},
+	q{'"a raw string"'}, q{'42'}, q{'null'}, q{'true'}, q{'false'},
+	q{'{}'}, q{'[]'}, q{'[[]]'},
+	q{'{"a": {}, "b": [], "c": [[], [{}], [1, [2, [3]]]], "d": {"e": {"f": null}}}'},
+	q{'{"k\"ey\n": {"x": [1, "two", null, true, {"y": false}]}, "": ""}'},
+	q{to_jsonb(E'\n' || repeat('x', 300) || E'\t')},
+	q{(SELECT to_jsonb(string_agg(chr(i), '')) FROM generate_series(1, 40) i)},
+	q{(SELECT jsonb_agg(repeat('\\', i) || '"') FROM generate_series(0, 3) i)});
+for my $i (0 .. $#payloads)
+{
+	$node->safe_psql('postgres',
+		"SELECT cqrs_enqueue('$vtopic', 'p$i', $payloads[$i])");
+}
+ok( wait_for(
+		$node,
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$vtopic' AND status = 'SENT'",
+		scalar(@payloads), 60),
+	'the payload forms became SENT');
+my %want = map { split /\|/, $_, 2 } split /\n/,
+  $node->safe_psql('postgres',
+	"SELECT key, payload::text FROM cqrs_outbox WHERE topic = '$vtopic'");
+my %got = map { $_->{key} => $_->{value} }
+  kafka_consume($vtopic, scalar(@payloads), 60, json => 0);
+is(scalar(keys %got), scalar(@payloads), 'every payload form is in Kafka');
+for my $k (sort keys %want)
+{
+	is($got{$k}, $want{$k}, "message $k is its payload::text");
+}
 
 $node->stop;
 done_testing();
