@@ -2,13 +2,13 @@
  *
  * event_id.c
  *	  Time-ordered event ids: cqrs_uuidv7(), the default of
- *	  cqrs_outbox.event_id.
+ *	  cqrs_outbox.event_id; and cqrs_uuid_text(), the event_id header's text.
  *
  * Every outbox row has an entry in the unique index on event_id, and the
- * relay's update of the row to SENT adds another one (it is never a HOT
- * update: status is in index predicates).  With random (version 4) UUIDs
- * each of those insertions lands on a random leaf page of that index; with
- * a backlog or a long retention most of them touch a page no other recent
+ * relay's update of the row to SENT adds another one when it cannot be a
+ * HOT update (its page is full).  With random (version 4) UUIDs each of
+ * those insertions lands on a random leaf page of that index; with a
+ * backlog or a long retention most of them touch a page no other recent
  * insertion touched.  A version 7 UUID (RFC 9562) begins with the time, so
  * the entries of recent rows sit together at the index's right edge, as
  * the ids' entries do in the primary key.
@@ -26,6 +26,8 @@
 #include "fmgr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
+
+#include "event_id.h"
 
 PG_FUNCTION_INFO_V1(cqrs_uuidv7);
 
@@ -66,4 +68,27 @@ cqrs_uuidv7(PG_FUNCTION_ARGS)
 	uuid->data[8] = (unsigned char) ((uuid->data[8] & 0x3F) | 0x80);
 
 	PG_RETURN_UUID_P(uuid);
+}
+
+/*
+ * The text of a uuid as uuid_out writes it (lower-case hex, dashes after
+ * bytes 4, 6, 8 and 10), palloc'd; without uuid_out's StringInfo appended
+ * one character at a time, for every row the relay claims.
+ */
+char *
+cqrs_uuid_text(const pg_uuid_t *uuid)
+{
+	static const char hex[] = "0123456789abcdef";
+	char	   *out = palloc(UUID_LEN * 2 + 5);
+	char	   *p = out;
+
+	for (int i = 0; i < UUID_LEN; i++)
+	{
+		if (i == 4 || i == 6 || i == 8 || i == 10)
+			*p++ = '-';
+		*p++ = hex[uuid->data[i] >> 4];
+		*p++ = hex[uuid->data[i] & 0x0f];
+	}
+	*p = '\0';
+	return out;
 }

@@ -135,8 +135,10 @@ cqrs_jsonb_text(Jsonb *jb, int *len)
 	/* after an opening bracket or a key, the next item needs no ", " */
 	bool		first = true;
 
-	initStringInfo(&out);
-	enlargeStringInfo(&out, VARSIZE(jb));
+	/* the text is seldom much longer than the binary form */
+	out.maxlen = VARSIZE(jb) + VARSIZE(jb) / 4 + 16;
+	out.data = palloc(out.maxlen);
+	resetStringInfo(&out);
 	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
 	{
 		if (!first &&

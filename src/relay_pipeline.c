@@ -69,6 +69,7 @@
 
 #include "cqrs_sync.h"
 #include "enqueue.h"
+#include "event_id.h"
 #include "jsonb_text.h"
 #include "relay.h"
 #include "shmem.h"
@@ -586,8 +587,7 @@ pipeline_claim(int limit, TimestampTz now)
 		pg_atomic_init_u32(&row->msg.partition, 0);
 		row->claim = staged_claim;
 		row->topic = row->msg.topic;
-		row->msg.event_id = DatumGetCString(DirectFunctionCall1(uuid_out,
-																slot_getattr(slot, att_event_id, &isnull)));
+		row->msg.event_id = cqrs_uuid_text(DatumGetUUIDP(slot_getattr(slot, att_event_id, &isnull)));
 		{
 			Jsonb	   *jb = DatumGetJsonbP(slot_getattr(slot, att_payload, &isnull));
 			int			len;

@@ -424,6 +424,14 @@ id_home(int64 id)
 	return (uint32) (h & (CQRS_INFLIGHT_IDS - 1));
 }
 
+/*
+ * The relay's own view of the table it alone writes: how many ids it holds,
+ * and a bound on the highest.  A claim mostly reads ids above every id in
+ * flight; those need no probe of the table (a cache miss each).
+ */
+static int	local_count = 0;
+static int64 local_max_id = 0;
+
 /* Add ids (relay only).  Never more than CQRS_MAX_WINDOW are present. */
 void
 cqrs_inflight_ids_add(const int64 *ids, int n)
@@ -437,7 +445,10 @@ cqrs_inflight_ids_add(const int64 *ids, int n)
 
 		while (tab[pos] != 0 && tab[pos] != ids[i])
 			pos = (pos + 1) & (CQRS_INFLIGHT_IDS - 1);
+		if (tab[pos] == 0)
+			local_count++;
 		tab[pos] = ids[i];
+		local_max_id = Max(local_max_id, ids[i]);
 	}
 	LWLockRelease(cqrs_shared->inflight_lock);
 }
@@ -480,8 +491,10 @@ cqrs_inflight_ids_remove(const int64 *ids, int n)
 			pos = next;
 		}
 removed:
-		;
+		local_count--;
 	}
+	if (local_count == 0)
+		local_max_id = 0;
 	LWLockRelease(cqrs_shared->inflight_lock);
 }
 
@@ -491,6 +504,8 @@ cqrs_inflight_ids_reset(void)
 {
 	LWLockAcquire(cqrs_shared->inflight_lock, LW_EXCLUSIVE);
 	memset(cqrs_shared->inflight_ids, 0, sizeof(cqrs_shared->inflight_ids));
+	local_count = 0;
+	local_max_id = 0;
 	LWLockRelease(cqrs_shared->inflight_lock);
 }
 
@@ -499,8 +514,11 @@ bool
 cqrs_inflight_ids_contains_local(int64 id)
 {
 	int64	   *tab = cqrs_shared->inflight_ids;
-	uint32		pos = id_home(id);
+	uint32		pos;
 
+	if (id > local_max_id)
+		return false;
+	pos = id_home(id);
 	while (tab[pos] != 0)
 	{
 		if (tab[pos] == id)
