@@ -24,6 +24,7 @@
 
 #include "datatype/timestamp.h"
 #include "fmgr.h"
+#include "utils/builtins.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -78,16 +79,17 @@ cqrs_uuidv7(PG_FUNCTION_ARGS)
 char *
 cqrs_uuid_text(const pg_uuid_t *uuid)
 {
-	static const char hex[] = "0123456789abcdef";
+	static const int groups[] = {4, 2, 2, 2, 6};
+	const char *src = (const char *) uuid->data;
 	char	   *out = palloc(UUID_LEN * 2 + 5);
 	char	   *p = out;
 
-	for (int i = 0; i < UUID_LEN; i++)
+	for (int g = 0; g < lengthof(groups); g++)
 	{
-		if (i == 4 || i == 6 || i == 8 || i == 10)
+		if (g > 0)
 			*p++ = '-';
-		*p++ = hex[uuid->data[i] >> 4];
-		*p++ = hex[uuid->data[i] & 0x0f];
+		p += hex_encode(src, groups[g], p);
+		src += groups[g];
 	}
 	*p = '\0';
 	return out;

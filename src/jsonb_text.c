@@ -19,6 +19,7 @@
 #include "postgres.h"
 
 #include "lib/stringinfo.h"
+#include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -35,7 +36,6 @@ plain_byte(unsigned char c)
 static void
 put_string(StringInfo out, const char *s, int len)
 {
-	static const char hex[] = "0123456789abcdef";
 	int			i = 0;
 
 	/* room for the string and its quotes when nothing needs an escape */
@@ -84,8 +84,7 @@ put_string(StringInfo out, const char *s, int len)
 				out->data[out->len++] = 'u';
 				out->data[out->len++] = '0';
 				out->data[out->len++] = '0';
-				out->data[out->len++] = hex[c >> 4];
-				out->data[out->len++] = hex[c & 0x0f];
+				out->len += hex_encode((const char *) &c, 1, out->data + out->len);
 				break;
 		}
 	}

@@ -588,13 +588,8 @@ pipeline_claim(int limit, TimestampTz now)
 		row->claim = staged_claim;
 		row->topic = row->msg.topic;
 		row->msg.event_id = cqrs_uuid_text(DatumGetUUIDP(slot_getattr(slot, att_event_id, &isnull)));
-		{
-			Jsonb	   *jb = DatumGetJsonbP(slot_getattr(slot, att_payload, &isnull));
-			int			len;
-
-			row->msg.value = cqrs_jsonb_text(jb, &len);
-			row->msg.valuelen = len;
-		}
+		row->msg.value = cqrs_jsonb_text(DatumGetJsonbP(slot_getattr(slot, att_payload, &isnull)),
+										 &row->msg.valuelen);
 		d = slot_getattr(slot, att_headers, &isnull);
 		if (!isnull)
 			copy_headers(&row->msg, d);
