@@ -109,7 +109,7 @@ here.send(set(sent))
 arrived = here.recv()
 cp.join()
 
-lat = sorted((arrived[c] - t) * 1000 for c, t in sent.items() if c in arrived and t - t0 > WARMUP)
+lat = sorted((arrived[c][0] - t) * 1000 for c, t in sent.items() if c in arrived and t - t0 > WARMUP)
 missing = sorted((c for c in sent if c not in arrived), key=lambda c: int(c[2:]))
 print(f"kafka floor: {len(sent)} events in {elapsed:.1f} s ({len(sent) / elapsed:.0f}/s), "
       f"{len(missing)} not received within 10 s of the last" + (f" ({missing[:5]})" if missing else ""))

@@ -20,7 +20,10 @@ consume_arrivals(brokers, topic, ready, done, out) is the probes' Kafka
 consumer: it notes each event's arrival (its payload's "c"), sets ready when
 the event "warmup" arrived, and once done is set reads until every event
 named in the set that out then delivers arrived, or 10 s, and sends the
-arrivals {c: monotonic time} back on out.
+arrivals back on out: {c: (monotonic time, wall-clock time, the message's
+Kafka CreateTime in ms)}.  The relay leaves CreateTime to librdkafka, which
+stamps the moment the message was produced: the wall-clock pair splits a
+latency into before and after the produce (to the millisecond).
 
 WARMUP: the seconds both probes run before they count (see below).
 
@@ -97,7 +100,7 @@ def consume_arrivals(brokers, topic, ready, done, out):
         t = time.monotonic()
         if m is not None and not m.error():
             c = json.loads(m.value())["c"]
-            arrived.setdefault(c, t)
+            arrived.setdefault(c, (t, time.time(), m.timestamp()[1]))
             if c == "warmup":
                 ready.set()
         if done.is_set():
