@@ -68,11 +68,12 @@ here.send(set(committed))
 arrived = here.recv()
 cp.join()
 
-measured = [(c, w) for c, (t, w) in committed.items() if c in arrived and t - t0 > WARMUP]
-lat = sorted((arrived[c][0] - committed[c][0]) * 1000 for c, _ in measured)
+# per event: (commit monotonic, commit wall clock, arrival monotonic, arrival wall clock, CreateTime ms)
+measured = [(t, w) + arrived[c] for c, (t, w) in committed.items() if c in arrived and t - t0 > WARMUP]
+lat = sorted((a - t) * 1000 for t, _, a, _, _ in measured)
 # the same split at the produce, by the message's CreateTime (wall clock, ms)
-to_produce = sorted(arrived[c][2] - w * 1000 for c, w in measured)
-after_produce = sorted(arrived[c][1] * 1000 - arrived[c][2] for c, _ in measured)
+to_produce = sorted(ct - w * 1000 for _, w, _, _, ct in measured)
+after_produce = sorted(aw * 1000 - ct for _, _, _, aw, ct in measured)
 missing = sum(1 for c in committed if c not in arrived)
 print(f"latency: {len(committed)} events in {elapsed:.1f} s ({len(committed) / elapsed:.0f}/s), "
       f"{missing} not received within 10 s of the last commit")
