@@ -14,7 +14,9 @@
 #     phase timers) in each run, and this machine's limits measured in the
 #     same run (test/bench/machine_limit.sh: kcat's idempotent producer, the
 #     relay's SQL without Kafka), and the drain rates divided by the slower
-#     of the two.
+#     of the two;
+# (d) how busy the whole machine was during each latency run, and its steal
+#     time: the tail latencies are read against it.
 # Figures, not assertions: timing belongs here, not in the tests.
 #
 # Environment: BENCH_ROWS (200000), BENCH_RATE (1000), BENCH_SECONDS (30,
@@ -44,6 +46,23 @@ relay_cpu() {
     echo "$(awk '{print $14 + $15}' "/proc/$RELAY_PID/stat")" \
          "$(cat "/proc/$RELAY_PID/task/"*/stat 2>/dev/null | awk '$2 ~ /^\(rdk:/ { t += $14 + $15 } END { print t + 0 }')"
 }
+# machine_cpu: "busy idle steal" clock ticks of the whole machine, all cores
+# (busy: user, nice, system, irq, softirq; idle counts iowait; steal: time
+# the host ran something else while a virtual CPU wanted to run)
+machine_cpu() {
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6, $9; exit }' /proc/stat
+}
+# machine_report LABEL CPU0: how busy the machine was since the mark; every
+# process on the event's path shares these cores, so read tail latencies
+# against this line
+machine_report() {
+    awk -v label="$1" -v c0="$2" -v c1="$(machine_cpu)" -v tick="$(getconf CLK_TCK)" 'BEGIN {
+        split(c0, p, " "); split(c1, q, " ");
+        busy = (q[1] - p[1]) / tick; idle = (q[2] - p[2]) / tick; steal = (q[3] - p[3]) / tick;
+        all = busy + idle + steal;
+        printf "%s: the machine was busy %.0f of %.0f core-seconds (%.0f%%); steal %.1f s\n",
+               label, busy, all, (all > 0 ? 100 * busy / all : 0), steal }'
+}
 PHASES="SELECT concat_ws(' ', record_seconds, claim_seconds, commit_seconds, flush_seconds,
                          produce_seconds, poll_seconds, acks, ack_wait_seconds, transactions)
           FROM cqrs_relay_state()"
@@ -64,10 +83,11 @@ relay_report() {
 }
 
 "${PSQL[@]}" -c "TRUNCATE cqrs_outbox"
-cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"
+cpu0="$(relay_cpu)"; ph0="$("${PSQL[@]}" -Atc "$PHASES")"; m0="$(machine_cpu)"
 "$VENV/bin/python" "$HERE/latency.py" "host=$PGHOST port=$PGPORT user=$PGUSER dbname=postgres" \
     "127.0.0.1:$KAFKA_PORT" bench.latency "$RATE" "$SECS"
 relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbox WHERE topic LIKE 'bench.latency.%'")" "$cpu0" "$ph0"
+machine_report "latency run" "$m0"
 "${PSQL[@]}" -At -F ' ' -c "
     SELECT format('latency: enqueue->SENT recorded ms  p50 %s  p99 %s (server clock, includes the commit)',
                   round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) * 1000)::numeric, 2),
@@ -76,7 +96,9 @@ relay_report "latency run" "$("${PSQL[@]}" -Atc "SELECT count(*) FROM cqrs_outbo
        AND created_at > (SELECT min(created_at) + interval '2 s' FROM cqrs_outbox)"
 # the floor for the figures above: Kafka alone, the relay's librdkafka and
 # producer settings, the same consumer and schedule, no database
+m0="$(machine_cpu)"
 "$VENV/bin/python" "$HERE/kafka_latency.py" "127.0.0.1:$KAFKA_PORT" bench.floor "$RATE" "$SECS"
+machine_report "kafka floor" "$m0"
 # the drains after the latency runs: against a broker whose JVM is warm, as
 # for the machine limit below (a broker that has just started is many times
 # slower for its first minutes)
