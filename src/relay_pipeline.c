@@ -483,6 +483,8 @@ pipeline_claim(int limit, TimestampTz now)
 	/* reasons to go back that ended */
 	(void) pipeline_timers(now);
 	start = order_scan_start(cursor);
+	/* from here on a failed claim must go back to start (it took the revisit) */
+	staged_from = start;
 
 	paused = cqrs_topics_paused_names(now);
 	if (paused != NIL)
@@ -508,7 +510,6 @@ pipeline_claim(int limit, TimestampTz now)
 	index_rescan(scan, keys, 2, NULL, 0);
 	slot = table_slot_create(heap, NULL);
 
-	staged_from = start;
 	staged_claim = new_claim();
 	staged_claim->discard_seq = discard_seq;
 	old = MemoryContextSwitchTo(staged_claim->cxt);
