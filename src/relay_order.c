@@ -659,6 +659,14 @@ order_recorded(RelayRow *row)
 	KeyState   *ks = keys_lookup(keystates, row->holdhash);
 	int64		id = row->msg.id;
 
+	/*
+	 * A REDO row is PENDING, to go again after the failed row: a rescan that
+	 * came while it was still in flight skipped it and holds nothing for it
+	 * any more, so the scan goes back to it.  (If the failed row still
+	 * waits, its hold keeps this one back.)
+	 */
+	if (row->outcome == RO_REDO)
+		order_revisit(id);
 	if (ks == NULL)
 		return;
 	if (ks->failing_id == id)
