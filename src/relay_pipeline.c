@@ -641,13 +641,38 @@ void
 pipeline_claim_commit(void)
 {
 	cursor = Max(staged_cursor, staged_from);
-	while (!dlist_is_empty(&staged))
+	if (dlist_is_empty(&claimed))
 	{
-		dlist_node *n = dlist_pop_head_node(&staged);
-
-		dlist_push_tail(&claimed, n);
-		n_claimed++;
+		while (!dlist_is_empty(&staged))
+			dlist_push_tail(&claimed, dlist_pop_head_node(&staged));
 	}
+	else
+	{
+		/*
+		 * Rows left over from an earlier claim (librdkafka's queue was full)
+		 * and a rescan's rows, merged in id order: the rescan may bring an
+		 * earlier row of a key whose later row is still waiting here.
+		 */
+		dlist_head	merged;
+
+		dlist_init(&merged);
+		while (!dlist_is_empty(&staged))
+		{
+			RelayRow   *a = dlist_is_empty(&claimed) ? NULL :
+				dlist_head_element(RelayRow, node, &claimed);
+			RelayRow   *b = dlist_head_element(RelayRow, node, &staged);
+
+			if (a != NULL && a->msg.id < b->msg.id)
+				dlist_push_tail(&merged, dlist_pop_head_node(&claimed));
+			else
+				dlist_push_tail(&merged, dlist_pop_head_node(&staged));
+		}
+		while (!dlist_is_empty(&claimed))
+			dlist_push_tail(&merged, dlist_pop_head_node(&claimed));
+		while (!dlist_is_empty(&merged))
+			dlist_push_tail(&claimed, dlist_pop_head_node(&merged));
+	}
+	n_claimed += n_staged;
 	n_staged = 0;
 	staged_claim = NULL;
 }
@@ -887,6 +912,7 @@ pipeline_produce_claimed(void)
 	int			n = 0;
 	int			nids = 0;
 	uint64		seq;
+	bool		stale;
 	dlist_iter	it;
 	TimestampTz now = GetCurrentTimestamp();
 	instr_time	t0,
@@ -917,7 +943,10 @@ pipeline_produce_claimed(void)
 	 */
 	pg_memory_barrier();
 	seq = pg_atomic_read_u64(&cqrs_shared->discard_seq);
-	if (rows[0]->claim->discard_seq != seq || rows[n - 1]->claim->discard_seq != seq)
+	stale = false;
+	for (int i = 0; i < n && !stale; i++)
+		stale = (rows[i]->claim->discard_seq != seq);
+	if (stale)
 	{
 		int			nheld = 0;
 		int64		from = PG_INT64_MAX;
