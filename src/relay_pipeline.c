@@ -339,6 +339,33 @@ pipeline_idle(void)
 		dlist_is_empty(&reported);
 }
 
+/*
+ * Is all that is left in flight waiting on stalled partitions?  Such rows may
+ * wait for as long as the partition is sick; they do not keep the producer
+ * from being re-created (they go again with the new one).
+ */
+bool
+pipeline_only_stalled(void)
+{
+	dlist_iter	it;
+
+	if (n_inflight == 0 || n_claimed > 0 || n_done > 0 || !dlist_is_empty(&reported))
+		return false;
+	dlist_foreach(it, &inflight)
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+		int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
+		CqrsPartition *part;
+
+		if (row->dlt || p < 0)
+			return false;
+		part = cqrs_topic_partition(row->msg.tstate, p);
+		if (part == NULL || !part->stalled)
+			return false;
+	}
+	return true;
+}
+
 /* ---- claiming ---------------------------------------------------------------------- */
 
 /* The sequence's last value: every id at or below it was handed out. */

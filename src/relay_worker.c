@@ -378,8 +378,12 @@ adjust_batch_size(void)
 		wanted_batch_bytes = min_limit;
 	if (wanted_batch_bytes == relay_producer_batch_bytes || relay_producer == NULL)
 		return;
-	if (!pipeline_idle())
-		return;					/* not while messages are in flight */
+	/*
+	 * Not while messages are in flight, unless they all wait on stalled
+	 * partitions: claims stop until then, and every other key would wait too.
+	 */
+	if (!pipeline_idle() && !pipeline_only_stalled())
+		return;
 	ereport(LOG,
 			(errmsg("cqrs_sync relay: producer batch.size lowered from %d to %d bytes",
 					relay_producer_batch_bytes, wanted_batch_bytes),

@@ -4,7 +4,9 @@
 # leader is unreachable), partition 0 keeps working.  The rows of partition
 # 0's keys must keep flowing, also those enqueued after the stall; the
 # relay's state and an alert must name the stalled partition; partition 1's
-# keys wait and follow, in order per key, once broker 2 is back.
+# keys wait and follow, in order per key, once broker 2 is back.  A topic
+# with a smaller limit that comes in meanwhile lowers the relay's batch.size:
+# re-creating its producer must not wait for the sick partition either.
 #
 # (A partition below min.insync.replicas whose leader is reachable is a
 # different case: the leader holds the produce request until it times out,
@@ -36,6 +38,11 @@ my %part = map { $_->{key} => $_->{partition} } kafka_consume($topic, 40, 30);
 my @p0 = grep { $part{$_} == 0 } sort keys %part;
 my @p1 = grep { $part{$_} == 1 } sort keys %part;
 ok(@p0 >= 5 && @p1 >= 5, scalar(@p0) . ' keys on partition 0, ' . scalar(@p1) . ' on partition 1');
+
+# a healthy topic whose limit is below the relay's batch.size, used only
+# once the partition is sick (created now: topics are created while both
+# brokers answer)
+my $small = create_topic_assigned(unique_topic('smallbatch'), '1', 'max.message.bytes=200000');
 
 my $listener = $node->background_psql('postgres');
 $listener->query_safe('LISTEN cqrs_sync_alert');
@@ -72,12 +79,35 @@ cmp_ok($node->safe_psql('postgres',
 		"SELECT count(*) FROM cqrs_outbox WHERE key IN ($p1_list) AND status = 'PENDING'"),
 	'>', 0, "partition 1's rows wait");
 
+# a topic that takes smaller record batches than the relay's batch.size: the
+# relay lowers batch.size, from the limit DescribeConfigs tells or from a
+# batch the broker refused (the request may go to the frozen broker and never
+# be answered).  That re-creates its producer, which must not wait for the
+# sick partition's rows in flight: claims stop meanwhile, for every key.
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$small', 's' || (g % 10), jsonb_build_object('seq', g, 'body', repeat('x', 250)))) FROM generate_series(1, 2000) g"
+);
+ok($node->wait_for_log(qr/producer batch\.size lowered from 1000000 to \d+ bytes/),
+	'the relay lowers its batch.size while the partition is stalled');
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$small' AND status = 'SENT'", '2000', 60),
+	'the rows of the topic with the smaller limit are sent')
+  or diag($node->safe_psql('postgres', 'SELECT row_to_json(s) FROM cqrs_stats_relay s'));
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$topic', k, jsonb_build_object('seq', 12))) FROM unnest(ARRAY[$p0_list]) k");
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE key IN ($p0_list) AND status = 'SENT'",
+		$p0_rows + 2 * @p0, 30),
+	'and later rows of the healthy partition too');
+ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'partition stalled', 60),
+	'the relay still says which partition is stalled');
+
 $b2->thaw;
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status <> 'SENT'", '0', 120),
 	'after the thaw everything is sent');
 ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'running', 30), 'the relay runs normally again');
 
-my @msgs = kafka_consume($topic, 40 + 400 + @p0, 60);
+my @msgs = kafka_consume($topic, 40 + 400 + 2 * @p0, 60);
 my (%seen, %last, $disorder);
 for my $m (@msgs)
 {
@@ -87,7 +117,7 @@ for my $m (@msgs)
 	$disorder++ if defined $last{ $m->{key} } && $seq < $last{ $m->{key} };
 	$last{ $m->{key} } = $seq;
 }
-is(scalar(keys %seen), 40 + 400 + @p0, 'every event is in Kafka');
+is(scalar(keys %seen), 40 + 400 + 2 * @p0, 'every event is in Kafka');
 is($disorder // 0, 0, 'per key in order');
 
 $node->stop;
