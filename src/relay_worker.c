@@ -525,23 +525,56 @@ relay_sigterm_in_syncrep(SIGNAL_ARGS)
 }
 
 /*
+ * A cancel request (pg_cancel_backend()) while waiting for the synchronous
+ * standbys: SyncRepWaitForLSN() ends its wait on it as if the standbys had
+ * confirmed.  Noted, so that the relay waits again.
+ */
+static volatile sig_atomic_t syncrep_canceled = false;
+
+static void
+relay_sigint_in_syncrep(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	syncrep_canceled = true;
+	QueryCancelPending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
+
+/*
  * Wait until the synchronous standbys have the WAL up to lsn, as a commit
  * with synchronous_commit = on waits.  The relay's own setting is off (its
- * recordings are not waited for), so it is raised for the wait.  Returns
- * false when the wait ended for a shutdown or postmaster death.
+ * recordings are not waited for), so it is raised for the wait.  A cancel
+ * request does not end it.  Returns false when the wait ended for a shutdown
+ * or postmaster death.
  */
 static bool
 wait_for_standbys(XLogRecPtr lsn)
 {
-	pqsigfunc	prev;
+	pqsigfunc	prev_term;
+	pqsigfunc	prev_int;
 
 	standby_waiting = true;
 	publish_state(GetCurrentTimestamp());
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
-	prev = pqsignal(SIGTERM, relay_sigterm_in_syncrep);
-	if (!ShutdownRequestPending)
+	prev_term = pqsignal(SIGTERM, relay_sigterm_in_syncrep);
+	prev_int = pqsignal(SIGINT, relay_sigint_in_syncrep);
+	while (!ShutdownRequestPending && !ProcDiePending)
+	{
+		syncrep_canceled = false;
 		SyncRepWaitForLSN(lsn, false);
-	pqsignal(SIGTERM, prev);
+		if (!syncrep_canceled || ShutdownRequestPending || ProcDiePending)
+			break;
+		QueryCancelPending = false;
+		ereport(LOG,
+				(errmsg("cqrs_sync relay: a cancel request does not end the wait for the synchronous standbys"),
+				 errdetail("The rows were not produced; the relay waits for the standbys again."),
+				 errhint("To publish without them, change synchronous_standby_names.")));
+	}
+	pqsignal(SIGINT, prev_int);
+	pqsignal(SIGTERM, prev_term);
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	if (ShutdownRequestPending)
 	{

@@ -7,7 +7,7 @@
 # recordings are not waited for), so its wait must not depend on it.
 #
 # The standby named in synchronous_standby_names never connects: the relay
-# must wait, stop promptly when told to, wait again after a restart (it cannot
+# must wait, not give up on a cancel request, stop promptly when told to, wait again after a restart (it cannot
 # know which commits were waited for before it), and publish once the
 # standbys are no longer required.
 use strict;
@@ -48,6 +48,17 @@ sub published
 is(published(), 0, 'the event is not published while no standby confirmed its commit');
 is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE id = $id"),
 	'PENDING', 'the row stays PENDING');
+
+# a cancel request does not end the wait (SyncRepWaitForLSN() returns on one
+# as if the standbys had confirmed)
+$node->safe_psql('postgres',
+	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
+ok($node->wait_for_log(qr/a cancel request does not end the wait for the synchronous standbys/),
+	'the relay says a cancel does not end its wait');
+sleep 2;
+is(published(), 0, 'after a cancel request the event is still not published');
+ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'waiting for standby', 30),
+	'the relay waits for the standby again');
 
 # a fast shutdown ends the wait
 my $t0 = time;
