@@ -878,10 +878,16 @@ relay_wait(long timeout_ms, bool reports_may_wait)
 	}
 }
 
-/* SIGTERM: record what came back within a second, then go. */
+/*
+ * SIGTERM: record what came back within a second, then go.  If that
+ * recording fails, the error comes back here through the loop's error
+ * handler: then the relay goes without it (the rows stay PENDING and are sent
+ * again after the next start) instead of trying again for ever.
+ */
 static void
 relay_shutdown(void)
 {
+	static bool recording_tried = false;
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													   SHUTDOWN_FLUSH_MS);
 
@@ -896,7 +902,17 @@ relay_shutdown(void)
 	}
 	destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
 	if (!extension_missing && (pipeline_has_reports() || record_alerts_queued()))
-		relay_transaction(true, 0, GetCurrentTimestamp());
+	{
+		if (!recording_tried)
+		{
+			recording_tried = true;
+			relay_transaction(true, 0, GetCurrentTimestamp());
+		}
+		else
+			ereport(LOG,
+					(errmsg("cqrs_sync relay: shutting down without recording the outcomes that came back"),
+					 errdetail("Recording them failed. Their rows stay PENDING and are sent again after the next start.")));
+	}
 	if (!XLogRecPtrIsInvalid(record_lsn))
 		XLogFlush(record_lsn);
 	ereport(LOG, (errmsg("cqrs_sync relay shutting down")));

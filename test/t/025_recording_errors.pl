@@ -7,7 +7,9 @@
 #    recorded; its alert carries ids, topic and error, not the key;
 #  - a recording that fails (a lock held on the row beyond the relay's lock
 #    timeout) is retried without producing the message again, and the
-#    relay's state says so meanwhile.
+#    relay's state says so meanwhile;
+#  - told to stop while its recording keeps failing, the relay exits (the
+#    rows go again after its restart) instead of trying for ever.
 use strict;
 use warnings;
 
@@ -126,6 +128,30 @@ ok(wait_for($node, "SELECT state FROM cqrs_stats_relay", 'running', 30), 'and th
 is(scalar(grep { $_->{key} eq 'L' } @locked), 1,
 	'still one copy in Kafka: retrying the recording did not produce it again');
 is(relay_pid(), $pid, 'the relay did not restart');
+
+# ---- a shutdown while the recording fails ends -----------------------------------
+# (the relay records what came back once more when told to stop; when that
+# fails too, it goes without it instead of trying again for ever)
+$locker = $node->background_psql('postgres');
+$pid = freeze_relay($node);
+$lid = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$lock_topic', 'S', '{\"n\": 2}')");
+$locker->query_safe('BEGIN');
+$locker->query_safe("SELECT id FROM cqrs_outbox WHERE id = $lid FOR UPDATE");
+kill 'CONT', $pid;
+ok(wait_for($node, "SELECT state FROM cqrs_stats_relay", 'recording failed', 60),
+	'the recording fails again (lock timeout)');
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
+ok( wait_for($node,
+		"SET statement_timeout = 0; SELECT count(*) FROM pg_stat_activity WHERE pid = $pid",
+		'0', 30),
+	'told to stop, the relay exits although its last recording fails');
+ok($node->wait_for_log(qr/shutting down without recording the outcomes that came back/),
+	'and says that it did not record them');
+$locker->query_safe('COMMIT');
+$locker->quit;
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $lid", 'SENT', 60),
+	'the restarted relay sends the row again and records it');
+$pid = relay_pid();
 
 # ---- the claim's index gone: a clear error, the relay waits, then goes on ----------
 # (the relay walks the outbox's primary key itself, not through a query that
