@@ -170,15 +170,20 @@ redact_value(char *text, const char *value)
 
 	if (vlen == 0)
 		return;
+	/* search on after each replacement: a value may match its own stars */
 	while ((hit = strstr(text, value)) != NULL)
 	{
 		if (vlen >= 3)
 		{
 			memcpy(hit, "***", 3);
 			memmove(hit + 3, hit + vlen, strlen(hit + vlen) + 1);
+			text = hit + 3;
 		}
 		else
+		{
 			memset(hit, '*', vlen);
+			text = hit + vlen;
+		}
 	}
 }
 

@@ -60,6 +60,15 @@ is($node->safe_psql('postgres',
 		"SELECT count(*) FROM cqrs_stats_relay s WHERE s::text LIKE '%$SECRET%'"),
 	'0', 'nor anywhere in the view');
 
+# a secret that matches its own redaction ("***", a placeholder left in the
+# file): redacting a text that holds it must end.  librdkafka echoes a value
+# it refuses for a property with a fixed set of values.
+write_props("sasl.password = ***\ncompression.codec = ***\n", 0600);
+$node->reload;
+ok( wait_for($node,
+		"SELECT last_error LIKE '%compression.codec%' FROM cqrs_stats_relay", 't', 30),
+	'a secret of "***" is redacted without looping: the refused property is reported');
+
 # fixed: it runs again
 write_props("sasl.password = $SECRET\n", 0600);
 $node->reload;
