@@ -844,6 +844,8 @@ pipeline_write_mark(TimestampTz now)
  * Fail a row before it reaches the producer.  Its key is blocked at once, so
  * that later rows of the key in the same claim are not produced behind it.
  */
+static char *row_text(RelayRow *row, const char *fmt,...) pg_attribute_printf(2, 3);
+
 static void
 fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
 {
@@ -1031,14 +1033,14 @@ pipeline_produce_claimed(void)
 			n_claimed--;
 			if (size_checked(row, topic))
 				fail_locally(row, RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
-							 psprintf("MSG_SIZE_TOO_LARGE: message of %d bytes exceeds max.message.bytes %d of topic \"%s\"",
+							 row_text(row, "MSG_SIZE_TOO_LARGE: message of %d bytes exceeds max.message.bytes %d of topic \"%s\"",
 									  size, topic->limit, row->msg.topic));
 			else
 			{
 				/* the limit may have been raised: ask, and try again, free */
 				cqrs_topic_want_limit(relay_producer, topic, true);
 				fail_locally(row, RD_KAFKA_RESP_ERR__RETRY,
-							 psprintf("message of %d bytes exceeds the max.message.bytes %d last known of topic \"%s\"; asking Kafka again",
+							 row_text(row, "message of %d bytes exceeds the max.message.bytes %d last known of topic \"%s\"; asking Kafka again",
 									  size, topic->limit, row->msg.topic));
 			}
 			continue;
@@ -1115,6 +1117,36 @@ backoff_ms(int retry_count)
 	return (int) Min((int64) cqrs_retry_backoff_ms << shift, (int64) PG_INT32_MAX);
 }
 
+/*
+ * A text that goes with the row (its error), in its claim's memory: reports
+ * are served outside any transaction, where palloc() would allocate in
+ * TopMemoryContext for ever.
+ */
+static char *
+row_text(RelayRow *row, const char *fmt,...)
+{
+	MemoryContext old = MemoryContextSwitchTo(row->claim->cxt);
+	size_t		len = 128;
+	char	   *result;
+
+	for (;;)
+	{
+		va_list		args;
+		size_t		needed;
+
+		result = palloc(len);
+		va_start(args, fmt);
+		needed = pvsnprintf(result, len, fmt, args);
+		va_end(args);
+		if (needed < len)
+			break;
+		pfree(result);
+		len = needed;
+	}
+	MemoryContextSwitchTo(old);
+	return result;
+}
+
 static char *
 error_of(RelayRow *row)
 {
@@ -1122,7 +1154,7 @@ error_of(RelayRow *row)
 
 	if (row->error)
 		return row->error;
-	return pstrdup(cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
+	return row_text(row, "%s", cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
 }
 
 /*
@@ -1166,7 +1198,7 @@ produce_dead_letter(RelayRow *row)
 	if (!cqrs_topic_name_valid(dlt_topic) || relay_producer == NULL)
 	{
 		row->dlt_error = relay_producer == NULL ? "the producer is being re-created" :
-			psprintf("invalid dead-letter topic name \"%s\"", dlt_topic);
+			row_text(row, "invalid dead-letter topic name \"%s\"", dlt_topic);
 		finish(row, relay_producer == NULL ? RO_RETRY : RO_DLT_FAILED);
 		return;
 	}
@@ -1178,7 +1210,7 @@ produce_dead_letter(RelayRow *row)
 		char		buf[512];
 		CqrsFailureClass cls = cqrs_kafka_classify(err);
 
-		row->dlt_error = psprintf("dead-letter topic \"%s\": %s", dlt_topic,
+		row->dlt_error = row_text(row, "dead-letter topic \"%s\": %s", dlt_topic,
 								  cqrs_kafka_error_text(err, buf, sizeof(buf)));
 		row->dlt_attempt_failed = true;
 		row->delay_ms = backoff_ms(row->retry_count);
@@ -1205,7 +1237,7 @@ dead_letter_report(RelayRow *row)
 		return;
 	}
 	cls = cqrs_kafka_classify(row->msg.err);
-	row->dlt_error = psprintf("dead-letter topic \"%s\": %s", row->msg.topic,
+	row->dlt_error = row_text(row, "dead-letter topic \"%s\": %s", row->msg.topic,
 							  cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
 	row->dlt_attempt_failed = true;
 	if (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG)
@@ -1257,7 +1289,7 @@ handle_failure(RelayRow *row, bool was_inflight)
 			int			size = cqrs_kafka_message_size(&row->msg);
 
 			relay_want_batch_bytes(Max(relay_producer_batch_bytes / 2, size));
-			row->error = psprintf("record batch too large for topic \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
+			row->error = row_text(row, "record batch too large for topic \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
 								  row->msg.topic, size, relay_producer_batch_bytes);
 			finish(row, RO_RETRY);
 			return;

@@ -52,6 +52,14 @@ static int	dltfail_plan_ok;
 /* Alerts waiting for the next transaction (e.g. a partition stalled). */
 static List *queued_alerts = NIL;
 
+static void
+free_plan(SPIPlanPtr *plan)
+{
+	if (*plan != NULL)
+		SPI_freeplan(*plan);
+	*plan = NULL;
+}
+
 /*
  * Prepare the plans for the outbox and, when it can take the relay's
  * entries, the audit trail (NULL: before version 0.2.0).
@@ -65,14 +73,12 @@ record_prepare(const char *outbox, const char *audit)
 	char	   *update;
 	Oid			dead_types[3] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID};
 
-	if (sent_plan)
-	{
-		SPI_freeplan(sent_plan);
-		SPI_freeplan(sent_delete_plan);
-		SPI_freeplan(fail_plan);
-		SPI_freeplan(dead_plan);
-		SPI_freeplan(dltfail_plan);
-	}
+	/* one by one: a prepare below may fail, and leave the rest unset */
+	free_plan(&sent_plan);
+	free_plan(&sent_delete_plan);
+	free_plan(&fail_plan);
+	free_plan(&dead_plan);
+	free_plan(&dltfail_plan);
 	sent_plan = cqrs_keep_plan(psprintf(
 										"UPDATE %s SET status = 'SENT', sent_at = $2,"
 										" next_attempt_at = NULL, last_error = NULL"
@@ -421,8 +427,13 @@ record_after_commit(dlist_head *rows)
 			case RO_RETRY:
 				nfail++;
 				if (first_error == NULL)
+				{
+					char	   *err = row_error(row);
+
 					first_error = psprintf("outbox id " INT64_FORMAT " (topic \"%s\"): %s",
-										   row->msg.id, row->topic, row_error(row));
+										   row->msg.id, row->topic, err);
+					pfree(err);
+				}
 				break;
 			case RO_DEAD:
 				ndead++;
@@ -441,18 +452,24 @@ record_after_commit(dlist_head *rows)
 									   row->msg.event_id, err),
 							 errhint("Remove the cause, then call cqrs_retry(" INT64_FORMAT ") or cqrs_retry_dlt_failed(); cqrs_discard() drops it with a reason.",
 									 row->msg.id)));
+					pfree(err);
 					break;
 				}
 			default:
 				break;
 		}
 		if (row->newly_paused)
+		{
+			char	   *err = row_error(row);
+
 			ereport(WARNING,
 					(errcode(CQRS_ERRCODE_TOPIC_PAUSED),
 					 errmsg("cqrs_sync relay: topic \"%s\" is paused: %s",
-							row->topic, row_error(row)),
+							row->topic, err),
 					 errdetail("Its rows stay PENDING without spending their retry budget; the relay tries again with a growing pause of up to a minute."),
 					 errhint("Check that the topic exists and that the relay's Kafka principal may write to it.")));
+			pfree(err);
+		}
 	}
 
 	if (nsent > 0)
@@ -472,5 +489,6 @@ record_after_commit(dlist_head *rows)
 		ereport(LOG,
 				(errmsg("cqrs_sync relay: %d message(s) failed, first %s", nfail, first_error),
 				 errdetail("The rows stay PENDING and are tried again after a backoff; later rows of their keys wait.")));
+		pfree(first_error);
 	}
 }
