@@ -84,6 +84,9 @@ cmp_ok($node->safe_psql('postgres',
 # batch the broker refused (the request may go to the frozen broker and never
 # be answered).  That re-creates its producer, which must not wait for the
 # sick partition's rows in flight: claims stop meanwhile, for every key.
+# (When the limit comes from a refused batch, librdkafka reported the refusal
+# only once the frozen broker's request had timed out, after socket.timeout.ms,
+# 60 s, in one run; hence the long wait for the log line.)
 $node->safe_psql('postgres',
 	"SELECT count(cqrs_enqueue('$small', 's' || (g % 10), jsonb_build_object('seq', g, 'body', repeat('x', 250)))) FROM generate_series(1, 2000) g"
 );
