@@ -509,34 +509,23 @@ relay_transaction(bool record, int limit, TimestampTz now)
 }
 
 /*
- * SIGTERM while waiting for the synchronous standbys: SyncRepWaitForLSN()
- * ends its wait on a cancel, not on a worker's shutdown request.
- */
-static void
-relay_sigterm_in_syncrep(SIGNAL_ARGS)
-{
-	int			save_errno = errno;
-
-	ShutdownRequestPending = true;
-	QueryCancelPending = true;
-	InterruptPending = true;
-	SetLatch(MyLatch);
-	errno = save_errno;
-}
-
-/*
- * A cancel request (pg_cancel_backend()) while waiting for the synchronous
- * standbys: SyncRepWaitForLSN() ends its wait on it as if the standbys had
- * confirmed.  Noted, so that the relay waits again.
+ * SIGTERM and SIGINT while waiting for the synchronous standbys:
+ * SyncRepWaitForLSN() ends its wait on a cancel, so both are turned into one,
+ * and noted: SIGTERM as the worker's shutdown request; SIGINT (a cancel
+ * request, pg_cancel_backend()), on which SyncRepWaitForLSN() returns as if
+ * the standbys had confirmed, so that the relay waits again.
  */
 static volatile sig_atomic_t syncrep_canceled = false;
 
 static void
-relay_sigint_in_syncrep(SIGNAL_ARGS)
+relay_signal_in_syncrep(SIGNAL_ARGS)
 {
 	int			save_errno = errno;
 
-	syncrep_canceled = true;
+	if (postgres_signal_arg == SIGTERM)
+		ShutdownRequestPending = true;
+	else
+		syncrep_canceled = true;
 	QueryCancelPending = true;
 	InterruptPending = true;
 	SetLatch(MyLatch);
@@ -559,8 +548,8 @@ wait_for_standbys(XLogRecPtr lsn)
 	standby_waiting = true;
 	publish_state(GetCurrentTimestamp());
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
-	prev_term = pqsignal(SIGTERM, relay_sigterm_in_syncrep);
-	prev_int = pqsignal(SIGINT, relay_sigint_in_syncrep);
+	prev_term = pqsignal(SIGTERM, relay_signal_in_syncrep);
+	prev_int = pqsignal(SIGINT, relay_signal_in_syncrep);
 	while (!ShutdownRequestPending && !ProcDiePending)
 	{
 		syncrep_canceled = false;
