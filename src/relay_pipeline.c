@@ -667,37 +667,28 @@ pipeline_claimed_lsn(void)
 void
 pipeline_claim_commit(void)
 {
+	dlist_node *pos;
+
 	cursor = Max(staged_cursor, staged_from);
-	if (dlist_is_empty(&claimed))
-	{
-		while (!dlist_is_empty(&staged))
-			dlist_push_tail(&claimed, dlist_pop_head_node(&staged));
-	}
-	else
-	{
-		/*
-		 * Rows left over from an earlier claim (librdkafka's queue was full)
-		 * and a rescan's rows, merged in id order: the rescan may bring an
-		 * earlier row of a key whose later row is still waiting here.
-		 */
-		dlist_head	merged;
 
-		dlist_init(&merged);
-		while (!dlist_is_empty(&staged))
-		{
-			RelayRow   *a = dlist_is_empty(&claimed) ? NULL :
-				dlist_head_element(RelayRow, node, &claimed);
-			RelayRow   *b = dlist_head_element(RelayRow, node, &staged);
+	/*
+	 * Into the claimed rows in id order.  Usually there are none; rows left
+	 * over from an earlier claim (librdkafka's queue was full) may be
+	 * followed by a rescan's rows, which can bring an earlier row of a key
+	 * whose later row is still waiting there.
+	 */
+	pos = dlist_is_empty(&claimed) ? NULL : dlist_head_node(&claimed);
+	while (!dlist_is_empty(&staged))
+	{
+		dlist_node *n = dlist_pop_head_node(&staged);
+		int64		id = dlist_container(RelayRow, node, n)->msg.id;
 
-			if (a != NULL && a->msg.id < b->msg.id)
-				dlist_push_tail(&merged, dlist_pop_head_node(&claimed));
-			else
-				dlist_push_tail(&merged, dlist_pop_head_node(&staged));
-		}
-		while (!dlist_is_empty(&claimed))
-			dlist_push_tail(&merged, dlist_pop_head_node(&claimed));
-		while (!dlist_is_empty(&merged))
-			dlist_push_tail(&claimed, dlist_pop_head_node(&merged));
+		while (pos != NULL && dlist_container(RelayRow, node, pos)->msg.id < id)
+			pos = dlist_has_next(&claimed, pos) ? dlist_next_node(&claimed, pos) : NULL;
+		if (pos != NULL)
+			dlist_insert_before(pos, n);
+		else
+			dlist_push_tail(&claimed, n);
 	}
 	n_claimed += n_staged;
 	n_staged = 0;
