@@ -339,6 +339,15 @@ pipeline_idle(void)
 		dlist_is_empty(&reported);
 }
 
+/* The partition a produced row went to (NULL: not known yet). */
+static CqrsPartition *
+produced_partition(RelayRow *row)
+{
+	int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
+
+	return cqrs_topic_partition(row->msg.tstate, p);
+}
+
 /*
  * Is all that is left in flight waiting on stalled partitions?  Such rows may
  * wait for as long as the partition is sick; they do not keep the producer
@@ -354,12 +363,8 @@ pipeline_only_stalled(void)
 	dlist_foreach(it, &inflight)
 	{
 		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
-		int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
-		CqrsPartition *part;
+		CqrsPartition *part = row->dlt ? NULL : produced_partition(row);
 
-		if (row->dlt || p < 0)
-			return false;
-		part = cqrs_topic_partition(row->msg.tstate, p);
 		if (part == NULL || !part->stalled)
 			return false;
 	}
@@ -1354,8 +1359,7 @@ pipeline_serve_reports(void)
 
 		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR && !row->dlt)
 		{
-			int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
-			CqrsPartition *part = cqrs_topic_partition(row->msg.tstate, p);
+			CqrsPartition *part = produced_partition(row);
 
 			last_ack_at = now;
 			if (part)
@@ -1502,14 +1506,12 @@ pipeline_broker_waiting(TimestampTz now)
 	dlist_foreach(it, &inflight)
 	{
 		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
-		int32		p;
 		CqrsPartition *part;
 
 		/* the list is in the order of production: the rest is younger */
 		if (row->produced_at >= limit)
 			break;
-		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
-		part = cqrs_topic_partition(row->msg.tstate, p);
+		part = produced_partition(row);
 		if (part && part->stalled)
 			continue;
 		if (last_ack_at < row->produced_at)
