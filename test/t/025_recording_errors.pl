@@ -153,6 +153,45 @@ ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $lid", 'SENT', 60)
 	'the restarted relay sends the row again and records it');
 $pid = relay_pid();
 
+# ---- its statements prepared again, and a prepare fails halfway -------------------
+# A change to the outbox makes the relay prepare its five statements again.
+# With the audit trail locked, the first two (outbox only) are prepared and
+# the third waits beyond the relay's lock timeout.  The next attempt must not
+# free again what the failed one had freed already.
+my $prep_topic = unique_topic('prepare');
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$prep_topic', 'P', '{\"n\": 0}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$prep_topic' AND status = 'SENT'", '1', 30),
+	'warm-up row sent: the statements are prepared');
+$locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN');
+$locker->query_safe('LOCK TABLE cqrs_outbox_audit IN ACCESS EXCLUSIVE MODE');
+$node->safe_psql('postgres', 'ALTER TABLE cqrs_outbox ALTER COLUMN payload SET STATISTICS 200');
+my $pid_before = relay_pid();
+my $log_at = -s $node->logfile;
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$prep_topic', 'P', '{\"n\": 1}')");
+# two failed attempts of the relay (each waits out its 5 s lock timeout)
+my $t_prep = time;
+my $fails = 0;
+while (time - $t_prep < 60)
+{
+	my $log = slurp_file($node->logfile, $log_at);
+	$fails = () = $log =~ /\[$pid_before\] ERROR:  canceling statement due to lock timeout/g;
+	last if $fails >= 2;
+	sleep 1;
+}
+cmp_ok($fails, '>=', 2, 'the relay failed twice to prepare its statements on the locked audit trail');
+$locker->query_safe('COMMIT');
+$locker->quit;
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$prep_topic' AND status = 'SENT'",
+		'2', 60),
+	'once the lock is gone the row is sent and recorded');
+unlike(slurp_file($node->logfile, $log_at), qr/terminated by signal|double free|corrupted/,
+	'no process crashed meanwhile');
+is(relay_pid(), $pid_before, 'the relay did not restart');
+$node->safe_psql('postgres', 'ALTER TABLE cqrs_outbox ALTER COLUMN payload SET STATISTICS -1');
+$pid = relay_pid();
+
 # ---- the claim's index gone: a clear error, the relay waits, then goes on ----------
 # (the relay walks the outbox's primary key itself, not through a query that
 # would fall back to another plan)
