@@ -143,5 +143,6 @@ extern int	record_outcomes(dlist_head *rows, TimestampTz acked_at);
 extern void record_after_commit(dlist_head *rows);
 extern void record_queue_alert(const char *json);
 extern bool record_alerts_queued(void);
+extern void record_forget_alerts(void);
 
 #endif							/* CQRS_RELAY_H */

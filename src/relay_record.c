@@ -213,6 +213,14 @@ record_alerts_queued(void)
 	return queued_alerts != NIL;
 }
 
+/* The extension was dropped: its alerts have nowhere to go. */
+void
+record_forget_alerts(void)
+{
+	list_free_deep(queued_alerts);
+	queued_alerts = NIL;
+}
+
 /*
  * Record the outcomes of the done rows, in the relay's transaction.  Returns
  * the number of outbox rows written (for the relay's count of recorded rows

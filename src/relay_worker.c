@@ -710,6 +710,21 @@ periodic_checks(TimestampTz now)
 
 /* ---- the loop ------------------------------------------------------------------------------ */
 
+/* May the relay claim rows now: a producer, with the batch.size wanted? */
+static bool
+can_claim(void)
+{
+	return relay_producer != NULL &&
+		wanted_batch_bytes == relay_producer_batch_bytes;
+}
+
+/* Alerts wait for a transaction only where they can be recorded. */
+static bool
+alerts_to_record(void)
+{
+	return record_alerts_queued() && !extension_missing;
+}
+
 /* One turn of the loop.  Returns how long it may sleep (ms; 0: go on at once). */
 static long
 relay_turn(void)
@@ -730,6 +745,7 @@ relay_turn(void)
 		destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
 		pipeline_reset();
 		order_reset();
+		record_forget_alerts();
 		extension_changed = false;
 		plans_valid = false;
 	}
@@ -746,8 +762,7 @@ relay_turn(void)
 		return Max(1, (retry_txn_at - now) / 1000);
 
 	room = window_room();
-	want_claim = relay_producer != NULL &&
-		wanted_batch_bytes == relay_producer_batch_bytes &&
+	want_claim = can_claim() &&
 		room > 0 &&
 		(wake_claim || pipeline_more_ready() ||
 		 order_revisit_pending(pipeline_cursor()) || now >= next_poll_at);
@@ -761,7 +776,7 @@ relay_turn(void)
 		(now >= pipeline_oldest_report() + RECORD_DELAY_MS * 1000 ||
 		 room < pipeline_window() / 2);
 	/* a claim for new commits goes first; one for a backlog takes them along */
-	want_record = record_alerts_queued() || record_urgent ||
+	want_record = alerts_to_record() || record_urgent ||
 		(pipeline_has_reports() && want_claim && !wake_claim);
 	if (pipeline_has_reports() && !want_record && !want_claim)
 		next_record_at = pipeline_oldest_report() + RECORD_DELAY_MS * 1000;
@@ -796,18 +811,23 @@ relay_turn(void)
 		pipeline_serve_reports();	/* those that failed before producing */
 	}
 
-	/* more to do at once? */
-	if (record_alerts_queued() ||
-		(relay_producer != NULL && window_room() > 0 &&
+	/*
+	 * More to do at once?  Only what this relay can do now: without a
+	 * producer (or while a new batch.size waits for the pipeline to drain) a
+	 * rescan or a full claim waits, as alerts wait for the extension.
+	 */
+	if (alerts_to_record() ||
+		(can_claim() && window_room() > 0 &&
 		 (pipeline_more_ready() || order_revisit_pending(pipeline_cursor()))))
 		return 0;
 
 	/* timers the turn itself set (a retry recorded just now) count too */
 	now = GetCurrentTimestamp();
 	next_wake = pipeline_timers(now);
-	if (order_revisit_pending(pipeline_cursor()) && window_room() > 0)
+	if (can_claim() && order_revisit_pending(pipeline_cursor()) && window_room() > 0)
 		return 0;
-	sleep_ms = Max(1, (next_poll_at - now) / 1000);
+	/* the fallback scan is due only where a claim can follow it */
+	sleep_ms = can_claim() ? Max(1, (next_poll_at - now) / 1000) : CHECK_MS;
 	sleep_ms = Min(sleep_ms, CHECK_MS);
 	if (next_wake != 0)
 		sleep_ms = Min(sleep_ms, Max(1, (next_wake - now) / 1000 + 1));

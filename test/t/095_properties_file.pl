@@ -69,10 +69,29 @@ ok( wait_for($node,
 		"SELECT last_error LIKE '%compression.codec%' FROM cqrs_stats_relay", 't', 30),
 	'a secret of "***" is redacted without looping: the refused property is reported');
 
+# without a producer the relay waits: a rescan it cannot serve (here the one
+# cqrs_wake_relay() asks for, back to the first row) once kept it busy, at
+# full CPU, until the file was fixed
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 2}')");
+$node->safe_psql('postgres', 'SELECT cqrs_wake_relay()');
+my $relay = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'");
+
+sub relay_cpu_s
+{
+	my @f = split ' ', (split /\)/, slurp_file("/proc/$relay/stat"))[-1];
+	return ($f[11] + $f[12]) / 100;
+}
+my $cpu0 = relay_cpu_s();
+sleep 5;
+my $used = relay_cpu_s() - $cpu0;
+cmp_ok($used, '<', 0.1, "without a producer the relay does not spin ($used s of CPU in 5 s)");
+is($node->safe_psql('postgres', 'SELECT state FROM cqrs_stats_relay'),
+	'no producer', 'and still says why it does not send');
+
 # fixed: it runs again
 write_props("sasl.password = $SECRET\n", 0600);
 $node->reload;
-$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 2}')");
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '2', 30),
 	'with the file fixed, the relay sends again');
 
