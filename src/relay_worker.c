@@ -943,7 +943,7 @@ cqrs_relay_main(Datum main_arg)
 	 * Which commits before this start were early (see shmem.c) is not known:
 	 * the first rows produced wait until the WAL written so far is durable.
 	 */
-	rows_lsn = GetXLogInsertRecPtr();
+	rows_lsn = cqrs_wal_inserted_end();
 
 	order_init(cqrs_shared->nslots);
 	pipeline_init();

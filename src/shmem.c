@@ -38,6 +38,7 @@
 #include "postgres.h"
 
 #include "access/xlog.h"
+#include "access/xlog_internal.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
 #include "replication/syncrep.h"
@@ -616,7 +617,28 @@ cqrs_early_commits_bound(uint64 mark, XLogRecPtr lsn)
 	pg_memory_barrier();
 	if (pg_atomic_read_u64(&cqrs_shared->early_begun) == mark)
 		return lsn;
-	return GetXLogInsertRecPtr();
+	return cqrs_wal_inserted_end();
+}
+
+/*
+ * The end of the WAL inserted so far: a position XLogFlush() can reach.
+ *
+ * GetXLogInsertRecPtr() gives where the next record will start.  On a page
+ * boundary (right after a segment switch, say) that lies past the next page's
+ * header, which is not written until a record is: a flush up to there fails
+ * ("xlog flush request ... is not satisfied") until another session writes
+ * WAL.  Every record inserted so far ends at or before the boundary.
+ */
+XLogRecPtr
+cqrs_wal_inserted_end(void)
+{
+	XLogRecPtr	ptr = GetXLogInsertRecPtr();
+
+	if (XLogSegmentOffset(ptr, wal_segment_size) == SizeOfXLogLongPHD)
+		ptr -= SizeOfXLogLongPHD;
+	else if (ptr % XLOG_BLCKSZ == SizeOfXLogShortPHD)
+		ptr -= SizeOfXLogShortPHD;
+	return ptr;
 }
 
 /* ---- the relay's latch, counters and state -------------------------------- */

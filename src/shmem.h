@@ -244,6 +244,7 @@ extern void cqrs_early_commit_begin(void);
 extern void cqrs_early_commit_end(XLogRecPtr lsn);
 extern uint64 cqrs_early_commits_mark(XLogRecPtr *lsn);
 extern XLogRecPtr cqrs_early_commits_bound(uint64 mark, XLogRecPtr lsn);
+extern XLogRecPtr cqrs_wal_inserted_end(void);
 
 extern void cqrs_wake_relay(void);
 extern void cqrs_request_rescan(int64 from);

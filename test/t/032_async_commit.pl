@@ -80,5 +80,28 @@ $node->start;
 is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_outbox WHERE event_id = '$event_id'"),
 	'1', 'after the crash the outbox still holds the published event: its commit was flushed first');
 
+# ---- a relay that starts right after a WAL segment switch ---------------------
+# A relay that starts flushes the WAL written so far before its first
+# produce.  Right after a segment switch, the position where the next record
+# would go lies past the new segment's header, which no flush can reach until
+# a record is written there: asking for it failed ("xlog flush request ... is
+# not satisfied") until some other session wrote WAL.
+my $sw_topic = unique_topic('switch');
+ok( wait_for($node,
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay'",
+		'1', 30),
+	'the relay runs again');
+$relay = freeze_relay($node);
+my $sid = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$sw_topic', 'S', '{\"n\": 2}')");
+my $log_at = -s $node->logfile;
+$node->safe_psql('postgres', 'SELECT pg_switch_wal()');
+# it ends before it claims (the stop comes with the wake-up), and starts again
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($relay)");
+kill 'CONT', $relay;
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $sid", 'SENT', 60),
+	'the relay that started after the switch sends the row');
+unlike(slurp_file($node->logfile, $log_at), qr/xlog flush request \S+ is not satisfied/,
+	'without asking to flush WAL that was never written');
+
 $node->stop;
 done_testing();
