@@ -22,6 +22,8 @@
 #include "access/htup_details.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "postmaster/interrupt.h"
+#include "storage/pmsignal.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -66,12 +68,24 @@ cqrs_dlt_depth_failed(const char *error)
 }
 
 /*
+ * Each watermark query may wait DEPTH_TIMEOUT_MS: with many partitions led by
+ * a broker that does not answer, a round lasts minutes.  A stop, or the
+ * postmaster's death, ends it between two queries.
+ */
+static bool
+round_interrupted(void)
+{
+	return ShutdownRequestPending || !PostmasterIsAlive();
+}
+
+/*
  * Ask Kafka for the watermarks of the partitions of the given topics (a
  * List of C strings, duplicates allowed) and publish them.  Topics Kafka
  * does not know are left out.  A partition whose watermarks cannot be read
  * keeps its previous figure (and its checked_at); when the metadata request
  * fails, nothing changes but the error.  No topic to watch is a round too:
- * there is nothing to be stale.
+ * there is nothing to be stale.  A round interrupted by a stop publishes
+ * nothing.
  */
 void
 cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
@@ -137,6 +151,13 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
 				int64_t		low,
 							high;
 
+				if (round_interrupted())
+				{
+					rd_kafka_metadata_destroy(md);
+					pfree(found);
+					pfree(prev);
+					return;
+				}
 				err = rd_kafka_query_watermark_offsets(rk, name, part, &low, &high,
 													   DEPTH_TIMEOUT_MS);
 				if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
