@@ -1154,6 +1154,21 @@ error_of(RelayRow *row)
 }
 
 /*
+ * A dead letter stopped on the relay's side (its queue full, its producer
+ * purged at a stop or a re-creation, or gone after a fatal error) is no
+ * verdict of the dead-letter topic: it is not counted, nor audited, as a
+ * failed dead-letter publish.
+ */
+static bool
+interrupted_here(rd_kafka_resp_err_t err)
+{
+	return err == RD_KAFKA_RESP_ERR__QUEUE_FULL ||
+		err == RD_KAFKA_RESP_ERR__FATAL ||
+		err == RD_KAFKA_RESP_ERR__PURGE_QUEUE ||
+		err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT;
+}
+
+/*
  * Publish a row that spent its retry budget to its dead-letter topic: same
  * key and value, the row's headers plus x-original-topic, x-failure-source,
  * x-retry-count and x-last-error (and event_id).
@@ -1208,7 +1223,7 @@ produce_dead_letter(RelayRow *row)
 
 		row->dlt_error = row_text(row, "dead-letter topic \"%s\": %s", dlt_topic,
 								  cqrs_kafka_error_text(err, buf, sizeof(buf)));
-		row->dlt_attempt_failed = true;
+		row->dlt_attempt_failed = !interrupted_here(err);
 		row->delay_ms = backoff_ms(row->retry_count);
 		finish(row, (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG) ?
 			   RO_DLT_FAILED : RO_RETRY);
@@ -1235,7 +1250,7 @@ dead_letter_report(RelayRow *row)
 	cls = cqrs_kafka_classify(row->msg.err);
 	row->dlt_error = row_text(row, "dead-letter topic \"%s\": %s", row->msg.topic,
 							  cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
-	row->dlt_attempt_failed = true;
+	row->dlt_attempt_failed = !interrupted_here(row->msg.err);
 	if (cls == CQRS_FAIL_MESSAGE || cls == CQRS_FAIL_CONFIG)
 		finish(row, RO_DLT_FAILED);
 	else
