@@ -65,6 +65,8 @@ typedef struct KeyState
 	int64		failing_id;		/* failure reported, not yet recorded; 0: none */
 	int64		redo_from;		/* acks above this ... */
 	int64		redo_upto;		/* ... and up to this are REDO; 0: none */
+	int32		nredo;			/* REDO rows acknowledged, not yet recorded */
+	int64		redo_low;		/* the lowest of them; 0: none */
 } KeyState;
 
 #define SH_PREFIX		keys
@@ -216,6 +218,8 @@ key_get(uint64 holdhash)
 		ks->failing_id = 0;
 		ks->redo_from = 0;
 		ks->redo_upto = 0;
+		ks->nredo = 0;
+		ks->redo_low = 0;
 	}
 	return ks;
 }
@@ -225,7 +229,7 @@ static void
 key_tidy(KeyState *ks)
 {
 	if (ks->ninflight == 0 && ks->hold_from == PG_INT64_MAX && ks->wait_id == 0 &&
-		ks->failing_id == 0 && ks->redo_upto == 0)
+		ks->failing_id == 0 && ks->redo_upto == 0 && ks->nredo == 0)
 		keys_delete_item(keystates, ks);
 }
 
@@ -520,6 +524,17 @@ order_judge(RelayRow *row, bool waiting, TimestampTz next_attempt_at)
 		return ORDER_GO;
 	if (ks->hold_from < id)
 		return ORDER_HOLD;
+
+	/*
+	 * A REDO row goes again once its outcome is recorded (until then it is
+	 * "in flight" to the scan, which skips it): no later row of its key may
+	 * go before it.  A rescan forgets holds, not this.
+	 */
+	if (ks->nredo > 0 && id > ks->redo_low)
+	{
+		key_hold(ks, id);
+		return ORDER_HOLD;
+	}
 	if (ks->failing_id != 0 && id > ks->failing_id)
 	{
 		key_hold(ks, id);
@@ -597,6 +612,8 @@ order_acked(RelayRow *row)
 	{
 		outcome = RO_REDO;
 		key_hold(ks, id);
+		if (ks->nredo++ == 0 || id < ks->redo_low)
+			ks->redo_low = id;
 	}
 	if (ks->ninflight <= 0)
 	{
@@ -669,6 +686,13 @@ order_recorded(RelayRow *row)
 		order_revisit(id);
 	if (ks == NULL)
 		return;
+	if (row->outcome == RO_REDO && ks->nredo > 0 && --ks->nredo == 0)
+	{
+		/* the rows held behind the REDO rows are seen again after them */
+		ks->redo_low = 0;
+		if (ks->hold_from != PG_INT64_MAX)
+			order_revisit(ks->hold_from);
+	}
 	if (ks->failing_id == id)
 		ks->failing_id = 0;
 	switch (row->outcome)
