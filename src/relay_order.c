@@ -708,6 +708,20 @@ order_recorded(RelayRow *row)
 			break;
 		case RO_DEAD:
 		case RO_DLT_FAILED:
+
+			/*
+			 * The failed row left the topic for good: rows of its key still
+			 * in flight are in order without it, and need not go again.
+			 * Unless an earlier row of theirs still has to be written: a
+			 * failure not yet recorded, a retry waiting for its time, a row
+			 * held (behind them, say).
+			 */
+			if (ks->failing_id == 0 && ks->wait_id == 0 &&
+				(ks->hold_from == PG_INT64_MAX || ks->hold_from > ks->redo_upto))
+			{
+				ks->redo_upto = 0;
+				ks->redo_from = 0;
+			}
 			if (ks->hold_from != PG_INT64_MAX)
 				order_revisit(ks->hold_from);
 			break;
