@@ -254,11 +254,25 @@ pipeline_window(void)
 	return Min(cqrs_batch_size, CQRS_MAX_WINDOW);
 }
 
-/* How many more rows may be claimed now. */
+/*
+ * How many more rows may be claimed now.  Rows waiting on a stalled partition
+ * are outside the window, so that other partitions keep flowing, but they
+ * still hold memory and a place among the ids in flight (shmem.c): rows
+ * without a key, which the partitioner may send to the stalled partition,
+ * would pile up there for as long as it stalls.  All rows between claim and
+ * recording together never exceed half of that table.
+ */
+StaticAssertDecl(CQRS_MAX_WINDOW <= CQRS_INFLIGHT_IDS / 2,
+				 "the window must fit in half the table of ids in flight");
+
 int
 pipeline_room(void)
 {
-	return Max(pipeline_window() - pipeline_inflight(), 0);
+	int			room = pipeline_window() - pipeline_inflight();
+	int			all = n_inflight + n_done + n_claimed;
+
+	room = Min(room, CQRS_INFLIGHT_IDS / 2 - all);
+	return Max(room, 0);
 }
 
 bool

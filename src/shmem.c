@@ -433,7 +433,7 @@ id_home(int64 id)
 static int	local_count = 0;
 static int64 local_max_id = 0;
 
-/* Add ids (relay only).  Never more than CQRS_MAX_WINDOW are present. */
+/* Add ids (relay only).  Never more than CQRS_INFLIGHT_IDS / 2 are present. */
 void
 cqrs_inflight_ids_add(const int64 *ids, int n)
 {
