@@ -254,6 +254,9 @@ pipeline_window(void)
 	return Min(cqrs_batch_size, CQRS_MAX_WINDOW);
 }
 
+StaticAssertDecl(CQRS_MAX_WINDOW <= CQRS_INFLIGHT_IDS / 2,
+				 "the window must fit in half the table of ids in flight");
+
 /*
  * How many more rows may be claimed now.  Rows waiting on a stalled partition
  * are outside the window, so that other partitions keep flowing, but they
@@ -262,9 +265,6 @@ pipeline_window(void)
  * would pile up there for as long as it stalls.  All rows between claim and
  * recording together never exceed half of that table.
  */
-StaticAssertDecl(CQRS_MAX_WINDOW <= CQRS_INFLIGHT_IDS / 2,
-				 "the window must fit in half the table of ids in flight");
-
 int
 pipeline_room(void)
 {
