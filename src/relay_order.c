@@ -273,6 +273,10 @@ order_revisit_pending(int64 cursor)
 /*
  * Where the next scan starts (it reads ids above the returned value).  A
  * pending revisit moves it back and forgets the holds it will derive again.
+ * A revisit from just above the cursor moves nothing back, but still forgets
+ * the holds above it: those a claim took while it scanned, before it failed
+ * (pipeline_claim_abort()).  Their reasons may have ended since without a
+ * revisit, and the scan derives again those that stand.
  */
 int64
 order_scan_start(int64 cursor)
@@ -281,7 +285,7 @@ order_scan_start(int64 cursor)
 	KeyState   *ks;
 	int64		from = revisit_from;
 
-	if (from > cursor)
+	if (from > cursor + 1)
 		return cursor;
 	revisit_from = PG_INT64_MAX;
 	if (keystates->members == 0)
