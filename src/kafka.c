@@ -824,7 +824,12 @@ cqrs_kafka_classify(rd_kafka_resp_err_t err)
 
 /* ---- topic limits ------------------------------------------------------------- */
 
-/* Ask for a topic's max.message.bytes; the answer comes to the admin queue. */
+/*
+ * Ask for a topic's max.message.bytes; the answer comes to the admin queue.
+ * The answer carries topic itself, not a copy, so that no copy is lost when
+ * the producer goes with the question unanswered: it must live as long as
+ * the process (the relay's topic table never frees its names).
+ */
 void
 cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic)
 {
@@ -838,7 +843,7 @@ cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic)
 	opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS);
 	rd_kafka_AdminOptions_set_request_timeout(opts, 10000, errstr, sizeof(errstr));
 	/* the topic's name comes back with the answer, also when it failed */
-	rd_kafka_AdminOptions_set_opaque(opts, strdup(topic));
+	rd_kafka_AdminOptions_set_opaque(opts, unconstify(char *, topic));
 	rd_kafka_DescribeConfigs(rk, &res, 1, opts, admin_queue);
 	rd_kafka_AdminOptions_destroy(opts);
 	rd_kafka_ConfigResource_destroy(res);
@@ -862,7 +867,7 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 			rd_kafka_event_DescribeConfigs_result(ev);
 		const rd_kafka_ConfigResource_t **resources = NULL;
 		size_t		nres = 0;
-		char	   *asked = rd_kafka_event_opaque(ev);
+		const char *asked = rd_kafka_event_opaque(ev);
 		int			limit = -1;
 
 		if (result)
@@ -888,10 +893,7 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 			}
 		}
 		if (asked)
-		{
 			hook(asked, limit);
-			free(asked);
-		}
 		rd_kafka_event_destroy(ev);
 	}
 }
