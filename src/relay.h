@@ -54,6 +54,7 @@ typedef struct RelayRow
 	const char *topic;			/* its topic (msg.topic becomes the DLT's) */
 	bool		dlt;			/* msg is now its dead letter */
 	bool		published;		/* its id is in the shared table */
+	bool		stalled_counted;	/* in n_stalled_inflight (relay_pipeline.c) */
 	RelayOutcome outcome;
 	int			inc;			/* retry budget spent (RO_RETRY) */
 	int			delay_ms;		/* RO_RETRY */

@@ -147,6 +147,11 @@ delivery_hook(CqrsMessage *msg)
 	dlist_delete(&row->node);
 	dlist_push_tail(&reported, &row->node);
 	n_inflight--;
+	if (row->stalled_counted)
+	{
+		row->stalled_counted = false;
+		n_stalled_inflight--;
+	}
 }
 
 void
@@ -1091,6 +1096,7 @@ pipeline_abandon_inflight(rd_kafka_resp_err_t err)
 
 		row->msg.done = true;
 		row->msg.err = err;
+		row->stalled_counted = false;
 		dlist_push_tail(&reported, &row->node);
 		n_inflight--;
 	}
@@ -1352,9 +1358,25 @@ handle_failure(RelayRow *row, bool was_inflight)
 	finish(row, RO_RETRY);
 }
 
+/*
+ * The partition is not stalled any more: its rows in flight count in the
+ * window again at once, not only at the next stall check.
+ */
 static void
 unstall(CqrsPartition *part)
 {
+	dlist_iter	it;
+
+	dlist_foreach(it, &inflight)
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+
+		if (row->stalled_counted && produced_partition(row) == part)
+		{
+			row->stalled_counted = false;
+			n_stalled_inflight--;
+		}
+	}
 	part->stalled = false;
 	if (part->resume_from != PG_INT64_MAX)
 		order_revisit(part->resume_from);
@@ -1493,6 +1515,7 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 		int32		p = (int32) pg_atomic_read_u32(&row->msg.partition) - 1;
 		CqrsPartition *part;
 
+		row->stalled_counted = false;
 		if (p < 0 || row->dlt)
 			continue;
 		part = cqrs_topic_partition(row->msg.tstate, p);
@@ -1512,6 +1535,7 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 			if (alert[0] == '\0')
 				snprintf(alert, alertlen, "%s[%d]", row->msg.topic, p);
 		}
+		row->stalled_counted = part->stalled;
 		if (part->stalled)
 			n_stalled_inflight++;
 	}
