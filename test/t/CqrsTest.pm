@@ -43,6 +43,7 @@ use Time::HiRes qw(time usleep);
 our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   wait_for create_topic create_topic_assigned kafka_broker_start
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
+  order_schedule_module
   probe_producer_start freeze_relay freeze_waiting crash_cluster
   restart_relay);
 
@@ -641,6 +642,31 @@ sub _kafka_uuid
 }
 
 =pod
+
+=item order_schedule_module()
+
+The path of the test module test/order/order_schedule.so, built (once per
+test script) by test/order/build.sh into tmp_check/bin: a library to load
+with CREATE FUNCTION ... AS '$path' into a node that preloads cqrs_sync (see
+test/order/order_schedule.c and test/t/036_order_schedules.pl).
+
+=cut
+
+my $order_module;
+
+sub order_schedule_module
+{
+	return $order_module //= do
+	{
+		my $repo = $ENV{CQRS_REPO} // die "CQRS_REPO is not set";
+		my ($out, $err) = ('', '');
+		IPC::Run::run([ 'bash', "$repo/test/order/build.sh", "$PostgreSQL::Test::Utils::tmp_check/bin" ],
+			'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(180))
+		  or die "test/order/build.sh failed: $out$err";
+		chomp $out;
+		$out;
+	};
+}
 
 =item mock_cluster_start($brokers, @topics)
 
