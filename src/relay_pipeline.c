@@ -1359,28 +1359,32 @@ handle_failure(RelayRow *row, bool was_inflight)
 }
 
 /*
- * The partition is not stalled any more: its rows in flight count in the
- * window again at once, not only at the next stall check.
+ * Partition p of the topic is not stalled any more: its rows in flight count
+ * in the window again at once, not only at the next stall check.  (By index:
+ * cqrs_topic_partition() may move the topic's partitions when their number
+ * grew.)
  */
 static void
-unstall(CqrsPartition *part)
+unstall(CqrsTopic *topic, int32 p)
 {
+	CqrsPartition *part = cqrs_topic_partition(topic, p);
 	dlist_iter	it;
 
+	part->stalled = false;
+	if (part->resume_from != PG_INT64_MAX)
+		order_revisit(part->resume_from);
+	part->resume_from = PG_INT64_MAX;
 	dlist_foreach(it, &inflight)
 	{
 		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
 
-		if (row->stalled_counted && produced_partition(row) == part)
+		if (row->stalled_counted && row->msg.tstate == topic &&
+			(int32) pg_atomic_read_u32(&row->msg.partition) - 1 == p)
 		{
 			row->stalled_counted = false;
 			n_stalled_inflight--;
 		}
 	}
-	part->stalled = false;
-	if (part->resume_from != PG_INT64_MAX)
-		order_revisit(part->resume_from);
-	part->resume_from = PG_INT64_MAX;
 }
 
 /* Turn the delivery reports that arrived into outcomes. */
@@ -1417,7 +1421,8 @@ pipeline_serve_reports(void)
 			{
 				part->last_ack_at = now;
 				if (part->stalled)
-					unstall(part);
+					unstall(row->msg.tstate,
+							 (int32) pg_atomic_read_u32(&row->msg.partition) - 1);
 			}
 			cqrs_topic_resume(row->msg.tstate);
 			finish(row, order_acked(row));
@@ -1485,7 +1490,7 @@ end_empty_stalls(CqrsTopic *topic, void *arg)
 		/* a stalled partition with nothing in flight any more: try it again */
 		if (part->stalled && part->oldest == 0)
 		{
-			unstall(part);
+			unstall(topic, p);
 			*changed = true;
 		}
 	}
