@@ -14,7 +14,9 @@
 #   letter's recording released (5332874);
 # - a claim that fails after its scan held a row for a transaction whose ids
 #   are above the cursor must not leave that hold behind: the transaction's
-#   end brings no revisit, and a later row of the key stays PENDING (c5dc927).
+#   end brings no revisit, and a later row of the key stays PENDING (c5dc927);
+# - rows held behind a later row of their key that is in flight must be seen
+#   again when that row fails, not only when it is acknowledged.
 #
 # The order, crash and outage suites show the relay keeps order against a
 # real broker; this one shows these interleavings, exactly.
@@ -113,6 +115,42 @@ like($out, qr/^claim above 2: 3 hold$/m, 'S waits while E\'s failure is not reco
 ($first_ack) = $out =~ /^(ack 2: .*)$/m;
 is($first_ack, 'ack 2: SENT', 'R, acknowledged after E was dead-lettered, is SENT, not REDO');
 like($out, qr/^kafka: 2 3 \(/m, 'the partition holds R, S: R once');
+ok(last_copies_in_order($out), 'the last copy of each row is in id order');
+
+# ---- a row held behind a later row in flight, which then fails ------------
+# E (1) fails and waits for its retry; R (2) is acknowledged behind it (REDO)
+# and recorded; L (3) is still in flight.  E's retry time comes: the rescan
+# holds E and R behind L.  Then L fails too: nothing of the key is in flight
+# any more, so E and R must be seen again, not stay PENDING behind a hold
+# nobody ends (found by the third review).
+$out = run_schedule(<<'EOS');
+row 1 k
+row 2 k
+row 3 k
+claim
+produce
+fail 1 retry 10000
+ack 2
+record
+time 20000
+claim
+fail 3 retry 10000
+claim
+produce
+ack 1
+ack 2
+record
+time 20000
+claim
+produce
+ack 3
+record
+kafka
+EOS
+note $out;
+like($out, qr/^claim above 0: 1 hold 2 hold 3 skip$/m, 'the rescan for E holds E and R behind L, in flight');
+like($out, qr/^claim above 0: 1 go 2 go 3 skip$/m, 'once L failed, E and R go again');
+like($out, qr/^kafka: 2 1 2 3 /m, 'the partition holds R, E, R, L');
 ok(last_copies_in_order($out), 'the last copy of each row is in id order');
 
 # ---- a claim that fails after it held a row for a transaction --------------
