@@ -72,6 +72,7 @@ typedef struct RelayClaim
 {
 	MemoryContext cxt;
 	int			nopen;			/* rows not yet recorded */
+	int			nrows;			/* rows claimed (the memory it keeps) */
 	uint64		discard_seq;	/* cqrs_shared->discard_seq before the scan */
 } RelayClaim;
 

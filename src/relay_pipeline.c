@@ -103,6 +103,7 @@ static int	n_staged = 0;
 static int	n_claimed = 0;
 static int	n_inflight = 0;
 static int	n_stalled_inflight = 0;
+static int	n_pinned = 0;		/* rows of the claims still open (memory) */
 static int	n_done = 0;
 static TimestampTz first_done_at = 0;	/* pipeline_oldest_report() */
 
@@ -173,6 +174,7 @@ pipeline_reset(void)
 	dlist_init(&reported);
 	dlist_init(&done);
 	n_staged = n_claimed = n_inflight = n_stalled_inflight = n_done = 0;
+	n_pinned = 0;
 	cursor = 0;
 	mark_known = false;
 	last_claim_full = false;
@@ -268,7 +270,10 @@ StaticAssertDecl(CQRS_MAX_WINDOW <= CQRS_INFLIGHT_IDS / 2,
  * still hold memory and a place among the ids in flight (shmem.c): rows
  * without a key, which the partitioner may send to the stalled partition,
  * would pile up there for as long as it stalls.  All rows between claim and
- * recording together never exceed half of that table.
+ * recording together never exceed half of that table, and neither do the
+ * rows whose memory they keep: a claim's rows share its memory, which goes
+ * only when the last of them is recorded, so one row stuck on a stalled
+ * partition keeps all of its claim's.
  */
 int
 pipeline_room(void)
@@ -276,7 +281,7 @@ pipeline_room(void)
 	int			room = pipeline_window() - pipeline_inflight();
 	int			all = n_inflight + n_done + n_claimed;
 
-	room = Min(room, CQRS_INFLIGHT_IDS / 2 - all);
+	room = Min(room, CQRS_INFLIGHT_IDS / 2 - Max(all, n_pinned));
 	return Max(room, 0);
 }
 
@@ -456,6 +461,7 @@ release_claim_row(RelayRow *row)
 
 	if (--claim->nopen == 0)
 	{
+		n_pinned -= claim->nrows;
 		MemoryContextDelete(claim->cxt);
 		pfree(claim);
 	}
@@ -716,6 +722,11 @@ pipeline_claim_commit(void)
 	}
 	n_claimed += n_staged;
 	n_staged = 0;
+	if (staged_claim)
+	{
+		staged_claim->nrows = staged_claim->nopen;
+		n_pinned += staged_claim->nrows;
+	}
 	staged_claim = NULL;
 }
 
