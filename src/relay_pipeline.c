@@ -136,6 +136,7 @@ static AttrNumber att_id,
 
 static void handle_failure(RelayRow *row, bool was_inflight);
 static void size_checks_forget(void);
+static void unpublish(RelayRow **rows, int n);
 
 /* ---- set-up ------------------------------------------------------------------- */
 
@@ -496,6 +497,49 @@ topic_in(const char *topic, List *names)
 }
 
 /*
+ * A rescan from above start: the rows left over from a full librdkafka queue
+ * (still claimed, not produced) that it may walk go back to the outbox, to be
+ * judged again in id order with the rows the rescan brings.  Otherwise the
+ * scan would skip them as in flight while it forgets the holds that kept
+ * them behind an earlier row of their key, and they would overtake that row.
+ */
+static void
+give_back_claimed(int64 start)
+{
+	RelayRow  **rows;
+	int			n = 0;
+	int			npublished = 0;
+	dlist_mutable_iter it;
+
+	if (n_claimed == 0)
+		return;
+	rows = palloc(sizeof(RelayRow *) * n_claimed);
+	dlist_foreach_modify(it, &claimed)
+	{
+		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
+
+		if (row->msg.id <= start)
+			continue;
+		dlist_delete(&row->node);
+		n_claimed--;
+		/* the published ones first: those are in the shared table */
+		if (row->published)
+		{
+			if (npublished < n)
+				rows[n] = rows[npublished];
+			rows[npublished++] = row;
+		}
+		else
+			rows[n] = row;
+		n++;
+	}
+	unpublish(rows, npublished);
+	for (int i = 0; i < n; i++)
+		release_claim_row(rows[i]);
+	pfree(rows);
+}
+
+/*
  * Claim up to limit rows: read the high-water mark, the in-flight registry,
  * then walk the primary key in id order with a snapshot taken after both (so
  * that no commit in between is missed), and judge each PENDING row.  The walk
@@ -542,6 +586,8 @@ pipeline_claim(int limit, TimestampTz now)
 	start = order_scan_start(cursor);
 	/* from here on a failed claim must go back to start (it took the revisit) */
 	staged_from = start;
+	if (start < cursor)
+		give_back_claimed(start);
 
 	paused = cqrs_topics_paused_names(now);
 	if (paused != NIL)
@@ -957,7 +1003,8 @@ unpublish(RelayRow **rows, int n)
  * shmem.c).  A row whose topic got paused meanwhile, or whose partition
  * stalled, is held; one that alone exceeds its topic's known limit fails
  * without being produced.  On QUEUE_FULL the rest stays claimed and is
- * produced after the next delivery reports.
+ * produced after the next delivery reports, unless a rescan that may walk
+ * them comes first (give_back_claimed()).
  */
 void
 pipeline_produce_claimed(void)
