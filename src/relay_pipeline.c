@@ -137,6 +137,7 @@ static AttrNumber att_id,
 static void handle_failure(RelayRow *row, bool was_inflight);
 static void size_checks_forget(void);
 static void unpublish(RelayRow **rows, int n);
+static bool too_large_alone(RelayRow *row);
 
 /* ---- set-up ------------------------------------------------------------------- */
 
@@ -1293,6 +1294,8 @@ produce_dead_letter(RelayRow *row)
 	}
 	m->topic = dlt_topic;
 	m->tstate = cqrs_topic(dlt_topic);
+	/* its limit counts for batch.size too (topics.c) */
+	cqrs_topic_want_limit(relay_producer, m->tstate, false);
 	err = cqrs_kafka_produce(relay_producer, m);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
@@ -1323,6 +1326,25 @@ dead_letter_report(RelayRow *row)
 	{
 		cqrs_topic_resume(row->msg.tstate);
 		finish(row, RO_DEAD);
+		return;
+	}
+	if ((row->msg.err == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ||
+		 row->msg.err == RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE) &&
+		!too_large_alone(row))
+	{
+		/*
+		 * The record batch was too large for the dead-letter topic, not the
+		 * dead letter: smaller batches, and the row goes again, free, like a
+		 * row whose batch its own topic refused (handle_failure()).
+		 */
+		int			size = cqrs_kafka_message_size(&row->msg);
+
+		cqrs_topic_want_limit(relay_producer, row->msg.tstate, true);
+		relay_want_batch_bytes(Max(relay_producer_batch_bytes / 2, size));
+		row->dlt_error = row_text(row, "record batch too large for dead-letter topic \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
+								  row->msg.topic, size, relay_producer_batch_bytes);
+		row->delay_ms = 0;
+		finish(row, RO_RETRY);
 		return;
 	}
 	cls = cqrs_kafka_classify(row->msg.err);
