@@ -122,6 +122,7 @@ static Oid	pkey_index = InvalidOid;	/* the outbox's primary key, on (id) */
 static char *mark_table = NULL; /* cqrs_relay_mark (NULL: version 0.1.0) */
 static bool mark_known = false; /* was the mark read since the reset? */
 static int64 mark_value = 1;	/* the mark as last read or written */
+static bool mark_lower = false; /* the id sequence went back: mark to 1 */
 static TimestampTz next_mark_at = 0;
 static Oid	pending_label = InvalidOid; /* the enum value PENDING */
 static AttrNumber att_id,
@@ -179,6 +180,7 @@ pipeline_reset(void)
 	n_pinned = 0;
 	cursor = 0;
 	mark_known = false;
+	mark_lower = false;
 	last_claim_full = false;
 	staged_claim = NULL;
 	size_checks_forget();
@@ -541,6 +543,25 @@ give_back_claimed(int64 start)
 }
 
 /*
+ * The id sequence's last value is below the cursor: it went back (TRUNCATE
+ * ... RESTART IDENTITY, ALTER SEQUENCE ... RESTART), and new rows take ids
+ * the scan has passed, below the mark too.  The scan goes back to the start,
+ * and the mark is lowered to 1 in the next transaction.
+ */
+static void
+sequence_went_back(int64 hw)
+{
+	ereport(WARNING,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("cqrs_sync relay: the outbox's id sequence went back from " INT64_FORMAT " to " INT64_FORMAT,
+					cursor, hw),
+			 errdetail("New rows take ids the relay had passed (TRUNCATE ... RESTART IDENTITY or ALTER SEQUENCE ... RESTART)."),
+			 errhint("The relay scans the outbox again from its first row. Stop the relay before restarting the outbox's ids while it has rows in flight: their outcomes are recorded by id.")));
+	order_revisit(1);
+	mark_lower = true;
+}
+
+/*
  * Claim up to limit rows: read the high-water mark, the in-flight registry,
  * then walk the primary key in id order with a snapshot taken after both (so
  * that no commit in between is missed), and judge each PENDING row.  The walk
@@ -576,6 +597,8 @@ pipeline_claim(int limit, TimestampTz now)
 
 	/* 1. every id at or below the mark was handed out */
 	hw = high_water_mark();
+	if (hw < cursor)
+		sequence_went_back(hw);
 
 	/* 2. who may still commit an id at or below it (discards too) */
 	discard_seq = pg_atomic_read_u64(&cqrs_shared->discard_seq);
@@ -810,15 +833,29 @@ pipeline_claim_abort(void)
 bool
 pipeline_needs_mark(void)
 {
-	return !mark_known;
+	return !mark_known || mark_lower;
 }
 
-/* Read the mark after a reset: the scan starts there.  SPI connected. */
+/*
+ * Read the mark after a reset: the scan starts there.  After the id
+ * sequence went back (sequence_went_back()), lower it to 1 instead.  SPI
+ * connected.
+ */
 void
 pipeline_read_mark(void)
 {
 	int64		from = 1;
 
+	if (mark_lower && mark_known)
+	{
+		if (mark_table != NULL &&
+			SPI_execute(psprintf("UPDATE %s SET scan_from = 1", mark_table), false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "cqrs_sync relay: could not update %s", mark_table);
+		mark_value = 1;
+		mark_lower = false;
+		next_mark_at = 0;
+		return;
+	}
 	if (mark_known)
 		return;
 	if (mark_table != NULL)

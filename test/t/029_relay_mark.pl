@@ -146,5 +146,22 @@ is($node->safe_psql('postgres', "SELECT scan_from FROM cqrs_relay_mark"), '1',
 	'cqrs_wake_relay() moved the mark to the start');
 ok(mark_past($top), 'the walk from the start ends, and the mark moves up again');
 
+# ---- the id sequence goes back ----------------------------------------------------------
+# TRUNCATE ... RESTART IDENTITY: new rows take ids far below the relay's
+# cursor and the mark.  They are found (the relay notices the sequence went
+# back and scans again from the start) and counted (the mark goes to 1).
+$node->safe_psql('postgres', 'TRUNCATE cqrs_outbox RESTART IDENTITY');
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$topic', 'again' || g, '{}')) FROM generate_series(1, 3) g");
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT' AND key LIKE 'again%'", '3', 30),
+	'after TRUNCATE ... RESTART IDENTITY, the new rows (ids 1 to 3) are sent');
+ok($node->log_contains(qr/WARNING:  cqrs_sync relay: the outbox's id sequence went back from \d+ to \d+/),
+	'the relay said the sequence went back');
+ok(restart_relay($node), 'the relay was restarted');
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'after-restart', '{}')");
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'after-restart'", 'SENT', 30),
+	'after a restart, the next row is sent too (the mark went back)');
+
 $node->stop;
 done_testing();
