@@ -344,11 +344,19 @@ trim(char *s)
 	return s;
 }
 
-/* Properties cqrs_sync decides itself; the file may not set them. */
+/*
+ * Properties cqrs_sync decides itself, or that would break what it rests on;
+ * the file may not set them.  delivery.report.only.error would withhold the
+ * reports of delivered messages (nothing would become SENT, and every
+ * restart would send the window again); transactional.id would make every
+ * produce fail outside a transaction.
+ */
 static bool
 reserved_property(const char *name)
 {
-	return strcmp(name, "partitioner") == 0 ||
+	return strcmp(name, "delivery.report.only.error") == 0 ||
+		strcmp(name, "transactional.id") == 0 ||
+		strcmp(name, "partitioner") == 0 ||
 		strcmp(name, "bootstrap.servers") == 0 ||
 		strcmp(name, "metadata.broker.list") == 0 ||
 		strcmp(name, "enable.idempotence") == 0 ||
@@ -670,10 +678,16 @@ cqrs_kafka_config_changed(void)
 		return true;
 	if (built_config_file == NULL || strcmp(built_config_file, file) != 0)
 		return true;
-	/* ctime: a chmod or chown counts, the file's permissions are checked too */
+	/*
+	 * ctime: a chmod or chown counts, the file's permissions are checked too.
+	 * To the nanosecond, and the size: two edits within a second count.
+	 */
 	if (file[0] != '\0' && stat(file, &st) == 0 &&
-		(st.st_mtime != built_config_stat.st_mtime ||
-		 st.st_ctime != built_config_stat.st_ctime ||
+		(st.st_mtim.tv_sec != built_config_stat.st_mtim.tv_sec ||
+		 st.st_mtim.tv_nsec != built_config_stat.st_mtim.tv_nsec ||
+		 st.st_ctim.tv_sec != built_config_stat.st_ctim.tv_sec ||
+		 st.st_ctim.tv_nsec != built_config_stat.st_ctim.tv_nsec ||
+		 st.st_size != built_config_stat.st_size ||
 		 st.st_ino != built_config_stat.st_ino))
 		return true;
 	return false;

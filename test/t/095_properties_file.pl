@@ -95,5 +95,27 @@ $node->reload;
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '2', 30),
 	'with the file fixed, the relay sends again');
 
+# settings that would break what the relay rests on are refused: without the
+# reports of delivered messages nothing becomes SENT, and every restart sends
+# the window again; a transactional producer fails every produce outside a
+# transaction
+for my $bad ('delivery.report.only.error = true', 'transactional.id = cqrs')
+{
+	my ($name) = $bad =~ /^(\S+)/;
+	write_props("sasl.password = $SECRET\n$bad\n", 0600);
+	$node->reload;
+	ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'no producer', 30),
+		"a file that sets $name is refused (state: no producer)");
+	like($node->safe_psql('postgres', 'SELECT last_error FROM cqrs_stats_relay'),
+		qr/sets "\Q$name\E", which cqrs_sync sets itself/, 'and last_error names the setting');
+	write_props("sasl.password = $SECRET\n", 0600);
+	$node->reload;
+	ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'running', 30),
+		'with the line removed, the relay runs again');
+}
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 3}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '3', 30),
+	'and sends');
+
 $node->stop;
 done_testing();
