@@ -72,10 +72,15 @@ remember_topic(const char *name)
 	MemoryContextSwitchTo(old);
 }
 
-/* The dead-letter topics of the outbox's DEAD_LETTERED rows, remembered. */
+/*
+ * The dead-letter topics of the outbox's DEAD_LETTERED rows, remembered.
+ * The caller's memory context is current again afterwards (the commit leaves
+ * TopMemoryContext current, where the round's lists would never be freed).
+ */
 static void
 read_dead_letter_topics(void)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	Oid			ext;
 
 	SetCurrentStatementStartTimestamp();
@@ -102,13 +107,15 @@ read_dead_letter_topics(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
+/* One round, in the loop's memory context (reset after it). */
 static void
 refresh(void)
 {
-	List	   *topics = list_copy(seen_topics);
+	List	   *topics;
 	char	   *list = pstrdup(cqrs_read_side_dlt_topics ? cqrs_read_side_dlt_topics : "");
 	char	   *save;
 	char		errbuf[1024];
