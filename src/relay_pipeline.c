@@ -555,8 +555,8 @@ sequence_went_back(int64 hw)
 			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 			 errmsg("cqrs_sync relay: the outbox's id sequence went back from " INT64_FORMAT " to " INT64_FORMAT,
 					cursor, hw),
-			 errdetail("New rows take ids the relay had passed (TRUNCATE ... RESTART IDENTITY or ALTER SEQUENCE ... RESTART)."),
-			 errhint("The relay scans the outbox again from its first row. Stop the relay before restarting the outbox's ids while it has rows in flight: their outcomes are recorded by id.")));
+			 errdetail("New rows take ids the relay had passed (TRUNCATE ... RESTART IDENTITY or ALTER SEQUENCE ... RESTART). The relay scans the outbox again from its first row."),
+			 errhint("Restart the outbox's ids only while the relay has no row in flight (window 0 in cqrs_stats_relay): it records outcomes by id.")));
 	order_revisit(1);
 	mark_lower = true;
 }
