@@ -76,37 +76,61 @@ remember_topic(const char *name)
  * The dead-letter topics of the outbox's DEAD_LETTERED rows, remembered.
  * The caller's memory context is current again afterwards (the commit leaves
  * TopMemoryContext current, where the round's lists would never be freed).
+ * An error (the outbox locked for longer than the monitor's lock_timeout, say)
+ * is reported as a WARNING, and the round watches the topics it knew of: a
+ * lock held on the outbox must neither keep the monitor from its rounds nor
+ * from noticing a stop, which it cannot while it waits for a lock.
  */
 static void
 read_dead_letter_topics(void)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	Oid			ext;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "cqrs_sync monitor: listing dead-letter topics");
-	ext = get_extension_oid("cqrs_sync", true);
-	if (OidIsValid(ext))
+	PG_TRY();
 	{
-		char	   *sql = psprintf("SELECT DISTINCT topic FROM %s.cqrs_outbox"
-								   " WHERE last_error IS NOT NULL AND status = 'DEAD_LETTERED'",
-								   quote_identifier(cqrs_extension_schema(ext)));
+		Oid			ext;
 
-		if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
-			elog(ERROR, "cqrs_sync monitor: could not list dead-letter topics");
-		for (uint64 i = 0; i < SPI_processed; i++)
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "cqrs_sync monitor: listing dead-letter topics");
+		ext = get_extension_oid("cqrs_sync", true);
+		if (OidIsValid(ext))
 		{
-			char	   *topic = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+			char	   *sql = psprintf("SELECT DISTINCT topic FROM %s.cqrs_outbox"
+									   " WHERE last_error IS NOT NULL AND status = 'DEAD_LETTERED'",
+									   quote_identifier(cqrs_extension_schema(ext)));
 
-			remember_topic(psprintf("%s%s", topic, cqrs_dlt_suffix));
+			if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
+				elog(ERROR, "cqrs_sync monitor: could not list dead-letter topics");
+			for (uint64 i = 0; i < SPI_processed; i++)
+			{
+				char	   *topic = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+				remember_topic(psprintf("%s%s", topic, cqrs_dlt_suffix));
+			}
 		}
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
 	}
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(caller);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("cqrs_sync monitor: could not list the outbox's dead-letter topics: %s",
+						edata->message),
+				 errdetail("This round watches the dead-letter topics the monitor already knew of.")));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
 	MemoryContextSwitchTo(caller);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
@@ -176,6 +200,8 @@ cqrs_monitor_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
 	SetConfigOption("statement_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	/* it reads the outbox once a round; a lock on it must not hold the round */
+	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
 

@@ -1,0 +1,67 @@
+# A lock held on the outbox does not hold the monitor worker.
+#
+# Each dead-letter depth round reads the outbox's dead-letter topics.  While
+# an operator's transaction holds an ACCESS EXCLUSIVE lock on the outbox
+# (ALTER TABLE, VACUUM FULL, LOCK TABLE), that read waited for it: no round,
+# and a stop (SIGTERM, as in a fast shutdown) went unnoticed for as long as
+# the lock was held.  Now the read gives up after the monitor's lock_timeout
+# (1 s) with a WARNING, and the round watches the topics it knew of.
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $topic = create_topic(unique_topic('monlock'), 1);
+my $node  = new_node(
+	'monlock',
+	'cqrs_sync.read_side_dlt_topics' => $topic,
+	'cqrs_sync.dlt_depth_interval'   => '500ms');
+
+ok(wait_for($node, "SELECT count(*) FROM cqrs_dlt_depth WHERE topic = '$topic'", '1', 60),
+	'the monitor reads the depth of the watched topic');
+my $pid = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync monitor'");
+like($pid, qr/^\d+$/, 'the monitor runs');
+
+my $locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN');
+$locker->query_safe('LOCK TABLE cqrs_outbox IN ACCESS EXCLUSIVE MODE');
+my $warned;
+for (1 .. 150)
+{
+	$warned = $node->log_contains(
+		qr/WARNING:  cqrs_sync monitor: could not list the outbox's dead-letter topics: canceling statement due to lock timeout/
+	);
+	last if $warned;
+	usleep(200_000);
+}
+ok($warned, 'the monitor gives up waiting for the lock within 30 s, with a WARNING');
+my $checked = $node->safe_psql('postgres',
+	"SELECT checked_at FROM cqrs_dlt_depth WHERE topic = '$topic'");
+ok( wait_for($node,
+		"SELECT checked_at > '$checked' FROM cqrs_dlt_depth WHERE topic = '$topic'", 't', 30),
+	'and its rounds go on while the outbox is locked');
+
+my $t0 = time;
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
+my $gone;
+while (time - $t0 < 60)
+{
+	$gone = !kill(0, $pid);
+	last if $gone;
+	usleep(100_000);
+}
+my $took = time - $t0;
+ok($gone, 'the monitor ended');
+note(sprintf('the monitor ended %.1f s after SIGTERM', $took));
+cmp_ok($took, '<', 10, 'within 10 s of SIGTERM, while the outbox is still locked');
+
+$locker->query_safe('COMMIT');
+$locker->quit;
+$node->stop;
+done_testing();
