@@ -94,6 +94,7 @@ extern TimestampTz pipeline_reports_may_wait(void);
 extern bool pipeline_has_claimed(void);
 extern bool pipeline_more_ready(void);
 extern bool pipeline_idle(void);
+extern bool pipeline_awaiting_reports(void);
 extern bool pipeline_only_stalled(void);
 extern int64 pipeline_cursor(void);
 extern TimestampTz pipeline_timers(TimestampTz now);

@@ -367,6 +367,13 @@ pipeline_idle(void)
 		dlist_is_empty(&reported);
 }
 
+/* Are delivery reports still to come (rows handed to librdkafka)? */
+bool
+pipeline_awaiting_reports(void)
+{
+	return n_inflight > 0;
+}
+
 /* The partition a produced row went to (NULL: not known yet). */
 static CqrsPartition *
 produced_partition(RelayRow *row)

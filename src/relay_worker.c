@@ -900,7 +900,8 @@ relay_shutdown(void)
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													   SHUTDOWN_FLUSH_MS);
 
-	while (relay_producer != NULL && !pipeline_idle() &&
+	/* only reports still to come are waited for; outcomes in hand are not */
+	while (relay_producer != NULL && pipeline_awaiting_reports() &&
 		   !pipeline_broker_waiting(GetCurrentTimestamp()) &&
 		   GetCurrentTimestamp() < deadline)
 	{
