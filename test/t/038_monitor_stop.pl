@@ -17,7 +17,6 @@ use lib $FindBin::RealBin;
 use CqrsTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
 
 my $topic = unique_topic('monstop');
 my $mock  = mock_cluster_start(2, "$topic:1", "$topic.DLT:40");
@@ -56,19 +55,10 @@ sleep 4;
 is($node->safe_psql('postgres', "SELECT query LIKE '%asking Kafka%' FROM pg_stat_activity WHERE pid = $pid"),
 	't', 'the round is still going');
 
-my $t0 = time;
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
-my $gone;
-while (time - $t0 < 120)
-{
-	$gone = !kill(0, $pid);
-	last if $gone;
-	usleep(100_000);
-}
-my $took = time - $t0;
-ok($gone, 'the monitor ended');
-note(sprintf('the monitor ended %.1f s after SIGTERM', $took));
-cmp_ok($took, '<', 10, 'within 10 s of SIGTERM (a whole round takes minutes)');
+my $took = terminate_backend($node, $pid, 120);
+ok(defined $took, 'the monitor ended');
+note(sprintf('the monitor ended %.1f s after SIGTERM', $took // 120));
+cmp_ok($took // 120, '<', 10, 'within 10 s of SIGTERM (a whole round takes minutes)');
 
 $node->stop('fast');
 $mock->stop;

@@ -14,7 +14,7 @@ use lib $FindBin::RealBin;
 use CqrsTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(usleep);
 
 my $topic = create_topic(unique_topic('monlock'), 1);
 my $node  = new_node(
@@ -47,19 +47,10 @@ ok( wait_for($node,
 		"SELECT checked_at > '$checked' FROM cqrs_dlt_depth WHERE topic = '$topic'", 't', 30),
 	'and its rounds go on while the outbox is locked');
 
-my $t0 = time;
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
-my $gone;
-while (time - $t0 < 60)
-{
-	$gone = !kill(0, $pid);
-	last if $gone;
-	usleep(100_000);
-}
-my $took = time - $t0;
-ok($gone, 'the monitor ended');
-note(sprintf('the monitor ended %.1f s after SIGTERM', $took));
-cmp_ok($took, '<', 10, 'within 10 s of SIGTERM, while the outbox is still locked');
+my $took = terminate_backend($node, $pid, 60);
+ok(defined $took, 'the monitor ended');
+note(sprintf('the monitor ended %.1f s after SIGTERM', $took // 60));
+cmp_ok($took // 60, '<', 10, 'within 10 s of SIGTERM, while the outbox is still locked');
 
 $locker->query_safe('COMMIT');
 $locker->quit;

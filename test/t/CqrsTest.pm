@@ -45,7 +45,7 @@ our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
   order_schedule_module
   probe_producer_start freeze_relay freeze_waiting crash_cluster
-  restart_relay);
+  restart_relay terminate_backend);
 
 =pod
 
@@ -428,6 +428,31 @@ sub restart_relay
 	return wait_for($node,
 		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay' AND pid <> $old",
 		'1', 30);
+}
+
+=pod
+
+=item terminate_backend($node, $pid, $timeout)
+
+Sends SIGTERM to server process $pid with pg_terminate_backend() and waits
+up to $timeout seconds (default 60) for it to be gone.  Returns the seconds it
+took, or undef if it still runs.  (A background worker that exits is started
+again under another pid.)
+
+=cut
+
+sub terminate_backend
+{
+	my ($node, $pid, $timeout) = @_;
+	$timeout //= 60;
+	my $t0 = Time::HiRes::time();
+	$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
+	while (Time::HiRes::time() - $t0 < $timeout)
+	{
+		return Time::HiRes::time() - $t0 unless kill(0, $pid);
+		usleep(100_000);
+	}
+	return undef;
 }
 
 =pod
