@@ -651,20 +651,13 @@ order_failed(RelayRow *row, bool was_inflight)
 	if (ks->redo_upto == 0 || id < ks->redo_from)
 		ks->redo_from = id;
 	ks->redo_upto = Max(ks->redo_upto, ks->max_inflight);
+	/*
+	 * Nothing of the key in flight: no REDO to expect, and the rows held
+	 * behind the rows in flight are seen again, as after a last
+	 * acknowledgement.
+	 */
 	if (ks->ninflight == 0)
-	{
-		/*
-		 * Nothing of the key in flight: no REDO to expect, and the rows held
-		 * behind the rows in flight are seen again (as key_drained() does
-		 * when the last one is acknowledged).
-		 */
-		ks->redo_upto = 0;
-		ks->redo_from = 0;
-		ks->max_inflight = 0;
-		if (ks->hold_behind && ks->hold_from != PG_INT64_MAX)
-			order_revisit(ks->hold_from);
-		ks->hold_behind = false;
-	}
+		key_drained(ks);
 	return first;
 }
 
