@@ -138,7 +138,7 @@ extern bool order_failed(RelayRow *row, bool was_inflight);
 extern bool order_blocked(RelayRow *row);
 extern bool order_failed_first(RelayRow *row);
 extern void order_recorded(RelayRow *row);
-extern TimestampTz order_expire(TimestampTz now);
+extern TimestampTz order_expire(TimestampTz now, int64 cursor);
 
 /* ---- relay_record.c ---- */
 extern void record_prepare(const char *outbox, const char *audit);

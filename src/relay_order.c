@@ -33,6 +33,17 @@
  * them again) and keeps those below P, whose reasons still stand.  Rows in
  * flight are skipped by the rescan.
  *
+ * A rescan reads every row from P to the cursor, most of them long sent.
+ * Revisits for reasons that end one key's wait (a retry's time, a failure's
+ * recording, the last row in flight acknowledged) keep that key held until
+ * they are done, so they may wait: they spend a budget of such rows
+ * (REVISIT_ROWS_PER_S, in bursts of up to REVISIT_BURST), and those that
+ * come while it is spent are done together once it allows.  Without it, a
+ * trickle of failing events (every retry's time is a revisit) made the relay
+ * read the rows behind the cursor again dozens of times a second.  Revisits
+ * whose rows no hold keeps back (a registered transaction that ended, an
+ * operator's retry, a claim that failed) are done at the next claim.
+ *
  * Acknowledgements: an idempotent producer keeps a partition's messages in
  * order, so later rows of a key are produced while earlier ones are in
  * flight.  If an earlier one then fails, the later ones that were already in
@@ -123,6 +134,19 @@ static int64 *watched_revisit = NULL;
 
 static int64 prev_hw = 0;		/* high-water mark of the previous claim */
 static int64 revisit_from = PG_INT64_MAX;
+
+/*
+ * Revisits that may wait for the budget (see above): from held_from on.  The
+ * budget is a bucket of rows to read, filled at REVISIT_ROWS_PER_S up to
+ * REVISIT_BURST (a rescan reads at most that many at once): a burst is some
+ * 25 ms of the relay's time when the rows are in shared buffers, and while
+ * the budget is spent these rescans take about 1% of a core.
+ */
+#define REVISIT_ROWS_PER_S	10000
+#define REVISIT_BURST		50000
+static int64 held_from = PG_INT64_MAX;
+static double revisit_budget = REVISIT_BURST;
+static TimestampTz budget_at = 0;	/* when it was last filled */
 static int	ntimers = 0;		/* keys with a retry_at */
 static TimestampTz next_timer = 0;
 
@@ -157,6 +181,9 @@ order_reset(void)
 	memset(watched_gen, 0, sizeof(uint64) * nslots);
 	prev_hw = 0;
 	revisit_from = PG_INT64_MAX;
+	held_from = PG_INT64_MAX;
+	revisit_budget = REVISIT_BURST;
+	budget_at = 0;
 	ntimers = 0;
 	next_timer = 0;
 }
@@ -182,7 +209,7 @@ order_floor(void)
 {
 	keys_iterator it;
 	KeyState   *ks;
-	int64		floor = revisit_from;
+	int64		floor = Min(revisit_from, held_from);
 
 	keys_start_iterate(keystates, &it);
 	while ((ks = keys_iterate(keystates, &it)) != NULL)
@@ -263,6 +290,19 @@ order_revisit(int64 from)
 		revisit_from = Max(from, 1);
 }
 
+/*
+ * The key's rows from id from on must be scanned again.  The key is held from
+ * there until then, so the rescan may wait for the budget (order_expire()).
+ */
+static void
+revisit_key(KeyState *ks, int64 from)
+{
+	from = Max(from, 1);
+	key_hold(ks, from);
+	if (from < held_from)
+		held_from = from;
+}
+
 /* Must the next claim go back to or below the cursor? */
 bool
 order_revisit_pending(int64 cursor)
@@ -288,6 +328,9 @@ order_scan_start(int64 cursor)
 	if (from > cursor + 1)
 		return cursor;
 	revisit_from = PG_INT64_MAX;
+	/* the rescan reads the rows of waiting revisits from there on too */
+	if (held_from >= from)
+		held_from = PG_INT64_MAX;
 	if (keystates->members == 0)
 		return from - 1;
 
@@ -311,12 +354,9 @@ order_scan_start(int64 cursor)
 	return from - 1;
 }
 
-/*
- * Revisit where a retry's time has come.  Returns when the next one comes
- * (0: none).
- */
-TimestampTz
-order_expire(TimestampTz now)
+/* Revisit where a retry's time has come; returns when the next one comes. */
+static TimestampTz
+expire_timers(TimestampTz now)
 {
 	keys_iterator it;
 	KeyState   *ks;
@@ -337,7 +377,7 @@ order_expire(TimestampTz now)
 			continue;
 		if (ks->retry_at <= now)
 		{
-			order_revisit(ks->wait_id);
+			revisit_key(ks, ks->wait_id);
 			ks->wait_id = 0;
 			ks->retry_at = 0;
 			ntimers--;
@@ -347,6 +387,48 @@ order_expire(TimestampTz now)
 			next_timer = ks->retry_at;
 	}
 	return next_timer;
+}
+
+/*
+ * Revisits that came for a reason of a key's (held_from): the next claim goes
+ * back for them once the budget allows the rows from there to the cursor.
+ * Returns when it will (0: nothing waits, or it may go now).
+ */
+static TimestampTz
+release_held(TimestampTz now, int64 cursor)
+{
+	double		cost;
+
+	if (held_from == PG_INT64_MAX)
+		return 0;
+	if (budget_at != 0 && now > budget_at)
+		revisit_budget = Min(REVISIT_BURST, revisit_budget +
+							 (double) (now - budget_at) * REVISIT_ROWS_PER_S / USECS_PER_SEC);
+	budget_at = now;
+	cost = Min(Max(cursor - held_from + 1, 0), REVISIT_BURST);
+	if (revisit_budget < cost)
+		return now + 1 +
+			(TimestampTz) ((cost - revisit_budget) * USECS_PER_SEC / REVISIT_ROWS_PER_S);
+	revisit_budget -= cost;
+	order_revisit(held_from);
+	held_from = PG_INT64_MAX;
+	return 0;
+}
+
+/*
+ * Revisits whose time has come: retries due, and revisits that waited for
+ * the budget (cursor: the scan's).  Returns when the next one comes (0:
+ * none).
+ */
+TimestampTz
+order_expire(TimestampTz now, int64 cursor)
+{
+	TimestampTz next = expire_timers(now);
+	TimestampTz held = release_held(now, cursor);
+
+	if (held != 0 && (next == 0 || held < next))
+		next = held;
+	return next;
 }
 
 /* ---- the registry --------------------------------------------------------------- */
@@ -597,7 +679,7 @@ key_drained(KeyState *ks)
 	ks->redo_from = 0;
 	ks->max_inflight = 0;
 	if (ks->hold_behind && ks->hold_from != PG_INT64_MAX)
-		order_revisit(ks->hold_from);
+		revisit_key(ks, ks->hold_from);
 	ks->hold_behind = false;
 }
 
@@ -686,16 +768,20 @@ order_recorded(RelayRow *row)
 	 * any more, so the scan goes back to it.  (If the failed row still
 	 * waits, its hold keeps this one back.)
 	 */
-	if (row->outcome == RO_REDO)
-		order_revisit(id);
 	if (ks == NULL)
+	{
+		if (row->outcome == RO_REDO)
+			order_revisit(id);
 		return;
+	}
+	if (row->outcome == RO_REDO)
+		revisit_key(ks, id);
 	if (row->outcome == RO_REDO && ks->nredo > 0 && --ks->nredo == 0)
 	{
 		/* the rows held behind the REDO rows are seen again after them */
 		ks->redo_low = 0;
 		if (ks->hold_from != PG_INT64_MAX)
-			order_revisit(ks->hold_from);
+			revisit_key(ks, ks->hold_from);
 	}
 	if (ks->failing_id == id)
 		ks->failing_id = 0;
@@ -704,7 +790,7 @@ order_recorded(RelayRow *row)
 		case RO_RETRY:
 			key_hold(ks, id);
 			if (row->delay_ms <= 0)
-				order_revisit(id);
+				revisit_key(ks, id);
 			else
 				key_set_timer(ks, id,
 							  TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
@@ -727,7 +813,7 @@ order_recorded(RelayRow *row)
 				ks->redo_from = 0;
 			}
 			if (ks->hold_from != PG_INT64_MAX)
-				order_revisit(ks->hold_from);
+				revisit_key(ks, ks->hold_from);
 			break;
 		default:
 			break;

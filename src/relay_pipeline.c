@@ -337,7 +337,7 @@ pipeline_timers(TimestampTz now)
 	resume = cqrs_topics_expire_pauses(now, &next_pause);
 	if (resume != PG_INT64_MAX)
 		order_revisit(resume);
-	next = order_expire(now);
+	next = order_expire(now, cursor);
 	if (next_pause != 0 && (next == 0 || next_pause < next))
 		next = next_pause;
 	return next;

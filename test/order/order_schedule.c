@@ -56,7 +56,7 @@
  *	  time MS				MS milliseconds pass
  *	  kafka					print the partition: the rows acknowledged, in
  *							the order they were produced, and whether the
- *							last copy of each row is in id order
+ *							last copies of each key's rows are in id order
  *
  *-------------------------------------------------------------------------
  */
@@ -199,7 +199,7 @@ cmd_claim(StringInfo out)
 	for (int i = 0; i < nrows; i++)
 		hw = Max(hw, rows[i].rr.msg.id);
 	(void) order_read_registry(hw, cursor);
-	(void) order_expire(vnow());	/* pipeline_timers() */
+	(void) order_expire(vnow(), cursor);	/* pipeline_timers() */
 	start = order_scan_start(cursor);
 	last_start = start;
 	cursor_before = cursor;
@@ -376,31 +376,50 @@ by_seq(const void *a, const void *b)
 	return ((const LogEntry *) a)->seq - ((const LogEntry *) b)->seq;
 }
 
-/* What the partition holds, and whether each row's last copy is in id order. */
+/* The key of the row with this id. */
+static const char *
+row_key(int64 id)
+{
+	for (int i = 0; i < nrows; i++)
+		if (rows[i].rr.msg.id == id)
+			return rows[i].key;
+	return "";
+}
+
+/* Does a later entry of the log hold another copy of entry i's row? */
+static bool
+later_copy_of(LogEntry *log, int n, int i)
+{
+	for (int j = i + 1; j < n; j++)
+		if (log[j].id == log[i].id)
+			return true;
+	return false;
+}
+
+/*
+ * What the partition holds, and whether the last copies of each key's rows
+ * are in id order.
+ */
 static void
 cmd_kafka(StringInfo out)
 {
 	LogEntry	log[MAX_LOG];
-	int64		last = 0;
 	bool		ordered = true;
 
 	memcpy(log, kafka_log, sizeof(LogEntry) * nlog);
 	qsort(log, nlog, sizeof(LogEntry), by_seq);
 	appendStringInfoString(out, "kafka:");
 	for (int i = 0; i < nlog; i++)
-	{
-		bool		later_copy = false;
-
 		appendStringInfo(out, " " INT64_FORMAT, log[i].id);
-		for (int j = i + 1; j < nlog; j++)
-			if (log[j].id == log[i].id)
-				later_copy = true;
-		if (later_copy)
+	/* a key's last copies, in log order, must come in id order */
+	for (int i = 0; i < nlog; i++)
+	{
+		if (later_copy_of(log, nlog, i))
 			continue;
-		/* the last copies, in log order, must come in id order */
-		if (log[i].id < last)
-			ordered = false;
-		last = Max(last, log[i].id);
+		for (int j = i + 1; j < nlog; j++)
+			if (!later_copy_of(log, nlog, j) && log[j].id < log[i].id &&
+				strcmp(row_key(log[j].id), row_key(log[i].id)) == 0)
+				ordered = false;
 	}
 	appendStringInfoString(out, ordered ? " (last copies in id order)" :
 						   " (OUT OF ORDER)");
