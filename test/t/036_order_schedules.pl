@@ -18,6 +18,11 @@
 # - rows held behind a later row of their key that is in flight must be seen
 #   again when that row fails, not only when it is acknowledged.
 #
+#
+# One more shows that a revisit waiting for the rescan budget (relay_order.c)
+# keeps its key held: the rows of the key above the cursor must not go before
+# the row whose retry came.
+#
 # The order, crash and outage suites show the relay keeps order against a
 # real broker; this one shows these interleavings, exactly.
 use strict;
@@ -193,6 +198,47 @@ like($out, qr/^claim above 0: 1 go 2 go 3 go$/m,
 	"after T's commit, T's row, S and S2 go, in id order");
 like($out, qr/^kafka: 1 2 3 /m, 'the partition holds 1, 2, 3');
 $sched->quit;
+
+# ---- a revisit that waits for the budget -----------------------------------
+# A (1) and B (2) fail; 100,000 (another key) moves the cursor far ahead, so
+# that going back costs the whole burst.  A's retry comes first and spends it.
+# B's comes 1 s later, when the budget has 10,000 rows: its revisit waits,
+# and B2 (100,001), a later row of B's key, must wait with it.  4 s later the
+# budget allows it: B, then B2.  (Retry times count from the moment of the
+# recording, a few milliseconds after the schedule's start: hence 1,100.)
+$out = run_schedule(<<'EOS');
+row 1 a
+row 2 b
+row 100000 c
+claim
+produce
+fail 1 retry 1000
+fail 2 retry 2000
+ack 100000
+record
+time 1100
+claim
+produce
+ack 1
+record
+row 100001 b
+time 1000
+claim
+time 4000
+claim
+produce
+ack 2
+ack 100001
+record
+kafka
+EOS
+note $out;
+like($out, qr/^claim above 0: 1 go 2 hold$/m, "A's retry goes back at once: the budget is full");
+like($out, qr/^claim above 100000: 100001 hold$/m,
+	"B's revisit waits for the budget, and B2 waits with it");
+like($out, qr/^claim above 1: 2 go 100001 go$/m, 'once the budget allows, B goes, then B2');
+like($out, qr/^kafka: 100000 1 2 100001 /m, 'the partition holds B before B2');
+ok(last_copies_in_order($out), 'the last copies of each key are in id order');
 
 $node->stop;
 done_testing();
