@@ -139,6 +139,7 @@ static void handle_failure(RelayRow *row, bool was_inflight);
 static void size_checks_forget(void);
 static void unpublish(RelayRow **rows, int n);
 static bool too_large_alone(RelayRow *row);
+static bool batch_too_large(RelayRow *row, const char *what, char **error);
 
 /* ---- set-up ------------------------------------------------------------------- */
 
@@ -507,6 +508,34 @@ topic_in(const char *topic, List *names)
 }
 
 /*
+ * Claimed rows that will not be produced go back to the outbox: out of the
+ * claimed list, out of the shared table of ids in flight (those published),
+ * and released.  Reorders rows.
+ */
+static void
+return_claimed(RelayRow **rows, int n)
+{
+	int			npublished = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		RelayRow   *row = rows[i];
+
+		dlist_delete(&row->node);
+		n_claimed--;
+		/* the published ones first: those are in the shared table */
+		if (row->published)
+		{
+			rows[i] = rows[npublished];
+			rows[npublished++] = row;
+		}
+	}
+	unpublish(rows, npublished);
+	for (int i = 0; i < n; i++)
+		release_claim_row(rows[i]);
+}
+
+/*
  * A rescan from above start: the rows left over from a full librdkafka queue
  * (still claimed, not produced) that it may walk go back to the outbox, to be
  * judged again in id order with the rows the rescan brings.  Otherwise the
@@ -518,34 +547,19 @@ give_back_claimed(int64 start)
 {
 	RelayRow  **rows;
 	int			n = 0;
-	int			npublished = 0;
-	dlist_mutable_iter it;
+	dlist_iter	it;
 
 	if (n_claimed == 0)
 		return;
 	rows = palloc(sizeof(RelayRow *) * n_claimed);
-	dlist_foreach_modify(it, &claimed)
+	dlist_foreach(it, &claimed)
 	{
 		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
 
-		if (row->msg.id <= start)
-			continue;
-		dlist_delete(&row->node);
-		n_claimed--;
-		/* the published ones first: those are in the shared table */
-		if (row->published)
-		{
-			if (npublished < n)
-				rows[n] = rows[npublished];
-			rows[npublished++] = row;
-		}
-		else
-			rows[n] = row;
-		n++;
+		if (row->msg.id > start)
+			rows[n++] = row;
 	}
-	unpublish(rows, npublished);
-	for (int i = 0; i < n; i++)
-		release_claim_row(rows[i]);
+	return_claimed(rows, n);
 	pfree(rows);
 }
 
@@ -1101,15 +1115,11 @@ pipeline_produce_claimed(void)
 		for (int i = 0; i < n; i++)
 			if (rows[i]->claim->discard_seq != seq)
 			{
-				dlist_delete(&rows[i]->node);
-				n_claimed--;
 				order_hold(rows[i]);
 				from = Min(from, rows[i]->msg.id);
 				rows[nheld++] = rows[i];
 			}
-		unpublish(rows, nheld);
-		for (int i = 0; i < nheld; i++)
-			release_claim_row(rows[i]);
+		return_claimed(rows, nheld);
 		order_revisit(from);
 		n = 0;
 		dlist_foreach(it, &claimed)
@@ -1372,25 +1382,9 @@ dead_letter_report(RelayRow *row)
 		finish(row, RO_DEAD);
 		return;
 	}
-	if ((row->msg.err == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ||
-		 row->msg.err == RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE) &&
-		!too_large_alone(row))
-	{
-		/*
-		 * The record batch was too large for the dead-letter topic, not the
-		 * dead letter: smaller batches, and the row goes again, free, like a
-		 * row whose batch its own topic refused (handle_failure()).
-		 */
-		int			size = cqrs_kafka_message_size(&row->msg);
-
-		cqrs_topic_want_limit(relay_producer, row->msg.tstate, true);
-		relay_want_batch_bytes(Max(relay_producer_batch_bytes / 2, size));
-		row->dlt_error = row_text(row, "record batch too large for dead-letter topic \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
-								  row->msg.topic, size, relay_producer_batch_bytes);
-		row->delay_ms = 0;
-		finish(row, RO_RETRY);
+	/* its batch too large for the dead-letter topic, not the dead letter */
+	if (batch_too_large(row, "dead-letter topic", &row->dlt_error))
 		return;
-	}
 	cls = cqrs_kafka_classify(row->msg.err);
 	row->dlt_error = row_text(row, "dead-letter topic \"%s\": %s", row->msg.topic,
 							  cqrs_kafka_error_text(row->msg.err, buf, sizeof(buf)));
@@ -1418,6 +1412,33 @@ too_large_alone(RelayRow *row)
 	return size >= relay_producer_batch_bytes;
 }
 
+/*
+ * A size error: Kafka refused the row's record batch, or the row alone.  The
+ * topic's limit is asked again.  When the batch was at fault (the message
+ * fits alone), batch.size is lowered and the row goes again at once without
+ * spending its retry budget, its error text in *error (the row's own, or its
+ * dead letter's): returns true.  what names the topic in that text.
+ */
+static bool
+batch_too_large(RelayRow *row, const char *what, char **error)
+{
+	int			size;
+
+	if (row->msg.err != RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE &&
+		row->msg.err != RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE)
+		return false;
+	cqrs_topic_want_limit(relay_producer, row->msg.tstate, true);
+	if (too_large_alone(row))
+		return false;
+	size = cqrs_kafka_message_size(&row->msg);
+	relay_want_batch_bytes(Max(relay_producer_batch_bytes / 2, size));
+	*error = row_text(row, "record batch too large for %s \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
+					  what, row->msg.topic, size, relay_producer_batch_bytes);
+	row->delay_ms = 0;
+	finish(row, RO_RETRY);
+	return true;
+}
+
 /* A row failed (a report, or before it was produced). */
 static void
 handle_failure(RelayRow *row, bool was_inflight)
@@ -1434,22 +1455,9 @@ handle_failure(RelayRow *row, bool was_inflight)
 	row->inc = 0;
 	row->delay_ms = 0;
 
-	if ((err == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ||
-		 err == RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE) && row->error == NULL)
-	{
-		cqrs_topic_want_limit(relay_producer, row->msg.tstate, true);
-		if (!too_large_alone(row))
-		{
-			/* the batch was too large, not the message: smaller batches, free */
-			int			size = cqrs_kafka_message_size(&row->msg);
-
-			relay_want_batch_bytes(Max(relay_producer_batch_bytes / 2, size));
-			row->error = row_text(row, "record batch too large for topic \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
-								  row->msg.topic, size, relay_producer_batch_bytes);
-			finish(row, RO_RETRY);
-			return;
-		}
-	}
+	/* (a row that failed here, before Kafka, has its error already) */
+	if (row->error == NULL && batch_too_large(row, "topic", &row->error))
+		return;
 
 	switch (cls)
 	{
