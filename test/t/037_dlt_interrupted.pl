@@ -35,19 +35,7 @@ $mock->cmd('errors Produce INVALID_RECORD');
 my $id = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'doomed', '{}')");
 # the row's request fails at once; its dead letter is produced and waits for
 # broker 2
-ok(wait_for($node, 'SELECT "window" FROM cqrs_stats_relay', '1', 30), 'a message is in flight');
-sleep 2;
-is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE id = $id"),
-	'PENDING', 'the row is PENDING while its dead letter waits for the dead-letter topic');
-
-# the stop interrupts the dead letter (librdkafka purges it)
-ok(restart_relay($node), 'the relay is stopped and starts again');
-is( $node->safe_psql('postgres',
-		"SELECT dlt_retry_count FROM cqrs_outbox WHERE id = $id"),
-	'0', 'the interrupted dead letter did not count as a failed dead-letter publish');
-is( $node->safe_psql('postgres',
-		"SELECT count(*) FROM cqrs_outbox_audit WHERE outbox_id = $id AND action = 'DLT_PUBLISH_FAILED'"),
-	'0', 'and left no DLT_PUBLISH_FAILED row in the audit trail');
+stop_during_dead_letter($node, $id);
 
 # after the start the row goes again: the fault was for one request only
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $id", 'SENT', 60),

@@ -40,19 +40,7 @@ ok( wait_for($node,
 $b2->freeze;
 my $id = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', NULL, '{}')");
 # the row is refused at once; its dead letter waits for broker 2
-ok(wait_for($node, 'SELECT "window" FROM cqrs_stats_relay', '1', 30), 'a message is in flight');
-sleep 2;
-is($node->safe_psql('postgres', "SELECT status || ' ' || dlt_retry_count FROM cqrs_outbox WHERE id = $id"),
-	'PENDING 0', 'the row is PENDING while its dead letter waits for the frozen broker');
-
-# the stop interrupts the dead letter (librdkafka purges it)
-ok(restart_relay($node), 'the relay is stopped and starts again');
-is( $node->safe_psql('postgres',
-		"SELECT dlt_retry_count FROM cqrs_outbox WHERE id = $id"),
-	'0', 'the interrupted dead letter did not count as a failed dead-letter publish');
-is( $node->safe_psql('postgres',
-		"SELECT count(*) FROM cqrs_outbox_audit WHERE outbox_id = $id AND action = 'DLT_PUBLISH_FAILED'"),
-	'0', 'and left no DLT_PUBLISH_FAILED row in the audit trail');
+stop_during_dead_letter($node, $id);
 
 # broker 2 back: the row goes again, is refused again, and is dead-lettered
 $b2->thaw;

@@ -45,7 +45,7 @@ our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
   order_schedule_module
   probe_producer_start freeze_relay freeze_waiting crash_cluster
-  restart_relay terminate_backend);
+  restart_relay stop_during_dead_letter terminate_backend);
 
 =pod
 
@@ -428,6 +428,39 @@ sub restart_relay
 	return wait_for($node,
 		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs_sync relay' AND pid <> $old",
 		'1', 30);
+}
+
+=pod
+
+=item stop_during_dead_letter($node, $id)
+
+The stop of a relay whose dead letter for row $id is in flight (its
+dead-letter topic does not answer) must not count as a failed dead-letter
+publish (docs/failures.md).  Waits until a message is in flight and checks
+the row is PENDING, restarts the relay (librdkafka purges the dead letter),
+then checks that dlt_retry_count is still 0 and that no DLT_PUBLISH_FAILED
+audit row was written: five checks.
+
+=cut
+
+sub stop_during_dead_letter
+{
+	my ($node, $id) = @_;
+	ok(wait_for($node, 'SELECT "window" FROM cqrs_stats_relay', '1', 30),
+		'a message is in flight');
+	sleep 2;
+	is( $node->safe_psql('postgres',
+			"SELECT status || ' ' || dlt_retry_count FROM cqrs_outbox WHERE id = $id"),
+		'PENDING 0', 'the row is PENDING while its dead letter waits for the dead-letter topic');
+
+	# the stop interrupts the dead letter (librdkafka purges it)
+	ok(restart_relay($node), 'the relay is stopped and starts again');
+	is($node->safe_psql('postgres', "SELECT dlt_retry_count FROM cqrs_outbox WHERE id = $id"),
+		'0', 'the interrupted dead letter did not count as a failed dead-letter publish');
+	is( $node->safe_psql('postgres',
+			"SELECT count(*) FROM cqrs_outbox_audit WHERE outbox_id = $id AND action = 'DLT_PUBLISH_FAILED'"),
+		'0', 'and left no DLT_PUBLISH_FAILED row in the audit trail');
+	return;
 }
 
 =pod
