@@ -405,6 +405,9 @@ release_held(TimestampTz now, int64 cursor)
 		revisit_budget = Min(REVISIT_BURST, revisit_budget +
 							 (double) (now - budget_at) * REVISIT_ROWS_PER_S / USECS_PER_SEC);
 	budget_at = now;
+	/* a revisit at once goes back that far already: these ride along, free */
+	if (revisit_from <= held_from)
+		return 0;
 	cost = Min(Max(cursor - held_from + 1, 0), REVISIT_BURST);
 	if (revisit_budget < cost)
 		return now + 1 +
