@@ -778,13 +778,15 @@ order_recorded(RelayRow *row)
 		return;
 	}
 	if (row->outcome == RO_REDO)
-		revisit_key(ks, id);
-	if (row->outcome == RO_REDO && ks->nredo > 0 && --ks->nredo == 0)
 	{
-		/* the rows held behind the REDO rows are seen again after them */
-		ks->redo_low = 0;
-		if (ks->hold_from != PG_INT64_MAX)
-			revisit_key(ks, ks->hold_from);
+		revisit_key(ks, id);
+		if (ks->nredo > 0 && --ks->nredo == 0)
+		{
+			/* the rows held behind the REDO rows are seen again after them */
+			ks->redo_low = 0;
+			if (ks->hold_from != PG_INT64_MAX)
+				revisit_key(ks, ks->hold_from);
+		}
 	}
 	if (ks->failing_id == id)
 		ks->failing_id = 0;
