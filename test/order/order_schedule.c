@@ -376,16 +376,6 @@ by_seq(const void *a, const void *b)
 	return ((const LogEntry *) a)->seq - ((const LogEntry *) b)->seq;
 }
 
-/* The key of the row with this id. */
-static const char *
-row_key(int64 id)
-{
-	for (int i = 0; i < nrows; i++)
-		if (rows[i].rr.msg.id == id)
-			return rows[i].key;
-	return "";
-}
-
 /* Does a later entry of the log hold another copy of entry i's row? */
 static bool
 later_copy_of(LogEntry *log, int n, int i)
@@ -418,7 +408,7 @@ cmd_kafka(StringInfo out)
 			continue;
 		for (int j = i + 1; j < nlog; j++)
 			if (!later_copy_of(log, nlog, j) && log[j].id < log[i].id &&
-				strcmp(row_key(log[j].id), row_key(log[i].id)) == 0)
+				strcmp(find_row(log[j].id)->key, find_row(log[i].id)->key) == 0)
 				ordered = false;
 	}
 	appendStringInfoString(out, ordered ? " (last copies in id order)" :
