@@ -499,11 +499,12 @@ enter_handler(Sink *sink, HandlerEnv *env)
 						   env->save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 }
 
+/* The worker's own settings again, whatever the handler set. */
 static void
 leave_handler(HandlerEnv *env)
 {
 	SetUserIdAndSecContext(env->save_user, env->save_sec);
-	AtEOXact_GUC(true, env->nestlevel);
+	AtEOXact_GUC(false, env->nestlevel);
 }
 
 /*
@@ -595,12 +596,17 @@ sink_resolve(Sink *sink)
 	sink->usable = true;
 }
 
-/* Run the handler (or the route) of one event.  Errors propagate. */
+/*
+ * Run the handler (or the route) of one event.  Errors propagate.  What the
+ * call sets (SET, set_config()) ends with it, as a function's SET clause
+ * does: the next event's call, and the worker, do not inherit it.
+ */
 static void
 run_handler(Sink *sink, SinkEvent *ev)
 {
 	Datum		values[8];
 	bool		nulls[8];
+	int			nestlevel = NewGUCNestLevel();
 
 	memset(nulls, 0, sizeof(nulls));
 	if (ev->value == NULL)
@@ -643,6 +649,7 @@ run_handler(Sink *sink, SinkEvent *ev)
 							sink->name)));
 		sink_route_apply(sink->route, sink->name, values[4]);
 	}
+	AtEOXact_GUC(false, nestlevel);
 }
 
 /* ---- classification ------------------------------------------------------------------ */

@@ -197,8 +197,14 @@ pin_settings(void)
 		{"jit", "off"},
 	};
 
+	/*
+	 * As session settings: they outrank those of ALTER DATABASE/ROLE SET and
+	 * the configuration file, and leave a handler's call free to set its own
+	 * (the sink's search_path, a function's SET clause); what it sets ends
+	 * with the call (sink_apply.c).
+	 */
 	for (int i = 0; i < lengthof(pins); i++)
-		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_SESSION);
 }
 
 static const char *
