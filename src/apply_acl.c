@@ -130,6 +130,15 @@ owners_xact_callback(XactEvent event, void *arg)
 		owners_stale = true;
 }
 
+/* a claim rolled back to a savepoint is no claim either */
+static void
+owners_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		owners_stale = true;
+}
+
 static void
 prepare_cache(Oid relid)
 {
@@ -140,6 +149,7 @@ prepare_cache(Oid relid)
 		CacheRegisterRelcacheCallback(owners_relcache_callback, (Datum) 0);
 		CacheRegisterSyscacheCallback(AUTHOID, owners_role_callback, (Datum) 0);
 		RegisterXactCallback(owners_xact_callback, NULL);
+		RegisterSubXactCallback(owners_subxact_callback, NULL);
 		callbacks_registered = true;
 	}
 	if (owners != NULL && !owners_stale && owners_relid == relid)

@@ -10,7 +10,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(41);
+SELECT plan(44);
 
 CREATE ROLE regress_ledger_view IN ROLE cqrs_sync_reader;
 CREATE ROLE regress_ledger_view_2 IN ROLE regress_ledger_view;   -- a second instance of the service
@@ -131,6 +131,24 @@ RESET ROLE;
 SET LOCAL ROLE regress_ledger_view;
 SELECT throws_ok($$SELECT cqrs_mark_processed('ledger-view', 'e-6')$$, '42501', NULL,
                  'then its former role may no longer write it');
+RESET ROLE;
+
+-- a claim rolled back to a savepoint is no claim: the session does not remember it
+SET LOCAL ROLE regress_mallory;
+SAVEPOINT before_claim;
+SELECT cqrs_mark_processed('billing-view', 'b-1');
+ROLLBACK TO SAVEPOINT before_claim;
+RESET ROLE;
+SELECT is((SELECT count(*) FROM cqrs_consumer WHERE consumer = 'billing-view'), 0::bigint,
+          'a claim rolled back to a savepoint leaves no owner');
+SET LOCAL ROLE regress_ledger_view;
+SELECT lives_ok($$SELECT cqrs_mark_processed('billing-view', 'b-2')$$,
+                '... and another role claims the consumer, in the same session');
+RESET ROLE;
+SET LOCAL ROLE regress_mallory;
+SELECT throws_ok($$SELECT cqrs_mark_processed('billing-view', 'b-3')$$,
+                 '42501', 'consumer "billing-view" belongs to role "regress_ledger_view"',
+                 '... which the role whose claim was rolled back may not write');
 RESET ROLE;
 
 SELECT * FROM finish();
