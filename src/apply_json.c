@@ -364,8 +364,9 @@ apply_check_version_range(ApplyTarget *t, int64 version)
  * A key is stored (cqrs_tombstone.key, cqrs_delta_inbox.key) in a canonical
  * form: an object of the key columns' text representations, e.g. {"id":
  * "42"}.  Types whose text form depends on settings (dates and times on
- * DateStyle and IntervalStyle, floats on extra_float_digits) are written
- * with fixed settings, so that every session spells a key the same way.
+ * DateStyle and IntervalStyle, timestamptz on TimeZone, floats on
+ * extra_float_digits) are written with fixed settings, so that every
+ * session spells a key the same way.
  *
  * Keys the table holds equal are not always spelled the same: numeric 42
  * and 42.0, float -0 and 0, citext 'ABC' and 'abc', text under a
@@ -389,6 +390,9 @@ fixed_format_begin(void)
 	(void) set_config_option("intervalstyle", "postgres", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 	(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	/* one instant, one text (the delta memory is keyed by it) */
+	(void) set_config_option("timezone", "UTC", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 	return level;
 }

@@ -13,7 +13,7 @@ CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 CREATE EXTENSION IF NOT EXISTS citext;
 
-SELECT plan(30);
+SELECT plan(33);
 
 --
 -- Item 6: deltas on NULL columns, and rows created from deltas
@@ -108,6 +108,18 @@ SELECT ok(NOT cqrs_upsert('by_time', '{"at": "2024-05-01 19:00:00+09", "title": 
           'timestamptz: the same instant from a session in another time zone is the same key');
 SELECT is((SELECT count(*) FROM by_time), 0::bigint, 'timestamptz: the row stays deleted');
 RESET TimeZone;
+
+-- the delta memory too: a redelivery applied from a session in another zone
+CREATE TABLE likes_at (at timestamptz PRIMARY KEY, n bigint NOT NULL DEFAULT 0, version bigint);
+INSERT INTO likes_at VALUES ('2024-05-01 10:00:00+00', 0);
+SET LOCAL TimeZone = 'UTC';
+SELECT ok(cqrs_apply_delta('likes_at', '{"at": "2024-05-01 10:00:00+00"}', '{"n": 1}', 'c', 'e-t1'),
+          'timestamptz: a delta is added');
+SET LOCAL TimeZone = 'Asia/Seoul';
+SELECT ok(NOT cqrs_apply_delta('likes_at', '{"at": "2024-05-01 10:00:00+00"}', '{"n": 1}', 'c', 'e-t1'),
+          'timestamptz: the same event again, from a session in another time zone, is not');
+RESET TimeZone;
+SELECT is((SELECT n FROM likes_at), 1::bigint, 'timestamptz: the delta was added once');
 
 -- a delete of one spelling racing nothing: the upsert of the other
 -- spelling with a higher version still creates the row
