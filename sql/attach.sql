@@ -137,6 +137,20 @@ SELECT outbox FROM cqrs_attached_outboxes ORDER BY outbox::text;
 DROP TABLE part_outbox;
 SELECT outbox FROM cqrs_attached_outboxes ORDER BY outbox::text;
 
+-- ... and backfilled: each row once, in the order given, across partitions
+-- whose rows have the same ctids
+CREATE TABLE part_backfill (LIKE outboxevent, seq int NOT NULL) PARTITION BY RANGE (seq);
+CREATE TABLE part_backfill_old PARTITION OF part_backfill FOR VALUES FROM (0) TO (10);
+CREATE TABLE part_backfill_new PARTITION OF part_backfill FOR VALUES FROM (10) TO (20);
+INSERT INTO part_backfill VALUES
+    ('40000000-0000-4000-8000-000000000001', 'order', 'pb', 'E1', '{}', 1),
+    ('40000000-0000-4000-8000-000000000002', 'order', 'pb', 'E2', '{}', 2),
+    ('40000000-0000-4000-8000-000000000011', 'order', 'pb', 'E11', '{}', 11);
+SELECT tableoid::regclass, ctid, seq FROM part_backfill ORDER BY seq;
+SELECT cqrs_attach_outbox('part_backfill', '{"backfill": true, "backfill_order": "seq"}');
+SELECT event_id, key FROM cqrs_outbox WHERE key = 'pb' ORDER BY id;
+DROP TABLE part_backfill;
+
 -- ---- options and tables refused ----------------------------------------------
 SELECT cqrs_attach_outbox('outboxevent', '{"paylaod": "payload"}');
 SELECT cqrs_attach_outbox('outboxevent', '[]');

@@ -816,13 +816,15 @@ BEGIN
 
     IF backfill IS NOT NULL THEN
         -- rows already there, in the order given, before any later row
-        -- (by ctid: the table is locked, and each table has its own row type,
-        -- which a plan of PL/pgSQL could not take in turn)
-        FOR r IN EXECUTE format('SELECT t.ctid FROM %s AS t WHERE (%s) ORDER BY %s',
+        -- (by tableoid and ctid: the table is locked, and each table has its
+        -- own row type, which a plan of PL/pgSQL could not take in turn; the
+        -- partitions or children of a table each have their own ctids)
+        FOR r IN EXECUTE format('SELECT t.tableoid, t.ctid FROM %s AS t WHERE (%s) ORDER BY %s',
                                 outbox, backfill, o->>'backfill_order') LOOP
-            EXECUTE format('SELECT @extschema@.cqrs_attached_outbox_enqueue(%L, t) FROM %s AS t WHERE t.ctid = $1',
+            EXECUTE format('SELECT @extschema@.cqrs_attached_outbox_enqueue(%L, t) FROM %s AS t'
+                           ' WHERE t.tableoid = $1 AND t.ctid = $2',
                            outbox, outbox)
-               INTO id USING r.ctid;
+               INTO id USING r.tableoid, r.ctid;
             IF id IS NOT NULL THEN
                 n := n + 1;
             ELSE
