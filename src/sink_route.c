@@ -26,10 +26,13 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "lib/ilist.h"
 #include "miscadmin.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -52,10 +55,43 @@ struct SinkRoute
 	char	   *version;		/* the field holding the version */
 	char	   *delete_field;	/* a field whose value true means delete */
 	Jsonb	   *delete_match;	/* or values that must all match */
+	bool		stale;			/* the target changed since (columns, key) */
+	dlist_node	node;			/* in routes */
+	MemoryContextCallback forget;	/* leaves routes when cxt goes */
 };
+
+/*
+ * The routes prepared, for the relcache callback: a change of a target
+ * (ALTER TABLE) makes its route stale, and the sink resolves it again.
+ */
+static dlist_head routes = DLIST_STATIC_INIT(routes);
+static bool callback_registered = false;
 
 static void prepare(SinkRoute *r, const char *sink_name, const char *version,
 					const char *delete_spec);
+
+/* The route's memory goes (sink_route_free(), or its sink's memory) */
+static void
+route_forget(void *arg)
+{
+	SinkRoute  *r = (SinkRoute *) arg;
+
+	dlist_delete(&r->node);
+}
+
+static void
+route_relcache_callback(Datum arg, Oid relid)
+{
+	dlist_iter	iter;
+
+	dlist_foreach(iter, &routes)
+	{
+		SinkRoute  *r = dlist_container(SinkRoute, node, iter.cur);
+
+		if (!OidIsValid(relid) || relid == r->relid)
+			r->stale = true;
+	}
+}
 
 /* The OID of the extension's helper name(regclass, jsonb, bigint). */
 static Oid
@@ -106,6 +142,11 @@ sink_route_prepare(const char *sink_name, Oid relid, const char *version,
 
 	r->cxt = cxt;
 	r->relid = relid;
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(route_relcache_callback, (Datum) 0);
+		callback_registered = true;
+	}
 	PG_TRY();
 	{
 		prepare(r, sink_name, version, delete_spec);
@@ -116,6 +157,10 @@ sink_route_prepare(const char *sink_name, Oid relid, const char *version,
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	dlist_push_tail(&routes, &r->node);
+	r->forget.func = route_forget;
+	r->forget.arg = r;
+	MemoryContextRegisterResetCallback(cxt, &r->forget);
 	return r;
 }
 
@@ -170,13 +215,20 @@ sink_route_free(SinkRoute *route)
 }
 
 /*
- * Whether the target and the helpers the route calls still exist (see
- * sink_check): a target dropped and created again is resolved anew.
+ * Whether the route still fits its target and the helpers it calls still
+ * exist (see sink_check): a target dropped and created again, or altered
+ * (its columns, its key), is resolved anew.  The target is locked first,
+ * as the helpers will lock it, so that a change committed before the lock
+ * is seen (its invalidation) before the batch's events are applied.
  */
 bool
 sink_route_valid(SinkRoute *route)
 {
-	return SearchSysCacheExists1(RELOID, ObjectIdGetDatum(route->relid)) &&
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(route->relid)))
+		return false;
+	LockRelationOid(route->relid, RowExclusiveLock);
+	return !route->stale &&
+		SearchSysCacheExists1(RELOID, ObjectIdGetDatum(route->relid)) &&
 		SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(route->upsert.fn_oid)) &&
 		SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(route->delete.fn_oid));
 }
