@@ -159,6 +159,7 @@ extern List *sink_fetch_requests(List *sinks);
 extern void sink_record_fetched(Sink *sink, int64 held_id, rd_kafka_message_t *rkm,
 								const char *error);
 extern void sink_apply_reset(void);
+extern void sink_forget_dead_letters(void);
 extern bool sink_error_is_transient(int sqlerrcode);
 
 /* sink_route.c */

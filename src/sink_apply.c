@@ -176,13 +176,23 @@ forget_plans(void)
 	plans_ext = InvalidOid;
 }
 
+/*
+ * The dead letters in flight were dropped unreported (their producer went):
+ * their events are tried again when next due.
+ */
+void
+sink_forget_dead_letters(void)
+{
+	list_free_deep(dead_letters_in_flight);
+	dead_letters_in_flight = NIL;
+}
+
 /* The extension was dropped or created again: prepare everything anew. */
 void
 sink_apply_reset(void)
 {
 	forget_plans();
-	list_free(dead_letters_in_flight);
-	dead_letters_in_flight = NIL;
+	sink_forget_dead_letters();
 }
 
 static SPIPlanPtr
@@ -1960,6 +1970,7 @@ sink_record_dead_letter(SinkDeadLetter *dl, bool ok, int32 dlt_partition, int64 
 	foreach(lc, dead_letters_in_flight)
 		if (*(int64 *) lfirst(lc) == dl->held_id)
 		{
+			pfree(lfirst(lc));
 			dead_letters_in_flight = foreach_delete_current(dead_letters_in_flight, lc);
 			break;
 		}

@@ -974,11 +974,11 @@ send_dead_letters(void)
 
 	if (dl_to_send == NIL)
 		return;
+	if (dlt_producer == NULL && now < producer_retry_at)
+		return;
 	oldcxt = MemoryContextSwitchTo(dl_cxt);
 	if (dlt_producer == NULL)
 	{
-		if (now < producer_retry_at)
-			return;
 		dlt_producer = cqrs_kafka_create(CQRS_KAFKA_RELAY, 0, errbuf, sizeof(errbuf));
 		if (dlt_producer == NULL)
 		{
@@ -1306,6 +1306,7 @@ stop_everything(void)
 		dl_in_flight = NIL;
 		dl_to_send = NIL;
 		MemoryContextReset(dl_cxt);
+		sink_forget_dead_letters();
 	}
 }
 
