@@ -99,6 +99,8 @@ typedef struct Sink
 	rd_kafka_topic_partition_list_t *pending_assign;	/* from the callback */
 	bool		revoked;		/* the callback revoked the assignment */
 	bool		assigned;
+	bool		reassign;		/* a partition stopped at an offset Kafka
+								 * lacks: assign again (a seek is refused) */
 	int			nparts;
 	SinkPart   *parts;
 	int			nbatch;
@@ -160,6 +162,7 @@ extern void sink_record_fetched(Sink *sink, int64 held_id, rd_kafka_message_t *r
 								const char *error);
 extern void sink_apply_reset(void);
 extern void sink_forget_dead_letters(void);
+extern bool sink_reset_position(Sink *sink, int p, int64 from, int64 to);
 extern bool sink_error_is_transient(int sqlerrcode);
 
 /* sink_route.c */

@@ -85,6 +85,8 @@ PGDLLEXPORT void cqrs_sink_main(Datum main_arg);
  */
 #define WATERMARKS_MS		5000
 #define WATERMARKS_TIMEOUT_MS	500
+/* How long a position beyond Kafka's offsets waits for them to be asked (ms). */
+#define RESET_OFFSETS_TIMEOUT_MS	5000
 /*
  * The positions are committed to Kafka (for its lag tools only) at most this
  * often (ms), and when a sink's partitions are revoked or its consumer closed:
@@ -417,6 +419,7 @@ handle_assignment(Sink *sink)
 	rd_kafka_topic_partition_list_destroy(list);
 	sink->pending_assign = NULL;
 	sink->assigned = true;
+	sink->reassign = false;
 	sink->kafka_paused = false;
 	for (int i = 0; i < sink->nparts; i++)
 		sink->parts[i].shm_slot = sink_part_attach(my_index, sink->name, sink->parts[i].topic,
@@ -438,6 +441,8 @@ resync(Sink *sink, bool all)
 	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(Max(sink->nparts, 1));
 	rd_kafka_error_t *error;
 
+	if (sink->reassign)
+		all = true;				/* an assignment names every partition */
 	for (int p = 0; p < sink->nparts; p++)
 		if (all || sink->parts[p].resync)
 		{
@@ -461,9 +466,26 @@ resync(Sink *sink, bool all)
 	sink->resync_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	if (list->cnt > 0 && sink_read_positions(sink, list))
 	{
-		error = rd_kafka_seek_partitions(sink->rk, list, 0);
-		if (error)
-			rd_kafka_error_destroy(error);
+		if (sink->reassign)
+		{
+			rd_kafka_resp_err_t err = rd_kafka_assign(sink->rk, list);
+
+			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			{
+				ereport(LOG,
+						(errmsg("cqrs_sync sink \"%s\": could not assign its partitions again: %s",
+								sink->name, rd_kafka_err2str(err))));
+				rd_kafka_topic_partition_list_destroy(list);
+				return;
+			}
+			sink->reassign = false;
+		}
+		else
+		{
+			error = rd_kafka_seek_partitions(sink->rk, list, 0);
+			if (error)
+				rd_kafka_error_destroy(error);
+		}
 		for (int p = 0; p < sink->nparts; p++)
 			if (all || sink->parts[p].resync)
 			{
@@ -505,22 +527,50 @@ consumer_error(Sink *sink, rd_kafka_message_t *rkm, int part)
 	cqrs_kafka_redact(text);
 	if (rkm->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET && part >= 0)
 	{
-		/* the stored position is no longer in Kafka (retention) */
-		rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
-		rd_kafka_error_t *error;
+		SinkPart   *sp = &sink->parts[part];
+		int64		low,
+					high;
+		rd_kafka_resp_err_t qerr;
 
-		ereport(WARNING,
-				(errcode(CQRS_ERRCODE_SINK_WAITING),
-				 errmsg("cqrs_sync sink \"%s\": position " INT64_FORMAT " of %s[%d] is no longer in Kafka; continuing from the earliest offset",
-						sink->name, sink->parts[part].position, sink->parts[part].topic,
-						sink->parts[part].partition),
-				 errdetail("Messages between them were removed by the topic's retention before the sink applied them.")));
-		rd_kafka_topic_partition_list_add(list, sink->parts[part].topic,
-										  sink->parts[part].partition)->offset = RD_KAFKA_OFFSET_BEGINNING;
-		error = rd_kafka_seek_partitions(sink->rk, list, 0);
-		if (error)
-			rd_kafka_error_destroy(error);
-		rd_kafka_topic_partition_list_destroy(list);
+		/*
+		 * librdkafka stopped fetching the partition: it goes on only when
+		 * assigned again (resync()), from the stored position.  Where that
+		 * position is outside Kafka's offsets now, it moves to the earliest
+		 * offset first.  Beyond the end, the topic was deleted and created
+		 * again, or truncated: the messages there now were not applied (or,
+		 * after a truncation, are applied again: duplicates by event_id),
+		 * and without the move they would be dropped as below the stored
+		 * position.  Before the start, retention removed messages the sink
+		 * had not applied.
+		 */
+		sink->reassign = true;
+		sp->resync = true;
+		qerr = rd_kafka_query_watermark_offsets(sink->rk, sp->topic, sp->partition,
+												&low, &high, RESET_OFFSETS_TIMEOUT_MS);
+		if (qerr != RD_KAFKA_RESP_ERR_NO_ERROR)
+			ereport(LOG,
+					(errmsg("cqrs_sync sink \"%s\": position " INT64_FORMAT " of %s[%d] is not in Kafka, and its offsets could not be asked: %s",
+							sink->name, sp->position, sp->topic, sp->partition,
+							rd_kafka_err2str(qerr)),
+					 errdetail("The sink assigns the partition again in a second.")));
+		else if (sp->position > high)
+		{
+			ereport(WARNING,
+					(errcode(CQRS_ERRCODE_SINK_WAITING),
+					 errmsg("cqrs_sync sink \"%s\": position " INT64_FORMAT " of %s[%d] is beyond the partition's end " INT64_FORMAT "; continuing from its earliest offset " INT64_FORMAT,
+							sink->name, sp->position, sp->topic, sp->partition, high, low),
+					 errdetail("The topic was deleted and created again, or truncated by an unclean leader election. Events already applied are skipped as duplicates by their event_id.")));
+			(void) sink_reset_position(sink, part, sp->position, low);
+		}
+		else if (sp->position < low)
+		{
+			ereport(WARNING,
+					(errcode(CQRS_ERRCODE_SINK_WAITING),
+					 errmsg("cqrs_sync sink \"%s\": position " INT64_FORMAT " of %s[%d] is no longer in Kafka; continuing from its earliest offset " INT64_FORMAT,
+							sink->name, sp->position, sp->topic, sp->partition, low),
+					 errdetail("Messages between them were removed by the topic's retention before the sink applied them.")));
+			(void) sink_reset_position(sink, part, sp->position, low);
+		}
 	}
 	else if (rkm->err == RD_KAFKA_RESP_ERR__TRANSPORT || rkm->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
 			 rkm->err == RD_KAFKA_RESP_ERR__RESOLVE)

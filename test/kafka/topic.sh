@@ -7,6 +7,7 @@
 #   topic.sh alter-config NAME config=value [config=value ...]
 #   topic.sh describe NAME
 #   topic.sh delete NAME
+#   topic.sh delete-records NAME PARTITION OFFSET   (the log then starts at OFFSET)
 #   topic.sh list
 #
 # The broker is KAFKA_BROKERS if set, else 127.0.0.1:$KAFKA_PORT (default 19092).
@@ -87,11 +88,22 @@ case "$cmd" in
         [ $# -eq 1 ] || cqrs_die "usage: $0 delete NAME"
         tool --delete --topic "$1"
         ;;
+    delete-records)
+        [ $# -eq 3 ] || cqrs_die "usage: $0 delete-records NAME PARTITION OFFSET"
+        json="$(mktemp)"
+        trap 'rm -f "$json"' EXIT
+        printf '{"version":1,"partitions":[{"topic":"%s","partition":%d,"offset":%d}]}\n' \
+            "$1" "$2" "$3" > "$json"
+        java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+            -Dlog4j.configuration="file:$HERE/tools-log4j.properties" \
+            -cp "$LIB/*" org.apache.kafka.tools.DeleteRecordsCommand \
+            --bootstrap-server "$BOOTSTRAP" --offset-json-file "$json"
+        ;;
     list)
         tool --list
         ;;
     *)
-        echo "usage: $0 create NAME PARTITIONS [config=value ...] | create-assigned NAME ASSIGNMENT [config=value ...] | alter-config NAME config=value ... | describe NAME | delete NAME | list" >&2
+        echo "usage: $0 create NAME PARTITIONS [config=value ...] | create-assigned NAME ASSIGNMENT [config=value ...] | alter-config NAME config=value ... | describe NAME | delete NAME | delete-records NAME PARTITION OFFSET | list" >&2
         exit 2
         ;;
 esac
