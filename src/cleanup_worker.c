@@ -760,6 +760,8 @@ walk_begin(PassState *ps, WalkState *ws)
 	ws->sample = get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	ws->sampled_at = GetCurrentTimestamp();
 
+	/* as of now, also in a transaction that read them before */
+	pgstat_clear_snapshot();
 	run_checked(plans.oldest_xact, NULL, "reading the running transactions");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &none_running);
 	if (!none_running)
