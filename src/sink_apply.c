@@ -669,6 +669,8 @@ run_handler(Sink *sink, SinkEvent *ev)
  * spending no budget and dead-lettering nothing.  Besides outages of the
  * database itself, a permission or a missing table, column or function is
  * for an operator to fix, as on the write side: the sink waits and alerts.
+ * A program limit (class 54: a value too long for an index, a payload
+ * nested too deep) is the event's: waiting would not change it.
  */
 bool
 sink_error_is_transient(int sqlerrcode)
@@ -678,7 +680,6 @@ sink_error_is_transient(int sqlerrcode)
 	return category == ERRCODE_TRANSACTION_ROLLBACK ||	/* 40: serialization, deadlock */
 		category == ERRCODE_CONNECTION_EXCEPTION || /* 08 */
 		category == ERRCODE_INSUFFICIENT_RESOURCES ||	/* 53: disk full, memory */
-		category == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||	/* 54 */
 		category == ERRCODE_OPERATOR_INTERVENTION ||	/* 57: canceled, shutdown */
 		category == ERRCODE_SYSTEM_ERROR || /* 58: I/O */
 		sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE || /* 55P03: lock_timeout */

@@ -1,0 +1,54 @@
+# An event that exceeds one of PostgreSQL's program limits (SQLSTATE class
+# 54) in its handler is the event's own failure (docs/sink.md, "Failures"):
+# it spends its retry budget and is dead-lettered, while the events around
+# it are applied.  Here, a title too long for its B-tree index (54000).
+# Before, class 54 counted as transient: the sink rolled the whole batch
+# back and tried it again for ever, "waiting for database", with nothing
+# held that an operator could discard.
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use SinkTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = new_node('sink_limits', 'cqrs_sync.relay_enabled' => 'off');
+my $topic = unique_topic('sink-limits');
+create_topic($topic, 1);
+create_topic("$topic.limits.DLT", 1);
+$node->safe_psql('postgres', qq{
+CREATE TABLE limits_model (id bigint PRIMARY KEY, title text, version bigint);
+CREATE INDEX ON limits_model (title);
+CREATE FUNCTION limits_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
+DECLARE
+    ok boolean;
+BEGIN
+    ok := cqrs_upsert('limits_model', jsonb_build_object('id', e.payload->'id', 'title', e.payload->'title'), 1);
+END
+\$\$;
+SELECT cqrs_sink_create('limits', ARRAY['$topic'], 'limits_apply(cqrs_event)', '{"max_retries": 0}');
+});
+
+# 6,000 random letters and digits: pglz cannot shrink them below the
+# B-tree's limit of 2,704 bytes per entry
+my @chars = ('a' .. 'z', 'A' .. 'Z', '0' .. '9');
+my $long = join '', map { $chars[ int(rand(@chars)) ] } 1 .. 6000;
+kafka_produce_events($topic, [
+	[ 'a', 'g-1', '{"id":1,"title":"one"}' ],
+	[ 'b', 'p-1', qq({"id":2,"title":"$long"}) ],
+	[ 'c', 'g-2', '{"id":3,"title":"three"}' ] ]);
+
+ok(wait_for($node, "SELECT string_agg(id::text, ',' ORDER BY id) FROM limits_model", '1,3', 60),
+	'the events around it are applied');
+ok(wait_for($node, "SELECT status FROM cqrs_sink_held WHERE event_id = 'p-1'", 'DEAD_LETTERED', 60),
+	'the event too long for the index is dead-lettered');
+like($node->safe_psql('postgres', "SELECT last_error FROM cqrs_sink_held WHERE event_id = 'p-1'"),
+	qr/index row size \d+ exceeds/, 'with its error');
+is($node->safe_psql('postgres', 'SELECT state FROM cqrs_stats_sink_workers WHERE worker = 0'),
+	'running', 'the sink does not wait for the database');
+
+$node->stop;
+done_testing();
