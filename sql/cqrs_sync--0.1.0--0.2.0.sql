@@ -64,7 +64,8 @@ GRANT SELECT (audit_id, action, outbox_id, event_id, topic, status, reason, appr
 -- failed rows are found through the index of rows with an error.
 -----------------------------------------------------------------------------
 
--- enqueueing waits until the update commits (reading goes on)
+-- enqueueing waits until the update commits; so do the relay and every
+-- reader, since ALTER COLUMN ... SET DEFAULT above holds ACCESS EXCLUSIVE
 LOCK TABLE cqrs_outbox IN EXCLUSIVE MODE;
 -- new pages only: the rows already there keep their pages
 ALTER TABLE cqrs_outbox SET (fillfactor = 50);
