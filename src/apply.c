@@ -438,7 +438,11 @@ delete_row(FunctionCallInfo fcinfo, bool version2)
 		result = false;
 	}
 	else
+	{
+		if (deleted == 0)
+			apply_check_hidden_row(t, values);
 		result = apply_tombstone_write(ext, t, &key, version) || deleted > 0;
+	}
 	apply_leave();
 
 	PG_RETURN_BOOL(result);

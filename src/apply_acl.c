@@ -40,6 +40,7 @@
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/rls.h"
 #include "utils/syscache.h"
 
 #include "apply_acl.h"
@@ -103,6 +104,45 @@ apply_check_target_privilege(ApplyTarget *t, AclMode mode, int ncols,
 					   get_relkind_objtype(t->partitioned ? RELKIND_PARTITIONED_TABLE
 										   : RELKIND_RELATION),
 					   t->relname);
+}
+
+/*
+ * cqrs_delete() found no row of the key the caller may see.  Where row-level
+ * security applies to the caller, a row it hides may be there all the same:
+ * a tombstone for it would keep its key from being written again, by anyone.
+ * So the row is looked for as the table's owner (as PostgreSQL's foreign key
+ * checks look, ignoring FORCE ROW LEVEL SECURITY), and its presence refused
+ * like an update of a hidden row (42501).  values: the key, as exists_plan
+ * takes it.
+ */
+void
+apply_check_hidden_row(ApplyTarget *t, Datum *values)
+{
+	HeapTuple	tup;
+	Oid			owner;
+	Oid			save_user;
+	int			save_sec;
+	uint64		found;
+
+	if (check_enable_rls(t->relid, InvalidOid, true) != RLS_ENABLED)
+		return;
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(t->relid));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for relation %u", t->relid);
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+
+	GetUserIdAndSecContext(&save_user, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_NOFORCE_RLS);
+	found = apply_run_plan(t->exists_plan, values, NULL, true, true);
+	SetUserIdAndSecContext(save_user, save_sec);
+	if (found > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("row-level security of table \"%s\" hides the row to delete from role \"%s\"",
+						t->relname, GetUserNameFromId(save_user, false)),
+				 errdetail("A tombstone for it would keep its key from being written again.")));
 }
 
 /* ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(36);
+SELECT plan(40);
 
 CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
 
@@ -106,6 +106,18 @@ SELECT ok(cqrs_upsert('d_rls', '{"id": 1, "title": "a2"}', 2), 'row security: a 
 SELECT throws_ok($$SELECT cqrs_upsert('d_rls', '{"id": 2, "title": "b2"}', 2)$$, '42501',
                  NULL, 'row security: a hidden row is not updated');
 RESET ROLE;
+-- ... nor deleted, and no tombstone is written for it (it would keep the
+-- row's key from being written again by anyone)
+GRANT DELETE ON d_rls TO regress_direct;
+SET LOCAL ROLE regress_direct;
+SELECT throws_ok($$SELECT cqrs_delete('d_rls', '{"id": 2}', 9223372036854775807)$$, '42501',
+                 NULL, 'row security: a hidden row is not deleted');
+SELECT ok(cqrs_delete('d_rls', '{"id": 3}', 5), 'row security: a key with no row gets its tombstone');
+RESET ROLE;
+SELECT is((SELECT count(*) FROM cqrs_tombstone WHERE target = 'd_rls'::regclass AND key->>'id' = '2'),
+          0::bigint, 'row security: no tombstone for the hidden row');
+SELECT is((SELECT string_agg(id::text, ',' ORDER BY id) FROM d_rls), '1,2',
+          'row security: the hidden row is still there');
 
 -- triggers: row and statement triggers fire
 CREATE TABLE d_trig (id bigint PRIMARY KEY, title text, version bigint);
