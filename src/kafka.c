@@ -953,7 +953,10 @@ cqrs_kafka_create_consumer(const char *group_id, const char *client_id, void *op
 		!conf_set(conf, "enable.auto.offset.store", "false", "required", errbuf, errlen) ||
 		!conf_set(conf, "auto.offset.reset", "error", "required", errbuf, errlen) ||
 		!conf_set(conf, "enable.partition.eof", "false", "required", errbuf, errlen) ||
-		!conf_set(conf, "isolation.level", "read_committed", "required", errbuf, errlen))
+		!conf_set(conf, "isolation.level", "read_committed", "required", errbuf, errlen) ||
+		/* eager: the worker assigns whole assignments (rd_kafka_assign()) */
+		!conf_set(conf, "partition.assignment.strategy", "range,roundrobin", "required",
+				  errbuf, errlen))
 		goto fail;
 	if (group_id != NULL &&
 		!conf_set(conf, "group.id", group_id, "the sink's consumer group", errbuf, errlen))
