@@ -162,6 +162,8 @@ extern void sink_record_fetched(Sink *sink, int64 held_id, rd_kafka_message_t *r
 								const char *error);
 extern void sink_apply_reset(void);
 extern void sink_forget_dead_letters(void);
+extern volatile sig_atomic_t sink_in_user_code;
+extern void sink_enter_user_code(void);
 extern bool sink_reset_position(Sink *sink, int p, int64 from, int64 to);
 extern bool sink_error_is_transient(int sqlerrcode);
 

@@ -518,6 +518,13 @@ leave_handler(HandlerEnv *env)
 }
 
 /*
+ * While user code runs (a handler, a route), a shutdown request interrupts
+ * it (sink_worker.c's SIGTERM handler): its transaction is rolled back, and
+ * the events are applied again from the stored positions.
+ */
+volatile sig_atomic_t sink_in_user_code = false;
+
+/*
  * Whether the sink can run: its role, its handler (and the role's right to
  * execute it) or its route.  Fills sink->problem otherwise.  Inside a
  * transaction, SPI connected.
@@ -617,6 +624,7 @@ run_handler(Sink *sink, SinkEvent *ev)
 	Datum		values[8];
 	bool		nulls[8];
 	int			nestlevel = NewGUCNestLevel();
+	bool		was_in_user_code = sink_in_user_code;
 
 	memset(nulls, 0, sizeof(nulls));
 	if (ev->value == NULL)
@@ -648,7 +656,9 @@ run_handler(Sink *sink, SinkEvent *ev)
 		InitFunctionCallInfoData(*fcinfo, &sink->handler_finfo, 1, InvalidOid, NULL, NULL);
 		fcinfo->args[0].value = HeapTupleGetDatum(tup);
 		fcinfo->args[0].isnull = false;
+		sink_enter_user_code();
 		(void) FunctionCallInvoke(fcinfo);
+		sink_in_user_code = was_in_user_code;
 	}
 	else
 	{
@@ -657,7 +667,9 @@ run_handler(Sink *sink, SinkEvent *ev)
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("the route of sink \"%s\" needs a JSON object, not a null message value",
 							sink->name)));
+		sink_enter_user_code();
 		sink_route_apply(sink->route, sink->name, values[4]);
+		sink_in_user_code = was_in_user_code;
 	}
 	AtEOXact_GUC(false, nestlevel);
 }

@@ -1395,6 +1395,9 @@ sink_turn(void)
 	TimestampTz wake;
 	char		errbuf[CQRS_ERROR_LEN];
 
+	/* no user code runs here (one that failed did not say so) */
+	sink_in_user_code = false;
+
 	if (catalog_gen != sink_catalog_generation() || now >= next_catalog_at)
 		read_catalog();
 
@@ -1473,6 +1476,39 @@ sink_wait(long timeout_ms)
 	ResetLatch(MyLatch);
 }
 
+/*
+ * SIGTERM: the loop stops at its next turn (stop_everything()).  A handler
+ * or route running now is interrupted (as die() does), so that a slow one
+ * does not hold a shutdown or DROP DATABASE ... WITH (FORCE) back: its
+ * transaction is rolled back.
+ */
+static void
+sink_sigterm(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	ShutdownRequestPending = true;
+	if (sink_in_user_code && !proc_exit_inprogress)
+	{
+		InterruptPending = true;
+		ProcDiePending = true;
+	}
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
+
+/* User code starts: a shutdown requested already interrupts it at once. */
+void
+sink_enter_user_code(void)
+{
+	sink_in_user_code = true;
+	if (ShutdownRequestPending && !proc_exit_inprogress)
+	{
+		InterruptPending = true;
+		ProcDiePending = true;
+	}
+}
+
 void
 cqrs_sink_main(Datum main_arg)
 {
@@ -1480,7 +1516,7 @@ cqrs_sink_main(Datum main_arg)
 
 	my_index = DatumGetInt32(main_arg);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	pqsignal(SIGTERM, sink_sigterm);
 	BackgroundWorkerUnblockSignals();
 
 	if (!sink_shmem_ready() || my_index < 0 || my_index >= CQRS_SINK_MAX_WORKERS)
