@@ -86,6 +86,11 @@
 #define LATEST_OFFSETS_TIMEOUT_MS	5000
 /* Held events tried again per transaction, at most. */
 #define RETRY_PER_TXN	100
+/*
+ * An event_id longer than this (bytes) is the event's error: the inbox's
+ * B-tree could not take it, and no real id is that long.
+ */
+#define EVENT_ID_MAX	1024
 /* A dead letter in flight is not tried again before this (ms). */
 #define DEAD_LETTER_GUARD_MS	600000
 /* x-last-error is cut to this many bytes. */
@@ -141,6 +146,12 @@ typedef struct SinkEvent
 	int			part;			/* batch: index in Sink.parts */
 	int			batch_index;	/* batch: index in Sink.batch */
 } SinkEvent;
+
+static inline bool
+event_id_too_long(const SinkEvent *ev)
+{
+	return ev->event_id != NULL && strlen(ev->event_id) > EVENT_ID_MAX;
+}
 
 /* The identity and settings of the handler while it runs. */
 typedef struct HandlerEnv
@@ -624,8 +635,12 @@ run_handler(Sink *sink, SinkEvent *ev)
 	Datum		values[8];
 	bool		nulls[8];
 	int			nestlevel = NewGUCNestLevel();
-	bool		was_in_user_code = sink_in_user_code;
 
+	if (event_id_too_long(ev))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the event_id header of %s[%d] at offset " INT64_FORMAT " is %zu bytes long, more than %d",
+						ev->topic, ev->partition, ev->offset, strlen(ev->event_id), EVENT_ID_MAX)));
 	memset(nulls, 0, sizeof(nulls));
 	if (ev->value == NULL)
 		nulls[4] = true;
@@ -658,7 +673,7 @@ run_handler(Sink *sink, SinkEvent *ev)
 		fcinfo->args[0].isnull = false;
 		sink_enter_user_code();
 		(void) FunctionCallInvoke(fcinfo);
-		sink_in_user_code = was_in_user_code;
+		sink_in_user_code = false;
 	}
 	else
 	{
@@ -669,7 +684,7 @@ run_handler(Sink *sink, SinkEvent *ev)
 							sink->name)));
 		sink_enter_user_code();
 		sink_route_apply(sink->route, sink->name, values[4]);
-		sink_in_user_code = was_in_user_code;
+		sink_in_user_code = false;
 	}
 	AtEOXact_GUC(false, nestlevel);
 }
@@ -889,7 +904,7 @@ inbox_then_handler(Sink *sink, SinkEvent *ev, volatile bool *in_handler)
 	bool		new = true;
 	HandlerEnv	env;
 
-	if (ev->event_id)
+	if (ev->event_id && !event_id_too_long(ev))
 	{
 		Datum		args[2];
 
@@ -1023,10 +1038,10 @@ record_in_inbox(BatchWork *w, SinkEvent *events, int n, bool *is_new)
 
 	for (int e = 0; e < n; e++)
 	{
-		if (events[e].event_id)
+		if (events[e].event_id && !event_id_too_long(&events[e]))
 			byid[nwith++] = &events[e];
 		else
-			is_new[e] = true;
+			is_new[e] = true;	/* one too long fails in run_handler() */
 	}
 	if (nwith == 0)
 		return;

@@ -4,7 +4,9 @@
 # it are applied.  Here, a title too long for its B-tree index (54000).
 # Before, class 54 counted as transient: the sink rolled the whole batch
 # back and tried it again for ever, "waiting for database", with nothing
-# held that an operator could discard.
+# held that an operator could discard.  The same held for an event_id
+# header too long for the inbox's index, which failed before the handler
+# ran; an event_id over 1,024 bytes is now the event's error.
 use strict;
 use warnings;
 
@@ -39,14 +41,20 @@ my $long = join '', map { $chars[ int(rand(@chars)) ] } 1 .. 6000;
 kafka_produce_events($topic, [
 	[ 'a', 'g-1', '{"id":1,"title":"one"}' ],
 	[ 'b', 'p-1', qq({"id":2,"title":"$long"}) ],
-	[ 'c', 'g-2', '{"id":3,"title":"three"}' ] ]);
+	[ 'c', 'g-2', '{"id":3,"title":"three"}' ],
+	[ 'd', $long, '{"id":4,"title":"four"}' ],
+	[ 'e', 'g-3', '{"id":5,"title":"five"}' ] ]);
 
-ok(wait_for($node, "SELECT string_agg(id::text, ',' ORDER BY id) FROM limits_model", '1,3', 60),
+ok(wait_for($node, "SELECT string_agg(id::text, ',' ORDER BY id) FROM limits_model", '1,3,5', 60),
 	'the events around it are applied');
 ok(wait_for($node, "SELECT status FROM cqrs_sink_held WHERE event_id = 'p-1'", 'DEAD_LETTERED', 60),
 	'the event too long for the index is dead-lettered');
 like($node->safe_psql('postgres', "SELECT last_error FROM cqrs_sink_held WHERE event_id = 'p-1'"),
 	qr/index row size \d+ exceeds/, 'with its error');
+ok( wait_for($node,
+		"SELECT status || ' ' || (last_error LIKE '%event_id header%is 6000 bytes long, more than 1024') FROM cqrs_sink_held WHERE length(event_id) = 6000",
+		'DEAD_LETTERED true', 60),
+	'so is the event whose event_id is too long for the inbox, with its error');
 is($node->safe_psql('postgres', 'SELECT state FROM cqrs_stats_sink_workers WHERE worker = 0'),
 	'running', 'the sink does not wait for the database');
 
