@@ -44,6 +44,11 @@ typedef struct SinkPart
 	int32		epoch;			/* the position's epoch when it was read */
 	bool		known;			/* a cqrs_sink_offset row exists */
 	bool		resync;			/* drop what was fetched, seek to the position */
+	bool		move;			/* first move the stored position from
+								 * move_from to move_to (outside Kafka's
+								 * offsets: consumer_error()) */
+	int64		move_from;
+	int64		move_to;
 	int64		fetched;		/* offset after the last message fetched */
 	TimestampTz oldest_unapplied;	/* Kafka time of the first message held */
 	int64		asked_high;		/* high watermark asked of Kafka while
@@ -164,7 +169,6 @@ extern void sink_apply_reset(void);
 extern void sink_forget_dead_letters(void);
 extern volatile sig_atomic_t sink_in_user_code;
 extern void sink_enter_user_code(void);
-extern bool sink_reset_position(Sink *sink, int p, int64 from, int64 to);
 extern bool sink_error_is_transient(int sqlerrcode);
 
 /* sink_route.c */

@@ -1498,62 +1498,32 @@ latest_offsets(Sink *sink, rd_kafka_topic_partition_list_t *parts, int64 *ends)
 }
 
 /*
- * Move the stored position of sink->parts[p] from `from` to `to` (a new
- * epoch, as a rewind does), unless it moved meanwhile.  False on a database
- * error (logged).
+ * Move the stored position of sink->parts[p] as consumer_error() asked
+ * (SinkPart.move_from, move_to: a new epoch, as a rewind), unless it moved
+ * meanwhile.  In sink_read_positions()'s transaction, before it reads.
  */
-bool
-sink_reset_position(Sink *sink, int p, int64 from, int64 to)
+static void
+move_position(Sink *sink, int p)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-	volatile bool ok = true;
+	SinkPart   *sp = &sink->parts[p];
+	Oid			types[5] = {TEXTOID, TEXTOID, INT4OID, INT8OID, INT8OID};
+	Datum		args[5];
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PG_TRY();
-	{
-		Oid			types[5] = {TEXTOID, TEXTOID, INT4OID, INT8OID, INT8OID};
-		Datum		args[5];
-
-		SPI_connect();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, "cqrs_sync sink: moving a position");
-		if (!sink_extension_ready())
-			elog(ERROR, "extension \"cqrs_sync\" does not exist");
-		args[0] = CStringGetTextDatum(sink->name);
-		args[1] = CStringGetTextDatum(sink->parts[p].topic);
-		args[2] = Int32GetDatum(sink->parts[p].partition);
-		args[3] = Int64GetDatum(from);
-		args[4] = Int64GetDatum(to);
-		if (SPI_execute_with_args(psprintf("UPDATE %s.cqrs_sink_offset"
-										   " SET next_offset = $5, epoch = epoch OPERATOR(pg_catalog.+) 1,"
-										   " updated_at = pg_catalog.now()"
-										   " WHERE sink OPERATOR(pg_catalog.=) $1"
-										   " AND topic OPERATOR(pg_catalog.=) $2"
-										   " AND \"partition\" OPERATOR(pg_catalog.=) $3"
-										   " AND next_offset OPERATOR(pg_catalog.=) $4",
-										   sink_ext_schema()),
-								  5, types, args, NULL, false, 0) != SPI_OK_UPDATE)
-			elog(ERROR, "cqrs_sync sink: could not move a position of sink \"%s\"", sink->name);
-		SPI_finish();
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata = cqrs_catch_and_abort(oldcxt);
-
-		ereport(LOG,
-				(errmsg("cqrs_sync sink \"%s\": could not move the position of %s[%d]: %s",
-						sink->name, sink->parts[p].topic, sink->parts[p].partition,
-						edata->message)));
-		FreeErrorData(edata);
-		ok = false;
-	}
-	PG_END_TRY();
-	pgstat_report_activity(STATE_IDLE, NULL);
-	MemoryContextSwitchTo(oldcxt);
-	return ok;
+	args[0] = CStringGetTextDatum(sink->name);
+	args[1] = CStringGetTextDatum(sp->topic);
+	args[2] = Int32GetDatum(sp->partition);
+	args[3] = Int64GetDatum(sp->move_from);
+	args[4] = Int64GetDatum(sp->move_to);
+	if (SPI_execute_with_args(psprintf("UPDATE %s.cqrs_sink_offset"
+									   " SET next_offset = $5, epoch = epoch OPERATOR(pg_catalog.+) 1,"
+									   " updated_at = pg_catalog.now()"
+									   " WHERE sink OPERATOR(pg_catalog.=) $1"
+									   " AND topic OPERATOR(pg_catalog.=) $2"
+									   " AND \"partition\" OPERATOR(pg_catalog.=) $3"
+									   " AND next_offset OPERATOR(pg_catalog.=) $4",
+									   sink_ext_schema()),
+							  5, types, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "cqrs_sync sink: could not move a position of sink \"%s\"", sink->name);
 }
 
 /*
@@ -1605,6 +1575,13 @@ sink_read_positions(Sink *sink, rd_kafka_topic_partition_list_t *parts)
 		args[3] = int8_array(starts, parts->cnt);
 		if (SPI_execute_plan(plan_ensure_offsets, args, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "cqrs_sync sink: could not create positions of sink \"%s\"", sink->name);
+		for (int i = 0; i < parts->cnt; i++)
+		{
+			int			p = find_part(sink, parts->elems[i].topic, parts->elems[i].partition);
+
+			if (p >= 0 && sink->parts[p].move)
+				move_position(sink, p);
+		}
 		/* (FOR UPDATE: a batch of another worker in flight commits first) */
 		if (SPI_execute_plan(plan_lock_offsets, args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "cqrs_sync sink: could not read the positions of sink \"%s\"", sink->name);
@@ -1627,6 +1604,7 @@ sink_read_positions(Sink *sink, rd_kafka_topic_partition_list_t *parts)
 				sink->parts[p].epoch = epoch;
 				sink->parts[p].known = true;
 				sink->parts[p].resync = false;
+				sink->parts[p].move = false;
 			}
 		}
 		SPI_finish();

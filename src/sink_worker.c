@@ -517,6 +517,15 @@ note_broker_error(const char *text)
 	strlcpy(broker_error, text, sizeof(broker_error));
 }
 
+/* The stored position goes to `to` when the partition is next read (resync()) */
+static void
+move_stored_position(SinkPart *sp, int64 to)
+{
+	sp->move = true;
+	sp->move_from = sp->position;
+	sp->move_to = to;
+}
+
 /* A message carrying an error instead of data. */
 static void
 consumer_error(Sink *sink, rd_kafka_message_t *rkm, int part)
@@ -560,7 +569,7 @@ consumer_error(Sink *sink, rd_kafka_message_t *rkm, int part)
 					 errmsg("cqrs_sync sink \"%s\": position " INT64_FORMAT " of %s[%d] is beyond the partition's end " INT64_FORMAT "; continuing from its earliest offset " INT64_FORMAT,
 							sink->name, sp->position, sp->topic, sp->partition, high, low),
 					 errdetail("The topic was deleted and created again, or truncated by an unclean leader election. Events already applied are skipped as duplicates by their event_id.")));
-			(void) sink_reset_position(sink, part, sp->position, low);
+			move_stored_position(sp, low);
 		}
 		else if (sp->position < low)
 		{
@@ -569,7 +578,7 @@ consumer_error(Sink *sink, rd_kafka_message_t *rkm, int part)
 					 errmsg("cqrs_sync sink \"%s\": position " INT64_FORMAT " of %s[%d] is no longer in Kafka; continuing from its earliest offset " INT64_FORMAT,
 							sink->name, sp->position, sp->topic, sp->partition, low),
 					 errdetail("Messages between them were removed by the topic's retention before the sink applied them.")));
-			(void) sink_reset_position(sink, part, sp->position, low);
+			move_stored_position(sp, low);
 		}
 	}
 	else if (rkm->err == RD_KAFKA_RESP_ERR__TRANSPORT || rkm->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
