@@ -224,8 +224,6 @@ sink_route_free(SinkRoute *route)
 bool
 sink_route_valid(SinkRoute *route)
 {
-	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(route->relid)))
-		return false;
 	LockRelationOid(route->relid, RowExclusiveLock);
 	return !route->stale &&
 		SearchSysCacheExists1(RELOID, ObjectIdGetDatum(route->relid)) &&
