@@ -1506,10 +1506,11 @@ COMMENT ON COLUMN cqrs_sink_held.next_attempt_at IS 'When a RETRY event is tried
 COMMENT ON COLUMN cqrs_sink_held.last_error IS 'The last error of the handler (or of the dead-letter publish).';
 COMMENT ON COLUMN cqrs_sink_held.dlt_topic IS 'Dead-letter topic (and below, partition and offset) where the event was written, or read from for a replay.';
 COMMENT ON SEQUENCE cqrs_sink_held_id_seq IS 'Ids of cqrs_sink_held rows.';
-CREATE INDEX cqrs_sink_held_key_idx ON cqrs_sink_held (sink, topic, "partition", key, "offset")
+-- a hash of the key, not the key: a Kafka key may be longer than a B-tree entry can be
+CREATE INDEX cqrs_sink_held_key_idx ON cqrs_sink_held (sink, topic, "partition", hashtextextended(key, 0), "offset")
     WHERE status IN ('RETRY', 'BLOCKED') AND NOT replay;
 COMMENT ON INDEX cqrs_sink_held_key_idx IS
-    'Finds the held keys of a partition (later events of those keys are held too) and the first held event of each key.';
+    'Finds the first held event of each key of a partition (later events of those keys are held too).  It holds a 64-bit hash of the key, as a Kafka key may be longer than a B-tree entry can be.';
 CREATE INDEX cqrs_sink_held_due_idx ON cqrs_sink_held (sink, next_attempt_at)
     WHERE status IN ('RETRY', 'BLOCKED', 'FETCH');
 COMMENT ON INDEX cqrs_sink_held_due_idx IS 'Finds the held events that are due.';

@@ -300,6 +300,7 @@ ensure_plans(void)
 			 " AND (h.next_attempt_at IS NULL OR h.next_attempt_at <= pg_catalog.now())"
 			 " AND (h.replay OR h.key IS NULL OR NOT EXISTS (SELECT 1 FROM %s.cqrs_sink_held e"
 			 "  WHERE e.sink = h.sink AND e.topic = h.topic AND e.\"partition\" = h.\"partition\""
+			 "  AND pg_catalog.hashtextextended(e.key, 0) = pg_catalog.hashtextextended(h.key, 0)"
 			 "  AND e.key = h.key AND e.\"offset\" < h.\"offset\""
 			 "  AND e.status IN ('RETRY', 'BLOCKED') AND NOT e.replay))"
 			 " ORDER BY h.sink, h.topic, h.\"partition\", h.id LIMIT " CppAsString2(RETRY_PER_TXN),
