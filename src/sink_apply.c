@@ -60,6 +60,7 @@
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
+#include "commands/trigger.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
@@ -507,9 +508,31 @@ event_headers_jsonb(SinkEvent *ev)
 
 /* ---- the handler ---------------------------------------------------------------- */
 
+/*
+ * SET CONSTRAINTS ALL IMMEDIATE.  A handler runs as a security-restricted
+ * operation, in which PostgreSQL refuses to queue a deferred trigger (it
+ * would fire at COMMIT, outside the operation, as the worker): a target with
+ * a DEFERRABLE INITIALLY DEFERRED foreign key failed every event with 42501,
+ * and the sink waited for good.  Checked at once, such a constraint is
+ * checked after each statement of the handler, as the sink's role, and a
+ * violation is the event's own failure.
+ */
+static void
+constraints_immediate(void)
+{
+	ConstraintsSetStmt stmt;
+
+	memset(&stmt, 0, sizeof(stmt));
+	stmt.type = T_ConstraintsSetStmt;
+	stmt.constraints = NIL;
+	stmt.deferred = false;
+	AfterTriggerSetState(&stmt);
+}
+
 static void
 enter_handler(Sink *sink, HandlerEnv *env)
 {
+	constraints_immediate();
 	GetUserIdAndSecContext(&env->save_user, &env->save_sec);
 	env->nestlevel = NewGUCNestLevel();
 	(void) set_config_option("search_path", sink->search_path, PGC_USERSET, PGC_S_SESSION,
