@@ -1478,6 +1478,8 @@ CREATE TABLE cqrs_sink_held (
     key              text COLLATE "C",
     value            bytea,
     headers          jsonb,
+    raw_key          bytea,
+    raw_headers      jsonb,
     event_id         text,
     ts               timestamptz,
     status           text NOT NULL,
@@ -1499,6 +1501,8 @@ COMMENT ON TABLE cqrs_sink_held IS
     'Events a sink took out of its stream: RETRY (the handler failed; tried again at next_attempt_at), BLOCKED (waits behind an earlier held event of its key), DEAD_LETTERED (in the dead-letter topic), DLT_FAILED (the dead-letter publish failed too: kept here, alerted on), FETCH (a replay from the dead-letter topic not yet read). Operators replay or discard them.';
 COMMENT ON COLUMN cqrs_sink_held.value IS 'The message value as Kafka holds it.';
 COMMENT ON COLUMN cqrs_sink_held.headers IS 'The message headers, a JSON object of strings.';
+COMMENT ON COLUMN cqrs_sink_held.raw_key IS 'The key''s bytes when they are not valid text (key then shows them as \x and hex digits), else NULL. The dead letter carries these bytes.';
+COMMENT ON COLUMN cqrs_sink_held.raw_headers IS 'The message headers exactly as Kafka held them, in their order, a name given twice included: an array of [name, value] pairs in base64 (value null for a null header); NULL for none. The dead letter carries these.';
 COMMENT ON COLUMN cqrs_sink_held.status IS 'RETRY, BLOCKED, DEAD_LETTERED, DLT_FAILED or FETCH.';
 COMMENT ON COLUMN cqrs_sink_held.replay IS 'Put back by an operator (cqrs_sink_replay()): applied on its own, outside the order of its key.';
 COMMENT ON COLUMN cqrs_sink_held.attempts IS 'Failed attempts of the handler; over the sink''s max_retries the event is dead-lettered.';
@@ -1848,7 +1852,8 @@ BEGIN
     INSERT INTO @extschema@.cqrs_sink_audit (action, sink, held_id, topic, "partition", "offset", event_id, detail)
     SELECT 'DROP', h.sink, h.id, h.topic, h."partition", h."offset", h.event_id,
            jsonb_build_object('status', h.status, 'key', h.key, 'value', encode(h.value, 'base64'),
-                              'headers', h.headers, 'last_error', h.last_error)
+                              'headers', h.headers, 'raw_key', encode(h.raw_key, 'base64'),
+                              'raw_headers', h.raw_headers, 'last_error', h.last_error)
       FROM @extschema@.cqrs_sink_held h
      WHERE h.sink = s.name
      ORDER BY h.id;
@@ -2131,7 +2136,8 @@ BEGIN
     INSERT INTO @extschema@.cqrs_sink_audit (action, sink, held_id, topic, "partition", "offset", event_id, detail)
     VALUES ('DISCARD', h.sink, h.id, h.topic, h."partition", h."offset", h.event_id,
             jsonb_build_object('status', h.status, 'key', h.key, 'value', encode(h.value, 'base64'),
-                               'headers', h.headers, 'last_error', h.last_error,
+                               'headers', h.headers, 'raw_key', encode(h.raw_key, 'base64'),
+                               'raw_headers', h.raw_headers, 'last_error', h.last_error,
                                'reason', cqrs_sink_discard.reason));
     DELETE FROM @extschema@.cqrs_sink_held WHERE cqrs_sink_held.id = h.id;
     PERFORM @extschema@.cqrs_sink_wake();

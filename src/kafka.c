@@ -708,7 +708,8 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 
 	for (int i = 0; i < msg->nheaders; i++)
 		rd_kafka_header_add(hdrs, msg->header_names[i], -1,
-							msg->header_values[i], -1);
+							msg->header_values[i],
+							msg->header_sizes && msg->header_values[i] ? msg->header_sizes[i] : -1);
 	if (msg->event_id != NULL)
 		rd_kafka_header_add(hdrs, "event_id", -1, msg->event_id, -1);
 

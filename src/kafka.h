@@ -46,7 +46,8 @@ typedef struct CqrsMessage
 	const char *event_id;		/* NULL: no event_id header */
 	int			nheaders;
 	const char **header_names;
-	const char **header_values;
+	const char **header_values; /* NULL: a null header */
+	const int  *header_sizes;	/* NULL: the values are C strings */
 
 	/* partition + 1 as chosen by the partitioner (0: not yet) */
 	pg_atomic_uint32 partition;

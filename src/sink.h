@@ -142,6 +142,8 @@ typedef struct SinkDeadLetter
 	char	   *key;
 	bytea	   *value;
 	char	   *headers_json;	/* the original headers */
+	bytea	   *raw_key;		/* the key's bytes, when not text (else NULL) */
+	char	   *raw_headers;	/* the headers exactly (cqrs_sink_held.raw_headers) */
 	char	   *event_id;
 	int			attempts;
 	char	   *last_error;

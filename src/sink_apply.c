@@ -59,6 +59,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "common/base64.h"
 #include "commands/extension.h"
 #include "commands/trigger.h"
 #include "funcapi.h"
@@ -141,6 +142,9 @@ typedef struct SinkEvent
 	size_t		valuelen;
 	char	   *headers;		/* JSON object text (NULL: see headers_jsonb) */
 	Jsonb	   *headers_jsonb;	/* the same as jsonb (NULL: see headers) */
+	rd_kafka_message_t *rkm;	/* a fetched message's own (else NULL) */
+	bytea	   *raw_key;		/* a held event's: cqrs_sink_held.raw_key */
+	char	   *raw_headers;	/* a held event's: cqrs_sink_held.raw_headers */
 	char	   *event_id;		/* NULL: no event_id header */
 	TimestampTz ts;
 	bool		ts_null;
@@ -224,7 +228,7 @@ ensure_plans(void)
 	Oid			t_inbox_many[] = {TEXTOID, TEXTARRAYOID};
 	Oid			t_inbox_one[] = {TEXTOID, TEXTOID};
 	Oid			t_hold[] = {TEXTOID, TEXTOID, INT4OID, INT8OID, TEXTOID, BYTEAOID, TEXTOID,
-	TEXTOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID};
+		TEXTOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BYTEAOID, TEXTOID};
 	Oid			t_positions[] = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
 	INT8ARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
 	Oid			t_sinks[] = {TEXTARRAYOID};
@@ -235,7 +239,7 @@ ensure_plans(void)
 	INT8OID, INT8OID};
 	Oid			t_dl[] = {INT8OID, TEXTOID, TEXTOID, INT4OID, INT8OID, TEXTOID};
 	Oid			t_fetched[] = {INT8OID, TEXTOID, INT4OID, INT8OID, TEXTOID, BYTEAOID,
-	TEXTOID, TEXTOID, TIMESTAMPTZOID};
+		TEXTOID, TEXTOID, TIMESTAMPTZOID, BYTEAOID, TEXTOID};
 	Oid			t_fetch_failed[] = {INT8OID, TEXTOID};
 	MemoryContext old;
 
@@ -281,9 +285,10 @@ ensure_plans(void)
 			 " ON CONFLICT DO NOTHING", 2, t_inbox_one);
 	plan_hold =
 		keep("INSERT INTO %s.cqrs_sink_held (sink, topic, \"partition\", \"offset\", key, value, headers,"
-			 " event_id, ts, status, attempts, next_attempt_at, last_error)"
-			 " VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.jsonb, $8, $9, $10, $11, $12, $13)",
-			 13, t_hold);
+			 " event_id, ts, status, attempts, next_attempt_at, last_error, raw_key, raw_headers)"
+			 " VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.jsonb, $8, $9, $10, $11, $12, $13,"
+			 " $14, $15::pg_catalog.jsonb)",
+			 15, t_hold);
 	plan_positions =
 		keep("UPDATE %s.cqrs_sink_offset o"
 			 " SET next_offset = GREATEST(o.next_offset, u.n),"
@@ -295,7 +300,8 @@ ensure_plans(void)
 			 7, t_positions);
 	plan_due =
 		keep("SELECT h.id, h.sink, h.topic, h.\"partition\", h.\"offset\", h.key, h.value,"
-			 " h.headers::pg_catalog.text, h.event_id, h.ts, h.attempts, h.replay, h.last_error"
+			 " h.headers::pg_catalog.text, h.event_id, h.ts, h.attempts, h.replay, h.last_error,"
+			 " h.raw_key, h.raw_headers::pg_catalog.text"
 			 " FROM %s.cqrs_sink_held h"
 			 " WHERE h.sink = ANY ($1) AND h.status IN ('RETRY', 'BLOCKED')"
 			 " AND (h.next_attempt_at IS NULL OR h.next_attempt_at <= pg_catalog.now())"
@@ -338,8 +344,9 @@ ensure_plans(void)
 	plan_fetched =
 		keep("UPDATE %s.cqrs_sink_held SET topic = $2, \"partition\" = $3, \"offset\" = $4, key = $5,"
 			 " value = $6, headers = $7::pg_catalog.jsonb, event_id = $8, ts = $9, status = 'RETRY',"
-			 " attempts = 0, next_attempt_at = pg_catalog.now(), last_error = NULL"
-			 " WHERE id = $1 AND status = 'FETCH'", 9, t_fetched);
+			 " attempts = 0, next_attempt_at = pg_catalog.now(), last_error = NULL,"
+			 " raw_key = $10, raw_headers = $11::pg_catalog.jsonb"
+			 " WHERE id = $1 AND status = 'FETCH'", 11, t_fetched);
 	plan_fetch_failed =
 		keep("UPDATE %s.cqrs_sink_held SET last_error = $2,"
 			 " next_attempt_at = pg_catalog.now() + interval '1 minute'"
@@ -354,18 +361,111 @@ ensure_plans(void)
  * Bytes as text: as they are when they are valid in the database encoding
  * and hold no NUL, else "\x" and their hex digits.
  */
+static bool
+bytes_are_text(const char *bytes, size_t len)
+{
+	return memchr(bytes, '\0', len) == NULL && pg_verifymbstr(bytes, len, true);
+}
+
 static char *
 sink_text(const char *bytes, size_t len)
 {
 	StringInfoData s;
 
-	if (memchr(bytes, '\0', len) == NULL && pg_verifymbstr(bytes, len, true))
+	if (bytes_are_text(bytes, len))
 		return pnstrdup(bytes, len);
 	initStringInfo(&s);
 	appendStringInfoString(&s, "\\x");
 	for (size_t i = 0; i < len; i++)
 		appendStringInfo(&s, "%02x", (unsigned char) bytes[i]);
 	return s.data;
+}
+
+static Datum
+bytea_datum(const void *bytes, size_t len)
+{
+	bytea	   *b = palloc(VARHDRSZ + len);
+
+	SET_VARSIZE(b, VARHDRSZ + len);
+	memcpy(VARDATA(b), bytes, len);
+	return PointerGetDatum(b);
+}
+
+static void
+append_base64(StringInfo s, const void *bytes, size_t len)
+{
+	int			room = pg_b64_enc_len(len) + 1;
+	int			n;
+
+	enlargeStringInfo(s, room);
+	n = pg_b64_encode(bytes, len, s->data + s->len, room);
+	if (n < 0)
+		elog(ERROR, "cqrs_sync sink: could not encode a header in base64");
+	s->len += n;
+	s->data[s->len] = '\0';
+}
+
+static bool dead_letter_header(const char *name);
+
+/*
+ * A message's headers exactly as Kafka holds them (cqrs_sink_held's
+ * raw_headers): a JSON array of [name, value] pairs in base64, the value
+ * null for a null header, in their order.  NULL if there are none.
+ * skip_dead_letter: without the headers a dead letter adds.
+ */
+static char *
+raw_headers_json(rd_kafka_headers_t *hdrs, bool skip_dead_letter)
+{
+	StringInfoData s;
+	const char *name;
+	const void *val;
+	size_t		size;
+	int			n = 0;
+
+	if (hdrs == NULL)
+		return NULL;
+	initStringInfo(&s);
+	appendStringInfoChar(&s, '[');
+	for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR; i++)
+	{
+		if (skip_dead_letter && dead_letter_header(name))
+			continue;
+		appendStringInfoString(&s, n++ > 0 ? ",[\"" : "[\"");
+		append_base64(&s, name, strlen(name));
+		appendStringInfoString(&s, "\",");
+		if (val)
+		{
+			appendStringInfoChar(&s, '"');
+			append_base64(&s, val, size);
+			appendStringInfoChar(&s, '"');
+		}
+		else
+			appendStringInfoString(&s, "null");
+		appendStringInfoChar(&s, ']');
+	}
+	appendStringInfoChar(&s, ']');
+	return n > 0 ? s.data : NULL;
+}
+
+/* A fetched message's raw_key and raw_headers, as SPI arguments. */
+static void
+message_raw_args(rd_kafka_message_t *rkm, bool skip_dead_letter, Datum *args, char *nulls)
+{
+	rd_kafka_headers_t *hdrs = NULL;
+	char	   *raw_headers;
+
+	if (rd_kafka_message_headers(rkm, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		hdrs = NULL;
+	raw_headers = raw_headers_json(hdrs, skip_dead_letter);
+
+	if (rkm->key && !bytes_are_text(rkm->key, rkm->key_len))
+		args[0] = bytea_datum(rkm->key, rkm->key_len);
+	else
+		nulls[0] = 'n';
+	if (raw_headers)
+		args[1] = CStringGetTextDatum(raw_headers);
+	else
+		nulls[1] = 'n';
 }
 
 static Datum
@@ -435,6 +535,7 @@ event_from_message(SinkEvent *ev, rd_kafka_message_t *rkm, int part, int batch_i
 	ev->partition = rkm->partition;
 	ev->offset = rkm->offset;
 	ev->key = rkm->key ? sink_text(rkm->key, rkm->key_len) : NULL;
+	ev->rkm = rkm;
 	ev->value = rkm->payload;
 	ev->valuelen = rkm->len;
 	ev->part = part;
@@ -840,8 +941,8 @@ find_part(Sink *sink, const char *topic, int32 partition)
 static void
 hold_event(Sink *sink, SinkEvent *ev, const char *error)
 {
-	Datum		values[13];
-	char		nulls[13];
+	Datum		values[15];
+	char		nulls[15];
 	bool		retry = (error != NULL);
 
 	memset(nulls, ' ', sizeof(nulls));
@@ -854,16 +955,11 @@ hold_event(Sink *sink, SinkEvent *ev, const char *error)
 	else
 		nulls[4] = 'n';
 	if (ev->value)
-	{
-		bytea	   *b = palloc(VARHDRSZ + ev->valuelen);
-
-		SET_VARSIZE(b, VARHDRSZ + ev->valuelen);
-		memcpy(VARDATA(b), ev->value, ev->valuelen);
-		values[5] = PointerGetDatum(b);
-	}
+		values[5] = bytea_datum(ev->value, ev->valuelen);
 	else
 		nulls[5] = 'n';
 	values[6] = CStringGetTextDatum(event_headers_text(ev));
+	message_raw_args(ev->rkm, false, &values[13], &nulls[13]);
 	if (ev->event_id)
 		values[7] = CStringGetTextDatum(ev->event_id);
 	else
@@ -1760,12 +1856,10 @@ decide_dead_letter(RetryWork *w, Sink *sink, int64 id, SinkEvent *ev, int attemp
 	dl->offset = ev->offset;
 	dl->key = ev->key ? pstrdup(ev->key) : NULL;
 	if (ev->value)
-	{
-		dl->value = palloc(VARHDRSZ + ev->valuelen);
-		SET_VARSIZE(dl->value, VARHDRSZ + ev->valuelen);
-		memcpy(VARDATA(dl->value), ev->value, ev->valuelen);
-	}
+		dl->value = DatumGetByteaPP(bytea_datum(ev->value, ev->valuelen));
 	dl->headers_json = pstrdup(event_headers_text(ev));
+	dl->raw_key = ev->raw_key ? DatumGetByteaPCopy(PointerGetDatum(ev->raw_key)) : NULL;
+	dl->raw_headers = ev->raw_headers ? pstrdup(ev->raw_headers) : NULL;
 	dl->event_id = ev->event_id ? pstrdup(ev->event_id) : NULL;
 	dl->attempts = attempts;
 	dl->last_error = pstrdup(last_error ? last_error : "");
@@ -1932,6 +2026,9 @@ retry_body(RetryWork *w)
 			ev.headers = "{}";
 		ev.headers_jsonb = NULL;
 		ev.event_id = col_text(tup, desc, 9);
+		d = SPI_getbinval(tup, desc, 14, &isnull);
+		ev.raw_key = isnull ? NULL : DatumGetByteaPCopy(d);
+		ev.raw_headers = col_text(tup, desc, 15);
 		d = SPI_getbinval(tup, desc, 10, &isnull);
 		ev.ts_null = isnull;
 		if (!isnull)
@@ -2235,8 +2332,8 @@ static void
 record_fetched_body(int64 held_id, rd_kafka_message_t *rkm, rd_kafka_headers_t *hdrs,
 					const char *topic, int32 partition, int64 offset, const char *error)
 {
-	Datum		args[9];
-	char		nulls[9];
+	Datum		args[11];
+	char		nulls[11];
 	SinkEvent	ev;
 	StringInfoData json;
 	const char *name;
@@ -2285,13 +2382,7 @@ record_fetched_body(int64 held_id, rd_kafka_message_t *rkm, rd_kafka_headers_t *
 	else
 		nulls[4] = 'n';
 	if (ev.value)
-	{
-		bytea	   *b = palloc(VARHDRSZ + ev.valuelen);
-
-		SET_VARSIZE(b, VARHDRSZ + ev.valuelen);
-		memcpy(VARDATA(b), ev.value, ev.valuelen);
-		args[5] = PointerGetDatum(b);
-	}
+		args[5] = bytea_datum(ev.value, ev.valuelen);
 	else
 		nulls[5] = 'n';
 	args[6] = CStringGetTextDatum(json.data);
@@ -2302,6 +2393,7 @@ record_fetched_body(int64 held_id, rd_kafka_message_t *rkm, rd_kafka_headers_t *
 	args[8] = TimestampTzGetDatum(ev.ts);
 	if (ev.ts_null)
 		nulls[8] = 'n';
+	message_raw_args(rkm, true, &args[9], &nulls[9]);
 	if (SPI_execute_plan(plan_fetched, args, nulls, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "cqrs_sync sink: could not record a replayed event");
 }

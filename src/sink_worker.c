@@ -42,6 +42,7 @@
 #include <setjmp.h>
 
 #include "access/xact.h"
+#include "common/base64.h"
 #include "executor/spi.h"
 #include "libpq/pqsignal.h"
 #include "miscadmin.h"
@@ -113,8 +114,10 @@ typedef struct DeadLetterSend
 {
 	SinkDeadLetter *dl;
 	CqrsMessage msg;
-	const char *names[16];
-	const char *values[16];
+	int			cap;			/* room in names, values and sizes */
+	const char **names;
+	const char **values;
+	int		   *sizes;
 } DeadLetterSend;
 
 static rd_kafka_t *dlt_producer = NULL;
@@ -1023,6 +1026,105 @@ read_catalog(void)
 
 /* ---- dead letters -------------------------------------------------------------------- */
 
+/* One more header of a dead letter (size -1: value is a C string). */
+static void
+add_header(DeadLetterSend *send, const char *name, const char *value, int size)
+{
+	int			n = send->msg.nheaders;
+
+	if (n == send->cap)
+	{
+		send->cap = Max(16, send->cap * 2);
+		send->names = send->names ? repalloc(send->names, sizeof(char *) * send->cap) :
+			palloc(sizeof(char *) * send->cap);
+		send->values = send->values ? repalloc(send->values, sizeof(char *) * send->cap) :
+			palloc(sizeof(char *) * send->cap);
+		send->sizes = send->sizes ? repalloc(send->sizes, sizeof(int) * send->cap) :
+			palloc(sizeof(int) * send->cap);
+	}
+	send->names[n] = name;
+	send->values[n] = value;
+	send->sizes[n] = size;
+	send->msg.nheaders = n + 1;
+}
+
+static char *
+base64_bytes(JsonbValue *v, int *len)
+{
+	int			room = pg_b64_dec_len(v->val.string.len) + 1;
+	char	   *bytes = palloc(room);
+
+	*len = pg_b64_decode(v->val.string.val, v->val.string.len, bytes, room);
+	if (*len < 0)
+		elog(ERROR, "cqrs_sync sink: a held event's raw_headers are not base64");
+	bytes[*len] = '\0';
+	return bytes;
+}
+
+/*
+ * The event's own headers, as the dead letter carries them: exactly as
+ * Kafka held them (raw_headers: their order, a name given twice, null and
+ * binary values, event_id among them), or for an event held without them
+ * (by hand) every member of its JSON headers, with event_id added by the
+ * producer.
+ */
+static void
+dead_letter_headers(DeadLetterSend *send)
+{
+	SinkDeadLetter *dl = send->dl;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *name = NULL;
+	int			elem = 0;
+	int			len;
+
+	if (dl->raw_headers == NULL)
+	{
+		send->msg.event_id = dl->event_id;
+		if (dl->headers_json == NULL)
+			return;
+		it = JsonbIteratorInit(&DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+																   CStringGetDatum(dl->headers_json)))->root);
+		while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+		{
+			if (tok == WJB_KEY)
+				name = pnstrdup(v.val.string.val, v.val.string.len);
+			else if (tok == WJB_VALUE && name != NULL && strcmp(name, "event_id") != 0)
+			{
+				if (v.type == jbvString)
+					add_header(send, name, pnstrdup(v.val.string.val, v.val.string.len), -1);
+				else if (v.type == jbvNull)
+					add_header(send, name, NULL, -1);
+			}
+		}
+		return;
+	}
+
+	/* [[name, value], ...] in base64 */
+	it = JsonbIteratorInit(&DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+															   CStringGetDatum(dl->raw_headers)))->root);
+	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	{
+		if (tok == WJB_BEGIN_ARRAY)
+			elem = 0;
+		else if (tok == WJB_ELEM && elem++ == 0 && v.type == jbvString)
+			name = base64_bytes(&v, &len);
+		else if (tok == WJB_ELEM && name != NULL)
+		{
+			if (v.type == jbvString)
+			{
+				char	   *value = base64_bytes(&v, &len);
+
+				add_header(send, name, value, len);
+			}
+			else
+				add_header(send, name, NULL, -1);
+			name = NULL;
+		}
+	}
+}
+
 /* Produce the dead letters decided by sink_retry_due(). */
 static void
 send_dead_letters(void)
@@ -1053,57 +1155,36 @@ send_dead_letters(void)
 	{
 		SinkDeadLetter *dl = linitial(dl_to_send);
 		DeadLetterSend *send = palloc0(sizeof(DeadLetterSend));
-		int			n = 0;
 		rd_kafka_resp_err_t err;
 
 		send->dl = dl;
 		send->msg.id = dl->held_id;
 		send->msg.topic = dl->dlt_topic;
-		send->msg.key = dl->key;
-		send->msg.keylen = dl->key ? strlen(dl->key) : 0;
+		if (dl->raw_key)
+		{
+			send->msg.key = VARDATA_ANY(dl->raw_key);
+			send->msg.keylen = VARSIZE_ANY_EXHDR(dl->raw_key);
+		}
+		else
+		{
+			send->msg.key = dl->key;
+			send->msg.keylen = dl->key ? strlen(dl->key) : 0;
+		}
 		send->msg.value = dl->value ? VARDATA(dl->value) : NULL;
 		send->msg.valuelen = dl->value ? VARSIZE(dl->value) - VARHDRSZ : 0;
-		send->msg.event_id = dl->event_id;
 
-		/* the original headers (but event_id, added by the producer) ... */
-		if (dl->headers_json)
-		{
-			Jsonb	   *hj = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(dl->headers_json)));
-			JsonbIterator *it = JsonbIteratorInit(&hj->root);
-			JsonbValue	v;
-			JsonbIteratorToken tok;
-			char	   *name = NULL;
-
-			while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-			{
-				if (tok == WJB_KEY)
-					name = pnstrdup(v.val.string.val, v.val.string.len);
-				else if (tok == WJB_VALUE && name != NULL && v.type == jbvString &&
-						 strcmp(name, "event_id") != 0 && n < 8)
-				{
-					send->names[n] = name;
-					send->values[n++] = pnstrdup(v.val.string.val, v.val.string.len);
-				}
-			}
-		}
-		/* ... and where it came from, and why it is here */
-		send->names[n] = "x-original-topic";
-		send->values[n++] = dl->topic;
-		send->names[n] = "x-original-partition";
-		send->values[n++] = psprintf("%d", dl->partition);
-		send->names[n] = "x-original-offset";
-		send->values[n++] = psprintf(INT64_FORMAT, dl->offset);
-		send->names[n] = "x-failure-source";
-		send->values[n++] = CQRS_SINK_FAILURE_SOURCE;
-		send->names[n] = "x-retry-count";
-		send->values[n++] = psprintf("%d", dl->attempts);
-		send->names[n] = "x-last-error";
-		send->values[n++] = pnstrdup(dl->last_error, Min(strlen(dl->last_error), 1000));
-		send->names[n] = "x-sink";
-		send->values[n++] = dl->sink;
-		send->msg.nheaders = n;
+		/* the original headers, and where it came from and why it is here */
+		dead_letter_headers(send);
+		add_header(send, "x-original-topic", dl->topic, -1);
+		add_header(send, "x-original-partition", psprintf("%d", dl->partition), -1);
+		add_header(send, "x-original-offset", psprintf(INT64_FORMAT, dl->offset), -1);
+		add_header(send, "x-failure-source", CQRS_SINK_FAILURE_SOURCE, -1);
+		add_header(send, "x-retry-count", psprintf("%d", dl->attempts), -1);
+		add_header(send, "x-last-error", pnstrdup(dl->last_error, Min(strlen(dl->last_error), 1000)), -1);
+		add_header(send, "x-sink", dl->sink, -1);
 		send->msg.header_names = send->names;
 		send->msg.header_values = send->values;
+		send->msg.header_sizes = send->sizes;
 
 		err = cqrs_kafka_produce(dlt_producer, &send->msg);
 		if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL)

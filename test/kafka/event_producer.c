@@ -11,7 +11,10 @@
  *
  *	  Each line of FILE (default stdin) is KEY<TAB>EVENT_ID<TAB>VALUE; a KEY
  *	  of "-" is a null key, an EVENT_ID of "-" means no event_id header, a
- *	  VALUE of "-" a null value.  The producer is the relay's: idempotent
+ *	  VALUE of "-" a null value.  An optional fourth field adds headers
+ *	  after event_id: NAME=VALUE or NAME (a null value), separated by ",".
+ *	  A KEY, header NAME or VALUE written "\x" and hex digits is those
+ *	  bytes.  The producer is the relay's: idempotent
  *	  (acks=all), murmur2 partitioning of the key like the Java client (a
  *	  random partition for a null key), so a key's messages are in one
  *	  partition in line order.  It waits for every delivery report and
@@ -42,6 +45,23 @@ report(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 		if (failed++ == 0)
 			snprintf(first_error, sizeof(first_error), "%s", rd_kafka_err2str(m->err));
 	}
+}
+
+/* "\x" and hex digits: decoded in place; returns the length in bytes */
+static size_t
+unhex(char *s)
+{
+	size_t		n = 0;
+
+	if (strncmp(s, "\\x", 2) != 0)
+		return strlen(s);
+	for (const char *p = s + 2; p[0] && p[1]; p += 2)
+	{
+		char		byte[3] = {p[0], p[1], '\0'};
+
+		s[n++] = (char) strtol(byte, NULL, 16);
+	}
+	return n;
 }
 
 static void
@@ -128,7 +148,9 @@ main(int argc, char **argv)
 		char	   *key,
 				   *eid,
 				   *value,
+				   *extra,
 				   *tab;
+		size_t		keylen;
 		rd_kafka_headers_t *hdrs;
 		rd_kafka_resp_err_t e;
 
@@ -147,16 +169,29 @@ main(int argc, char **argv)
 			continue;
 		*tab = '\0';
 		value = tab + 1;
+		extra = strchr(value, '\t');
+		if (extra != NULL)
+			*extra++ = '\0';
+		keylen = strcmp(key, "-") ? unhex(key) : 0;
 
 		hdrs = rd_kafka_headers_new(1);
 		if (strcmp(eid, "-") != 0)
 			rd_kafka_header_add(hdrs, "event_id", -1, eid, -1);
+		for (char *h = extra ? strtok(extra, ",") : NULL; h != NULL; h = strtok(NULL, ","))
+		{
+			char	   *eq = strchr(h, '=');
+			size_t		namelen;
+
+			if (eq != NULL)
+				*eq++ = '\0';
+			namelen = unhex(h);
+			rd_kafka_header_add(hdrs, h, namelen, eq, eq ? unhex(eq) : 0);
+		}
 		for (;;)
 		{
 			e = rd_kafka_producev(rk,
 								  RD_KAFKA_V_TOPIC(topic),
-								  RD_KAFKA_V_KEY(strcmp(key, "-") ? key : NULL,
-												 strcmp(key, "-") ? strlen(key) : 0),
+								  RD_KAFKA_V_KEY(strcmp(key, "-") ? key : NULL, keylen),
 								  RD_KAFKA_V_VALUE(strcmp(value, "-") ? value : NULL,
 												   strcmp(value, "-") ? strlen(value) : 0),
 								  RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),

@@ -47,8 +47,10 @@ our @EXPORT = qw(kafka_produce_events exact_setup exact_events exact_check
 =item kafka_produce_events($topic, \@events, [$bootstrap])
 
 Publishes events with test/kafka/event_producer (built by ctool.sh): each
-event is [key, event_id, value]; undef key or event_id: none; the value as
-text.  The producer is idempotent and partitions by the key's murmur2 hash,
+event is [key, event_id, value, headers]; undef key or event_id: none; the
+value as text; headers (optional) "name=value,name" (name alone: a null
+value), after event_id.  A key, header name or value written "\x" and hex
+digits is those bytes.  The producer is idempotent and partitions by the key's murmur2 hash,
 so a key's events are in one partition in list order.  Returns the number
 delivered; dies if any failed.
 
@@ -70,8 +72,8 @@ sub kafka_produce_events
 	binmode $fh, ':utf8';
 	for my $e (@$events)
 	{
-		my ($k, $id, $v) = @$e;
-		print $fh join("\t", $k // '-', $id // '-', $v // '-'), "\n";
+		my ($k, $id, $v, $h) = @$e;
+		print $fh join("\t", $k // '-', $id // '-', $v // '-', defined $h ? ($h) : ()), "\n";
 	}
 	close $fh;
 	my ($out, $err) = ('', '');
