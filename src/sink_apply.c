@@ -228,7 +228,7 @@ ensure_plans(void)
 	Oid			t_inbox_many[] = {TEXTOID, TEXTARRAYOID};
 	Oid			t_inbox_one[] = {TEXTOID, TEXTOID};
 	Oid			t_hold[] = {TEXTOID, TEXTOID, INT4OID, INT8OID, TEXTOID, BYTEAOID, TEXTOID,
-		TEXTOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BYTEAOID, TEXTOID};
+	TEXTOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BYTEAOID, TEXTOID};
 	Oid			t_positions[] = {TEXTOID, TEXTARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
 	INT8ARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
 	Oid			t_sinks[] = {TEXTARRAYOID};
@@ -239,7 +239,7 @@ ensure_plans(void)
 	INT8OID, INT8OID};
 	Oid			t_dl[] = {INT8OID, TEXTOID, TEXTOID, INT4OID, INT8OID, TEXTOID};
 	Oid			t_fetched[] = {INT8OID, TEXTOID, INT4OID, INT8OID, TEXTOID, BYTEAOID,
-		TEXTOID, TEXTOID, TIMESTAMPTZOID, BYTEAOID, TEXTOID};
+	TEXTOID, TEXTOID, TIMESTAMPTZOID, BYTEAOID, TEXTOID};
 	Oid			t_fetch_failed[] = {INT8OID, TEXTOID};
 	MemoryContext old;
 
@@ -959,7 +959,15 @@ hold_event(Sink *sink, SinkEvent *ev, const char *error)
 	else
 		nulls[5] = 'n';
 	values[6] = CStringGetTextDatum(event_headers_text(ev));
-	message_raw_args(ev->rkm, false, &values[13], &nulls[13]);
+	if (ev->rkm)
+		message_raw_args(ev->rkm, false, &values[13], &nulls[13]);
+	else
+	{
+		values[13] = PointerGetDatum(ev->raw_key);
+		nulls[13] = ev->raw_key ? ' ' : 'n';
+		values[14] = ev->raw_headers ? CStringGetTextDatum(ev->raw_headers) : (Datum) 0;
+		nulls[14] = ev->raw_headers ? ' ' : 'n';
+	}
 	if (ev->event_id)
 		values[7] = CStringGetTextDatum(ev->event_id);
 	else
