@@ -1048,6 +1048,7 @@ add_header(DeadLetterSend *send, const char *name, const char *value, int size)
 	send->msg.nheaders = n + 1;
 }
 
+/* A base64 string's bytes (NULL if it is not base64). */
 static char *
 base64_bytes(JsonbValue *v, int *len)
 {
@@ -1056,7 +1057,7 @@ base64_bytes(JsonbValue *v, int *len)
 
 	*len = pg_b64_decode(v->val.string.val, v->val.string.len, bytes, room);
 	if (*len < 0)
-		elog(ERROR, "cqrs_sync sink: a held event's raw_headers are not base64");
+		return NULL;
 	bytes[*len] = '\0';
 	return bytes;
 }
@@ -1101,7 +1102,7 @@ dead_letter_headers(DeadLetterSend *send)
 		return;
 	}
 
-	/* [[name, value], ...] in base64 */
+	/* [[name, value], ...] in base64 (a pair that is not, edited by hand, is left out) */
 	it = JsonbIteratorInit(&DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
 															   CStringGetDatum(dl->raw_headers)))->root);
 	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
@@ -1116,9 +1117,10 @@ dead_letter_headers(DeadLetterSend *send)
 			{
 				char	   *value = base64_bytes(&v, &len);
 
-				add_header(send, name, value, len);
+				if (value != NULL)
+					add_header(send, name, value, len);
 			}
-			else
+			else if (v.type == jbvNull)
 				add_header(send, name, NULL, -1);
 			name = NULL;
 		}
