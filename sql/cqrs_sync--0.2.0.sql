@@ -361,7 +361,7 @@ RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'cqrs_dlt_depth'
 LANGUAGE C STRICT VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION cqrs_dlt_depth_partitions() IS
-    'Watermark offsets of the dead-letter topic partitions, as the relay last asked Kafka (shared memory).';
+    'Watermark offsets of the dead-letter topic partitions, as the monitor worker last asked Kafka (shared memory).';
 REVOKE ALL ON FUNCTION cqrs_dlt_depth_partitions() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_dlt_depth_partitions() TO pg_monitor, cqrs_sync_operator;
 
@@ -369,7 +369,7 @@ CREATE VIEW cqrs_dlt_depth AS
     SELECT topic, partition, low_offset, high_offset, messages, checked_at
       FROM @extschema@.cqrs_dlt_depth_partitions();
 COMMENT ON VIEW cqrs_dlt_depth IS
-    'Messages per dead-letter topic and partition (high minus low watermark), refreshed by the relay every cqrs_sync.dlt_depth_interval: the DLT topics it wrote to and those in cqrs_sync.read_side_dlt_topics.';
+    'Messages per dead-letter topic and partition (high minus low watermark), refreshed by the monitor worker every cqrs_sync.dlt_depth_interval: the DLT topics the relay wrote to and those in cqrs_sync.read_side_dlt_topics.';
 
 REVOKE ALL ON cqrs_stats_outbox, cqrs_stats_relay, cqrs_dlt_depth FROM PUBLIC;
 GRANT SELECT ON cqrs_stats_outbox, cqrs_stats_relay, cqrs_dlt_depth TO pg_monitor, cqrs_sync_operator;
@@ -1161,8 +1161,9 @@ CREATE VIEW cqrs_stats_dlt_depth AS
            s.monitor_pid,
            s.interval_seconds,
            s.checked_at,
-           extract(epoch FROM now() - coalesce(least(s.checked_at, s.oldest_checked_at),
-                                               pg_postmaster_start_time()))::float8 AS age_seconds,
+           -- no round answered yet: since the server started, whatever was measured
+           extract(epoch FROM now() - least(coalesce(s.checked_at, pg_postmaster_start_time()),
+                                            s.oldest_checked_at))::float8 AS age_seconds,
            s.topics,
            s.partitions,
            (SELECT coalesce(sum(d.messages), 0)
@@ -1170,7 +1171,7 @@ CREATE VIEW cqrs_stats_dlt_depth AS
            s.last_error
       FROM @extschema@.cqrs_dlt_depth_state() s;
 COMMENT ON VIEW cqrs_stats_dlt_depth IS
-    'One row: whether the monitor worker runs, its poll interval, when Kafka last answered it, how old the dead-letter topic depths are (age_seconds: of the oldest figure or the last round, whichever is older; since the server started when none), the topics watched, the partitions measured, the messages they hold, and the last error; for exporters and the staleness alert.';
+    'One row: whether the monitor worker runs, its poll interval, when Kafka last answered it, how old the dead-letter topic depths are (age_seconds: of the oldest figure or the last round answered, whichever is older; since the server started when no round was answered), the topics watched, the partitions measured, the messages they hold, and the last error; for exporters and the staleness alert.';
 
 REVOKE ALL ON cqrs_stats_cleanup, cqrs_stats_dlt_depth FROM PUBLIC;
 GRANT SELECT ON cqrs_stats_cleanup, cqrs_stats_dlt_depth TO pg_monitor, cqrs_sync_operator;

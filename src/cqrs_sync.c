@@ -332,7 +332,7 @@ define_settings(void)
 							NULL, NULL, NULL);
 
 	DefineCustomStringVariable("cqrs_sync.read_side_dlt_topics",
-							   "Further dead-letter topics whose depth the relay watches, comma-separated.",
+							   "Further dead-letter topics whose depth the monitor worker watches, comma-separated.",
 							   "For example the dead-letter topics of the read side's consumers; the dead-letter topics of the outbox are watched by themselves.",
 							   &cqrs_read_side_dlt_topics,
 							   "",

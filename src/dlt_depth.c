@@ -78,17 +78,37 @@ round_interrupted(void)
 	return ShutdownRequestPending || !PostmasterIsAlive();
 }
 
+/* Is name in list (of C strings)? */
+static bool
+listed(List *list, const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, list)
+		if (strcmp(lfirst(lc), name) == 0)
+			return true;
+	return false;
+}
+
 /*
  * Ask Kafka for the watermarks of the partitions of the given topics (a
- * List of C strings, duplicates allowed) and publish them.  Topics Kafka
- * does not know are left out.  A partition whose watermarks cannot be read
- * keeps its previous figure (and its checked_at); when the metadata request
- * fails, nothing changes but the error.  No topic to watch is a round too:
- * there is nothing to be stale.  A round interrupted by a stop publishes
- * nothing.
+ * List of C strings, duplicates allowed) and publish them.  A partition
+ * whose watermarks cannot be read keeps its previous figure (and its
+ * checked_at); when the metadata request fails, nothing changes but the
+ * error.  No topic to watch is a round too: there is nothing to be stale.
+ * A round interrupted by a stop publishes nothing.
+ *
+ * A topic of required (the DLTs of the outbox's DEAD_LETTERED rows, and
+ * those named in cqrs_sync.read_side_dlt_topics) that Kafka's metadata does
+ * not show, or shows with an error, is not measured: its previous figures
+ * stay and age, the error names it, and the round does not count as
+ * answered, so that the figures go stale (CqrsSyncDltDepthStale) instead of
+ * looking like "no messages".  So does a round with more partitions than
+ * CQRS_DLT_MAX.  Other topics (remembered from earlier rounds) that Kafka
+ * no longer shows were deleted, with their messages: they are left out.
  */
 void
-cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
+cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
 {
 	const struct rd_kafka_metadata *md = NULL;
 	CqrsDltPartition *found;
@@ -97,7 +117,9 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
 	int			n = 0;
 	List	   *distinct = NIL;
 	char	   *error = NULL;
+	bool		incomplete = false;
 	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz round_at;
 	rd_kafka_resp_err_t err;
 	ListCell   *lc;
 
@@ -138,51 +160,76 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics)
 	foreach(lc, distinct)
 	{
 		const char *name = lfirst(lc);
+		const struct rd_kafka_metadata_topic *mt = NULL;
 
-		for (int t = 0; t < md->topic_cnt; t++)
+		for (int t = 0; t < md->topic_cnt && mt == NULL; t++)
+			if (strcmp(md->topics[t].topic, name) == 0)
+				mt = &md->topics[t];
+		if (mt == NULL || mt->err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
-			const struct rd_kafka_metadata_topic *mt = &md->topics[t];
+			if (!listed(required, name))
+				continue;		/* deleted since it was seen */
+			/* its last figures stay, and age */
+			for (int i = 0; i < nprev && n < CQRS_DLT_MAX; i++)
+				if (strcmp(prev[i].topic, name) == 0)
+					found[n++] = prev[i];
+			if (error == NULL)
+				error = mt == NULL ?
+					psprintf("dead-letter topic \"%s\" is not in Kafka's metadata: it does not exist, or the monitor may not describe it",
+							 name) :
+					psprintf("Kafka reports an error for dead-letter topic \"%s\": %s",
+							 name, rd_kafka_err2str(mt->err));
+			incomplete = true;
+			continue;
+		}
+		if (n + mt->partition_cnt > CQRS_DLT_MAX)
+		{
+			if (!incomplete)
+				error = psprintf("the dead-letter topics have more than %d partitions: from \"%s\" on they are not measured",
+								 CQRS_DLT_MAX, name);
+			incomplete = true;
+		}
+		for (int p = 0; p < mt->partition_cnt && n < CQRS_DLT_MAX; p++)
+		{
+			int32		part = mt->partitions[p].id;
+			int64_t		low,
+						high;
 
-			if (strcmp(mt->topic, name) != 0 || mt->err != RD_KAFKA_RESP_ERR_NO_ERROR)
-				continue;
-			for (int p = 0; p < mt->partition_cnt && n < CQRS_DLT_MAX; p++)
+			if (round_interrupted())
 			{
-				int32		part = mt->partitions[p].id;
-				int64_t		low,
-							high;
-
-				if (round_interrupted())
-				{
-					rd_kafka_metadata_destroy(md);
-					pfree(found);
-					pfree(prev);
-					return;
-				}
-				err = rd_kafka_query_watermark_offsets(rk, name, part, &low, &high,
-													   DEPTH_TIMEOUT_MS);
-				if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
-				{
-					/* its last figure stays, and ages */
-					for (int i = 0; i < nprev; i++)
-						if (prev[i].partition == part && strcmp(prev[i].topic, name) == 0)
-							found[n++] = prev[i];
-					if (error == NULL)
-						error = psprintf("Kafka did not answer for the watermarks of %s[%d]: %s",
-										 name, part, rd_kafka_err2str(err));
-					continue;
-				}
-				strlcpy(found[n].topic, name, CQRS_TOPIC_NAMELEN);
-				found[n].partition = part;
-				found[n].low = low;
-				found[n].high = high;
-				found[n].checked_at = now;
-				n++;
+				rd_kafka_metadata_destroy(md);
+				pfree(found);
+				pfree(prev);
+				return;
 			}
+			err = rd_kafka_query_watermark_offsets(rk, name, part, &low, &high,
+												   DEPTH_TIMEOUT_MS);
+			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			{
+				/* its last figure stays, and ages */
+				for (int i = 0; i < nprev; i++)
+					if (prev[i].partition == part && strcmp(prev[i].topic, name) == 0)
+						found[n++] = prev[i];
+				if (error == NULL)
+					error = psprintf("Kafka did not answer for the watermarks of %s[%d]: %s",
+									 name, part, rd_kafka_err2str(err));
+				continue;
+			}
+			strlcpy(found[n].topic, name, CQRS_TOPIC_NAMELEN);
+			found[n].partition = part;
+			found[n].low = low;
+			found[n].high = high;
+			found[n].checked_at = now;
+			n++;
 		}
 	}
 	rd_kafka_metadata_destroy(md);
 
-	publish_round(found, n, list_length(distinct), now, error);
+	/* an incomplete round does not count as answered: its figures go stale */
+	LWLockAcquire(cqrs_shared->dlt_lock, LW_SHARED);
+	round_at = incomplete ? cqrs_shared->dlt_round_at : now;
+	LWLockRelease(cqrs_shared->dlt_lock);
+	publish_round(found, n, list_length(distinct), round_at, error);
 	pfree(found);
 	pfree(prev);
 }

@@ -14,7 +14,7 @@
 
 #include "nodes/pg_list.h"
 
-extern void cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics);
+extern void cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required);
 extern void cqrs_dlt_depth_failed(const char *error);
 
 #endif							/* CQRS_DLT_DEPTH_H */

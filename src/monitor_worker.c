@@ -49,8 +49,15 @@ PGDLLEXPORT void cqrs_monitor_main(Datum main_arg);
 
 static rd_kafka_t *client = NULL;
 
-/* Every dead-letter topic seen since the worker started (TopMemoryContext). */
+/*
+ * Every dead-letter topic seen since the worker started (TopMemoryContext),
+ * and at its start those of the rows an operator retried, discarded or
+ * purged while they were DEAD_LETTERED (cqrs_outbox_audit): their messages
+ * stay in the topic, and CqrsSyncDltMessages keeps firing, until the
+ * records are deleted, also across a restart.
+ */
 static List *seen_topics = NIL;
+static bool audit_read = false;
 
 void
 cqrs_monitor_register(void)
@@ -73,7 +80,8 @@ remember_topic(const char *name)
 }
 
 /*
- * The dead-letter topics of the outbox's DEAD_LETTERED rows, remembered.
+ * The dead-letter topics of the outbox's DEAD_LETTERED rows (in the caller's
+ * memory context), remembered; at the first call also those of the audit.
  * The caller's memory context is current again afterwards (the commit leaves
  * TopMemoryContext current, where the round's lists would never be freed).
  * An error (the outbox locked for longer than the monitor's lock_timeout, say)
@@ -81,10 +89,11 @@ remember_topic(const char *name)
  * lock held on the outbox must neither keep the monitor from its rounds nor
  * from noticing a stop, which it cannot while it waits for a lock.
  */
-static void
+static List *
 read_dead_letter_topics(void)
 {
 	MemoryContext caller = CurrentMemoryContext;
+	List	   *volatile current = NIL;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -107,8 +116,25 @@ read_dead_letter_topics(void)
 			for (uint64 i = 0; i < SPI_processed; i++)
 			{
 				char	   *topic = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+				char	   *dlt;
 
-				remember_topic(psprintf("%s%s", topic, cqrs_dlt_suffix));
+				MemoryContextSwitchTo(caller);
+				dlt = psprintf("%s%s", topic, cqrs_dlt_suffix);
+				current = lappend(current, dlt);
+				remember_topic(dlt);
+			}
+			if (!audit_read)
+			{
+				sql = psprintf("SELECT DISTINCT topic FROM %s.cqrs_outbox_audit"
+							   " WHERE status = 'DEAD_LETTERED' AND topic IS NOT NULL",
+							   quote_identifier(cqrs_extension_schema(ext)));
+				if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
+					elog(ERROR, "cqrs_sync monitor: could not list dead-letter topics");
+				for (uint64 i = 0; i < SPI_processed; i++)
+					remember_topic(psprintf("%s%s",
+											SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1),
+											cqrs_dlt_suffix));
+				audit_read = true;
 			}
 		}
 		SPI_finish();
@@ -133,6 +159,7 @@ read_dead_letter_topics(void)
 	PG_END_TRY();
 	MemoryContextSwitchTo(caller);
 	pgstat_report_activity(STATE_IDLE, NULL);
+	return current;
 }
 
 /* One round, in the loop's memory context (reset after it). */
@@ -140,19 +167,21 @@ static void
 refresh(void)
 {
 	List	   *topics;
+	List	   *required;
 	char	   *list = pstrdup(cqrs_read_side_dlt_topics ? cqrs_read_side_dlt_topics : "");
 	char	   *save;
 	char		errbuf[1024];
 
-	read_dead_letter_topics();
-	topics = list_copy(seen_topics);
+	/* those of rows dead-lettered now, and those listed, must be in Kafka */
+	required = read_dead_letter_topics();
 	for (char *tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save))
-		topics = lappend(topics, tok);
+		required = lappend(required, tok);
+	topics = list_concat(list_copy(seen_topics), required);
 
 	if (topics == NIL)
 	{
 		/* nothing to watch: nothing can be stale */
-		cqrs_dlt_depth_refresh(NULL, NIL);
+		cqrs_dlt_depth_refresh(NULL, NIL, NIL);
 		return;
 	}
 
@@ -169,7 +198,7 @@ refresh(void)
 		}
 	}
 	pgstat_report_activity(STATE_RUNNING, "cqrs_sync monitor: asking Kafka for dead-letter topic depth");
-	cqrs_dlt_depth_refresh(client, topics);
+	cqrs_dlt_depth_refresh(client, topics, required);
 	cqrs_kafka_drain_events();
 	cqrs_kafka_serve(client);
 	cqrs_kafka_emit_logs("cqrs_sync monitor");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test/bench/stats_bench.sh -- how long cqrs_outbox_stats() and the exporter
 # views take on a large outbox of mixed status (goal: under 100 ms on 50
-# million rows; the exporter calls them three times per scrape).  A figure,
+# million rows; the exporter calls cqrs_outbox_stats() twice per scrape).  A figure,
 # not an assertion.  Its own throwaway cluster; no broker needed (the relay
 # is off: the rows are made directly).
 #
