@@ -147,7 +147,7 @@ ok "every cqrs_* metric used is produced by postgres_exporter.yml ($(wc -l <"$TM
 alerts_complete() {
     local want="CqrsSyncDltFailed CqrsSyncDltMessages CqrsSyncOutboxStuck CqrsSyncRelayDown CqrsSyncRelayPaused CqrsSyncDltPublishFailing CqrsSyncPartitionStalled CqrsSyncRelayRecordingFailed CqrsSyncDltDepthStale CqrsSyncRelayNotInDatabase CqrsSyncCleanupFailing CqrsSyncSentRowsPilingUp CqrsSyncOutboxTooLarge CqrsSyncPurgeApprovalOverdue"
     # the sink's (issue 14)
-    want="$want CqrsSyncSinkLagging CqrsSyncSinkDeadLetters CqrsSyncSinkFailed CqrsSyncSinkWaiting CqrsSyncSinkDown"
+    want="$want CqrsSyncSinkLagging CqrsSyncSinkDeadLetters CqrsSyncSinkFailed CqrsSyncSinkWaiting CqrsSyncSinkDown CqrsSyncSinkBrokerDown"
     perl -e '
         local $/; my $y = <STDIN>; my @want = split / /, shift; my $bad = 0;
         my @blocks = split /\n(?=\s+- alert:)/, $y; shift @blocks;
