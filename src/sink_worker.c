@@ -74,8 +74,12 @@ PGDLLEXPORT void cqrs_sink_main(Datum main_arg);
 #define CATALOG_MS			5000
 /* Held events are looked for at least this often (ms). */
 #define RETRY_POLL_MS		5000
-/* A Kafka transport error within this time means "waiting for broker". */
-#define BROKER_ERROR_MS		5000
+/*
+ * A Kafka transport error within this time means "waiting for broker", until
+ * a message is fetched.  librdkafka reports a repeated error of a broker once
+ * per 30 s: a shorter window would say "running" for most of an outage.
+ */
+#define BROKER_ERROR_MS		45000
 /* Longest pause after transient failures (ms). */
 #define MAX_BACKOFF_MS		5000
 /* How long a replay waits for its message (ms). */
@@ -637,6 +641,7 @@ serve_consumer(Sink *sink)
 			rd_kafka_message_destroy(rkm);
 			continue;
 		}
+		broker_error_at = 0;	/* a broker answered */
 		if (p < 0 || sink->parts[p].resync || sink->paused)
 		{
 			/* not ours (any more), or to be fetched again */
@@ -1108,7 +1113,10 @@ dead_letter_headers(DeadLetterSend *send)
 	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
 	{
 		if (tok == WJB_BEGIN_ARRAY)
+		{
 			elem = 0;
+			name = NULL;
+		}
 		else if (tok == WJB_ELEM && elem++ == 0 && v.type == jbvString)
 			name = base64_bytes(&v, &len);
 		else if (tok == WJB_ELEM && name != NULL)
