@@ -176,7 +176,8 @@ refresh(void)
 	required = read_dead_letter_topics();
 	for (char *tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save))
 		required = lappend(required, tok);
-	topics = list_concat(list_copy(seen_topics), required);
+	/* required ones first: the partitions kept are measured in this order */
+	topics = list_concat(list_copy(required), seen_topics);
 
 	if (topics == NIL)
 	{
