@@ -41,7 +41,10 @@ PG_FUNCTION_INFO_V1(cqrs_dlt_depth_state);
 /* A slow or absent broker delays only the monitor worker's next round. */
 #define DEPTH_TIMEOUT_MS 1000
 
-/* Publish a round's figures (n of them, for ntopics topics). */
+/*
+ * Publish a round's figures (n of them, for ntopics topics), answered at
+ * `at` (0: not answered in full, the time of the last round that was stays).
+ */
 static void
 publish_round(CqrsDltPartition *found, int n, int ntopics, TimestampTz at,
 			  const char *error)
@@ -50,7 +53,8 @@ publish_round(CqrsDltPartition *found, int n, int ntopics, TimestampTz at,
 	memcpy(cqrs_shared->dlt, found, sizeof(CqrsDltPartition) * n);
 	cqrs_shared->ndlt = n;
 	cqrs_shared->dlt_topics = ntopics;
-	cqrs_shared->dlt_round_at = at;
+	if (at != 0)
+		cqrs_shared->dlt_round_at = at;
 	strlcpy(cqrs_shared->dlt_error, error ? error : "", CQRS_ERROR_LEN);
 	LWLockRelease(cqrs_shared->dlt_lock);
 }
@@ -76,6 +80,20 @@ static bool
 round_interrupted(void)
 {
 	return ShutdownRequestPending || !PostmasterIsAlive();
+}
+
+/*
+ * Keep the previous figures of a topic's partitions (partition -1: all of
+ * them) that this round could not read: they stay, and age.
+ */
+static void
+keep_previous(CqrsDltPartition *prev, int nprev, const char *topic, int32 partition,
+			  CqrsDltPartition *found, int *n)
+{
+	for (int i = 0; i < nprev && *n < CQRS_DLT_MAX; i++)
+		if ((partition < 0 || prev[i].partition == partition) &&
+			strcmp(prev[i].topic, topic) == 0)
+			found[(*n)++] = prev[i];
 }
 
 /* Is name in list (of C strings)? */
@@ -119,20 +137,12 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
 	char	   *error = NULL;
 	bool		incomplete = false;
 	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz round_at;
 	rd_kafka_resp_err_t err;
 	ListCell   *lc;
 
 	foreach(lc, topics)
-	{
-		ListCell   *dc;
-		bool		dup = false;
-
-		foreach(dc, distinct)
-			dup |= strcmp(lfirst(dc), lfirst(lc)) == 0;
-		if (!dup)
+		if (!listed(distinct, lfirst(lc)))
 			distinct = lappend(distinct, lfirst(lc));
-	}
 	if (distinct == NIL)
 	{
 		publish_round(NULL, 0, 0, now, NULL);
@@ -169,10 +179,7 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
 		{
 			if (!listed(required, name))
 				continue;		/* deleted since it was seen */
-			/* its last figures stay, and age */
-			for (int i = 0; i < nprev && n < CQRS_DLT_MAX; i++)
-				if (strcmp(prev[i].topic, name) == 0)
-					found[n++] = prev[i];
+			keep_previous(prev, nprev, name, -1, found, &n);
 			if (error == NULL)
 				error = mt == NULL ?
 					psprintf("dead-letter topic \"%s\" is not in Kafka's metadata: it does not exist, or the monitor may not describe it",
@@ -206,10 +213,7 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
 												   DEPTH_TIMEOUT_MS);
 			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 			{
-				/* its last figure stays, and ages */
-				for (int i = 0; i < nprev; i++)
-					if (prev[i].partition == part && strcmp(prev[i].topic, name) == 0)
-						found[n++] = prev[i];
+				keep_previous(prev, nprev, name, part, found, &n);
 				if (error == NULL)
 					error = psprintf("Kafka did not answer for the watermarks of %s[%d]: %s",
 									 name, part, rd_kafka_err2str(err));
@@ -226,10 +230,7 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
 	rd_kafka_metadata_destroy(md);
 
 	/* an incomplete round does not count as answered: its figures go stale */
-	LWLockAcquire(cqrs_shared->dlt_lock, LW_SHARED);
-	round_at = incomplete ? cqrs_shared->dlt_round_at : now;
-	LWLockRelease(cqrs_shared->dlt_lock);
-	publish_round(found, n, list_length(distinct), round_at, error);
+	publish_round(found, n, list_length(distinct), incomplete ? 0 : now, error);
 	pfree(found);
 	pfree(prev);
 }

@@ -959,15 +959,8 @@ hold_event(Sink *sink, SinkEvent *ev, const char *error)
 	else
 		nulls[5] = 'n';
 	values[6] = CStringGetTextDatum(event_headers_text(ev));
-	if (ev->rkm)
-		message_raw_args(ev->rkm, false, &values[13], &nulls[13]);
-	else
-	{
-		values[13] = PointerGetDatum(ev->raw_key);
-		nulls[13] = ev->raw_key ? ' ' : 'n';
-		values[14] = ev->raw_headers ? CStringGetTextDatum(ev->raw_headers) : (Datum) 0;
-		nulls[14] = ev->raw_headers ? ' ' : 'n';
-	}
+	Assert(ev->rkm != NULL);	/* only a batch's events are held here */
+	message_raw_args(ev->rkm, false, &values[13], &nulls[13]);
 	if (ev->event_id)
 		values[7] = CStringGetTextDatum(ev->event_id);
 	else
