@@ -1563,12 +1563,14 @@ SELECT pg_catalog.pg_extension_config_dump('cqrs_sink_audit_audit_id_seq', '');
 REVOKE ALL ON cqrs_sink, cqrs_sink_offset, cqrs_sink_held, cqrs_sink_audit FROM PUBLIC;
 REVOKE ALL ON SEQUENCE cqrs_sink_held_id_seq, cqrs_sink_audit_audit_id_seq FROM PUBLIC;
 GRANT SELECT ON cqrs_sink, cqrs_sink_offset, cqrs_sink_held, cqrs_sink_audit TO cqrs_sync_operator;
--- monitoring: positions and counts, never an event's key, value or headers
+-- monitoring: positions and counts, never an event's key, value or headers,
+-- nor a handler's error, which may quote them ("invalid input syntax for
+-- type integer: ...")
 GRANT SELECT ON cqrs_sink_offset TO pg_monitor;
 GRANT SELECT (name, topics, handler, run_as, consumer, group_id, paused, created_at, changed_at)
     ON cqrs_sink TO pg_monitor;
 GRANT SELECT (id, sink, topic, "partition", "offset", event_id, ts, status, replay, attempts,
-              next_attempt_at, last_error, held_at, dlt_topic, dlt_partition, dlt_offset,
+              next_attempt_at, held_at, dlt_topic, dlt_partition, dlt_offset,
               dead_lettered_at)
     ON cqrs_sink_held TO pg_monitor;
 

@@ -6,7 +6,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(70);
+SELECT plan(72);
 SET LOCAL client_min_messages = warning;
 
 -- ---- contract shapes ---------------------------------------------------------
@@ -205,6 +205,12 @@ SELECT is(has_function_privilege('regress_nobody', 'cqrs_sink_kafka_offsets(text
 SELECT is(has_table_privilege('regress_nobody', 'cqrs_sink_held', 'SELECT'), false, 'PUBLIC may not read held events');
 SELECT is(has_column_privilege('pg_monitor', 'cqrs_sink_held', 'value', 'SELECT'), false,
           'pg_monitor may not read held event values');
+-- a handler's error may quote the event ("invalid input syntax for type
+-- integer: ..."): it is the operators' to read, not the exporter's
+SELECT is(has_column_privilege('pg_monitor', 'cqrs_sink_held', 'last_error', 'SELECT'), false,
+          'pg_monitor may not read a held event''s error, which may quote its values');
+SELECT is(has_column_privilege('pg_monitor', 'cqrs_sink_held', 'attempts', 'SELECT'), true,
+          'pg_monitor reads a held event''s status, attempts and times');
 SELECT is(has_table_privilege('pg_monitor', 'cqrs_sink_stats', 'SELECT'), true, 'pg_monitor reads cqrs_sink_stats');
 
 SELECT * FROM finish();
