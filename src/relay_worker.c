@@ -649,7 +649,7 @@ publish_state(TimestampTz now)
 	char		stalled[CQRS_STALLED_LEN];
 	int			nstalled = cqrs_topics_stalled_text(stalled, sizeof(stalled));
 
-	cqrs_relay_set_stalled(stalled);
+	cqrs_relay_set_stalled(stalled, nstalled);
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->window = pipeline_inflight();
 	SpinLockRelease(&cqrs_shared->mutex);

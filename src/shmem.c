@@ -728,12 +728,13 @@ cqrs_relay_set_state(CqrsRelayState state, const char *topic, const char *reason
 	SpinLockRelease(&cqrs_shared->mutex);
 }
 
-/* The partitions whose keys the relay holds ("" when none). */
+/* The partitions whose keys the relay holds ("" when none), and how many. */
 void
-cqrs_relay_set_stalled(const char *text)
+cqrs_relay_set_stalled(const char *text, int count)
 {
 	SpinLockAcquire(&cqrs_shared->mutex);
 	strlcpy(cqrs_shared->stalled, text ? text : "", CQRS_STALLED_LEN);
+	cqrs_shared->stalled_count = count;
 	SpinLockRelease(&cqrs_shared->mutex);
 }
 

@@ -177,6 +177,7 @@ typedef struct CqrsShared
 	char		paused_topic[CQRS_TOPIC_NAMELEN];
 	char		paused_reason[CQRS_ERROR_LEN];
 	char		stalled[CQRS_STALLED_LEN];	/* "topic[p], ..." */
+	int			stalled_count;	/* how many (the text may be cut short) */
 	int64		ack_wait_max_us;	/* longest produce -> report in the last
 									 * minute */
 	int64		window;			/* rows in flight */
@@ -252,7 +253,7 @@ extern void cqrs_relay_note_failure(const char *msg, uint64 nfailed);
 extern void cqrs_relay_note_success(uint64 nsent);
 extern void cqrs_relay_set_state(CqrsRelayState state, const char *topic,
 								 const char *reason);
-extern void cqrs_relay_set_stalled(const char *text);
+extern void cqrs_relay_set_stalled(const char *text, int count);
 extern void cqrs_relay_add_phase(CqrsRelayPhase phase, int64 us);
 extern void cqrs_wake_monitor(void);
 

@@ -31,8 +31,8 @@ typedef enum RelayStateVersion
 } RelayStateVersion;
 
 #define RELAY_STATE_COLS_V0_1	13
-#define RELAY_STATE_COLS_V0_2	26
-#define RELAY_STATE_COLS		26	/* the most of any version */
+#define RELAY_STATE_COLS_V0_2	27
+#define RELAY_STATE_COLS		27	/* the most of any version */
 
 static const char *const state_names[CQRS_RELAY_NSTATES] = {
 	"running", "paused", "waiting for broker", "partition stalled",
@@ -53,6 +53,7 @@ relay_state(FunctionCallInfo fcinfo, RelayStateVersion version)
 	char		paused_topic[CQRS_TOPIC_NAMELEN];
 	char		paused_reason[CQRS_ERROR_LEN];
 	char		stalled[CQRS_STALLED_LEN];
+	int			stalled_count;
 	int64		ack_wait_max_us;
 	int64		window;
 	int			state;
@@ -83,6 +84,7 @@ relay_state(FunctionCallInfo fcinfo, RelayStateVersion version)
 	memcpy(paused_topic, cqrs_shared->paused_topic, CQRS_TOPIC_NAMELEN);
 	memcpy(paused_reason, cqrs_shared->paused_reason, CQRS_ERROR_LEN);
 	memcpy(stalled, cqrs_shared->stalled, CQRS_STALLED_LEN);
+	stalled_count = cqrs_shared->stalled_count;
 	ack_wait_max_us = cqrs_shared->ack_wait_max_us;
 	window = cqrs_shared->window;
 	SpinLockRelease(&cqrs_shared->mutex);
@@ -116,6 +118,8 @@ relay_state(FunctionCallInfo fcinfo, RelayStateVersion version)
 
 		values[i] = CStringGetTextDatum(stalled);
 		nulls[i++] = (pid == 0 || stalled[0] == '\0');
+		values[i] = Int32GetDatum(stalled_count);
+		nulls[i++] = (pid == 0);
 		values[i] = Int64GetDatum(window);
 		nulls[i++] = (pid == 0);
 		values[i++] = Int64GetDatum(pg_atomic_read_u64(&cqrs_shared->transactions));
@@ -141,9 +145,10 @@ cqrs_relay_state(PG_FUNCTION_ARGS)
 }
 
 /*
- * Version 0.2.0: also stalled_partitions, window, transactions, acks,
- * ack_wait_seconds, ack_wait_max_ms, the seconds spent per phase (record,
- * claim, commit, flush, produce, poll) and the database the relay runs in.
+ * Version 0.2.0: also stalled_partitions and their count, window,
+ * transactions, acks, ack_wait_seconds, ack_wait_max_ms, the seconds spent
+ * per phase (record, claim, commit, flush, produce, poll) and the database
+ * the relay runs in.
  */
 Datum
 cqrs_relay_state_0_2(PG_FUNCTION_ARGS)

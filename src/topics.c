@@ -31,6 +31,7 @@
 #include "utils/memutils.h"
 
 #include "kafka.h"
+#include "shmem.h"
 #include "topics.h"
 
 /* A known limit is trusted this long; an unknown one is asked again sooner. */
@@ -403,7 +404,11 @@ typedef struct StalledText
 	char	   *buf;
 	size_t		len;
 	int			n;
+	bool		cut;
 } StalledText;
+
+/* what ends a text with no room for every name */
+#define STALLED_CUT ", ..."
 
 static void
 stalled_text(CqrsTopic *topic, void *arg)
@@ -413,22 +418,35 @@ stalled_text(CqrsTopic *topic, void *arg)
 	for (int p = 0; p < topic->nparts; p++)
 	{
 		size_t		used;
+		char		entry[CQRS_TOPIC_NAMELEN + 16];
 
 		if (!topic->parts[p].stalled)
 			continue;
-		used = strlen(st->buf);
-		if (used + 16 < st->len)
-			snprintf(st->buf + used, st->len - used, "%s%s[%d]",
-					 st->n > 0 ? ", " : "", topic->name, p);
 		st->n++;
+		if (st->cut)
+			continue;
+		used = strlen(st->buf);
+		snprintf(entry, sizeof(entry), "%s%s[%d]", used > 0 ? ", " : "", topic->name, p);
+		/* room for this one and for the mark of a cut */
+		if (used + strlen(entry) + strlen(STALLED_CUT) < st->len)
+			strcpy(st->buf + used, entry);
+		else
+		{
+			st->cut = true;
+			strcpy(st->buf + used, used > 0 ? STALLED_CUT : "...");
+		}
 	}
 }
 
-/* "topic[p], ..." of the stalled partitions in buf; returns how many. */
+/*
+ * "topic[p], ..." of the stalled partitions in buf (len at least
+ * CQRS_TOPIC_NAMELEN + 16); names that do not fit are left out, and the text
+ * then ends with ", ...".  Returns how many partitions are stalled.
+ */
 int
 cqrs_topics_stalled_text(char *buf, size_t len)
 {
-	StalledText st = {buf, len, 0};
+	StalledText st = {buf, len, 0, false};
 
 	buf[0] = '\0';
 	cqrs_topics_visit(stalled_text, &st);

@@ -43,6 +43,15 @@ ok(@p0 >= 5 && @p1 >= 5, scalar(@p0) . ' keys on partition 0, ' . scalar(@p1) . 
 # once the partition is sick (created now: topics are created while both
 # brokers answer)
 my $small = create_topic_assigned(unique_topic('smallbatch'), '1', 'max.message.bytes=200000');
+# a topic with a long name and 7 partitions on broker 2: the names of its
+# stalled partitions do not fit the state's text, their count must still be
+# right.  (It is sent to once before the freeze: librdkafka may ask the frozen
+# broker for a new topic's metadata, and then waits for the socket timeout.)
+my $wide = create_topic_assigned(unique_topic('wide' . ('w' x 190)), '1,2,2,2,2,2,2,2');
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$wide', 'w' || g, '{}')) FROM generate_series(1, 200) g");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$wide' AND status = 'SENT'", '200', 60),
+	'warm-up rows sent to the topic with the long name');
 
 my $listener = $node->background_psql('postgres');
 $listener->query_safe('LISTEN cqrs_sync_alert');
@@ -67,6 +76,18 @@ ok($node->wait_for_log(qr/CQ003 WARNING:  cqrs_sync relay: Kafka partition \Q$to
 like($listener->query('SELECT 1'), qr/partition_stalled.*\Q$topic\E\[1\]/s,
 	'and a NOTIFY alert');
 $listener->quit;
+
+# 7 more stalled partitions, whose names fill more than the text holds
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$wide', 'w' || g, '{}')) FROM generate_series(1, 200) g");
+ok(wait_for($node, 'SELECT stalled_partition_count FROM cqrs_stats_relay', '8', 60),
+	'stalled_partition_count counts every stalled partition, also those the text has no room for')
+  or diag($node->safe_psql('postgres', 'SELECT stalled_partitions FROM cqrs_stats_relay'));
+my @names = split(/, /, $node->safe_psql('postgres', 'SELECT stalled_partitions FROM cqrs_stats_relay'));
+is($names[-1], '...', 'the text says that it is cut short');
+is(scalar(grep { !/^cqrs-[a-z0-9-]+\[\d\]$/ } @names[0 .. $#names - 1]), 0,
+	'and names only whole partitions')
+  or diag(join("\n", @names));
 
 # later rows keep flowing for the healthy partition
 $node->safe_psql('postgres',
