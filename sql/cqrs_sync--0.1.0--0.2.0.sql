@@ -1116,15 +1116,16 @@ AS $$
                LATERAL (SELECT (SELECT o.created_at FROM @extschema@.cqrs_outbox o
                                  WHERE o.id >= m.mid ORDER BY o.id LIMIT 1) AS c) x
          WHERE b.lo < b.hi AND cut.sent_cutoff IS NOT NULL),
-    -- expired SENT rows the cleanup has yet to delete: counted up to 100,000
-    -- (in id order: the oldest first), so that a large backlog costs a
-    -- scrape a bounded read
+    -- expired SENT rows the cleanup has yet to delete, among the next 100,000
+    -- rows its walk passes (in id order: the oldest first), so that a large
+    -- backlog costs a scrape a bounded read, whatever the rows' status (a
+    -- long PENDING backlog older than the retention, say)
     e AS (SELECT count(*) AS n, min(x.sent_at) AS oldest
-            FROM (SELECT o.sent_at FROM @extschema@.cqrs_outbox o
+            FROM (SELECT o.status, o.sent_at FROM @extschema@.cqrs_outbox o
                    WHERE o.id >= (SELECT walk_from FROM w)
                      AND o.id < (SELECT max(lo) FROM b)
-                     AND o.status = 'SENT' AND o.sent_at < (SELECT sent_cutoff FROM cut)
-                   ORDER BY o.id LIMIT 100000) x),
+                   ORDER BY o.id LIMIT 100000) x
+           WHERE x.status = 'SENT' AND x.sent_at < (SELECT sent_cutoff FROM cut)),
     l AS (SELECT count(*) AS n, min(o.sent_at) AS oldest
             FROM @extschema@.cqrs_outbox o
            WHERE o.id = ANY ((SELECT walk_pending FROM w)::bigint[]) AND o.id < (SELECT walk_from FROM w)
@@ -1148,7 +1149,7 @@ AS $$
       FROM st, cut, e, l, a
 $$;
 COMMENT ON FUNCTION cqrs_cleanup_stats() IS
-    'One row for DBAs and exporters: this database''s cleanup (as cqrs_cleanup_counters(), with the age in seconds of the last successful pass, since the server started when none), the SENT rows past cqrs_sync.sent_retention still in the outbox (counted up to 100,000) and by how many seconds the oldest is past it, and the DEAD_LETTERED and DLT_FAILED rows past cqrs_sync.dlt_retention nobody approved for purging and how long the oldest has waited beyond it; 0 when none, and when a retention is -1.';
+    'One row for DBAs and exporters: this database''s cleanup (as cqrs_cleanup_counters(), with the age in seconds of the last successful pass, since the server started when none), the SENT rows past cqrs_sync.sent_retention still in the outbox (counted among the next 100,000 rows the cleanup walks past, for a bounded read) and by how many seconds the oldest is past it, and the DEAD_LETTERED and DLT_FAILED rows past cqrs_sync.dlt_retention nobody approved for purging and how long the oldest has waited beyond it; 0 when none, and when a retention is -1.';
 REVOKE ALL ON FUNCTION cqrs_cleanup_stats() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_cleanup_stats() TO pg_monitor, cqrs_sync_operator;
 
