@@ -107,9 +107,25 @@ read_dead_letter_topics(void)
 		ext = get_extension_oid("cqrs_sync", true);
 		if (OidIsValid(ext))
 		{
-			char	   *sql = psprintf("SELECT DISTINCT topic FROM %s.cqrs_outbox"
-									   " WHERE last_error IS NOT NULL AND status = 'DEAD_LETTERED'",
-									   quote_identifier(cqrs_extension_schema(ext)));
+			const char *schema = quote_identifier(cqrs_extension_schema(ext));
+
+			/*
+			 * The topics of the index of rows with an error, one index probe
+			 * each (not a read of every such row: after a mass dead-lettering
+			 * there may be millions, and this runs up to once a second), that
+			 * have a DEAD_LETTERED row.
+			 */
+			char	   *sql = psprintf("WITH RECURSIVE t(topic) AS ("
+									   "  SELECT pg_catalog.min(topic) FROM %s.cqrs_outbox"
+									   "   WHERE last_error IS NOT NULL"
+									   "  UNION ALL"
+									   "  SELECT (SELECT pg_catalog.min(o.topic) FROM %s.cqrs_outbox o"
+									   "           WHERE o.last_error IS NOT NULL AND o.topic > t.topic)"
+									   "    FROM t WHERE t.topic IS NOT NULL)"
+									   " SELECT t.topic FROM t WHERE t.topic IS NOT NULL"
+									   "  AND EXISTS (SELECT FROM %s.cqrs_outbox o WHERE o.topic = t.topic"
+									   "               AND o.last_error IS NOT NULL AND o.status = 'DEAD_LETTERED')",
+									   schema, schema, schema);
 
 			if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
 				elog(ERROR, "cqrs_sync monitor: could not list dead-letter topics");
@@ -127,7 +143,7 @@ read_dead_letter_topics(void)
 			{
 				sql = psprintf("SELECT DISTINCT topic FROM %s.cqrs_outbox_audit"
 							   " WHERE status = 'DEAD_LETTERED' AND topic IS NOT NULL",
-							   quote_identifier(cqrs_extension_schema(ext)));
+							   schema);
 				if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
 					elog(ERROR, "cqrs_sync monitor: could not list dead-letter topics");
 				for (uint64 i = 0; i < SPI_processed; i++)
