@@ -228,13 +228,85 @@ SET ROLE regress_attach_app;
 SELECT cqrs_detach_outbox('app_outbox');
 RESET ROLE;
 
+-- ---- partitions: an UPDATE that moves a row to another partition inserts
+-- it there, which fires the trigger of that partition: the copy is not a new
+-- event, and must neither be published again nor fail the UPDATE
+CREATE TABLE part_outbox (
+    id            uuid NOT NULL,
+    aggregatetype text NOT NULL,
+    aggregateid   text NOT NULL,
+    type          text NOT NULL,
+    payload       jsonb,
+    published     boolean NOT NULL DEFAULT false
+) PARTITION BY LIST (published);
+CREATE TABLE part_outbox_new PARTITION OF part_outbox FOR VALUES IN (false);
+CREATE TABLE part_outbox_done PARTITION OF part_outbox FOR VALUES IN (true);
+SELECT cqrs_attach_outbox('part_outbox');
+INSERT INTO part_outbox VALUES ('50000000-0000-4000-8000-000000000001', 'part', 'p1', 'Made', '{}');
+UPDATE part_outbox SET published = true;
+SELECT tableoid::regclass, id FROM part_outbox;
+SELECT event_id, topic, key FROM cqrs_outbox WHERE topic = 'outbox.event.part';
+-- without an event id the copy could not be told from a new event
+SELECT cqrs_detach_outbox('part_outbox');
+SELECT cqrs_attach_outbox('part_outbox', '{"event_id": null}');
+SELECT cqrs_attach_outbox('part_outbox_new', '{"event_id": null}');
+
+-- ---- inheritance: a child's rows do not fire its parent's triggers --------
+CREATE TABLE inh_outbox (id uuid, aggregatetype text, aggregateid text, type text, payload jsonb);
+CREATE TABLE inh_outbox_child () INHERITS (inh_outbox);
+SELECT cqrs_attach_outbox('inh_outbox');
+SELECT cqrs_attach_outbox('inh_outbox_child');
+SELECT cqrs_detach_outbox('inh_outbox_child');
+
+-- ---- a key or topic whose text would depend on the session's settings
+-- (DateStyle, TimeZone, extra_float_digits...): the same value would get
+-- another key, partition or topic in another session
+CREATE TABLE typed_outbox (id uuid, at timestamptz, day date, f float8, n numeric, b boolean, payload jsonb);
+SELECT cqrs_attach_outbox('typed_outbox', '{"topic": "typed", "key": "at", "event_id": "id", "headers": {}}');
+SELECT cqrs_attach_outbox('typed_outbox', '{"topic": "typed.${routedByValue}", "route_by": "f", "key": null,
+                                            "event_id": "id", "headers": {}}');
+SELECT cqrs_attach_outbox('typed_outbox', '{"topic": "typed", "key": "day", "event_id": "id", "headers": {}}');
+-- numbers other than floats, booleans and text types are the same everywhere
+SELECT cqrs_attach_outbox('typed_outbox', '{"topic": "typed.${routedByValue}", "route_by": "b", "key": "n",
+                                            "event_id": "id", "headers": {"at": "at"}}');
+SELECT cqrs_detach_outbox('typed_outbox');
+
+-- ---- a trigger replaced in place (CREATE OR REPLACE TRIGGER keeps its oid):
+-- a session that used the old mapping uses the new one
+SELECT cqrs_attach_outbox('simple_outbox', '{"topic": "simple", "key": "k", "payload": "body",
+                                             "event_id": null, "headers": {}}');
+INSERT INTO simple_outbox VALUES ('before-replace', '{}');
+CREATE OR REPLACE TRIGGER cqrs_sync_attached AFTER INSERT ON simple_outbox FOR EACH ROW
+    EXECUTE FUNCTION cqrs_outbox_attached('{"topic": "simple.replaced", "key": "k", "payload": "body", "event_id": null, "headers": {}}');
+INSERT INTO simple_outbox VALUES ('after-replace', '{}');
+SELECT topic, key FROM cqrs_outbox WHERE key LIKE '%-replace' ORDER BY id;
+-- a trigger enabled for replication sessions only publishes nothing in others
+ALTER TABLE simple_outbox ENABLE REPLICA TRIGGER cqrs_sync_attached;
+SELECT outbox, enabled FROM cqrs_attached_outboxes WHERE outbox = 'simple_outbox'::regclass;
+ALTER TABLE simple_outbox ENABLE TRIGGER cqrs_sync_attached;
+SELECT cqrs_detach_outbox('simple_outbox');
+
+-- ---- a trigger made by hand with a wrong argument does not break the view
+CREATE TABLE handmade_outbox (payload jsonb);
+CREATE TRIGGER no_mapping AFTER INSERT ON handmade_outbox FOR EACH ROW
+    EXECUTE FUNCTION cqrs_outbox_attached();
+CREATE TRIGGER not_json AFTER INSERT ON handmade_outbox FOR EACH ROW
+    EXECUTE FUNCTION cqrs_outbox_attached('not json');
+SELECT outbox, mapping, enabled FROM cqrs_attached_outboxes WHERE outbox = 'handmade_outbox'::regclass;
+DROP TABLE handmade_outbox;
+
+-- ---- a table that does not exist
+SELECT cqrs_attach_outbox(4294967295::oid::regclass);
+SELECT cqrs_attached_outbox_enqueue(4294967295::oid::regclass, ROW(1));
+
 -- DROP EXTENSION refuses while a table is attached
 SELECT cqrs_attach_outbox('simple_outbox', '{"topic": "simple", "key": "k", "payload": "body",
                                              "event_id": null, "headers": {}}');
 DROP EXTENSION cqrs_sync;
 SELECT cqrs_detach_outbox('simple_outbox');
 
-DROP TABLE outboxevent, outbox_event, simple_outbox, binary_outbox, numbered_outbox, app_outbox CASCADE;
+DROP TABLE outboxevent, outbox_event, simple_outbox, binary_outbox, numbered_outbox, app_outbox,
+    part_outbox, inh_outbox, typed_outbox CASCADE;
 DROP ROLE regress_attach_app;
 DROP ROLE regress_attach_writer;
 DROP ROLE regress_attach_service;

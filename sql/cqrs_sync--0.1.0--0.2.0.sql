@@ -674,7 +674,11 @@ BEGIN
         END IF;
     END LOOP;
 
-    SELECT cl.relkind, cl.relowner INTO rel FROM pg_class cl WHERE cl.oid = outbox;
+    SELECT cl.relkind, cl.relowner, cl.relispartition INTO rel FROM pg_class cl WHERE cl.oid = outbox;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'relation with OID % does not exist', outbox::oid
+            USING ERRCODE = 'undefined_table';
+    END IF;
     IF rel.relkind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '"%" is not a table', outbox USING ERRCODE = 'wrong_object_type';
     END IF;
@@ -687,6 +691,14 @@ BEGIN
         RAISE EXCEPTION 'table % belongs to an extension', outbox
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'Attach the application''s own outbox table; cqrs_outbox is published anyway.';
+    END IF;
+    -- (partitions fire the triggers of their partitioned table; inheritance
+    -- children do not fire their parent's)
+    IF rel.relkind = 'r' AND EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = outbox) THEN
+        RAISE EXCEPTION 'table % has inheritance children', outbox
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'Rows inserted into a child table do not fire its parent''s triggers: they would not be published.',
+                  HINT = 'Attach each table the application inserts into on its own.';
     END IF;
 
     -- No row is inserted while the table is attached: every row committed
@@ -736,6 +748,12 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END LOOP;
+    IF (rel.relkind = 'p' OR rel.relispartition) AND jsonb_typeof(m->'event_id') = 'null' THEN
+        RAISE EXCEPTION 'a partitioned table needs option "event_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'An UPDATE that moves a row to another partition inserts it there, which fires the trigger again: only the row''s event id tells that copy from a new event.',
+                  HINT = 'Name a column holding each row''s unique id (a UUID) in option "event_id".';
+    END IF;
     IF jsonb_typeof(m->'headers') IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'option "headers" must be a JSON object of header names and columns'
             USING ERRCODE = 'invalid_parameter_value';
@@ -778,6 +796,20 @@ BEGIN
             RAISE EXCEPTION 'payload column "%" of table % is of type %', c.col, outbox, typ::regtype
                 USING ERRCODE = 'datatype_mismatch',
                       DETAIL = 'cqrs_sync sends JSON: the payload must be jsonb, json or a text type holding JSON.';
+        END IF;
+        -- the text of a key or topic must not depend on the inserting
+        -- session's settings (DateStyle, TimeZone, IntervalStyle,
+        -- extra_float_digits, bytea_output)
+        IF c.opt IN ('key', 'route_by')
+           AND (cat IN ('D', 'T', 'G', 'R', 'A', 'C', 'P', 'X')
+                OR typ IN ('float4'::regtype, 'float8'::regtype, 'money'::regtype, 'bytea'::regtype)) THEN
+            RAISE EXCEPTION '% column "%" of table % is of type %',
+                            CASE WHEN c.opt = 'key' THEN 'key' ELSE 'route_by' END, c.col, outbox, typ::regtype
+                USING ERRCODE = 'datatype_mismatch',
+                      DETAIL = CASE WHEN c.opt = 'key'
+                                    THEN 'The text of a value of this type depends on the session''s settings (DateStyle, TimeZone, extra_float_digits...): one value could get two Kafka keys, and so two partitions, which breaks its order.'
+                                    ELSE 'The text of a value of this type depends on the session''s settings (DateStyle, TimeZone, extra_float_digits...): one value could name two topics.' END,
+                      HINT = 'Name a column of a text, integer, numeric, boolean, uuid or enum type.';
         END IF;
         IF c.opt = 'event_id' AND typ <> 'uuid'::regtype AND cat <> 'S' THEN
             RAISE EXCEPTION 'event id column "%" of table % is of type %', c.col, outbox, typ::regtype
@@ -879,16 +911,36 @@ COMMENT ON FUNCTION cqrs_detach_outbox(regclass) IS
 REVOKE ALL ON FUNCTION cqrs_detach_outbox(regclass) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cqrs_detach_outbox(regclass) TO cqrs_sync_writer;
 
+CREATE FUNCTION cqrs_attached_mapping(args bytea, nargs smallint)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF nargs <> 1 THEN
+        RETURN NULL;
+    END IF;
+    -- the argument is in the database's encoding, with a zero byte after it
+    RETURN convert_from(substring(args FROM 1 FOR position('\x00'::bytea IN args) - 1),
+                        current_setting('server_encoding'))::jsonb;
+EXCEPTION WHEN data_exception THEN
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION cqrs_attached_mapping(bytea, smallint) IS
+    'Internal: the mapping a trigger of cqrs_outbox_attached() passes it (pg_trigger.tgargs and tgnargs), for the view cqrs_attached_outboxes; NULL for a trigger made by hand without one mapping in JSON.';
+REVOKE ALL ON FUNCTION cqrs_attached_mapping(bytea, smallint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs_attached_mapping(bytea, smallint) TO pg_monitor, cqrs_sync_operator, cqrs_sync_writer;
+
 CREATE VIEW cqrs_attached_outboxes AS
     SELECT t.tgrelid::regclass AS outbox,
-           convert_from(substring(t.tgargs FROM 1 FOR position('\x00'::bytea IN t.tgargs) - 1),
-                        'UTF8')::jsonb AS mapping,
-           t.tgenabled <> 'D' AS enabled
+           @extschema@.cqrs_attached_mapping(t.tgargs, t.tgnargs) AS mapping,
+           t.tgenabled IN ('O', 'A') AS enabled
       FROM pg_catalog.pg_trigger t
      WHERE t.tgfoid = '@extschema@.cqrs_outbox_attached()'::regprocedure
        AND t.tgparentid = 0;
 COMMENT ON VIEW cqrs_attached_outboxes IS
-    'Attached outbox tables: the table, its mapping (topic or template, route_by, key, payload, event_id, headers) and whether its trigger is enabled.';
+    'Attached outbox tables: the table, its mapping (topic or template, route_by, key, payload, event_id, headers; NULL for a trigger made by hand without a valid one) and whether its trigger fires in ordinary sessions (false when disabled, or enabled for replication sessions only).';
 REVOKE ALL ON cqrs_attached_outboxes FROM PUBLIC;
 GRANT SELECT ON cqrs_attached_outboxes TO pg_monitor, cqrs_sync_operator, cqrs_sync_writer;
 

@@ -70,6 +70,7 @@ typedef struct AttachHeader
 typedef struct AttachMapping
 {
 	Oid			tgoid;			/* hash key: the trigger */
+	char	   *arg;			/* the trigger's argument, parsed below */
 	char	   *topic;			/* topic, or a template with ROUTED_BY_VALUE */
 	char	   *route_by;		/* column replacing the placeholder, or NULL */
 	char	   *key;			/* column of the Kafka key, or NULL */
@@ -79,7 +80,10 @@ typedef struct AttachMapping
 	AttachHeader *headers;
 } AttachMapping;
 
-/* Mappings by trigger oid: a trigger's argument never changes. */
+/*
+ * Mappings by trigger oid, with the argument they were parsed from: CREATE
+ * OR REPLACE TRIGGER keeps a trigger's oid and changes its argument.
+ */
 static HTAB *mappings = NULL;
 
 /* The outbox's owner: the role its rows are inserted as. */
@@ -221,10 +225,6 @@ get_mapping(Trigger *trigger)
 		mappings = hash_create("cqrs_sync attached outbox mappings", 16, &ctl,
 							   HASH_ELEM | HASH_BLOBS);
 	}
-	m = hash_search(mappings, &trigger->tgoid, HASH_FIND, NULL);
-	if (m != NULL)
-		return m;
-
 	if (trigger->tgnargs != 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -232,11 +232,20 @@ get_mapping(Trigger *trigger)
 						trigger->tgname),
 				 errhint("Create it with cqrs_attach_outbox().")));
 
-	/* parse first: a bad argument leaves no half-made entry behind */
+	m = hash_search(mappings, &trigger->tgoid, HASH_FIND, NULL);
+	if (m != NULL && strcmp(m->arg, trigger->tgargs[0]) == 0)
+		return m;
+
+	/*
+	 * Parse first: a bad argument leaves no half-made entry behind.  (The
+	 * strings of a replaced mapping are left in TopMemoryContext: a trigger
+	 * is rarely replaced, and only in sessions that used it.)
+	 */
 	{
 		AttachMapping tmp;
 
 		parse_mapping(&tmp, trigger->tgargs[0]);
+		tmp.arg = MemoryContextStrdup(TopMemoryContext, trigger->tgargs[0]);
 		m = hash_search(mappings, &trigger->tgoid, HASH_ENTER, &found);
 		tmp.tgoid = trigger->tgoid;
 		*m = tmp;
@@ -498,8 +507,16 @@ cqrs_outbox_attached(PG_FUNCTION_ARGS)
 				 errhint("Attach outbox tables with cqrs_attach_outbox().")));
 
 	rel = trigdata->tg_relation;
+
+	/*
+	 * An UPDATE that moves a row to another partition inserts it there, which
+	 * fires this trigger: a row of a partition whose event id is in the
+	 * outbox already is that copy, not a new event (cqrs_attach_outbox()
+	 * makes partitioned tables map an event id).
+	 */
 	(void) publish_row(get_mapping(trigdata->tg_trigger), RelationGetDescr(rel),
-					   trigdata->tg_trigtuple, RelationGetRelid(rel), false);
+					   trigdata->tg_trigtuple, RelationGetRelid(rel),
+					   rel->rd_rel->relispartition);
 	return PointerGetDatum(NULL);
 }
 
@@ -528,7 +545,11 @@ cqrs_attached_outbox_enqueue(PG_FUNCTION_ARGS)
 									   makeString("cqrs_outbox_attached")),
 							0, NULL, false);
 
-	rel = table_open(relid, AccessShareLock);
+	rel = try_table_open(relid, AccessShareLock);
+	if (rel == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation with OID %u does not exist", relid)));
 	if (rectype != rel->rd_rel->reltype)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATATYPE_MISMATCH),

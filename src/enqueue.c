@@ -97,7 +97,8 @@ cqrs_xact_callback(XactEvent event, void *arg)
 			ereport(ERROR,
 					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 					 errmsg("cannot prepare a transaction that called cqrs_enqueue()"),
-					 errdetail("The relay must know when an enqueuing transaction ends to keep per-key order.")));
+					 errdetail("The relay must know when an enqueuing transaction ends to keep per-key order."),
+					 errhint("Inserting into an outbox table attached with cqrs_attach_outbox() calls it too.")));
 			break;
 		case XACT_EVENT_COMMIT:
 			/* runs after the commit became visible to new snapshots */
