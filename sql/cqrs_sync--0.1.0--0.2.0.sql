@@ -304,7 +304,9 @@ BEGIN
 
     WITH a AS (
         UPDATE @extschema@.cqrs_outbox o
-           SET purge_approved_by = who, purge_approved_at = now()
+           -- the grace counts from the approval itself, not from the start
+           -- of a transaction that may have been open for longer than it
+           SET purge_approved_by = who, purge_approved_at = clock_timestamp()
          WHERE o.id = ANY (ids)
            AND o.status IN ('DEAD_LETTERED', 'DLT_FAILED')
            AND o.purge_approved_at IS NULL

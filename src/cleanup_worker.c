@@ -44,9 +44,9 @@
  *	  budget that is nearly spent limits the rows deleted, not the rows
  *	  read, so a cluster of failed rows is never read one row per statement.
  * 3. Read side: inbox entries, delta memory and tombstones older than
- *	  cqrs_sync.inbox_retention, and those of dropped tables, are deleted in
- *	  batches, within the same budget.  cqrs_prune_read_side() runs this
- *	  step alone.
+ *	  cqrs_sync.inbox_retention, and those of dropped tables (whatever the
+ *	  retention), are deleted in batches, within the same budget.
+ *	  cqrs_prune_read_side() runs this step alone.
  *
  * PENDING rows are never deleted.  Failed rows locked by someone else (an
  * operator retrying or discarding them) are skipped (SKIP LOCKED) and left
@@ -429,8 +429,9 @@ ensure_plans(void)
 		 * The oldest transaction that may hold an outbox id not yet visible:
 		 * one of this database (only those can insert into its outbox) that
 		 * has an xid or runs a statement (an insert has its id before its
-		 * xid, within the statement); and whether a prepared transaction
-		 * exists here (its start is unknown).
+		 * xid, within the statement); and whether one exists here whose start
+		 * is unknown: a prepared transaction, or a session with
+		 * track_activities off (no xact_start, no state).
 		 */
 		plans.oldest_xact = cqrs_keep_plan("SELECT (SELECT min(a.xact_start) FROM pg_catalog.pg_stat_activity a"
 										   "         WHERE a.datid = (SELECT oid FROM pg_catalog.pg_database"
@@ -439,7 +440,14 @@ ensure_plans(void)
 										   "           AND a.backend_type <> 'autovacuum worker'"
 										   "           AND (a.backend_xid IS NOT NULL OR a.state = 'active')),"
 										   "       EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts p"
-										   "                WHERE p.database = pg_catalog.current_database())",
+										   "                WHERE p.database = pg_catalog.current_database())"
+										   "       OR EXISTS (SELECT FROM pg_catalog.pg_stat_activity a"
+										   "                   WHERE a.datid = (SELECT oid FROM pg_catalog.pg_database"
+										   "                                     WHERE datname = pg_catalog.current_database())"
+										   "                     AND a.pid <> pg_catalog.pg_backend_pid()"
+										   "                     AND a.backend_type <> 'autovacuum worker'"
+										   "                     AND (a.state = 'disabled'"
+										   "                          OR (a.backend_xid IS NOT NULL AND a.xact_start IS NULL)))",
 										   0, NULL);
 	}
 
@@ -733,7 +741,7 @@ walk_begin(PassState *ps, WalkState *ws)
 	int64		old_sample;
 	TimestampTz old_sampled_at = 0;
 	Datum		d;
-	bool		prepared;
+	bool		unknown;
 	TimestampTz oldest = 0;
 	bool		none_running;
 
@@ -766,10 +774,10 @@ walk_begin(PassState *ps, WalkState *ws)
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &none_running);
 	if (!none_running)
 		oldest = DatumGetTimestampTz(d);
-	prepared = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	unknown = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	batch_end(ps);
 
-	if (prepared)
+	if (unknown)
 		return;					/* nothing settles while one exists */
 	if (none_running || oldest > ws->sampled_at)
 		ws->settled = Max(ws->settled, ws->sample);
@@ -947,6 +955,17 @@ prune_step(PassState *ps, SPIPlanPtr plan, TimestampTz cutoff, bool with_cutoff,
 }
 
 /*
+ * Tombstones and delta memory of dropped tables, whatever their age and the
+ * retention (0 included): a table created later may get a dropped one's OID.
+ */
+static void
+prune_dropped(PassState *ps, CleanupResult *res)
+{
+	prune_step(ps, plans.prune_gone_tombstones, 0, false, res);
+	prune_step(ps, plans.prune_gone_delta, 0, false, res);
+}
+
+/*
  * Inbox entries, delta memory and tombstones from before cutoff, and those
  * of dropped tables.
  */
@@ -956,8 +975,7 @@ prune_read_side(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 	prune_step(ps, plans.prune_inbox, cutoff, true, res);
 	prune_step(ps, plans.prune_delta, cutoff, true, res);
 	prune_step(ps, plans.prune_tombstones, cutoff, true, res);
-	prune_step(ps, plans.prune_gone_tombstones, 0, false, res);
-	prune_step(ps, plans.prune_gone_delta, 0, false, res);
+	prune_dropped(ps, res);
 }
 
 static TimestampTz
@@ -988,12 +1006,19 @@ run_pass(PassState *ps, CleanupResult *res)
 	memset(res, 0, sizeof(*res));
 	res->complete = true;
 
+	/*
+	 * The grace counts on the clock: approvals are stamped with the time
+	 * they were made (clock_timestamp()), not with their transaction's start.
+	 */
 	if (dlt_retention >= 0)
-		purge_failed(ps, cutoff_for(now, dlt_retention), cutoff_for(now, grace), res);
+		purge_failed(ps, cutoff_for(now, dlt_retention),
+					 cutoff_for(GetCurrentTimestamp(), grace), res);
 	if (sent_retention >= 0)
 		delete_sent(ps, cutoff_for(now, sent_retention), res);
 	if (read_retention > 0)
 		prune_read_side(ps, cutoff_for(now, read_retention), res);
+	else
+		prune_dropped(ps, res);
 }
 
 /*
@@ -1052,6 +1077,18 @@ cqrs_cleanup(PG_FUNCTION_ARGS)
 		elog(ERROR, "return type must be a row type");
 	/* the layout of 0.1.0 and 0.2.0; a new one gets a new symbol */
 	cqrs_check_row_layout("cqrs_cleanup", tupdesc, lengthof(values));
+
+	/*
+	 * The walk takes the outbox's id sequence and the running transactions
+	 * as they are now; a snapshot older than that could miss rows they
+	 * committed, and the walk would pass them.
+	 */
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("cqrs_cleanup() must run in a READ COMMITTED transaction"),
+				 errdetail("Its walk over SENT rows starts from what was committed when it runs; a transaction snapshot taken earlier would make it pass rows committed since."),
+				 errhint("Run it in its own transaction at READ COMMITTED, for example with BEGIN ISOLATION LEVEL READ COMMITTED.")));
 
 	/* a pass that fails is counted as an error, with its message */
 	PG_TRY();
@@ -1123,7 +1160,13 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 	{
 		if (cqrs_inbox_retention <= 0)
-			PG_RETURN_INT64(0);
+		{
+			/* everything is kept, but what dropped tables left */
+			function_pass_begin(&ps, &res);
+			prune_dropped(&ps, &res);
+			function_pass_end(&res, "cqrs_prune_read_side", "Call cqrs_prune_read_side() again.");
+			PG_RETURN_INT64(res.read_side);
+		}
 		older = retention;
 	}
 	else

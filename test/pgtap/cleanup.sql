@@ -58,7 +58,7 @@ SELECT is(cqrs_approve_purge(array(SELECT id FROM cqrs_outbox
                                     WHERE key IN ('dl-old-approved', 'df-old-approved',
                                                   'dl-young-approved', 'pending-ancient', 'sent-old'))),
           3, 'cqrs_approve_purge() approves the three failed rows, not the PENDING or SENT one');
-SELECT results_eq($$SELECT key, purge_approved_by = session_user, purge_approved_at = now()
+SELECT results_eq($$SELECT key, purge_approved_by = session_user, purge_approved_at BETWEEN now() AND clock_timestamp()
                       FROM cqrs_outbox WHERE purge_approved_at IS NOT NULL ORDER BY id$$,
                   $$VALUES ('dl-old-approved'::text, true, true), ('df-old-approved', true, true),
                            ('dl-young-approved', true, true)$$,

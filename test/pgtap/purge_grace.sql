@@ -8,7 +8,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(20);
+SELECT plan(21);
 SET LOCAL client_min_messages = warning;
 SET LOCAL cqrs_sync.dlt_retention = '7d';
 
@@ -68,6 +68,15 @@ SELECT is((SELECT count(*) FROM cqrs_outbox WHERE topic = 'pgtap.grace'), 3::big
 SET LOCAL cqrs_sync.purge_grace = 0;
 SELECT is(cqrs_approve_purge(ARRAY[pg_temp.id('k2')]), 1, 'approve k2 again');
 SELECT is((SELECT dead_lettered FROM cqrs_cleanup()), 1::bigint, 'with purge_grace 0 the next pass purges it');
+
+-- the grace counts from the approval, not from the start of the approving
+-- transaction: one open for longer than the grace left no time to cancel
+INSERT INTO cqrs_outbox (topic, key, payload, status, last_error, created_at)
+VALUES ('pgtap.grace', 'late', '{}', 'DEAD_LETTERED', 'failed', now() - interval '30 days');
+SELECT pg_sleep(0.2);
+SELECT cqrs_approve_purge(ARRAY[(SELECT id FROM cqrs_outbox WHERE topic = 'pgtap.grace' AND key = 'late')]);
+SELECT ok((SELECT purge_approved_at > now() FROM cqrs_outbox WHERE topic = 'pgtap.grace' AND key = 'late'),
+          'an approval is stamped with the time it was made, not its transaction''s start');
 
 SELECT * FROM finish();
 ROLLBACK;
