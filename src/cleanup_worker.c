@@ -285,8 +285,8 @@ ensure_plans(void)
 	Oid			purge_types[4] = {INT8OID, TIMESTAMPTZOID, INT4OID, TIMESTAMPTZOID};
 	Oid			window_types[4] = {INT8OID, TIMESTAMPTZOID, INT4OID, INT4OID};
 	Oid			listed_types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, INT4OID};
-	Oid			put_types[7] = {INT8OID, INT8OID, INT8ARRAYOID, INT8OID, INT8OID,
-	TIMESTAMPTZOID, BOOLOID};
+	Oid			put_types[8] = {INT8OID, INT8OID, INT8ARRAYOID, INT8OID, INT8OID,
+	TIMESTAMPTZOID, BOOLOID, INT8OID};
 	Oid			prune_types[2] = {TIMESTAMPTZOID, INT4OID};
 
 	if (!OidIsValid(ext))
@@ -403,7 +403,8 @@ ensure_plans(void)
 										   3, listed_types);
 		plans.state_get = cqrs_keep_plan(psprintf(
 												  "SELECT walk_from, walk_pending, settled_id, id_sample, id_sampled_at,"
-												  "       full_walk_at IS NULL OR full_walk_at < pg_catalog.now() - pg_catalog.make_interval(secs => %d)"
+												  "       full_walk_at IS NULL OR full_walk_at < pg_catalog.now() - pg_catalog.make_interval(secs => %d),"
+												  "       revisit_from"
 												  "  FROM %s.cqrs_cleanup_state",
 												  FULL_WALK_INTERVAL_S, s),
 										 0, NULL);
@@ -411,17 +412,24 @@ ensure_plans(void)
 		/*
 		 * $1: walk_from when the pass read it, $2: the new one, $3: the rows
 		 * listed, $4: settled id, $5, $6: the id sample and its time, $7:
-		 * the pass walked from id 0.  A retry may have moved walk_from back
-		 * meanwhile: then the lower one wins.
+		 * the pass walked from id 0, $8: revisit_from when the pass read it.
+		 * A retry may have moved walk_from back meanwhile: then the lower one
+		 * wins.  A retry of a row the walk had passed, or was passing, while
+		 * it ran (it read the row as failed, and did not list it) lowered
+		 * revisit_from: the next walk starts there.  revisit_from is cleared
+		 * once a pass that read it saves.
 		 */
 		plans.state_put = cqrs_keep_plan(psprintf(
 												  "UPDATE %s.cqrs_cleanup_state SET"
-												  " walk_from = CASE WHEN walk_from = $1 THEN $2 ELSE LEAST(walk_from, $2) END,"
+												  " walk_from = LEAST(CASE WHEN walk_from = $1 THEN $2 ELSE LEAST(walk_from, $2) END,"
+												  "                   CASE WHEN revisit_from IS DISTINCT FROM $8 THEN revisit_from END),"
+												  " revisit_from = CASE WHEN revisit_from IS NOT DISTINCT FROM $8 THEN NULL"
+												  "                     ELSE revisit_from END,"
 												  " walk_pending = $3, settled_id = GREATEST(settled_id, $4),"
 												  " id_sample = $5, id_sampled_at = $6,"
 												  " full_walk_at = CASE WHEN $7 THEN pg_catalog.now() ELSE full_walk_at END",
 												  s),
-										 7, put_types);
+										 8, put_types);
 		plans.id_sample = cqrs_keep_plan(psprintf("SELECT last_value FROM %s.cqrs_outbox_id_seq", s),
 										 0, NULL);
 
@@ -431,7 +439,8 @@ ensure_plans(void)
 		 * has an xid or runs a statement (an insert has its id before its
 		 * xid, within the statement); and whether one exists here whose start
 		 * is unknown: a prepared transaction, or a session with
-		 * track_activities off (no xact_start, no state).
+		 * track_activities off (no xact_start, no state) that has an xid or
+		 * a snapshot (runs a statement, or a transaction that took one).
 		 */
 		plans.oldest_xact = cqrs_keep_plan("SELECT (SELECT min(a.xact_start) FROM pg_catalog.pg_stat_activity a"
 										   "         WHERE a.datid = (SELECT oid FROM pg_catalog.pg_database"
@@ -446,8 +455,8 @@ ensure_plans(void)
 										   "                                     WHERE datname = pg_catalog.current_database())"
 										   "                     AND a.pid <> pg_catalog.pg_backend_pid()"
 										   "                     AND a.backend_type <> 'autovacuum worker'"
-										   "                     AND (a.state = 'disabled'"
-										   "                          OR (a.backend_xid IS NOT NULL AND a.xact_start IS NULL)))",
+										   "                     AND a.state = 'disabled'"
+										   "                     AND (a.backend_xid IS NOT NULL OR a.backend_xmin IS NOT NULL))",
 										   0, NULL);
 	}
 
@@ -723,6 +732,8 @@ typedef struct WalkState
 	int64		sample;			/* this pass's id sample ... */
 	TimestampTz sampled_at;		/* ... and its time */
 	bool		full;			/* walk from id 0 */
+	int64		revisit;		/* revisit_from as read ... */
+	bool		revisit_null;	/* ... or NULL */
 } WalkState;
 
 /*
@@ -763,6 +774,8 @@ walk_begin(PassState *ps, WalkState *ws)
 	if (!old_sample_null)
 		old_sampled_at = DatumGetTimestampTz(d);
 	ws->full = DatumGetBool(SPI_getbinval(tup, desc, 6, &isnull));
+	d = SPI_getbinval(tup, desc, 7, &ws->revisit_null);
+	ws->revisit = ws->revisit_null ? 0 : DatumGetInt64(d);
 
 	run_checked(plans.id_sample, NULL, "reading the outbox id sequence");
 	ws->sample = get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
@@ -798,7 +811,8 @@ int64_cmp(const void *a, const void *b)
 static void
 walk_end(PassState *ps, WalkState *ws, int64 next_from, int64 *listed, int nlisted)
 {
-	Datum		args[7];
+	Datum		args[8];
+	char		nulls[8] = "       ";
 	int			n = 0;
 
 	if (!ws->kept)
@@ -829,7 +843,10 @@ walk_end(PassState *ps, WalkState *ws, int64 next_from, int64 *listed, int nlist
 	args[4] = Int64GetDatum(ws->sample);
 	args[5] = TimestampTzGetDatum(ws->sampled_at);
 	args[6] = BoolGetDatum(ws->full);
-	if (SPI_execute_plan(plans.state_put, args, NULL, false, 0) != SPI_OK_UPDATE)
+	args[7] = Int64GetDatum(ws->revisit);
+	if (ws->revisit_null)
+		nulls[7] = 'n';
+	if (SPI_execute_plan(plans.state_put, args, nulls, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "cqrs_sync cleanup: saving cqrs_cleanup_state failed");
 	batch_end(ps);
 }
