@@ -866,28 +866,39 @@ delete_sent(PassState *ps, TimestampTz cutoff, CleanupResult *res)
 	listed = MemoryContextAlloc(ps->cxt, sizeof(int64) * maxlisted);
 	after = ws.full ? 0 : ws.walk_from - 1;
 
-	/* the rows listed by the last pass, looked up by id */
+	/*
+	 * The rows listed by the last pass, looked up by id, a batch at a time
+	 * until fewer than a batch are due.  (If the budget runs out first, the
+	 * state is left as it was: the next pass looks them up again.)
+	 */
 	if (!ws.full && ws.npending > 0)
 	{
-		int			limit = next_batch(ps, res, "cqrs_sync cleanup: deleting expired SENT rows");
-		Datum		args[3];
-		int64		deleted;
-		int64	   *left;
-		int			nleft;
+		memcpy(listed, ws.pending, sizeof(int64) * ws.npending);
+		nlisted = ws.npending;
+		for (;;)
+		{
+			int			limit = next_batch(ps, res, "cqrs_sync cleanup: deleting expired SENT rows");
+			Datum		args[3];
+			int64		deleted;
+			int64	   *left;
+			int			nleft;
 
-		if (limit == 0)
-			return;
-		args[0] = int8_array_datum(ws.pending, ws.npending);
-		args[1] = TimestampTzGetDatum(cutoff);
-		args[2] = Int32GetDatum(limit);
-		run_checked(plans.sent_listed, args, "deleting listed SENT rows");
-		deleted = get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-		left = get_int8_array(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &nleft,
-							  CurrentMemoryContext);
-		memcpy(listed, left, sizeof(int64) * nleft);
-		nlisted = nleft;
-		res->sent += deleted;
-		finish_batch(ps, deleted);
+			if (limit == 0)
+				return;
+			args[0] = int8_array_datum(listed, nlisted);
+			args[1] = TimestampTzGetDatum(cutoff);
+			args[2] = Int32GetDatum(limit);
+			run_checked(plans.sent_listed, args, "deleting listed SENT rows");
+			deleted = get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+			left = get_int8_array(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &nleft,
+								  CurrentMemoryContext);
+			memcpy(listed, left, sizeof(int64) * nleft);
+			nlisted = nleft;
+			res->sent += deleted;
+			finish_batch(ps, deleted);
+			if (deleted < limit || nlisted == 0)
+				break;
+		}
 	}
 
 	/* the walk */
@@ -1155,6 +1166,27 @@ retention_interval(void)
 }
 
 /*
+ * start - older; -infinity for an interval reaching before the earliest
+ * timestamp (4713 BC), which nothing is older than.
+ */
+static TimestampTz
+older_than_cutoff(TimestampTz start, Interval *older)
+{
+	int64		days = (int64) older->month * DAYS_PER_MONTH + older->day +
+		older->time / USECS_PER_DAY;
+	TimestampTz cutoff;
+
+	if (days > (int64) 6000 * 366)
+	{
+		TIMESTAMP_NOBEGIN(cutoff);
+		return cutoff;
+	}
+	return DatumGetTimestampTz(DirectFunctionCall2(timestamptz_mi_interval,
+												   TimestampTzGetDatum(start),
+												   IntervalPGetDatum(older)));
+}
+
+/*
  * cqrs_prune_read_side(older_than interval DEFAULT NULL) RETURNS bigint
  *
  * The read side's step of a pass alone, in the caller's transaction
@@ -1211,11 +1243,7 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	}
 
 	function_pass_begin(&ps, &res);
-	prune_read_side(&ps,
-					DatumGetTimestampTz(DirectFunctionCall2(timestamptz_mi_interval,
-															TimestampTzGetDatum(pass_start(&ps)),
-															IntervalPGetDatum(older))),
-					&res);
+	prune_read_side(&ps, older_than_cutoff(pass_start(&ps), older), &res);
 	function_pass_end(&res, "cqrs_prune_read_side", "Call cqrs_prune_read_side() again.");
 	PG_RETURN_INT64(res.read_side);
 }

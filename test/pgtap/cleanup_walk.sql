@@ -14,7 +14,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(14);
+SELECT plan(15);
 SET LOCAL client_min_messages = warning;
 SET LOCAL cqrs_sync.sent_retention = '1d';
 SET LOCAL cqrs_sync.dlt_retention = -1;
@@ -100,6 +100,16 @@ UPDATE cqrs_outbox SET created_at = now() - interval '26 hours', sent_at = now()
 SELECT is((SELECT pg_temp.pass('recent due')), 10::bigint, 'rows that became due later are deleted');
 SELECT is((SELECT count(*) FROM cqrs_outbox WHERE status IN ('DEAD_LETTERED', 'DLT_FAILED')), 2999::bigint,
           'no unapproved failed row was deleted');
+
+-- rows listed as PENDING that become due together are all deleted by the
+-- next pass, in batches, however small a batch is
+SELECT pg_temp.rows(20, 'pending-many', 30, 'PENDING');
+SELECT pg_temp.rows(3, 'sent-after', 28, 'SENT');
+SELECT pg_temp.pass('lists them');
+UPDATE cqrs_outbox SET status = 'SENT', sent_at = now() - interval '25 hours' WHERE key = 'pending-many';
+SET LOCAL cqrs_sync.cleanup_batch_size = 7;
+SELECT is((SELECT pg_temp.pass('listed due')), 20::bigint,
+          'the 20 listed rows that became due are deleted by one pass, 7 at a time');
 
 SELECT * FROM finish();
 ROLLBACK;

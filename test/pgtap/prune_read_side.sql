@@ -9,7 +9,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(17);
+SELECT plan(18);
 SET LOCAL client_min_messages = warning;
 
 CREATE ROLE regress_prune_op IN ROLE cqrs_sync_operator;
@@ -75,6 +75,8 @@ SELECT results_eq($$SELECT sent, read_side, complete FROM cqrs_cleanup()$$,
                   $$VALUES (0::bigint, 9::bigint, true)$$, 'and the next finishes');
 SELECT throws_ok($$SELECT cqrs_prune_read_side('-1 day')$$, '22023', 'older_than must not be negative',
                  'a negative interval');
+SELECT is(cqrs_prune_read_side('300000 years'), 0::bigint,
+          'an interval reaching before the earliest timestamp: nothing is that old');
 
 SELECT * FROM finish();
 ROLLBACK;
