@@ -13,7 +13,9 @@ OBJS        = src/cqrs_sync.o src/shmem.o src/enqueue.o src/kafka.o \
               src/event_id.o src/jsonb_text.o
 
 DATA        = $(wildcard sql/cqrs_sync--*.sql)
-DOCS        = README.md
+# (no DOCS: PGXS would install README.md into the directory every extension
+# shares, where another package's README.md clashes with it; the Debian
+# package installs it under its own name, debian/rules)
 
 # pg_regress (PG15) reads ./sql/<test>.sql and ./expected/<test>.out
 REGRESS        = outbox operator apply cleanup monitoring attach
@@ -51,6 +53,8 @@ DISTNAME = $(EXTENSION)-$(EXTVERSION)
 EXTRA_CLEAN += $(DISTNAME).zip
 
 dist:
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || \
+		{ echo "make dist: builds the archive with git archive, and this tree is not a git checkout" >&2; exit 1; }
 	git archive --format=zip --prefix=$(DISTNAME)/ -o $(DISTNAME).zip HEAD
 	@echo "$(DISTNAME).zip"
 

@@ -57,8 +57,16 @@ esac
 rm -rf "$work"
 src="$work/cqrs-sync-$version"
 mkdir -p "$src"
-# the checkout's files (committed, and new ones not ignored), not its build
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -C "$src" -xf -
+# the checkout's files (committed, and new ones not ignored), not its build;
+# in an unpacked release archive (no git), its files but those of a build or
+# a test run
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard
+else
+    find . -mindepth 1 \( -name tmp_check -o -name results -o -name output_iso -o -name log \) -prune -o \
+        -type f ! -name '*.o' ! -name '*.so' ! -name '*.bc' ! -name '*.d' ! -name '*.zip' \
+        ! -name 'regression.*' -printf '%P\0'
+fi | tar --null -T - -cf - | tar -C "$src" -xf -
 (cd "$src" && cp debian/control "$work/control.committed" && pg_buildext updatecontrol >/dev/null 2>&1)
 cmp -s "$work/control.committed" "$src/debian/control"
 ok $? "debian/control is what pg_buildext updatecontrol makes of debian/control.in"
