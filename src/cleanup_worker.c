@@ -442,21 +442,16 @@ ensure_plans(void)
 		 * track_activities off (no xact_start, no state) that has an xid or
 		 * a snapshot (runs a statement, or a transaction that took one).
 		 */
-		plans.oldest_xact = cqrs_keep_plan("SELECT (SELECT min(a.xact_start) FROM pg_catalog.pg_stat_activity a"
-										   "         WHERE a.datid = (SELECT oid FROM pg_catalog.pg_database"
-										   "                           WHERE datname = pg_catalog.current_database())"
-										   "           AND a.pid <> pg_catalog.pg_backend_pid()"
-										   "           AND a.backend_type <> 'autovacuum worker'"
-										   "           AND (a.backend_xid IS NOT NULL OR a.state = 'active')),"
-										   "       EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts p"
-										   "                WHERE p.database = pg_catalog.current_database())"
-										   "       OR EXISTS (SELECT FROM pg_catalog.pg_stat_activity a"
-										   "                   WHERE a.datid = (SELECT oid FROM pg_catalog.pg_database"
-										   "                                     WHERE datname = pg_catalog.current_database())"
-										   "                     AND a.pid <> pg_catalog.pg_backend_pid()"
-										   "                     AND a.backend_type <> 'autovacuum worker'"
-										   "                     AND a.state = 'disabled'"
-										   "                     AND (a.backend_xid IS NOT NULL OR a.backend_xmin IS NOT NULL))",
+		plans.oldest_xact = cqrs_keep_plan("SELECT min(a.xact_start) FILTER (WHERE a.backend_xid IS NOT NULL OR a.state = 'active'),"
+										   "       coalesce(bool_or(a.state = 'disabled'"
+										   "                        AND (a.backend_xid IS NOT NULL OR a.backend_xmin IS NOT NULL)), false)"
+										   "       OR EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts p"
+										   "                   WHERE p.database = pg_catalog.current_database())"
+										   "  FROM pg_catalog.pg_stat_activity a"
+										   " WHERE a.datid = (SELECT oid FROM pg_catalog.pg_database"
+										   "                   WHERE datname = pg_catalog.current_database())"
+										   "   AND a.pid <> pg_catalog.pg_backend_pid()"
+										   "   AND a.backend_type <> 'autovacuum worker'",
 										   0, NULL);
 	}
 
@@ -812,7 +807,7 @@ static void
 walk_end(PassState *ps, WalkState *ws, int64 next_from, int64 *listed, int nlisted)
 {
 	Datum		args[8];
-	char		nulls[8] = "       ";
+	char		nulls[8];
 	int			n = 0;
 
 	if (!ws->kept)
@@ -844,6 +839,7 @@ walk_end(PassState *ps, WalkState *ws, int64 next_from, int64 *listed, int nlist
 	args[5] = TimestampTzGetDatum(ws->sampled_at);
 	args[6] = BoolGetDatum(ws->full);
 	args[7] = Int64GetDatum(ws->revisit);
+	memset(nulls, ' ', sizeof(nulls));
 	if (ws->revisit_null)
 		nulls[7] = 'n';
 	if (SPI_execute_plan(plans.state_put, args, nulls, false, 0) != SPI_OK_UPDATE)
@@ -1208,15 +1204,8 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	memset(&zero, 0, sizeof(zero));
 	if (PG_ARGISNULL(0))
 	{
-		if (cqrs_inbox_retention <= 0)
-		{
-			/* everything is kept, but what dropped tables left */
-			function_pass_begin(&ps, &res);
-			prune_dropped(&ps, &res);
-			function_pass_end(&res, "cqrs_prune_read_side", "Call cqrs_prune_read_side() again.");
-			PG_RETURN_INT64(res.read_side);
-		}
-		older = retention;
+		/* retention 0 keeps everything but what dropped tables left */
+		older = (cqrs_inbox_retention > 0) ? retention : NULL;
 	}
 	else
 	{
@@ -1243,7 +1232,10 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	}
 
 	function_pass_begin(&ps, &res);
-	prune_read_side(&ps, older_than_cutoff(pass_start(&ps), older), &res);
+	if (older == NULL)
+		prune_dropped(&ps, &res);
+	else
+		prune_read_side(&ps, older_than_cutoff(pass_start(&ps), older), &res);
 	function_pass_end(&res, "cqrs_prune_read_side", "Call cqrs_prune_read_side() again.");
 	PG_RETURN_INT64(res.read_side);
 }
