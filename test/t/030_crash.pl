@@ -26,12 +26,14 @@ my $topic = unique_topic('crash');
 my $batch = $node->safe_psql('postgres', 'SHOW cqrs_sync.batch_size');
 
 # psql that tolerates a server in crash recovery: returns undef on failure
+# (also when psql, refused a connection, exits before it read the query it
+# is given on its input: IPC::Run then dies of a broken pipe)
 sub try_psql
 {
 	my ($sql) = @_;
 	my ($out, $err) = ('', '');
-	my $rc = $node->psql('postgres', $sql, stdout => \$out, stderr => \$err, timeout => 30);
-	return $rc == 0 ? $out : undef;
+	my $rc = eval { $node->psql('postgres', $sql, stdout => \$out, stderr => \$err, timeout => 30) };
+	return (defined $rc && $rc == 0) ? $out : undef;
 }
 
 sub relay_pid
