@@ -459,7 +459,8 @@ BEGIN
         RAISE EXCEPTION 'consumer must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     INSERT INTO @extschema@.cqrs_consumer AS c (consumer, owner)
-    VALUES (cqrs_set_consumer_owner.consumer, cqrs_set_consumer_owner.owner::text)
+    -- the role's name as it is (regrole's text quotes it where SQL needs quotes)
+    VALUES (cqrs_set_consumer_owner.consumer, pg_catalog.pg_get_userbyid(cqrs_set_consumer_owner.owner)::text)
     ON CONFLICT ON CONSTRAINT cqrs_consumer_pkey
     DO UPDATE SET owner = excluded.owner, claimed_at = now();
 END
@@ -556,10 +557,16 @@ GRANT SELECT ON cqrs_delta_inbox, cqrs_consumer TO cqrs_sync_operator;
 -- 0.1.0 kept the memory of cqrs_apply_delta() in the inbox, as consumer
 -- "<consumer>/delta/<target oid>" and event id "<event_id> <key>" (the key
 -- a JSON object whose text holds ' {"' nowhere but at its start).  Moved,
--- not lost.
-WITH moved AS (
+-- not lost.  Only entries naming a table that exists: an ordinary inbox
+-- entry may look like one (consumer "x/delta/123"), and stays.  (Memory of
+-- a table dropped since, or of a database restored from a dump, whose
+-- tables have new OIDs, named no table any more.)
+WITH tables AS (
+    SELECT c.oid::text AS oid FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'p')
+), moved AS (
     DELETE FROM @extschema@.cqrs_inbox i
      WHERE i.consumer ~ '/delta/[0-9]+$' AND strpos(i.event_id, ' {"') > 0
+       AND substring(i.consumer FROM '/delta/([0-9]+)$') IN (SELECT t.oid FROM tables t)
     RETURNING i.consumer, i.event_id, i.processed_at,
               length(i.event_id) - strpos(reverse(i.event_id), '"{ ') AS key_at
 )

@@ -1412,7 +1412,8 @@ BEGIN
         RAISE EXCEPTION 'consumer must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     INSERT INTO @extschema@.cqrs_consumer AS c (consumer, owner)
-    VALUES (cqrs_set_consumer_owner.consumer, cqrs_set_consumer_owner.owner::text)
+    -- the role's name as it is (regrole's text quotes it where SQL needs quotes)
+    VALUES (cqrs_set_consumer_owner.consumer, pg_catalog.pg_get_userbyid(cqrs_set_consumer_owner.owner)::text)
     ON CONFLICT ON CONSTRAINT cqrs_consumer_pkey
     DO UPDATE SET owner = excluded.owner, claimed_at = now();
 END

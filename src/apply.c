@@ -440,7 +440,7 @@ delete_row(FunctionCallInfo fcinfo, bool version2)
 	else
 	{
 		if (deleted == 0)
-			apply_check_hidden_row(t, values);
+			apply_check_hidden_row(t, values, true);
 		result = apply_tombstone_write(ext, t, &key, version) || deleted > 0;
 	}
 	apply_leave();
@@ -619,6 +619,9 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 		/* another transaction made the row and committed: add to it */
 		if (apply_run_plan(p->plan, values, NULL, false, true) > 0)
 			break;
+		/* or the row is there, hidden from this role by its policies */
+		if (attempt == 1)
+			apply_check_hidden_row(t, values, false);
 		if (attempt == DELTA_ATTEMPTS)
 			ereport(ERROR,
 					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),

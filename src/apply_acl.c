@@ -107,16 +107,17 @@ apply_check_target_privilege(ApplyTarget *t, AclMode mode, int ncols,
 }
 
 /*
- * cqrs_delete() found no row of the key the caller may see.  Where row-level
+ * cqrs_delete() found no row of the key the caller may see (for_delete), or
+ * cqrs_apply_delta() could neither update nor insert it.  Where row-level
  * security applies to the caller, a row it hides may be there all the same:
- * a tombstone for it would keep its key from being written again, by anyone.
- * So the row is looked for as the table's owner (as PostgreSQL's foreign key
- * checks look, ignoring FORCE ROW LEVEL SECURITY), and its presence refused
- * like an update of a hidden row (42501).  values: the key, as exists_plan
- * takes it.
+ * a tombstone for it would keep its key from being written again, by anyone,
+ * and deltas would be tried again for ever.  So the row is looked for as the
+ * table's owner (as PostgreSQL's foreign key checks look, ignoring FORCE ROW
+ * LEVEL SECURITY), and its presence refused like an update of a hidden row
+ * (42501).  values: the key, as exists_plan takes it.
  */
 void
-apply_check_hidden_row(ApplyTarget *t, Datum *values)
+apply_check_hidden_row(ApplyTarget *t, Datum *values, bool for_delete)
 {
 	HeapTuple	tup;
 	Oid			owner;
@@ -137,12 +138,18 @@ apply_check_hidden_row(ApplyTarget *t, Datum *values)
 						   SECURITY_NOFORCE_RLS);
 	found = apply_run_plan(t->exists_plan, values, NULL, true, true);
 	SetUserIdAndSecContext(save_user, save_sec);
-	if (found > 0)
+	if (found > 0 && for_delete)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("row-level security of table \"%s\" hides the row to delete from role \"%s\"",
 						t->relname, GetUserNameFromId(save_user, false)),
 				 errdetail("A tombstone for it would keep its key from being written again.")));
+	if (found > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("row-level security of table \"%s\" hides the row to add deltas to from role \"%s\"",
+						t->relname, GetUserNameFromId(save_user, false)),
+				 errdetail("The row exists, and its policies let this role neither update it nor see it.")));
 }
 
 /* ------------------------------------------------------------------------

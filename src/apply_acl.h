@@ -34,7 +34,7 @@ extern void apply_restore_user(ApplyUser *save);
  * table, or on each of the ncols columns given by colidx, or with ncols 0
  * on any column).
  */
-extern void apply_check_hidden_row(ApplyTarget *t, Datum *values);
+extern void apply_check_hidden_row(ApplyTarget *t, Datum *values, bool for_delete);
 extern void apply_check_target_privilege(ApplyTarget *t, AclMode mode,
 										 int ncols, const int *colidx);
 

@@ -25,6 +25,7 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "parser/parse_coerce.h"
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
@@ -341,6 +342,11 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		c->pkpos = -1;
 		getTypeInputInfo(c->basetype, &func, &c->ioparam);
 		fmgr_info_cxt(func, &c->input, t->cxt);
+		c->typmod = typmod;
+		c->typmod_coerce = typmod >= 0 &&
+			find_typmod_coercion_function(c->basetype, &func) == COERCION_PATH_FUNC;
+		if (c->typmod_coerce)
+			fmgr_info_cxt(func, &c->coerce, t->cxt);
 	}
 	qsort(t->cols, t->ncols, sizeof(ApplyColumn), apply_column_cmp);
 

@@ -43,6 +43,9 @@ typedef struct ApplyColumn
 	int			pkpos;			/* position in the primary key, or -1 */
 	FmgrInfo	input;
 	Oid			ioparam;
+	int32		typmod;			/* the base type's modifier, or -1 */
+	bool		typmod_coerce;	/* a length coercion function applies it: */
+	FmgrInfo	coerce;			/* (value, typmod, explicit) */
 	/* primary key columns only: */
 	FmgrInfo	output;
 	char	   *eqop;			/* "OPERATOR(nsp.=)" */

@@ -226,12 +226,27 @@ apply_json_scalar_text(JsonbValue *v)
 	}
 }
 
+static Datum json_to_base_datum(ApplyColumn *c, JsonbValue *v, bool *isnull);
+
 /*
  * A JSON value as a parameter of the column's base type; the statement
- * coerces it to the column's type modifier and checks its domain.
+ * coerces it to the column's type modifier and checks its domain.  A value
+ * of a primary key column is coerced to the type modifier here already: it
+ * is also looked up, hashed and remembered as a key, which must be the value
+ * the row stores (1.04 in a numeric(6,1) column is the key 1.0).
  */
 Datum
 apply_json_to_datum(ApplyColumn *c, JsonbValue *v, bool *isnull)
+{
+	Datum		d = json_to_base_datum(c, v, isnull);
+
+	if (!*isnull && c->pkpos >= 0 && c->typmod_coerce)
+		d = FunctionCall3(&c->coerce, d, Int32GetDatum(c->typmod), BoolGetDatum(false));
+	return d;
+}
+
+static Datum
+json_to_base_datum(ApplyColumn *c, JsonbValue *v, bool *isnull)
 {
 	char	   *str;
 
@@ -394,6 +409,8 @@ fixed_format_begin(void)
 	/* one instant, one text (the delta memory is keyed by it) */
 	(void) set_config_option("timezone", "UTC", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("bytea_output", "hex", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 	return level;
 }
 
@@ -416,6 +433,7 @@ text_form_depends_on_settings(Oid typid)
 		case INTERVALOID:
 		case FLOAT4OID:
 		case FLOAT8OID:
+		case BYTEAOID:
 			return true;
 		default:
 			return false;

@@ -11,7 +11,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(40);
+SELECT plan(41);
 
 CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
 
@@ -118,6 +118,19 @@ SELECT is((SELECT count(*) FROM cqrs_tombstone WHERE target = 'd_rls'::regclass 
           0::bigint, 'row security: no tombstone for the hidden row');
 SELECT is((SELECT string_agg(id::text, ',' ORDER BY id) FROM d_rls), '1,2',
           'row security: the hidden row is still there');
+-- ... nor added to: a permission error, not a serialization failure that a
+-- consumer would retry for ever
+-- (the row it would insert passes the policy; the one there is another's)
+CREATE TABLE d_rls_n (id bigint PRIMARY KEY, likes bigint NOT NULL DEFAULT 0,
+                      owner name NOT NULL DEFAULT current_user, version bigint);
+INSERT INTO d_rls_n VALUES (1, 0, 'regress_direct', 1), (2, 0, 'someone_else', 1);
+ALTER TABLE d_rls_n ENABLE ROW LEVEL SECURITY;
+CREATE POLICY d_rls_n_p ON d_rls_n USING (owner = current_user);
+GRANT SELECT, INSERT, UPDATE, DELETE ON d_rls_n TO regress_direct;
+SET LOCAL ROLE regress_direct;
+SELECT throws_ok($$SELECT cqrs_apply_delta('d_rls_n', '{"id": 2}', '{"likes": 1}', 'direct-rls', 'rl-1')$$,
+                 '42501', NULL, 'row security: deltas to a hidden row fail with 42501');
+RESET ROLE;
 
 -- triggers: row and statement triggers fire
 CREATE TABLE d_trig (id bigint PRIMARY KEY, title text, version bigint);

@@ -13,7 +13,7 @@ CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 CREATE EXTENSION IF NOT EXISTS citext;
 
-SELECT plan(33);
+SELECT plan(39);
 
 --
 -- Item 6: deltas on NULL columns, and rows created from deltas
@@ -125,6 +125,30 @@ SELECT is((SELECT n FROM likes_at), 1::bigint, 'timestamptz: the delta was added
 -- spelling with a higher version still creates the row
 SELECT ok(cqrs_upsert('by_citext', '{"code": "abc", "title": "new"}', 6),
           'citext: a newer upsert of abc creates the row again');
+
+-- a bytea key: its text follows bytea_output, which the memory does not
+CREATE TABLE likes_by_blob (id bytea PRIMARY KEY, n bigint NOT NULL DEFAULT 0, version bigint);
+SET LOCAL bytea_output = 'hex';
+SELECT ok(cqrs_apply_delta('likes_by_blob', '{"id": "\\x0102"}', '{"n": 1}', 'c', 'e-b1'),
+          'bytea: a delta is added');
+SET LOCAL bytea_output = 'escape';
+SELECT ok(NOT cqrs_apply_delta('likes_by_blob', '{"id": "\\x0102"}', '{"n": 1}', 'c', 'e-b1'),
+          'bytea: the same event again, from a session with bytea_output = escape, is not');
+RESET bytea_output;
+
+-- a key column with a type modifier: the key is the value the row stores
+-- (1.04 in a numeric(6,1) column is 1.0), for the lookup, the tombstone and
+-- the delta memory alike
+CREATE TABLE by_rounded (id numeric(6,1) PRIMARY KEY, title text, version bigint);
+SELECT cqrs_upsert('by_rounded', '{"id": 1.04, "title": "v1"}', 1);
+SELECT ok(cqrs_delete('by_rounded', '{"id": 1.04}', 2), 'numeric(6,1): the row of key 1.04 (stored 1.0) is deleted');
+SELECT is((SELECT count(*) FROM by_rounded), 0::bigint, 'numeric(6,1): and is gone');
+SELECT ok(NOT cqrs_upsert('by_rounded', '{"id": 1.04, "title": "stale"}', 1),
+          'numeric(6,1): its tombstone stops the stale upsert');
+CREATE TABLE likes_at_second (at timestamp(0) PRIMARY KEY, n bigint NOT NULL DEFAULT 0, version bigint);
+SELECT cqrs_apply_delta('likes_at_second', '{"at": "2024-01-01 10:00:00.6"}', '{"n": 1}', 'c', 'e-s1');
+SELECT is((SELECT n FROM likes_at_second WHERE at = '2024-01-01 10:00:01'), 1::bigint,
+          'timestamp(0): a delta on a key with fractions is added to the row it rounds to');
 
 SELECT * FROM finish();
 ROLLBACK;

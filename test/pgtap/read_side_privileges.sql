@@ -10,7 +10,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(44);
+SELECT plan(46);
 
 CREATE ROLE regress_ledger_view IN ROLE cqrs_sync_reader;
 CREATE ROLE regress_ledger_view_2 IN ROLE regress_ledger_view;   -- a second instance of the service
@@ -149,6 +149,19 @@ SET LOCAL ROLE regress_mallory;
 SELECT throws_ok($$SELECT cqrs_mark_processed('billing-view', 'b-3')$$,
                  '42501', 'consumer "billing-view" belongs to role "regress_ledger_view"',
                  '... which the role whose claim was rolled back may not write');
+RESET ROLE;
+
+-- an operator gives a consumer to a role whose name must be quoted in SQL:
+-- the role, not one named with the quotes, may then use it
+CREATE ROLE "regress-Board View" IN ROLE cqrs_sync_reader;
+SET LOCAL ROLE regress_op;
+SELECT cqrs_set_consumer_owner('quoted-view', '"regress-Board View"');
+RESET ROLE;
+SELECT is((SELECT owner FROM cqrs_consumer WHERE consumer = 'quoted-view'), 'regress-Board View',
+          'the consumer''s owner is the role''s name, not its quoted form');
+SET LOCAL ROLE "regress-Board View";
+SELECT lives_ok($$SELECT cqrs_mark_processed('quoted-view', 'q-1')$$,
+                'and that role records events under it');
 RESET ROLE;
 
 SELECT * FROM finish();
