@@ -33,6 +33,7 @@ char	   *cqrs_dlt_suffix = NULL;
 int			cqrs_max_retries = 5;
 int			cqrs_batch_size = 5000;
 int			cqrs_poll_interval_ms = 1000;
+int			cqrs_linger_ms = 1;
 int			cqrs_retry_backoff_ms = 1000;
 bool		cqrs_relay_enabled = true;
 bool		cqrs_delete_on_sent = false;
@@ -309,6 +310,15 @@ define_settings(void)
 							"Committing transactions wake the relay at once; this is only the fallback.",
 							&cqrs_poll_interval_ms,
 							1000, 10, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("cqrs_sync.linger",
+							"Shortest time between two claims of the relay while commits keep waking it.",
+							"A commit after a quiet spell this long is claimed at once; while commits come faster, those of this time go out together, in one claim and one Kafka request. 0 claims at every commit.",
+							&cqrs_linger_ms,
+							1, 0, 1000,
 							PGC_SIGHUP,
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);

@@ -16,6 +16,7 @@ extern char *cqrs_dlt_suffix;
 extern int	cqrs_max_retries;
 extern int	cqrs_batch_size;
 extern int	cqrs_poll_interval_ms;
+extern int	cqrs_linger_ms;
 extern int	cqrs_retry_backoff_ms;
 extern bool cqrs_relay_enabled;
 extern bool cqrs_delete_on_sent;
