@@ -430,7 +430,9 @@ ensure_plans(void)
 												  " full_walk_at = CASE WHEN $7 THEN pg_catalog.now() ELSE full_walk_at END",
 												  s),
 										 8, put_types);
-		plans.id_sample = cqrs_keep_plan(psprintf("SELECT last_value FROM %s.cqrs_outbox_id_seq", s),
+		/* the last id issued: a sequence not called yet has issued none */
+		plans.id_sample = cqrs_keep_plan(psprintf("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
+												  " FROM %s.cqrs_outbox_id_seq", s),
 										 0, NULL);
 
 		/*
