@@ -138,13 +138,15 @@ apply_check_hidden_row(ApplyTarget *t, Datum *values, bool for_delete)
 						   SECURITY_NOFORCE_RLS);
 	found = apply_run_plan(t->exists_plan, values, NULL, true, true);
 	SetUserIdAndSecContext(save_user, save_sec);
-	if (found > 0 && for_delete)
+	if (found == 0)
+		return;
+	if (for_delete)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("row-level security of table \"%s\" hides the row to delete from role \"%s\"",
 						t->relname, GetUserNameFromId(save_user, false)),
 				 errdetail("A tombstone for it would keep its key from being written again.")));
-	if (found > 0)
+	else
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("row-level security of table \"%s\" hides the row to add deltas to from role \"%s\"",

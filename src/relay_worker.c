@@ -736,6 +736,7 @@ relay_turn(void)
 	TimestampTz next_wake;
 	int			room;
 	bool		want_claim;
+	bool		claim_due;		/* for more than commits */
 	bool		want_record;
 	bool		record_urgent;
 	long		sleep_ms;
@@ -766,10 +767,9 @@ relay_turn(void)
 		return Max(1, (retry_txn_at - now) / 1000);
 
 	room = window_room();
-	want_claim = can_claim() &&
-		room > 0 &&
-		(wake_claim || pipeline_more_ready() ||
-		 order_revisit_pending(pipeline_cursor()) || now >= next_poll_at);
+	claim_due = pipeline_more_ready() ||
+		order_revisit_pending(pipeline_cursor()) || now >= next_poll_at;
+	want_claim = can_claim() && room > 0 && (wake_claim || claim_due);
 
 	/*
 	 * Linger: a claim that only commits ask for waits until cqrs_sync.linger
@@ -779,10 +779,8 @@ relay_turn(void)
 	 * half the wake-ups of the relay and of librdkafka's broker thread, for
 	 * at most a linger more latency.
 	 */
-	if (want_claim && wake_claim && cqrs_linger_ms > 0 &&
-		now < TimestampTzPlusMilliseconds(last_claim_at, cqrs_linger_ms) &&
-		now < next_poll_at && !pipeline_more_ready() &&
-		!order_revisit_pending(pipeline_cursor()))
+	if (want_claim && !claim_due && cqrs_linger_ms > 0 &&
+		now < TimestampTzPlusMilliseconds(last_claim_at, cqrs_linger_ms))
 	{
 		linger_until = TimestampTzPlusMilliseconds(last_claim_at, cqrs_linger_ms);
 		want_claim = false;
