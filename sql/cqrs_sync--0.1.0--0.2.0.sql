@@ -1566,6 +1566,7 @@ DECLARE
     t        text;
     k        text;
     route    jsonb;
+    target_name text;
     target   regclass;
     dlt      text;
     backoff  numeric;
@@ -1649,9 +1650,12 @@ BEGIN
             END IF;
         END LOOP;
         -- the target is named as the handlers' code would: with the sink's
-        -- search_path
+        -- search_path, which must name nothing else (this function runs as
+        -- the extension's owner): no operator, function or type of this
+        -- statement is looked up in it
+        target_name := route->>'target';
         PERFORM set_config('search_path', coalesce(opts->>'search_path', '"$user", public'), true);
-        target := (route->>'target')::regclass;
+        target := target_name::pg_catalog.regclass;
         PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
         IF NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = target AND indisprimary) THEN
             RAISE EXCEPTION 'route target % has no primary key', target USING ERRCODE = 'invalid_parameter_value';
@@ -1986,6 +1990,7 @@ AS $$
 DECLARE
     s @extschema@.cqrs_sink;
     new_id bigint;
+    acting text := @extschema@.cqrs_sink_acting_role();
 BEGIN
     IF $1 IS NULL OR $2 IS NULL OR $3 IS NULL OR $4 IS NULL THEN
         RAISE EXCEPTION 'name, dlt_topic, dlt_partition and dlt_offset must not be null'
@@ -1998,6 +2003,19 @@ BEGIN
     SELECT * INTO s FROM @extschema@.cqrs_sink WHERE cqrs_sink.name = $1;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'sink "%" does not exist', $1 USING ERRCODE = 'undefined_object';
+    END IF;
+    -- the message is applied as the sink's role, as its headers say: from a
+    -- topic other than the sink's own dead-letter topics, only for a member
+    -- of that role (who could create such a sink anyway)
+    IF $2 <> ALL (ARRAY(SELECT coalesce(s.options->>'dlt_topic',
+                                        t || coalesce(s.options->>'dlt_suffix', '.' || s.name || '.DLT'))
+                          FROM unnest(s.topics) t))
+       AND NOT (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = s.run_as)
+                AND pg_has_role(acting, s.run_as, 'MEMBER')) THEN
+        RAISE EXCEPTION 'permission denied to replay a message of topic "%" through sink "%"', $2, s.name
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('The sink applies it as role "%s", and role "%s" is not a member of that role.', s.run_as, acting),
+                  HINT = 'Replay from one of the sink''s dead-letter topics (cqrs_sink_held.dlt_topic), or as a member of the sink''s role.';
     END IF;
     INSERT INTO @extschema@.cqrs_sink_held (sink, status, replay, next_attempt_at, dlt_topic, dlt_partition, dlt_offset)
     VALUES (s.name, 'FETCH', true, now(), $2, $3, $4)

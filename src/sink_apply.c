@@ -2430,6 +2430,15 @@ record_fetched_txn(Sink *sink, int64 held_id, rd_kafka_message_t *rkm, rd_kafka_
 	MemoryContextSwitchTo(oldcxt);
 }
 
+static bool
+sink_consumes(Sink *sink, const char *topic)
+{
+	for (int i = 0; i < sink->ntopics; i++)
+		if (strcmp(sink->topics[i], topic) == 0)
+			return true;
+	return false;
+}
+
 /*
  * A replay request's message was read from the dead-letter topic (rkm), or
  * could not be (error): the held row becomes the original event, RETRY and
@@ -2456,6 +2465,15 @@ sink_record_fetched(Sink *sink, int64 held_id, rd_kafka_message_t *rkm, const ch
 			snprintf(errtext, sizeof(errtext),
 					 "the message at offset " INT64_FORMAT " of %s[%d] has no x-original-topic and x-original-partition headers",
 					 rkm->offset, rd_kafka_topic_name(rkm->rkt), rkm->partition);
+			error = errtext;
+			rkm = NULL;
+		}
+		else if (!sink_consumes(sink, topic))
+		{
+			/* it would be applied as an event of a topic the sink never had */
+			snprintf(errtext, sizeof(errtext),
+					 "the message at offset " INT64_FORMAT " of %s[%d] names topic \"%s\" in x-original-topic, which sink \"%s\" does not consume",
+					 rkm->offset, rd_kafka_topic_name(rkm->rkt), rkm->partition, topic, sink->name);
 			error = errtext;
 			rkm = NULL;
 		}

@@ -6,7 +6,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(72);
+SELECT plan(78);
 SET LOCAL client_min_messages = warning;
 
 -- ---- contract shapes ---------------------------------------------------------
@@ -191,6 +191,41 @@ SELECT results_eq($$SELECT held_id IS NOT NULL, detail->>'status' FROM cqrs_sink
 SELECT results_eq($$SELECT string_agg(action, ',' ORDER BY audit_id) FROM cqrs_sink_audit WHERE sink = 's1'$$,
                   $$VALUES ('CREATE,PAUSE,RESUME,REWIND,REPLAY,DISCARD,REWIND,PAUSE,FORGET,DROP,DROP'::text)$$,
                   'every action on s1 is audited');
+
+-- ---- what a caller's search_path may name ------------------------------------------------
+
+-- cqrs_sink_create() names a route's target with the sink's search_path; no
+-- operator, function or type of its own code may come from that path (it
+-- runs as the extension's owner)
+CREATE SCHEMA regress_evil AUTHORIZATION regress_sink_ops;
+SET SESSION AUTHORIZATION regress_sink_ops;
+CREATE TABLE regress_evil.called (who text);
+CREATE FUNCTION regress_evil.arrow(jsonb, text) RETURNS text LANGUAGE plpgsql AS
+$$ BEGIN INSERT INTO regress_evil.called VALUES (current_user); RETURN 'public.sink_t'; END $$;
+CREATE OPERATOR regress_evil.->> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = regress_evil.arrow);
+SELECT lives_ok($$SELECT cqrs_sink_create('s_path', ARRAY['topic-p'], NULL,
+                                         '{"route": {"target": "sink_t"}, "search_path": "regress_evil, public, pg_catalog"}')$$,
+                'a route target is named with the sink''s search_path');
+SELECT is((SELECT count(*) FROM regress_evil.called), 0::bigint,
+          'no operator of that search_path runs inside cqrs_sink_create()');
+SELECT is((SELECT options->'route'->>'target' FROM cqrs_sink WHERE name = 's_path'), 'public.sink_t',
+          '... and the target is the table that path names');
+RESET SESSION AUTHORIZATION;
+
+-- ---- replaying from a dead-letter topic ----------------------------------------------------
+
+-- a replay applies a message as the sink's role: an operator who is not a
+-- member of it may replay only from the sink's own dead-letter topics
+SELECT cqrs_sink_create('s_replay', ARRAY['topic-r'], 'sink_h(cqrs_event)', '{"run_as": "regress_other"}');
+SET SESSION AUTHORIZATION regress_sink_ops;
+SELECT throws_ok($$SELECT cqrs_sink_replay('s_replay', 'scratch', 0, 0)$$,
+                 '42501', 'permission denied to replay a message of topic "scratch" through sink "s_replay"',
+                 'an operator outside the sink''s role may not replay from any topic');
+SELECT lives_ok($$SELECT cqrs_sink_replay('s_replay', 'topic-r.s_replay.DLT', 0, 0)$$,
+                '... but may from the sink''s own dead-letter topic');
+RESET SESSION AUTHORIZATION;
+SELECT lives_ok($$SELECT cqrs_sink_replay('s_replay', 'scratch', 0, 0)$$,
+                'a member of the sink''s role may replay from a topic of its choice');
 
 -- ---- privileges -------------------------------------------------------------------------
 

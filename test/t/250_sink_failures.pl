@@ -163,6 +163,24 @@ is($node->safe_psql('postgres',
 is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_sink_held WHERE sink = 'fail'"), '0',
 	'nothing held any more');
 
+# a message in the sink's dead-letter topic that names a topic the sink does
+# not consume is not applied as if it were one of its events
+kafka_produce_events($dlt, [ [ 'k9', 'e-forged', '{"id":9999,"d":1}',
+	'x-original-topic=not-a-sink-topic,x-original-partition=0,x-original-offset=0' ] ]);
+my ($fl) = grep { ($_->{key} // '') eq 'k9' } kafka_consume($dlt, 3, 30);
+ok(defined $fl, 'a forged message is in the dead-letter topic');
+$rid = $node->safe_psql('postgres',
+	"SELECT cqrs_sink_replay('fail', '$dlt', $fl->{partition}, $fl->{offset})",
+	extra_params => [ '-U', 'ops' ]);
+ok(wait_for($node, "SELECT last_error IS NOT NULL FROM cqrs_sink_held WHERE id = $rid", 't', 30),
+	'the replay of the forged message is read');
+like($node->safe_psql('postgres', "SELECT status || ': ' || last_error FROM cqrs_sink_held WHERE id = $rid"),
+	qr/^FETCH: .*names topic "not-a-sink-topic" in x-original-topic, which sink "fail" does not consume/,
+	'... and refused: the sink does not consume the topic it names');
+is($node->safe_psql('postgres', "SELECT count(*) FROM fail_model WHERE id = 9999"), '0', 'nothing applied');
+$node->safe_psql('postgres', "SELECT cqrs_sink_discard($rid, 'forged message')",
+	extra_params => [ '-U', 'ops' ]);
+
 # ---- a paused sink does not try its held events again -----------------------
 
 define_handler(1);
