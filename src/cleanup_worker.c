@@ -285,8 +285,8 @@ ensure_plans(void)
 	Oid			purge_types[4] = {INT8OID, TIMESTAMPTZOID, INT4OID, TIMESTAMPTZOID};
 	Oid			window_types[4] = {INT8OID, TIMESTAMPTZOID, INT4OID, INT4OID};
 	Oid			listed_types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, INT4OID};
-	Oid			put_types[8] = {INT8OID, INT8OID, INT8ARRAYOID, INT8OID, INT8OID,
-	TIMESTAMPTZOID, BOOLOID, INT8OID};
+	Oid			put_types[9] = {INT8OID, INT8OID, INT8ARRAYOID, INT8OID, INT8OID,
+	TIMESTAMPTZOID, BOOLOID, INT8OID, BOOLOID};
 	Oid			prune_types[2] = {TIMESTAMPTZOID, INT4OID};
 
 	if (!OidIsValid(ext))
@@ -404,7 +404,7 @@ ensure_plans(void)
 		plans.state_get = cqrs_keep_plan(psprintf(
 												  "SELECT walk_from, walk_pending, settled_id, id_sample, id_sampled_at,"
 												  "       full_walk_at IS NULL OR full_walk_at < pg_catalog.now() - pg_catalog.make_interval(secs => %d),"
-												  "       revisit_from"
+												  "       retries"
 												  "  FROM %s.cqrs_cleanup_state",
 												  FULL_WALK_INTERVAL_S, s),
 										 0, NULL);
@@ -412,24 +412,32 @@ ensure_plans(void)
 		/*
 		 * $1: walk_from when the pass read it, $2: the new one, $3: the rows
 		 * listed, $4: settled id, $5, $6: the id sample and its time, $7:
-		 * the pass walked from id 0, $8: revisit_from when the pass read it.
-		 * A retry may have moved walk_from back meanwhile: then the lower one
-		 * wins.  A retry of a row the walk had passed, or was passing, while
-		 * it ran (it read the row as failed, and did not list it) lowered
-		 * revisit_from: the next walk starts there.  revisit_from is cleared
-		 * once a pass that read it saves.
+		 * the pass walked from id 0, $8: the retries counted when the pass
+		 * read the row, $9: the id sequence went back (settled_id starts
+		 * over).  A retry (cqrs_retry(), cqrs_retry_dlt_failed()) lowers
+		 * walk_from to the row it put back and counts itself: if one did
+		 * while the pass ran, the pass may have read that row as failed and
+		 * walked past it without listing it, so walk_from stays where the
+		 * retry put it (or lower).  A pass that ran meanwhile may have
+		 * saved a lower start too: the lower one wins.
+		 *
+		 * The row is locked with SKIP LOCKED: a retry not committed yet, or
+		 * a cqrs_cleanup() in a transaction still open, holds it, and then
+		 * the pass saves nothing (the state it read stays right, only less
+		 * advanced) instead of waiting for that transaction.
 		 */
 		plans.state_put = cqrs_keep_plan(psprintf(
 												  "UPDATE %s.cqrs_cleanup_state SET"
-												  " walk_from = LEAST(CASE WHEN walk_from = $1 THEN $2 ELSE LEAST(walk_from, $2) END,"
-												  "                   CASE WHEN revisit_from IS DISTINCT FROM $8 THEN revisit_from END),"
-												  " revisit_from = CASE WHEN revisit_from IS NOT DISTINCT FROM $8 THEN NULL"
-												  "                     ELSE revisit_from END,"
-												  " walk_pending = $3, settled_id = GREATEST(settled_id, $4),"
+												  " walk_from = CASE WHEN walk_from = $1 AND retries = $8 THEN $2"
+												  "                  ELSE LEAST(walk_from, $2) END,"
+												  " revisit_from = CASE WHEN retries <> $8 THEN revisit_from END,"
+												  " walk_pending = $3,"
+												  " settled_id = CASE WHEN $9 THEN $4 ELSE GREATEST(settled_id, $4) END,"
 												  " id_sample = $5, id_sampled_at = $6,"
-												  " full_walk_at = CASE WHEN $7 THEN pg_catalog.now() ELSE full_walk_at END",
-												  s),
-										 8, put_types);
+												  " full_walk_at = CASE WHEN $7 THEN pg_catalog.now() ELSE full_walk_at END"
+												  " WHERE EXISTS (SELECT FROM %s.cqrs_cleanup_state FOR UPDATE SKIP LOCKED)",
+												  s, s),
+										 9, put_types);
 		/* the last id issued: a sequence not called yet has issued none */
 		plans.id_sample = cqrs_keep_plan(psprintf("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
 												  " FROM %s.cqrs_outbox_id_seq", s),
@@ -729,8 +737,8 @@ typedef struct WalkState
 	int64		sample;			/* this pass's id sample ... */
 	TimestampTz sampled_at;		/* ... and its time */
 	bool		full;			/* walk from id 0 */
-	int64		revisit;		/* revisit_from as read ... */
-	bool		revisit_null;	/* ... or NULL */
+	int64		retries;		/* retries counted when read */
+	bool		restarted;		/* the id sequence went back */
 } WalkState;
 
 /*
@@ -771,12 +779,24 @@ walk_begin(PassState *ps, WalkState *ws)
 	if (!old_sample_null)
 		old_sampled_at = DatumGetTimestampTz(d);
 	ws->full = DatumGetBool(SPI_getbinval(tup, desc, 6, &isnull));
-	d = SPI_getbinval(tup, desc, 7, &ws->revisit_null);
-	ws->revisit = ws->revisit_null ? 0 : DatumGetInt64(d);
+	ws->retries = get_int8(tup, desc, 7);
 
 	run_checked(plans.id_sample, NULL, "reading the outbox id sequence");
 	ws->sample = get_int8(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	ws->sampled_at = GetCurrentTimestamp();
+
+	/*
+	 * The id sequence went back (TRUNCATE ... RESTART IDENTITY): the ids
+	 * remembered were of rows that are gone, and new rows take ids below
+	 * walk_from.  Start over: walk from id 0, and settle ids anew.
+	 */
+	if (!old_sample_null && ws->sample < old_sample)
+	{
+		ws->restarted = true;
+		ws->full = true;
+		ws->settled = 0;
+		ws->npending = 0;
+	}
 
 	/* as of now, also in a transaction that read them before */
 	pgstat_clear_snapshot();
@@ -791,7 +811,7 @@ walk_begin(PassState *ps, WalkState *ws)
 		return;					/* nothing settles while one exists */
 	if (none_running || oldest > ws->sampled_at)
 		ws->settled = Max(ws->settled, ws->sample);
-	else if (!old_sample_null && oldest > old_sampled_at)
+	else if (!old_sample_null && !ws->restarted && oldest > old_sampled_at)
 		ws->settled = Max(ws->settled, old_sample);
 }
 
@@ -808,8 +828,7 @@ int64_cmp(const void *a, const void *b)
 static void
 walk_end(PassState *ps, WalkState *ws, int64 next_from, int64 *listed, int nlisted)
 {
-	Datum		args[8];
-	char		nulls[8];
+	Datum		args[9];
 	int			n = 0;
 
 	if (!ws->kept)
@@ -840,12 +859,13 @@ walk_end(PassState *ps, WalkState *ws, int64 next_from, int64 *listed, int nlist
 	args[4] = Int64GetDatum(ws->sample);
 	args[5] = TimestampTzGetDatum(ws->sampled_at);
 	args[6] = BoolGetDatum(ws->full);
-	args[7] = Int64GetDatum(ws->revisit);
-	memset(nulls, ' ', sizeof(nulls));
-	if (ws->revisit_null)
-		nulls[7] = 'n';
-	if (SPI_execute_plan(plans.state_put, args, nulls, false, 0) != SPI_OK_UPDATE)
+	args[7] = Int64GetDatum(ws->retries);
+	args[8] = BoolGetDatum(ws->restarted);
+	if (SPI_execute_plan(plans.state_put, args, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "cqrs_sync cleanup: saving cqrs_cleanup_state failed");
+	if (SPI_processed == 0)
+		ereport(DEBUG1,
+				(errmsg("cqrs_sync cleanup: cqrs_cleanup_state is locked by another transaction, the next pass starts where this one did")));
 	batch_end(ps);
 }
 

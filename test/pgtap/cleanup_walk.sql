@@ -7,14 +7,15 @@
 --    begin, not at id 0: old unapproved failed rows are read once, not at
 --    every pass;
 --  - yet nothing is missed: a PENDING row that is sent later, a failed row
---    retried and sent, and rows due later are deleted by later passes.
+--    retried and sent, rows due later, and rows after the id sequence went
+--    back are deleted by later passes.
 -- Counts of the index scans and of the rows read come from the statistics
 -- of this transaction (pg_stat_xact_*).  Rolled back.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(15);
+SELECT plan(17);
 SET LOCAL client_min_messages = warning;
 SET LOCAL cqrs_sync.sent_retention = '1d';
 SET LOCAL cqrs_sync.dlt_retention = -1;
@@ -110,6 +111,16 @@ UPDATE cqrs_outbox SET status = 'SENT', sent_at = now() - interval '25 hours' WH
 SET LOCAL cqrs_sync.cleanup_batch_size = 7;
 SELECT is((SELECT pg_temp.pass('listed due')), 20::bigint,
           'the 20 listed rows that became due are deleted by one pass, 7 at a time');
+
+-- the id sequence goes back (TRUNCATE ... RESTART IDENTITY): new rows take
+-- ids below where the walk would start, and the ids it settled are not
+-- settled any more; the next pass starts over from id 0
+TRUNCATE cqrs_outbox RESTART IDENTITY;
+SELECT pg_temp.rows(3, 'after-restart', 30, 'SENT');
+SELECT is((SELECT pg_temp.pass('after restart')), 3::bigint,
+          'after TRUNCATE ... RESTART IDENTITY the walk starts over: the new expired rows are deleted');
+SELECT is((SELECT settled_id FROM cqrs_cleanup_state) <= 3, true,
+          '... and the ids settled are counted anew');
 
 SELECT * FROM finish();
 ROLLBACK;
