@@ -275,6 +275,11 @@ drop_batch(Sink *sink, int part)
 		}
 }
 
+/*
+ * The assignment is gone (revoked, or the consumer closed).  librdkafka keeps
+ * the pause flags of its partitions all the same: handle_assignment() sets
+ * them again.
+ */
 static void
 clear_parts(Sink *sink)
 {
@@ -356,6 +361,24 @@ open_consumer(Sink *sink)
 	return true;
 }
 
+/*
+ * Pause or resume the partitions of list (the whole assignment) in
+ * librdkafka, whatever kafka_paused said.  Used as is only right after
+ * rd_kafka_assign(), before anything of the assignment was fetched;
+ * elsewhere kafka_pause() changes what is not in that state already.
+ */
+static void
+kafka_set_paused(Sink *sink, rd_kafka_topic_partition_list_t *list, bool pause)
+{
+	if (pause)
+		rd_kafka_pause_partitions(sink->rk, list);
+	else
+		rd_kafka_resume_partitions(sink->rk, list);
+	sink->kafka_paused = pause;
+	/* paused: ask for the watermarks at the next turn */
+	sink->watermarks_asked_at = 0;
+}
+
 /* Pause or resume the sink's partitions in librdkafka (fetching). */
 static void
 kafka_pause(Sink *sink, bool pause)
@@ -366,14 +389,8 @@ kafka_pause(Sink *sink, bool pause)
 		return;
 	if (rd_kafka_assignment(sink->rk, &list) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		return;
-	if (pause)
-		rd_kafka_pause_partitions(sink->rk, list);
-	else
-		rd_kafka_resume_partitions(sink->rk, list);
+	kafka_set_paused(sink, list, pause);
 	rd_kafka_topic_partition_list_destroy(list);
-	sink->kafka_paused = pause;
-	/* paused: ask for the watermarks at the next turn */
-	sink->watermarks_asked_at = 0;
 }
 
 /* A new assignment: read the positions, then rd_kafka_assign(). */
@@ -423,16 +440,24 @@ handle_assignment(Sink *sink)
 		sink->nparts = 0;
 		return;
 	}
+
+	/*
+	 * librdkafka keeps the pause flag rd_kafka_pause_partitions() set on a
+	 * partition when the partition is revoked and assigned again (2.0.2
+	 * does; test 231_sink_rebalance_paused).  A partition paused while the
+	 * sink waited, given back by a rebalance, would never be fetched again,
+	 * and kafka_pause() would not resume it: clear_parts() said "not
+	 * paused".  So the whole new assignment is resumed, or paused for a
+	 * paused sink, whatever librdkafka remembers of it.
+	 */
+	kafka_set_paused(sink, list, sink->paused);
 	rd_kafka_topic_partition_list_destroy(list);
 	sink->pending_assign = NULL;
 	sink->assigned = true;
 	sink->reassign = false;
-	sink->kafka_paused = false;
 	for (int i = 0; i < sink->nparts; i++)
 		sink->parts[i].shm_slot = sink_part_attach(my_index, sink->name, sink->parts[i].topic,
 												   sink->parts[i].partition);
-	if (sink->paused)
-		kafka_pause(sink, true);
 	ereport(DEBUG1,
 			(errmsg("cqrs_sync sink \"%s\": assigned %d partition(s)", sink->name, sink->nparts)));
 }
@@ -486,6 +511,14 @@ resync(Sink *sink, bool all)
 				return;
 			}
 			sink->reassign = false;
+
+			/*
+			 * The same partitions, assigned again: their pause flags stay in
+			 * librdkafka (see handle_assignment()).  Every batch was dropped
+			 * above, so the sink waits for nothing: it fetches, unless an
+			 * operator paused it.
+			 */
+			kafka_set_paused(sink, list, sink->paused);
 		}
 		else
 		{
