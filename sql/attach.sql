@@ -246,6 +246,19 @@ INSERT INTO part_outbox VALUES ('50000000-0000-4000-8000-000000000001', 'part', 
 UPDATE part_outbox SET published = true;
 SELECT tableoid::regclass, id FROM part_outbox;
 SELECT event_id, topic, key FROM cqrs_outbox WHERE topic = 'outbox.event.part';
+-- nor once its event has left cqrs_outbox (cleaned up after it was sent,
+-- deleted on sending): moving it back publishes nothing
+DELETE FROM cqrs_outbox WHERE topic = 'outbox.event.part';
+UPDATE part_outbox SET published = false;
+SELECT count(*) AS published_again FROM cqrs_outbox WHERE topic = 'outbox.event.part';
+-- rows moved and a new row in one statement: only the new row is an event
+INSERT INTO part_outbox VALUES ('50000000-0000-4000-8000-000000000002', 'part', 'p2', 'Made', '{}');
+DELETE FROM cqrs_outbox WHERE topic = 'outbox.event.part';
+WITH m AS (UPDATE part_outbox SET published = true RETURNING id)
+INSERT INTO part_outbox SELECT '50000000-0000-4000-8000-000000000003', 'part', 'p3', 'Made', '{}', false
+  FROM (SELECT count(*) FROM m) x;
+SELECT tableoid::regclass, id FROM part_outbox ORDER BY id;
+SELECT event_id, key FROM cqrs_outbox WHERE topic = 'outbox.event.part';
 -- without an event id the copy could not be told from a new event
 SELECT cqrs_detach_outbox('part_outbox');
 SELECT cqrs_attach_outbox('part_outbox', '{"event_id": null}');

@@ -795,8 +795,12 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    EXECUTE format('CREATE TRIGGER cqrs_sync_attached AFTER INSERT ON %s '
+    -- on a partitioned table the trigger sees deletes too: the old row of
+    -- an UPDATE that moves a row to another partition tells that the row
+    -- the trigger sees inserted next is its copy, not a new event
+    EXECUTE format('CREATE TRIGGER cqrs_sync_attached AFTER INSERT%s ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION %s(%L)',
+                   CASE WHEN rel.relkind = 'p' OR rel.relispartition THEN ' OR DELETE' ELSE '' END,
                    outbox, trigfn::oid::regproc, m::text);
 
     IF backfill IS NOT NULL THEN

@@ -28,6 +28,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "access/table.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
@@ -49,6 +50,7 @@
 #include "utils/syscache.h"
 #include "utils/typcache.h"
 #include "utils/uuid.h"
+#include "storage/proc.h"
 
 #include "attach.h"
 #include "enqueue.h"
@@ -485,14 +487,78 @@ publish_row(AttachMapping *m, TupleDesc desc, HeapTuple tup, Oid relid,
 }
 
 /*
+ * The row a cross-partition UPDATE just deleted from its partition, until
+ * the trigger fires for its copy.  PostgreSQL runs such an UPDATE as a
+ * DELETE from the old partition and an INSERT into the new one; their AFTER
+ * ROW events are queued one after the other, so the trigger fires for the
+ * DELETE (the old row marked as moved) and then, next, for the INSERT of the
+ * copy.  The copy is the same event: it is not published again, whether or
+ * not the event is still in cqrs_outbox (sent and cleaned up, deleted on
+ * sending, or discarded).  Any INSERT the trigger sees ends the memory, and
+ * a new (sub)transaction does not match it.
+ */
+static struct
+{
+	bool		set;
+	LocalTransactionId lxid;
+	SubTransactionId subxid;
+	char	   *mapping;		/* the trigger's argument, in TopMemoryContext */
+	bool		has_event_id;
+	pg_uuid_t	event_id;
+}			moved;
+
+static void
+remember_moved(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup,
+			   Oid relid)
+{
+	pg_uuid_t  *event_id = m->event_id ? event_id_value(desc, tup, relid, m->event_id) : NULL;
+
+	if (moved.mapping != NULL)
+		pfree(moved.mapping);
+	moved.mapping = MemoryContextStrdup(TopMemoryContext, trigger->tgargs[0]);
+	moved.lxid = MyProc->lxid;
+	moved.subxid = GetCurrentSubTransactionId();
+	moved.has_event_id = (event_id != NULL);
+	if (event_id != NULL)
+		moved.event_id = *event_id;
+	moved.set = true;
+}
+
+/* Is this inserted row the copy of the row remembered?  Forgets it. */
+static bool
+is_moved_copy(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup,
+			  Oid relid)
+{
+	pg_uuid_t  *event_id;
+	bool		same;
+
+	if (!moved.set)
+		return false;
+	moved.set = false;
+	if (moved.lxid != MyProc->lxid ||
+		moved.subxid != GetCurrentSubTransactionId() ||
+		strcmp(moved.mapping, trigger->tgargs[0]) != 0)
+		return false;
+	event_id = m->event_id ? event_id_value(desc, tup, relid, m->event_id) : NULL;
+	if (event_id == NULL || !moved.has_event_id)
+		same = (event_id == NULL && !moved.has_event_id);
+	else
+		same = memcmp(event_id, &moved.event_id, sizeof(pg_uuid_t)) == 0;
+	return same;
+}
+
+/*
  * cqrs_outbox_attached() -> trigger: AFTER INSERT FOR EACH ROW on an
- * attached outbox table; its argument is the mapping.
+ * attached outbox table; its argument is the mapping.  A partitioned table's
+ * trigger is AFTER INSERT OR DELETE: the DELETE tells a row moved to another
+ * partition (see moved above).
  */
 Datum
 cqrs_outbox_attached(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	Relation	rel;
+	AttachMapping *m;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
@@ -500,23 +566,38 @@ cqrs_outbox_attached(PG_FUNCTION_ARGS)
 				 errmsg("cqrs_outbox_attached() was not called by the trigger manager")));
 	if (!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
 		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
-		!TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+		!(TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) ||
+		  TRIGGER_FIRED_BY_DELETE(trigdata->tg_event)))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("cqrs_outbox_attached() must be fired AFTER INSERT FOR EACH ROW"),
 				 errhint("Attach outbox tables with cqrs_attach_outbox().")));
 
 	rel = trigdata->tg_relation;
+	m = get_mapping(trigdata->tg_trigger);
+
+	if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+	{
+		/* only the old row of a cross-partition UPDATE matters */
+		if (rel->rd_rel->relispartition &&
+			HeapTupleHeaderIndicatesMovedPartitions(trigdata->tg_trigtuple->t_data))
+			remember_moved(trigdata->tg_trigger, m, RelationGetDescr(rel),
+						   trigdata->tg_trigtuple, RelationGetRelid(rel));
+		return PointerGetDatum(NULL);
+	}
+
+	if (rel->rd_rel->relispartition &&
+		is_moved_copy(trigdata->tg_trigger, m, RelationGetDescr(rel),
+					  trigdata->tg_trigtuple, RelationGetRelid(rel)))
+		return PointerGetDatum(NULL);
 
 	/*
-	 * An UPDATE that moves a row to another partition inserts it there, which
-	 * fires this trigger: a row of a partition whose event id is in the
-	 * outbox already is that copy, not a new event (cqrs_attach_outbox()
-	 * makes partitioned tables map an event id).
+	 * A partition's row whose event id is in the outbox already is not
+	 * published again either (an UPDATE of a partition attached on its own
+	 * that moves a row there).
 	 */
-	(void) publish_row(get_mapping(trigdata->tg_trigger), RelationGetDescr(rel),
-					   trigdata->tg_trigtuple, RelationGetRelid(rel),
-					   rel->rd_rel->relispartition);
+	(void) publish_row(m, RelationGetDescr(rel), trigdata->tg_trigtuple,
+					   RelationGetRelid(rel), rel->rd_rel->relispartition);
 	return PointerGetDatum(NULL);
 }
 
