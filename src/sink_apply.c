@@ -1344,8 +1344,14 @@ batch_body(BatchWork *w)
 		if (tally[p].in_batch && !tally[p].locked)
 			sink->parts[p].resync = true;	/* its row is gone: read it again */
 
-	/* keys held behind an earlier event of theirs */
-	ret = SPI_execute_plan(plan_held_keys, args, NULL, true, 0);
+	/*
+	 * Keys held behind an earlier event of theirs, read with a snapshot
+	 * taken now (not read-only: the batch's snapshot was taken before the
+	 * position rows were locked).  A worker that had these partitions until
+	 * a rebalance may have committed a batch meanwhile, holding a key the
+	 * positions it moved say this batch must not pass.
+	 */
+	ret = SPI_execute_plan(plan_held_keys, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "cqrs_sync sink: could not read the held keys of sink \"%s\"", sink->name);
 	for (uint64 r = 0; r < SPI_processed; r++)

@@ -1401,7 +1401,18 @@ retry_held(void)
 	int			n;
 	MemoryContext old;
 
-	if (now < next_retry_at || now < retry_error_until)
+	if (now < retry_error_until)
+	{
+		/*
+		 * The last try failed as a whole: not again before retry_error_until.
+		 * A catalog read or the end of a replay fetch may have set
+		 * next_retry_at to 0 meanwhile, and sink_turn() would go on at once
+		 * until then: a busy loop.
+		 */
+		next_retry_at = Max(next_retry_at, retry_error_until);
+		return;
+	}
+	if (now < next_retry_at)
 		return;
 	if (!ext_ready || sinks == NIL)
 	{
