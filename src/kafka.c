@@ -757,7 +757,9 @@ cqrs_kafka_partition_of(const CqrsMessage *msg, int32 partition_cnt)
 /*
  * Bytes a message takes in a record batch of its own, for comparison with
  * max.message.bytes: payload plus a generous allowance for the batch header
- * (61 bytes) and the record framing.
+ * (61 bytes) and the record framing.  A header value may be null, or binary
+ * with its size given (the sink's dead letters carry the event's headers as
+ * they were).
  */
 int
 cqrs_kafka_message_size(const CqrsMessage *msg)
@@ -765,7 +767,15 @@ cqrs_kafka_message_size(const CqrsMessage *msg)
 	int			size = 61 + 32 + msg->keylen + msg->valuelen;
 
 	for (int i = 0; i < msg->nheaders; i++)
-		size += 10 + strlen(msg->header_names[i]) + strlen(msg->header_values[i]);
+	{
+		size += 10 + strlen(msg->header_names[i]);
+		if (msg->header_values[i] == NULL)
+			continue;
+		if (msg->header_sizes && msg->header_sizes[i] >= 0)
+			size += msg->header_sizes[i];
+		else
+			size += strlen(msg->header_values[i]);
+	}
 	if (msg->event_id != NULL)
 		size += 10 + strlen("event_id") + strlen(msg->event_id);
 	return size;

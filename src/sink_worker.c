@@ -35,6 +35,14 @@
  *	  CQ011) and a notification on cqrs_sync_alert go out.  It exits with
  *	  code 1 on SIGTERM, after leaving its groups.
  *
+ *	  Dead letters go through an idempotent producer of the worker's own,
+ *	  kept as the relay keeps its producer (DESIGN.md section 5): its
+ *	  batch.size within the smallest max.message.bytes known of the
+ *	  dead-letter topics (topics.c), a batch refused as too large produced
+ *	  again in smaller ones, and the producer re-created after a fatal
+ *	  error.  Only the dead-letter topic's refusal of the dead letter itself
+ *	  makes it DLT_FAILED.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -66,6 +74,7 @@
 #include "shmem.h"
 #include "sink.h"
 #include "sink_worker.h"
+#include "topics.h"
 #include "util.h"
 
 PGDLLEXPORT void cqrs_sink_main(Datum main_arg);
@@ -124,7 +133,12 @@ typedef struct DeadLetterSend
 	int		   *sizes;
 } DeadLetterSend;
 
+/* librdkafka's batch.size default, the largest the dead letters use */
+#define DEFAULT_BATCH_BYTES 1000000
+
 static rd_kafka_t *dlt_producer = NULL;
+static int	dlt_batch_bytes = DEFAULT_BATCH_BYTES;	/* the producer's batch.size */
+static int	dlt_wanted_batch_bytes = DEFAULT_BATCH_BYTES;
 static List *dl_in_flight = NIL;	/* DeadLetterSend * */
 static List *dl_to_send = NIL;	/* SinkDeadLetter * not produced yet */
 static TimestampTz producer_retry_at = 0;
@@ -1168,7 +1182,143 @@ dead_letter_headers(DeadLetterSend *send)
 	}
 }
 
-/* Produce the dead letters decided by sink_retry_due(). */
+/* An answer about a dead-letter topic's limit (cqrs_kafka_collect_limits). */
+static void
+dlt_learn_limit(const char *topic, int limit)
+{
+	(void) cqrs_topic_learn_limit(topic, limit);
+}
+
+/* The batch.size the producer must have: within every topic limit known. */
+static int
+dlt_batch_wanted(void)
+{
+	int			min_limit = cqrs_topics_min_limit();
+
+	if (min_limit > 0 && min_limit < dlt_wanted_batch_bytes)
+		dlt_wanted_batch_bytes = min_limit;
+	return dlt_wanted_batch_bytes;
+}
+
+/*
+ * Is a dead letter's size error its record batch's fault rather than its
+ * own?  librdkafka never splits a batch, and Kafka refuses a batch larger
+ * than the topic's max.message.bytes with every message in it, though each
+ * would fit alone (DESIGN.md section 5).  The topic's limit is asked again.
+ * A dead letter that fits alone (not beyond the limit known, and smaller
+ * than batch.size, so it did not travel alone) lowers batch.size and goes
+ * again: returns true.  The relay does the same (relay_pipeline.c).
+ */
+static bool
+dlt_batch_too_large(DeadLetterSend *send)
+{
+	CqrsTopic  *topic;
+	int			size;
+
+	if (send->msg.err != RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE &&
+		send->msg.err != RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE)
+		return false;
+	topic = cqrs_topic(send->dl->dlt_topic);
+	cqrs_topic_want_limit(dlt_producer, topic, true);
+	size = cqrs_kafka_message_size(&send->msg);
+	if ((topic->limit > 0 && size > topic->limit) || size >= dlt_batch_bytes)
+		return false;
+	dlt_wanted_batch_bytes = Min(dlt_wanted_batch_bytes,
+								 Max(Max(dlt_batch_bytes / 2, size), 1024));
+	return true;
+}
+
+/*
+ * Record the delivery reports served: DEAD_LETTERED, DLT_FAILED when the
+ * dead-letter topic refused the dead letter itself, or to be produced again.
+ */
+static void
+take_reports(void)
+{
+	ListCell   *lc;
+	MemoryContext oldcxt = MemoryContextSwitchTo(dl_cxt);
+
+	foreach(lc, dl_in_flight)
+	{
+		DeadLetterSend *send = lfirst(lc);
+		char		text[256];
+		CqrsFailureClass class;
+
+		if (!send->msg.done)
+			continue;
+		dl_in_flight = foreach_delete_current(dl_in_flight, lc);
+		if (send->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			sink_record_dead_letter(send->dl, true,
+									(int32) pg_atomic_read_u32(&send->msg.partition) - 1,
+									send->msg.offset, NULL);
+			continue;
+		}
+		class = cqrs_kafka_classify(send->msg.err);
+		cqrs_kafka_error_text(send->msg.err, text, sizeof(text));
+		if (dlt_batch_too_large(send))
+			dl_to_send = lappend(dl_to_send, send->dl);
+		else if (class == CQRS_FAIL_MESSAGE || class == CQRS_FAIL_CONFIG)
+			sink_record_dead_letter(send->dl, false, -1, -1, text);
+		else
+		{
+			/* transient, or the producer's end (purged, fatal): again */
+			dl_to_send = lappend(dl_to_send, send->dl);
+		}
+	}
+	MemoryContextSwitchTo(oldcxt);
+}
+
+/*
+ * Destroy the producer (fatal, batch.size to change, a stop).  Purging its
+ * queues fires the reports of what was in flight (_PURGE_* errors); those,
+ * and any dead letter left without a report, go again with the next
+ * producer: the producer's end is no refusal of the dead-letter topic.
+ */
+static void
+destroy_dlt_producer(void)
+{
+	MemoryContext oldcxt;
+	ListCell   *lc;
+
+	if (dlt_producer == NULL)
+		return;
+	cqrs_topics_forget_producer();
+	cqrs_kafka_destroy(dlt_producer, 0);
+	dlt_producer = NULL;
+	take_reports();
+	oldcxt = MemoryContextSwitchTo(dl_cxt);
+	foreach(lc, dl_in_flight)
+		dl_to_send = lappend(dl_to_send, ((DeadLetterSend *) lfirst(lc))->dl);
+	list_free(dl_in_flight);
+	dl_in_flight = NIL;
+	MemoryContextSwitchTo(oldcxt);
+	cqrs_kafka_emit_logs("cqrs_sync sink");
+}
+
+/*
+ * After a fatal error (rd_kafka_fatal_error(), e.g. the idempotent
+ * producer's OUT_OF_ORDER_SEQUENCE_NUMBER) the producer refuses every
+ * message with _FATAL, for good: destroy it, whenever the error came (in a
+ * poll or between two); the next one is created when a dead letter is due.
+ * Returns true if it was fatal.
+ */
+static bool
+dlt_producer_fatal(void)
+{
+	char		errbuf[CQRS_ERROR_LEN];
+
+	if (!cqrs_kafka_fatal(dlt_producer, errbuf, sizeof(errbuf)))
+		return false;
+	ereport(WARNING,
+			(errcode(ERRCODE_CONNECTION_FAILURE),
+			 errmsg("cqrs_sync sink: fatal Kafka producer error: %s", errbuf),
+			 errdetail("The producer of dead letters is re-created; the dead letters it did not deliver are produced again.")));
+	destroy_dlt_producer();
+	return true;
+}
+
+/* Produce the dead letters sink_retry_due() decided, and those to go again. */
 static void
 send_dead_letters(void)
 {
@@ -1178,12 +1328,31 @@ send_dead_letters(void)
 
 	if (dl_to_send == NIL)
 		return;
+	/* (fatal since it was last served: nothing it produced could go) */
+	(void) dlt_producer_fatal();
+
+	/*
+	 * batch.size is a property of the producer: re-create it for a smaller
+	 * one once nothing is in flight, and produce nothing until then.
+	 */
+	if (dlt_producer != NULL && dlt_batch_wanted() != dlt_batch_bytes)
+	{
+		if (dl_in_flight != NIL)
+			return;
+		ereport(LOG,
+				(errmsg("cqrs_sync sink: producer of dead letters: batch.size lowered from %d to %d bytes",
+						dlt_batch_bytes, dlt_wanted_batch_bytes),
+				 errdetail("A dead-letter topic accepts smaller record batches: its max.message.bytes, or a batch Kafka refused as too large.")));
+		destroy_dlt_producer();
+	}
 	if (dlt_producer == NULL && now < producer_retry_at)
 		return;
 	oldcxt = MemoryContextSwitchTo(dl_cxt);
 	if (dlt_producer == NULL)
 	{
-		dlt_producer = cqrs_kafka_create(CQRS_KAFKA_RELAY, 0, errbuf, sizeof(errbuf));
+		dlt_batch_bytes = dlt_batch_wanted();
+		dlt_producer = cqrs_kafka_create(CQRS_KAFKA_RELAY, dlt_batch_bytes,
+										 errbuf, sizeof(errbuf));
 		if (dlt_producer == NULL)
 		{
 			ereport(WARNING,
@@ -1197,9 +1366,20 @@ send_dead_letters(void)
 	while (dl_to_send != NIL)
 	{
 		SinkDeadLetter *dl = linitial(dl_to_send);
-		DeadLetterSend *send = palloc0(sizeof(DeadLetterSend));
+		CqrsTopic  *topic = cqrs_topic(dl->dlt_topic);
+		DeadLetterSend *send;
 		rd_kafka_resp_err_t err;
 
+		/*
+		 * The topic's limit counts for batch.size.  The first dead letters
+		 * of a topic wait for it, briefly (topics.c), rather than go in a
+		 * batch it would refuse; the others wait behind them.
+		 */
+		cqrs_topic_want_limit(dlt_producer, topic, false);
+		if (cqrs_topic_paused(topic, now))
+			break;
+
+		send = palloc0(sizeof(DeadLetterSend));
 		send->dl = dl;
 		send->msg.id = dl->held_id;
 		send->msg.topic = dl->dlt_topic;
@@ -1232,6 +1412,12 @@ send_dead_letters(void)
 		err = cqrs_kafka_produce(dlt_producer, &send->msg);
 		if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			break;				/* later */
+		if (err == RD_KAFKA_RESP_ERR__FATAL)
+		{
+			/* fatal meanwhile: it goes with the next producer */
+			(void) dlt_producer_fatal();
+			break;
+		}
 		dl_to_send = list_delete_first(dl_to_send);
 		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
@@ -1246,44 +1432,17 @@ send_dead_letters(void)
 	MemoryContextSwitchTo(oldcxt);
 }
 
-/* Record the delivery reports of dead letters. */
+/* Serve the producer of dead letters: reports, topic limits, a fatal error. */
 static void
 serve_producer(void)
 {
-	ListCell   *lc;
-	MemoryContext oldcxt;
-
 	if (dlt_producer == NULL)
 		return;
-	oldcxt = MemoryContextSwitchTo(dl_cxt);
 	cqrs_kafka_serve(dlt_producer);
-	foreach(lc, dl_in_flight)
-	{
-		DeadLetterSend *send = lfirst(lc);
-		char		text[256];
-		CqrsFailureClass class;
-
-		if (!send->msg.done)
-			continue;
-		dl_in_flight = foreach_delete_current(dl_in_flight, lc);
-		if (send->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		{
-			sink_record_dead_letter(send->dl, true,
-									(int32) pg_atomic_read_u32(&send->msg.partition) - 1,
-									send->msg.offset, NULL);
-			continue;
-		}
-		class = cqrs_kafka_classify(send->msg.err);
-		cqrs_kafka_error_text(send->msg.err, text, sizeof(text));
-		if (class == CQRS_FAIL_MESSAGE || class == CQRS_FAIL_CONFIG)
-			sink_record_dead_letter(send->dl, false, -1, -1, text);
-		else
-		{
-			/* transient (or the producer's end): produce it again */
-			dl_to_send = lappend(dl_to_send, send->dl);
-		}
-	}
-	MemoryContextSwitchTo(oldcxt);
+	cqrs_kafka_collect_limits(dlt_learn_limit);
+	take_reports();
+	/* a fatal error, whenever it came: between polls as well as in one */
+	(void) dlt_producer_fatal();
 	if (dl_in_flight == NIL && dl_to_send == NIL)
 		MemoryContextReset(dl_cxt);
 }
@@ -1434,7 +1593,6 @@ retry_held(void)
 		next_retry_at = Max(next_due, TimestampTzPlusMilliseconds(now, 10));
 	else
 		next_retry_at = TimestampTzPlusMilliseconds(now, RETRY_POLL_MS);
-	send_dead_letters();
 	/* replay requests are held events too */
 	if (fetching == NULL)
 		start_replay();
@@ -1493,8 +1651,7 @@ stop_everything(void)
 	{
 		rd_kafka_flush(dlt_producer, 1000);
 		serve_producer();
-		cqrs_kafka_destroy(dlt_producer, 0);
-		dlt_producer = NULL;
+		destroy_dlt_producer();
 		/* unreported dead letters are produced again when next due */
 		list_free(dl_in_flight);
 		dl_in_flight = NIL;
@@ -1523,6 +1680,9 @@ reload_settings(void)
 				(errmsg("cqrs_sync sink: Kafka settings changed, re-creating the consumers"),
 				 errdetail("Each sink starts again from its stored positions.")));
 		stop_everything();
+		/* what was learned of the dead-letter topics may be wrong now */
+		cqrs_topics_forget_limits();
+		dlt_wanted_batch_bytes = DEFAULT_BATCH_BYTES;
 	}
 	if (my_index == 0)
 		launch_workers();
@@ -1580,6 +1740,8 @@ sink_turn(void)
 	cqrs_kafka_emit_logs("cqrs_sync sink");
 
 	retry_held();
+	/* new dead letters, and those to go again (new producer, smaller batch) */
+	send_dead_letters();
 	serve_producer();
 	serve_replays();
 	foreach(lc, sinks)
