@@ -122,8 +122,10 @@ listed(List *list, const char *name)
  * stay and age, the error names it, and the round does not count as
  * answered, so that the figures go stale (CqrsSyncDltDepthStale) instead of
  * looking like "no messages".  So does a round with more partitions than
- * CQRS_DLT_MAX.  Other topics (remembered from earlier rounds) that Kafka
- * no longer shows were deleted, with their messages: they are left out.
+ * CQRS_DLT_MAX, or a partition whose watermarks were never read.  Other
+ * topics (remembered from earlier rounds) shown with an error keep their
+ * figures the same way; those Kafka no longer shows were deleted, with
+ * their messages: they are left out.
  */
 void
 cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
@@ -177,8 +179,13 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
 				mt = &md->topics[t];
 		if (mt == NULL || mt->err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
-			if (!listed(required, name))
-				continue;		/* deleted since it was seen */
+			/*
+			 * A topic deleted since it was seen is not in the reply at all;
+			 * one with an error (no leader yet, a broker away) is there, and
+			 * keeps its figures like a required one.
+			 */
+			if (mt == NULL && !listed(required, name))
+				continue;
 			keep_previous(prev, nprev, name, -1, found, &n);
 			if (error == NULL)
 				error = mt == NULL ?
@@ -213,10 +220,15 @@ cqrs_dlt_depth_refresh(rd_kafka_t *rk, List *topics, List *required)
 												   DEPTH_TIMEOUT_MS);
 			if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 			{
+				int			before = n;
+
 				keep_previous(prev, nprev, name, part, found, &n);
 				if (error == NULL)
 					error = psprintf("Kafka did not answer for the watermarks of %s[%d]: %s",
 									 name, part, rd_kafka_err2str(err));
+				/* never measured: its messages would not count anywhere */
+				if (n == before)
+					incomplete = true;
 				continue;
 			}
 			strlcpy(found[n].topic, name, CQRS_TOPIC_NAMELEN);
