@@ -179,7 +179,14 @@ undo_insert(ApplyTarget *t, Datum *pkvals, int64 version)
 
 	memcpy(values, pkvals, sizeof(Datum) * t->npk);
 	values[t->npk] = Int64GetDatum(version);
-	apply_run_plan(t->delete_plan, values, NULL, false, false);
+	if (apply_run_plan(t->delete_plan, values, NULL, false, false) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("cannot remove the row of relation \"%s\" this call inserted for a deleted key",
+						t->relname),
+				 errdetail("A newer event deleted the key meanwhile, so the row must go, but row-level security does not let role \"%s\" delete it.",
+						   GetUserNameFromId(GetUserId(), false)),
+				 errhint("Give the role a DELETE policy on the table: cqrs_upsert() and cqrs_apply_delta() need one under row-level security.")));
 }
 
 static void
@@ -612,8 +619,13 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 				result = false;
 			}
 			else if (apply_run_plan(p->plan, values, NULL, false, false) != 1)
-				elog(ERROR, "cqrs_sync: row %s of relation \"%s\" vanished after its insert",
-					 key.text, t->relname);
+				ereport(ERROR,
+						(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						 errmsg("cannot add the delta to the row of relation \"%s\" this call inserted",
+								t->relname),
+						 errdetail("Row-level security does not let role \"%s\" update the row it inserted.",
+								   GetUserNameFromId(GetUserId(), false)),
+						 errhint("Give the role an UPDATE policy on the table that covers the rows it inserts.")));
 			break;
 		}
 		/* another transaction made the row and committed: add to it */

@@ -47,6 +47,15 @@ static bool targets_invalidated = false;	/* some entry became invalid */
 static bool callbacks_registered = false;
 
 static int	apply_depth = 0;
+
+/*
+ * The subtransaction each running helper entered in, innermost last: an
+ * error caught by a savepoint (a PL/pgSQL EXCEPTION block, the sink's
+ * savepoint per event) ends the helpers entered in it without their
+ * apply_leave(), and apply_subxact_callback() takes them off.
+ */
+static SubTransactionId *depth_subids = NULL;
+static int	depth_cap = 0;
 static List *graveyard_plans = NIL;
 static List *graveyard_cxts = NIL;
 
@@ -109,7 +118,10 @@ release_target(ApplyTarget *t)
 	apply_retire_plan(t->delete_plan);
 	apply_retire_plan(t->exists_plan);
 	foreach(lc, t->upsert_plans)
+	{
 		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan);
+		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan2);
+	}
 	foreach(lc, t->delta_plans)
 	{
 		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan);
@@ -200,6 +212,16 @@ apply_xact_callback(XactEvent event, void *arg)
 }
 
 static void
+apply_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+					   SubTransactionId parentSubid, void *arg)
+{
+	if (event != SUBXACT_EVENT_ABORT_SUB)
+		return;
+	while (apply_depth > 0 && depth_subids[apply_depth - 1] >= mySubid)
+		apply_depth--;
+}
+
+static void
 register_callbacks(void)
 {
 	HASHCTL		ctl;
@@ -216,6 +238,7 @@ register_callbacks(void)
 	CacheRegisterSyscacheCallback(NAMESPACEOID, apply_namespace_callback,
 								  (Datum) 0);
 	RegisterXactCallback(apply_xact_callback, NULL);
+	RegisterSubXactCallback(apply_subxact_callback, NULL);
 	callbacks_registered = true;
 }
 
@@ -231,7 +254,14 @@ apply_enter(void)
 		if (targets_invalidated)
 			sweep_targets();
 	}
-	apply_depth++;
+	if (apply_depth == depth_cap)
+	{
+		depth_cap = Max(16, depth_cap * 2);
+		depth_subids = depth_subids == NULL ?
+			MemoryContextAlloc(TopMemoryContext, sizeof(SubTransactionId) * depth_cap) :
+			repalloc(depth_subids, sizeof(SubTransactionId) * depth_cap);
+	}
+	depth_subids[apply_depth++] = GetCurrentSubTransactionId();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 }

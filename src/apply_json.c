@@ -436,8 +436,11 @@ text_form_depends_on_settings(Oid typid)
 		case BYTEAOID:
 			return true;
 		default:
-			return false;
+			break;
 	}
+	/* a container prints its elements with the same settings */
+	return type_is_array(typid) || type_is_range(typid) ||
+		type_is_multirange(typid) || type_is_rowtype(typid);
 }
 
 /*

@@ -13,7 +13,7 @@ CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 CREATE EXTENSION IF NOT EXISTS citext;
 
-SELECT plan(39);
+SELECT plan(42);
 
 --
 -- Item 6: deltas on NULL columns, and rows created from deltas
@@ -149,6 +149,19 @@ CREATE TABLE likes_at_second (at timestamp(0) PRIMARY KEY, n bigint NOT NULL DEF
 SELECT cqrs_apply_delta('likes_at_second', '{"at": "2024-01-01 10:00:00.6"}', '{"n": 1}', 'c', 'e-s1');
 SELECT is((SELECT n FROM likes_at_second WHERE at = '2024-01-01 10:00:01'), 1::bigint,
           'timestamp(0): a delta on a key with fractions is added to the row it rounds to');
+
+-- a range key's text does not depend on the session's TimeZone: the same
+-- delta from a session in another time zone is the same delta (before, its
+-- memory held another text, and it was counted twice)
+CREATE TABLE v_slots (slot tstzrange PRIMARY KEY, n int NOT NULL DEFAULT 0, version bigint);
+SET LOCAL TimeZone = 'UTC';
+SELECT ok(cqrs_apply_delta('v_slots', '{"slot": "[2024-05-01 00:00+00,2024-05-01 01:00+00)"}', '{"n": 1}',
+                           'v-slots', 'e-1'), 'a delta to a range key');
+SET LOCAL TimeZone = 'Asia/Seoul';
+SELECT ok(NOT cqrs_apply_delta('v_slots', '{"slot": "[2024-05-01 00:00+00,2024-05-01 01:00+00)"}', '{"n": 1}',
+                               'v-slots', 'e-1'), 'the same delta from another time zone is a duplicate');
+SELECT is((SELECT n FROM v_slots), 1, '... counted once');
+RESET TimeZone;
 
 SELECT * FROM finish();
 ROLLBACK;
