@@ -33,13 +33,7 @@ create_topic($dlt, 2);
 sub define_handler
 {
 	my ($poison_raises) = @_;
-	my $check = $poison_raises
-	  ? "IF (e.payload->>'poison')::boolean THEN RAISE EXCEPTION 'cannot apply poisoned event %', e.event_id; END IF;"
-	  : '';
-	$node->safe_psql('postgres', qq{
-CREATE OR REPLACE FUNCTION fail_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-    $check
+	poison_handler($node, 'fail_apply', q{
     INSERT INTO fail_order (id, event_id) VALUES ((e.payload->>'id')::bigint, e.event_id);
     IF e.payload ? 'd' THEN
         PERFORM cqrs_apply_delta('fail_model', jsonb_build_object('id', e.payload->'id'),
@@ -47,10 +41,8 @@ BEGIN
     ELSE
         PERFORM cqrs_upsert('fail_model', jsonb_build_object('id', e.payload->'id', 'title', e.payload->'title'),
                             (e.payload->>'v')::bigint);
-    END IF;
-END
-\$\$;
-});
+    END IF;}, $poison_raises);
+	return;
 }
 
 $node->safe_psql('postgres', q{

@@ -44,17 +44,10 @@ create_topic($topic, 2);
 sub define_handler
 {
 	my ($poison_raises) = @_;
-	my $check = $poison_raises
-	  ? "IF (e.payload->>'poison')::boolean THEN RAISE EXCEPTION 'cannot apply poisoned event %', e.event_id; END IF;"
-	  : '';
-	$node->safe_psql('postgres', qq{
-CREATE OR REPLACE FUNCTION wait_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-    $check
-    INSERT INTO wait_order (id, event_id) VALUES ((e.payload->>'id')::bigint, e.event_id);
-END
-\$\$;
-});
+	poison_handler($node, 'wait_apply',
+		q{INSERT INTO wait_order (id, event_id) VALUES ((e.payload->>'id')::bigint, e.event_id);},
+		$poison_raises);
+	return;
 }
 
 $node->safe_psql('postgres', 'CREATE TABLE wait_order (n serial, id bigint, event_id text)');

@@ -40,7 +40,35 @@ use Time::HiRes qw(time usleep);
 use CqrsTest;
 
 our @EXPORT = qw(kafka_produce_events exact_setup exact_events exact_check
-  wait_applied sink_counts sink_worker_pids);
+  wait_applied sink_counts sink_worker_pids poison_handler);
+
+=pod
+
+=item poison_handler($node, $function, $body, $poison_raises)
+
+Creates (or replaces) the sink handler C<$function(e cqrs_event)> in
+database postgres: PL/pgSQL running C<$body>; with $poison_raises, an event
+whose payload has C<"poison": true> raises first (a handler that cannot cope
+with it yet), so that it is held, retried and dead-lettered.
+
+=cut
+
+sub poison_handler
+{
+	my ($node, $function, $body, $poison_raises) = @_;
+	my $check = $poison_raises
+	  ? "IF (e.payload->>'poison')::boolean THEN RAISE EXCEPTION 'cannot apply poisoned event %', e.event_id; END IF;"
+	  : '';
+	$node->safe_psql('postgres', qq{
+CREATE OR REPLACE FUNCTION $function(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
+BEGIN
+    $check
+    $body
+END
+\$\$;
+});
+	return;
+}
 
 =pod
 
