@@ -259,6 +259,21 @@ INSERT INTO part_outbox SELECT '50000000-0000-4000-8000-000000000003', 'part', '
   FROM (SELECT count(*) FROM m) x;
 SELECT tableoid::regclass, id FROM part_outbox ORDER BY id;
 SELECT event_id, key FROM cqrs_outbox WHERE topic = 'outbox.event.part';
+-- a partition attached on its own: a row moved out of it to a partition
+-- that is not attached leaves no copy to skip, and a later row inserted into
+-- it, also without an event id, is a new event
+CREATE TABLE mv_outbox (id uuid, aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL,
+                        payload jsonb, published boolean NOT NULL DEFAULT false) PARTITION BY LIST (published);
+CREATE TABLE mv_outbox_new PARTITION OF mv_outbox FOR VALUES IN (false);
+CREATE TABLE mv_outbox_done PARTITION OF mv_outbox FOR VALUES IN (true);
+SELECT cqrs_attach_outbox('mv_outbox_new');
+BEGIN;
+INSERT INTO mv_outbox VALUES (NULL, 'mv', 'k1', 'Made', '{}');
+UPDATE mv_outbox SET published = true;
+INSERT INTO mv_outbox VALUES (NULL, 'mv', 'k2', 'Made', '{}');
+COMMIT;
+SELECT key FROM cqrs_outbox WHERE topic = 'outbox.event.mv' ORDER BY id;
+DROP TABLE mv_outbox;
 -- without an event id the copy could not be told from a new event
 SELECT cqrs_detach_outbox('part_outbox');
 SELECT cqrs_attach_outbox('part_outbox', '{"event_id": null}');

@@ -495,13 +495,15 @@ publish_row(AttachMapping *m, TupleDesc desc, HeapTuple tup, Oid relid,
  * copy.  The copy is the same event: it is not published again, whether or
  * not the event is still in cqrs_outbox (sent and cleaned up, deleted on
  * sending, or discarded).  Any INSERT the trigger sees ends the memory, and
- * a new (sub)transaction does not match it.
+ * only a row inserted by the same command (its cmin, the old row's cmax) in
+ * the same (sub)transaction matches it.
  */
 static struct
 {
 	bool		set;
 	LocalTransactionId lxid;
 	SubTransactionId subxid;
+	CommandId	cid;			/* the UPDATE's, the copy's cmin */
 	char	   *mapping;		/* the trigger's argument, in TopMemoryContext */
 	bool		has_event_id;
 	pg_uuid_t	event_id;
@@ -518,6 +520,7 @@ remember_moved(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup
 	moved.mapping = MemoryContextStrdup(TopMemoryContext, trigger->tgargs[0]);
 	moved.lxid = MyProc->lxid;
 	moved.subxid = GetCurrentSubTransactionId();
+	moved.cid = HeapTupleHeaderGetCmax(tup->t_data);
 	moved.has_event_id = (event_id != NULL);
 	if (event_id != NULL)
 		moved.event_id = *event_id;
@@ -537,6 +540,7 @@ is_moved_copy(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup,
 	moved.set = false;
 	if (moved.lxid != MyProc->lxid ||
 		moved.subxid != GetCurrentSubTransactionId() ||
+		moved.cid != HeapTupleHeaderGetCmin(tup->t_data) ||
 		strcmp(moved.mapping, trigger->tgargs[0]) != 0)
 		return false;
 	event_id = m->event_id ? event_id_value(desc, tup, relid, m->event_id) : NULL;

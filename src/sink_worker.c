@@ -139,6 +139,10 @@ typedef struct DeadLetterSend
 static rd_kafka_t *dlt_producer = NULL;
 static int	dlt_batch_bytes = DEFAULT_BATCH_BYTES;	/* the producer's batch.size */
 static int	dlt_wanted_batch_bytes = DEFAULT_BATCH_BYTES;
+static TimestampTz dlt_rebuild_since = 0;	/* a smaller batch.size waits */
+
+/* the longest a smaller batch.size waits for the dead letters in flight */
+#define DLT_REBUILD_WAIT_MS 10000
 static List *dl_in_flight = NIL;	/* DeadLetterSend * */
 static List *dl_to_send = NIL;	/* SinkDeadLetter * not produced yet */
 static TimestampTz producer_retry_at = 0;
@@ -1214,6 +1218,7 @@ dlt_batch_too_large(DeadLetterSend *send)
 {
 	CqrsTopic  *topic;
 	int			size;
+	int			smaller;
 
 	if (send->msg.err != RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE &&
 		send->msg.err != RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE)
@@ -1223,8 +1228,11 @@ dlt_batch_too_large(DeadLetterSend *send)
 	size = cqrs_kafka_message_size(&send->msg);
 	if ((topic->limit > 0 && size > topic->limit) || size >= dlt_batch_bytes)
 		return false;
-	dlt_wanted_batch_bytes = Min(dlt_wanted_batch_bytes,
-								 Max(Max(dlt_batch_bytes / 2, size), 1024));
+	smaller = Max(Max(dlt_batch_bytes / 2, size), 1024);
+	/* a batch that cannot get smaller: the topic refuses the dead letter */
+	if (smaller >= dlt_batch_bytes && dlt_wanted_batch_bytes >= dlt_batch_bytes)
+		return false;
+	dlt_wanted_batch_bytes = Min(dlt_wanted_batch_bytes, smaller);
 	return true;
 }
 
@@ -1333,12 +1341,22 @@ send_dead_letters(void)
 
 	/*
 	 * batch.size is a property of the producer: re-create it for a smaller
-	 * one once nothing is in flight, and produce nothing until then.
+	 * one once nothing is in flight, and produce nothing until then; but
+	 * not for longer than DLT_REBUILD_WAIT_MS (a dead letter to a partition
+	 * without a leader stays in flight, and would hold every other one): then
+	 * the producer goes, and what it had not delivered goes again with the
+	 * next one.
 	 */
 	if (dlt_producer != NULL && dlt_batch_wanted() != dlt_batch_bytes)
 	{
 		if (dl_in_flight != NIL)
-			return;
+		{
+			if (dlt_rebuild_since == 0)
+				dlt_rebuild_since = now;
+			if (now < TimestampTzPlusMilliseconds(dlt_rebuild_since, DLT_REBUILD_WAIT_MS))
+				return;
+		}
+		dlt_rebuild_since = 0;
 		ereport(LOG,
 				(errmsg("cqrs_sync sink: producer of dead letters: batch.size lowered from %d to %d bytes",
 						dlt_batch_bytes, dlt_wanted_batch_bytes),

@@ -80,6 +80,22 @@ is( $node->safe_psql('postgres',
 		"SELECT count(DISTINCT dlt_offset) FROM cqrs_sink_held WHERE sink = 'fatal' AND dlt_offset IS NOT NULL"),
 	'7', 'each where the mock cluster wrote it');
 
+# a batch that cannot get smaller: a dead letter refused as too large again
+# and again, though smaller than the batch, ends DLT_FAILED once batch.size
+# is at its floor (1,024 bytes; the mock cluster cannot tell the topic's
+# limit, DescribeConfigs fails there), instead of going again for ever
+$node->safe_psql('postgres', "SELECT cqrs_sink_pause('fatal')");
+kafka_produce_events($topic, [ [ 'k7', 'e-7', '{"n":7}' ] ], $mock->bootstrap);
+sleep 1;
+$mock->cmd('broker-errors 1 Produce ' . join(' ', ('MSG_SIZE_TOO_LARGE') x 40));
+$node->safe_psql('postgres', "SELECT cqrs_sink_resume('fatal')");
+ok( wait_for($node,
+		"SELECT status FROM cqrs_sink_held WHERE event_id = 'e-7' AND status IN ('DEAD_LETTERED', 'DLT_FAILED')",
+		'DLT_FAILED', 90),
+	'a dead letter the topic keeps refusing as too large ends DLT_FAILED');
+my ($left) = $mock->cmd('pending 1 Produce') =~ /(\d+)/;
+cmp_ok($left, '>', 0, "and is not produced again and again ($left refusals left)");
+
 $node->stop;
 $mock->stop;
 done_testing();
