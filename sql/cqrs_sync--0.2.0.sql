@@ -449,8 +449,7 @@ BEGIN
     -- the cleanup's walk may have passed the row, or be passing it now
     -- (having read it as failed): it comes back for it
     UPDATE @extschema@.cqrs_cleanup_state
-       SET walk_from = LEAST(walk_from, r.id), revisit_from = LEAST(revisit_from, r.id),
-           retries = retries + 1;
+       SET walk_from = LEAST(walk_from, r.id), retries = retries + 1;
     -- the relay's scan goes back to it, also after a restart
     PERFORM @extschema@.cqrs_relay_revisit(r.id);
     RETURN true;
@@ -497,8 +496,7 @@ BEGIN
         -- the cleanup's walk may have passed the rows, or be passing them
         -- now (having read them as failed): it comes back for them
         UPDATE @extschema@.cqrs_cleanup_state
-           SET walk_from = LEAST(walk_from, lowest), revisit_from = LEAST(revisit_from, lowest),
-               retries = retries + 1;
+           SET walk_from = LEAST(walk_from, lowest), retries = retries + 1;
         PERFORM @extschema@.cqrs_relay_revisit(lowest);
     END IF;
     RETURN n;
@@ -1053,7 +1051,6 @@ CREATE TABLE cqrs_cleanup_state (
     id_sample     bigint NOT NULL DEFAULT 0,
     id_sampled_at timestamptz,
     full_walk_at  timestamptz,
-    revisit_from  bigint,
     retries       bigint NOT NULL DEFAULT 0
 );
 COMMENT ON TABLE cqrs_cleanup_state IS
@@ -1064,7 +1061,6 @@ COMMENT ON COLUMN cqrs_cleanup_state.walk_pending IS 'Ids below walk_from of row
 COMMENT ON COLUMN cqrs_cleanup_state.settled_id IS 'No transaction that could still commit holds an outbox id up to this one: the walk never moves past ids that may still become visible.';
 COMMENT ON COLUMN cqrs_cleanup_state.id_sample IS 'The id sequence''s value read by the last pass ...';
 COMMENT ON COLUMN cqrs_cleanup_state.id_sampled_at IS '... and when: once every transaction running then has ended, the ids up to id_sample are settled.';
-COMMENT ON COLUMN cqrs_cleanup_state.revisit_from IS 'The lowest id cqrs_retry() or cqrs_retry_dlt_failed() put back to PENDING while a pass ran (it may have read the row as failed and walked past it without listing it): the next walk starts there or lower.';
 COMMENT ON COLUMN cqrs_cleanup_state.retries IS 'How many times cqrs_retry() or cqrs_retry_dlt_failed() put rows back to PENDING: a pass that sees it changed since it read the row keeps walk_from where the retries put it.';
 COMMENT ON COLUMN cqrs_cleanup_state.full_walk_at IS 'When a pass last walked from id 0; it does once a day, so that rows changed by hand are not missed.';
 INSERT INTO cqrs_cleanup_state DEFAULT VALUES;

@@ -430,7 +430,6 @@ ensure_plans(void)
 												  "UPDATE %s.cqrs_cleanup_state SET"
 												  " walk_from = CASE WHEN walk_from = $1 AND retries = $8 THEN $2"
 												  "                  ELSE LEAST(walk_from, $2) END,"
-												  " revisit_from = CASE WHEN retries <> $8 THEN revisit_from END,"
 												  " walk_pending = $3,"
 												  " settled_id = CASE WHEN $9 THEN $4 ELSE GREATEST(settled_id, $4) END,"
 												  " id_sample = $5, id_sampled_at = $6,"
