@@ -781,6 +781,34 @@ cqrs_kafka_message_size(const CqrsMessage *msg)
 	return size;
 }
 
+/*
+ * Kafka refused a message as too large (MSG_SIZE_TOO_LARGE or
+ * RECORD_LIST_TOO_LARGE): its own fault, or its record batch's?  librdkafka
+ * never splits a batch, and Kafka refuses a batch larger than the topic's
+ * max.message.bytes with every message in it, though each would fit alone
+ * (DESIGN.md section 5).  size is the message's (cqrs_kafka_message_size),
+ * limit the topic's max.message.bytes (0 unknown), batch_bytes the
+ * producer's batch.size and wanted_bytes the batch.size already asked for
+ * (not above batch_bytes).
+ *
+ * Returns the batch.size to go on with, the message going again without
+ * spending its retry budget; or 0: the message is at fault, beyond the limit
+ * known, travelling alone (not smaller than batch.size), or in a batch that
+ * cannot get smaller (batch.size at its floor, CQRS_MIN_BATCH_BYTES).
+ */
+int
+cqrs_kafka_smaller_batch(int size, int limit, int batch_bytes, int wanted_bytes)
+{
+	int			smaller;
+
+	if ((limit > 0 && size > limit) || size >= batch_bytes)
+		return 0;
+	smaller = Max(Max(batch_bytes / 2, size), CQRS_MIN_BATCH_BYTES);
+	if (smaller >= batch_bytes && wanted_bytes >= batch_bytes)
+		return 0;
+	return Min(wanted_bytes, smaller);
+}
+
 /* Is the producer in a fatal state (it must be re-created)? */
 bool
 cqrs_kafka_fatal(rd_kafka_t *rk, char *errbuf, size_t errlen)

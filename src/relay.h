@@ -79,7 +79,7 @@ typedef struct RelayClaim
 /* ---- relay_worker.c ---- */
 extern rd_kafka_t *relay_producer;
 extern int	relay_producer_batch_bytes;
-extern void relay_want_batch_bytes(int bytes);
+extern bool relay_batch_refused(int size, int limit);
 
 /* ---- relay_pipeline.c ---- */
 extern void pipeline_init(void);

@@ -138,7 +138,6 @@ static AttrNumber att_id,
 static void handle_failure(RelayRow *row, bool was_inflight);
 static void size_checks_forget(void);
 static void unpublish(RelayRow **rows, int n);
-static bool too_large_alone(RelayRow *row);
 static bool batch_too_large(RelayRow *row, const char *what, char **error);
 
 /* ---- set-up ------------------------------------------------------------------- */
@@ -1399,25 +1398,13 @@ dead_letter_report(RelayRow *row)
 	}
 }
 
-/* Is a size error this message's fault, or its record batch's? */
-static bool
-too_large_alone(RelayRow *row)
-{
-	int			size = cqrs_kafka_message_size(&row->msg);
-	int			limit = row->msg.tstate->limit;
-
-	if (limit > 0 && size > limit)
-		return true;
-	/* a message not smaller than batch.size travels in a batch of its own */
-	return size >= relay_producer_batch_bytes;
-}
-
 /*
  * A size error: Kafka refused the row's record batch, or the row alone.  The
  * topic's limit is asked again.  When the batch was at fault (the message
- * fits alone), batch.size is lowered and the row goes again at once without
- * spending its retry budget, its error text in *error (the row's own, or its
- * dead letter's): returns true.  what names the topic in that text.
+ * fits alone and the batch can get smaller), batch.size is lowered and the
+ * row goes again at once without spending its retry budget, its error text
+ * in *error (the row's own, or its dead letter's): returns true.  what names
+ * the topic in that text.
  */
 static bool
 batch_too_large(RelayRow *row, const char *what, char **error)
@@ -1428,10 +1415,9 @@ batch_too_large(RelayRow *row, const char *what, char **error)
 		row->msg.err != RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE)
 		return false;
 	cqrs_topic_want_limit(relay_producer, row->msg.tstate, true);
-	if (too_large_alone(row))
-		return false;
 	size = cqrs_kafka_message_size(&row->msg);
-	relay_want_batch_bytes(Max(relay_producer_batch_bytes / 2, size));
+	if (!relay_batch_refused(size, row->msg.tstate->limit))
+		return false;
 	*error = row_text(row, "record batch too large for %s \"%s\" (message of %d bytes, batch.size %d); batch.size lowered, tried again without spending the retry budget",
 					  what, row->msg.topic, size, relay_producer_batch_bytes);
 	row->delay_ms = 0;

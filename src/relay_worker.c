@@ -287,13 +287,23 @@ elapsed_us(instr_time start)
 
 /* ---- the producer ------------------------------------------------------------------ */
 
-/* A message was refused for a batch's size: smaller batches from now on. */
-void
-relay_want_batch_bytes(int bytes)
+/*
+ * Kafka refused a message of size bytes, to a topic whose max.message.bytes
+ * is limit (0 unknown), as too large.  When its record batch was at fault,
+ * smaller batches from now on: true.  False when the message itself was
+ * (cqrs_kafka_smaller_batch).
+ */
+bool
+relay_batch_refused(int size, int limit)
 {
-	bytes = Max(bytes, 1024);
-	if (bytes < wanted_batch_bytes)
-		wanted_batch_bytes = bytes;
+	int			smaller = cqrs_kafka_smaller_batch(size, limit,
+												   relay_producer_batch_bytes,
+												   wanted_batch_bytes);
+
+	if (smaller == 0)
+		return false;
+	wanted_batch_bytes = smaller;
+	return true;
 }
 
 /*

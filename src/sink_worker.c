@@ -1209,15 +1209,14 @@ dlt_batch_wanted(void)
  * own?  librdkafka never splits a batch, and Kafka refuses a batch larger
  * than the topic's max.message.bytes with every message in it, though each
  * would fit alone (DESIGN.md section 5).  The topic's limit is asked again.
- * A dead letter that fits alone (not beyond the limit known, and smaller
- * than batch.size, so it did not travel alone) lowers batch.size and goes
- * again: returns true.  The relay does the same (relay_pipeline.c).
+ * A dead letter that fits alone, in a batch that can get smaller, lowers
+ * batch.size and goes again: returns true (cqrs_kafka_smaller_batch, the
+ * relay's rule too).
  */
 static bool
 dlt_batch_too_large(DeadLetterSend *send)
 {
 	CqrsTopic  *topic;
-	int			size;
 	int			smaller;
 
 	if (send->msg.err != RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE &&
@@ -1225,14 +1224,12 @@ dlt_batch_too_large(DeadLetterSend *send)
 		return false;
 	topic = cqrs_topic(send->dl->dlt_topic);
 	cqrs_topic_want_limit(dlt_producer, topic, true);
-	size = cqrs_kafka_message_size(&send->msg);
-	if ((topic->limit > 0 && size > topic->limit) || size >= dlt_batch_bytes)
+	smaller = cqrs_kafka_smaller_batch(cqrs_kafka_message_size(&send->msg),
+									   topic->limit, dlt_batch_bytes,
+									   dlt_wanted_batch_bytes);
+	if (smaller == 0)
 		return false;
-	smaller = Max(Max(dlt_batch_bytes / 2, size), 1024);
-	/* a batch that cannot get smaller: the topic refuses the dead letter */
-	if (smaller >= dlt_batch_bytes && dlt_wanted_batch_bytes >= dlt_batch_bytes)
-		return false;
-	dlt_wanted_batch_bytes = Min(dlt_wanted_batch_bytes, smaller);
+	dlt_wanted_batch_bytes = smaller;
 	return true;
 }
 
