@@ -62,6 +62,7 @@
 
 #include <limits.h>
 
+#include "access/table.h"
 #include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -71,6 +72,7 @@
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
 
 #include "apply.h"
 #include "apply_acl.h"
@@ -468,6 +470,24 @@ cqrs_delete_0_2(PG_FUNCTION_ARGS)
 }
 
 /*
+ * May a row trigger skip an INSERT into the target (a BEFORE INSERT trigger
+ * that returns NULL)?  An INSERT ... ON CONFLICT DO NOTHING that inserted
+ * nothing, with no row of the key to be found, again and again, was skipped.
+ */
+static bool
+inserts_skippable(const ApplyTarget *t)
+{
+	Relation	rel = table_open(t->relid, NoLock);	/* locked by the INSERT */
+	bool		skippable;
+
+	/* (a partition's own triggers are not its parent's) */
+	skippable = rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE ||
+		(rel->trigdesc != NULL && rel->trigdesc->trig_insert_before_row);
+	table_close(rel, NoLock);
+	return skippable;
+}
+
+/*
  * cqrs_apply_delta(target regclass, key jsonb, deltas jsonb, consumer text,
  *					event_id text) RETURNS boolean
  *
@@ -634,6 +654,12 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 		/* or the row is there, hidden from this role by its policies */
 		if (attempt == 1)
 			apply_check_hidden_row(t, values, false);
+		/* or a BEFORE INSERT trigger skipped it: as an INSERT, nothing */
+		if (attempt == DELTA_ATTEMPTS && inserts_skippable(t))
+		{
+			result = false;
+			break;
+		}
 		if (attempt == DELTA_ATTEMPTS)
 			ereport(ERROR,
 					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),

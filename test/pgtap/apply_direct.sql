@@ -11,7 +11,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(46);
+SELECT plan(52);
 
 CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
 
@@ -145,6 +145,24 @@ CREATE TRIGGER d_trig_stmt AFTER UPDATE ON d_trig FOR EACH STATEMENT EXECUTE FUN
 SELECT ok(cqrs_upsert('d_trig', '{"id": 1, "title": "b"}', 2), 'a table with triggers updates');
 SELECT is((SELECT title FROM d_trig), 'b!', 'its row trigger fired');
 SELECT is((SELECT count(*) FROM d_trig_log), 1::bigint, 'its statement trigger fired');
+
+-- a BEFORE INSERT trigger that skips the row (returns NULL) is the table's
+-- decision, as for an INSERT: nothing is inserted and the helpers return
+-- false; a delta's event stays recorded (not a retryable 40001, which a sink
+-- would wait on for ever)
+CREATE TABLE d_skip (id bigint PRIMARY KEY, likes int NOT NULL DEFAULT 0, version bigint);
+CREATE FUNCTION d_skip_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RETURN CASE WHEN NEW.id < 100 THEN NULL ELSE NEW END; END $$;
+CREATE TRIGGER d_skip_row BEFORE INSERT ON d_skip FOR EACH ROW EXECUTE FUNCTION d_skip_row();
+SELECT is(cqrs_upsert('d_skip', '{"id": 1}', 1), false, 'an upsert whose insert a trigger skips returns false');
+SELECT is(cqrs_apply_delta('d_skip', '{"id": 1}', '{"likes": 1}', 'direct-skip', 'sk-1'), false,
+          'a delta whose row a trigger skips returns false');
+SELECT is((SELECT count(*) FROM d_skip), 0::bigint, 'no row was inserted');
+SELECT is(cqrs_apply_delta('d_skip', '{"id": 1}', '{"likes": 1}', 'direct-skip', 'sk-1'), false,
+          'the same event again: false');
+SELECT is(cqrs_apply_delta('d_skip', '{"id": 100}', '{"likes": 1}', 'direct-skip', 'sk-2'), true,
+          'a row the trigger lets in is created');
+SELECT is((SELECT likes FROM d_skip WHERE id = 100), 1, 'with its delta');
 
 -- rules: refused as INSERT ... ON CONFLICT refuses them (when its statement is
 -- prepared, before any update), not updated behind them
