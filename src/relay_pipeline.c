@@ -367,6 +367,14 @@ pipeline_idle(void)
 		dlist_is_empty(&reported);
 }
 
+/* Is all that is left rows in flight (nothing claimed, reported, to record)? */
+bool
+pipeline_only_inflight(void)
+{
+	return n_inflight > 0 && n_done == 0 && n_claimed == 0 &&
+		dlist_is_empty(&reported);
+}
+
 /* Are delivery reports still to come (rows handed to librdkafka)? */
 bool
 pipeline_awaiting_reports(void)

@@ -87,10 +87,13 @@ PGDLLEXPORT void cqrs_relay_main(Datum main_arg);
 #define CHECK_MS			1000
 /* Outcomes wait at most this long to be recorded together. */
 #define RECORD_DELAY_MS		10
+/* A smaller batch.size waits at most this long for what is in flight. */
+#define RESIZE_WAIT_MS		10000
 
 rd_kafka_t *relay_producer = NULL;
 int			relay_producer_batch_bytes = DEFAULT_BATCH_BYTES;
 static int	wanted_batch_bytes = DEFAULT_BATCH_BYTES;
+static TimestampTz resize_wanted_at = 0;	/* since when it waits */
 
 /* Plans, prepared for the extension's current schema. */
 static Oid	plans_ext = InvalidOid;
@@ -383,19 +386,31 @@ serve_kafka(void)
 
 /* Keep batch.size within the smallest limit known; re-create when drained. */
 static void
-adjust_batch_size(void)
+adjust_batch_size(TimestampTz now)
 {
 	int			min_limit = cqrs_topics_min_limit();
 
 	if (min_limit > 0 && min_limit < wanted_batch_bytes)
 		wanted_batch_bytes = min_limit;
 	if (wanted_batch_bytes == relay_producer_batch_bytes || relay_producer == NULL)
+	{
+		resize_wanted_at = 0;
 		return;
+	}
+	if (resize_wanted_at == 0)
+		resize_wanted_at = now;
+
 	/*
 	 * Not while messages are in flight, unless they all wait on stalled
 	 * partitions: claims stop until then, and every other key would wait too.
+	 * A row can wait without its partition known to be stalled (a dead
+	 * letter, or the last row produced to a sick partition): once nothing
+	 * but rows in flight is left, they are waited for RESIZE_WAIT_MS at
+	 * most, then go again with the new producer too.
 	 */
-	if (!pipeline_idle() && !pipeline_only_stalled())
+	if (!pipeline_idle() && !pipeline_only_stalled() &&
+		!(pipeline_only_inflight() &&
+		  now >= TimestampTzPlusMilliseconds(resize_wanted_at, RESIZE_WAIT_MS)))
 		return;
 	ereport(LOG,
 			(errmsg("cqrs_sync relay: producer batch.size lowered from %d to %d bytes",
@@ -403,6 +418,7 @@ adjust_batch_size(void)
 			 errdetail("A topic accepts smaller record batches: its max.message.bytes, or a batch Kafka refused as too large.")));
 	destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
 	relay_producer_batch_bytes = wanted_batch_bytes;
+	resize_wanted_at = 0;
 }
 
 /* The Kafka settings changed: what was learned of the topics may be wrong. */
@@ -767,7 +783,7 @@ relay_turn(void)
 
 	create_producer(now);
 	serve_kafka();
-	adjust_batch_size();
+	adjust_batch_size(now);
 
 	next_wake = pipeline_timers(now);
 	periodic_checks(now);
