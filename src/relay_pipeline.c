@@ -367,6 +367,13 @@ pipeline_idle(void)
 		dlist_is_empty(&reported);
 }
 
+/* When Kafka last acknowledged a row (0: never since the start). */
+TimestampTz
+pipeline_last_ack(void)
+{
+	return last_ack_at;
+}
+
 /* Is all that is left rows in flight (nothing claimed, reported, to record)? */
 bool
 pipeline_only_inflight(void)

@@ -87,6 +87,8 @@ PGDLLEXPORT void cqrs_relay_main(Datum main_arg);
 #define CHECK_MS			1000
 /* Outcomes wait at most this long to be recorded together. */
 #define RECORD_DELAY_MS		10
+/* The longest pause before a producer is re-created after fatal errors. */
+#define FATAL_PAUSE_MAX_MS	60000
 /* A smaller batch.size waits at most this long for what is in flight. */
 #define RESIZE_WAIT_MS		10000
 
@@ -121,6 +123,8 @@ static TimestampTz next_record_at = 0;	/* outcomes wait until then */
 static TimestampTz next_check_at = 0;
 static TimestampTz max_reset_at = 0;	/* of ack_wait_max_us */
 static TimestampTz producer_retry_at = 0;
+static int	fatal_streak = 0;	/* fatal errors with no acknowledgement between */
+static TimestampTz fatal_at = 0;	/* the last one */
 static char producer_error[CQRS_ERROR_LEN];
 static bool wake_claim = true;	/* the latch was set: rows may be ready */
 static TimestampTz last_claim_at = 0;
@@ -374,13 +378,37 @@ serve_kafka(void)
 	/* a fatal error, whenever it came: between polls as well as in one */
 	if (cqrs_kafka_fatal(relay_producer, errbuf, sizeof(errbuf)))
 	{
+		TimestampTz now = GetCurrentTimestamp();
+		int			pause_ms = 0;
+
+		/*
+		 * Re-created at once; but a fatal error that every new producer meets
+		 * (an InitProducerId refused for good) waits 1 s, 2 s, ... up to a
+		 * minute between producers, until one gets a row acknowledged.
+		 */
+		fatal_streak = (fatal_at != 0 && pipeline_last_ack() <= fatal_at) ?
+			fatal_streak + 1 : 1;
+		fatal_at = now;
+		if (fatal_streak > 1)
+			pause_ms = Min(FATAL_PAUSE_MAX_MS, 1000 << Min(fatal_streak - 2, 6));
 		ereport(WARNING,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("cqrs_sync relay: fatal Kafka producer error: %s", errbuf),
-				 errdetail("The producer is re-created; unacknowledged rows stay PENDING and are sent again.")));
+				 pause_ms == 0 ?
+				 errdetail("The producer is re-created; unacknowledged rows stay PENDING and are sent again.") :
+				 errdetail("The producer is re-created in %d s (fatal error %d in a row, none acknowledged since); unacknowledged rows stay PENDING and are sent again.",
+						   pause_ms / 1000, fatal_streak)));
 		cqrs_relay_note_failure(errbuf, 0);
 		pg_atomic_fetch_add_u64(&cqrs_shared->producer_restarts, 1);
 		destroy_producer(RD_KAFKA_RESP_ERR__FATAL);
+		if (pause_ms > 0)
+		{
+			/* the state says so: no producer, and why */
+			snprintf(producer_error, sizeof(producer_error),
+					 "fatal Kafka producer error %d times in a row: %s",
+					 fatal_streak, errbuf);
+			producer_retry_at = TimestampTzPlusMilliseconds(now, pause_ms);
+		}
 	}
 }
 
