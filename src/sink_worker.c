@@ -143,9 +143,12 @@ static TimestampTz dlt_rebuild_since = 0;	/* a smaller batch.size waits */
 
 /* the longest a smaller batch.size waits for the dead letters in flight */
 #define DLT_REBUILD_WAIT_MS 10000
+/* The longest pause before a producer is re-created after fatal errors. */
+#define FATAL_PAUSE_MAX_MS	60000
 static List *dl_in_flight = NIL;	/* DeadLetterSend * */
 static List *dl_to_send = NIL;	/* SinkDeadLetter * not produced yet */
 static TimestampTz producer_retry_at = 0;
+static int	dlt_fatal_streak = 0;	/* fatal errors, nothing delivered between */
 static MemoryContext dl_cxt = NULL;
 
 /* the reader of replays */
@@ -1254,6 +1257,7 @@ take_reports(void)
 		dl_in_flight = foreach_delete_current(dl_in_flight, lc);
 		if (send->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
+			dlt_fatal_streak = 0;
 			sink_record_dead_letter(send->dl, true,
 									(int32) pg_atomic_read_u32(&send->msg.partition) - 1,
 									send->msg.offset, NULL);
@@ -1312,14 +1316,29 @@ static bool
 dlt_producer_fatal(void)
 {
 	char		errbuf[CQRS_ERROR_LEN];
+	int			pause_ms = 0;
 
 	if (!cqrs_kafka_fatal(dlt_producer, errbuf, sizeof(errbuf)))
 		return false;
+
+	/*
+	 * A fatal error that every new producer meets (an InitProducerId refused
+	 * for good) waits 1 s, 2 s, ... up to a minute between producers, until
+	 * one delivers a dead letter; as the relay's (relay_worker.c).
+	 */
+	dlt_fatal_streak++;
+	if (dlt_fatal_streak > 1)
+		pause_ms = Min(FATAL_PAUSE_MAX_MS, 1000 << Min(dlt_fatal_streak - 2, 6));
 	ereport(WARNING,
 			(errcode(ERRCODE_CONNECTION_FAILURE),
 			 errmsg("cqrs_sync sink: fatal Kafka producer error: %s", errbuf),
-			 errdetail("The producer of dead letters is re-created; the dead letters it did not deliver are produced again.")));
+			 pause_ms == 0 ?
+			 errdetail("The producer of dead letters is re-created; the dead letters it did not deliver are produced again.") :
+			 errdetail("The producer of dead letters is re-created in %d s (fatal error %d in a row, nothing delivered since); the dead letters it did not deliver are produced again.",
+					   pause_ms / 1000, dlt_fatal_streak)));
 	destroy_dlt_producer();
+	if (pause_ms > 0)
+		producer_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), pause_ms);
 	return true;
 }
 

@@ -13,7 +13,9 @@
 # producer is idle, makes it fatal on its next produce.  The sink is paused
 # while its events are published (the publisher's own Produce requests must
 # not take the error), then resumed: only the producer of dead letters
-# produces after the push.
+# produces after the push.  A fatal error that every new producer meets
+# re-creates it with growing pauses, not at every turn (61 WARNINGs in 15 s
+# before, 5 now).
 use strict;
 use warnings;
 
@@ -79,6 +81,27 @@ is("$c->{dead_lettered}/$c->{dlt_failed}", '7/0', 'counted: 7 dead_lettered, 0 d
 is( $node->safe_psql('postgres',
 		"SELECT count(DISTINCT dlt_offset) FROM cqrs_sink_held WHERE sink = 'fatal' AND dlt_offset IS NOT NULL"),
 	'7', 'each where the mock cluster wrote it');
+
+# a fatal error that every new producer meets (InitProducerId refused for
+# good): the producer is re-created with growing pauses (1 s, 2 s, ... up to
+# a minute), not at each turn for ever
+$node->safe_psql('postgres', "SELECT cqrs_sink_pause('fatal')");
+kafka_produce_events($topic, [ [ 'k8', 'e-8', '{"n":8}' ] ], $mock->bootstrap);
+sleep 1;
+$log_offset = -s $node->logfile;
+$mock->cmd('errors InitProducerId ' . join(' ', ('CLUSTER_AUTHORIZATION_FAILED') x 60));
+$mock->cmd('errors Produce OUT_OF_ORDER_SEQUENCE_NUMBER');
+$node->safe_psql('postgres', "SELECT cqrs_sink_resume('fatal')");
+sleep 15;
+my @fatal = substr(slurp_file($node->logfile), $log_offset) =~ /WARNING:  cqrs_sync sink: fatal Kafka producer error/g;
+cmp_ok(scalar(@fatal), '>=', 2, 'the producer of dead letters met the fatal error again and again');
+cmp_ok(scalar(@fatal), '<=', 6, 'and was re-created with growing pauses (' . scalar(@fatal) . ' in 15 s)');
+is( $node->safe_psql('postgres',
+		"SELECT status IN ('DEAD_LETTERED', 'DLT_FAILED') FROM cqrs_sink_held WHERE event_id = 'e-8'"),
+	'f', 'its dead letter waits, not DLT_FAILED');
+$mock->cmd('clear InitProducerId');
+ok(wait_for($node, "SELECT status FROM cqrs_sink_held WHERE event_id = 'e-8'", 'DEAD_LETTERED', 90),
+	'and is delivered once a producer gets its id');
 
 # a batch that cannot get smaller: a dead letter refused as too large again
 # and again, though smaller than the batch, ends DLT_FAILED once batch.size
