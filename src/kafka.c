@@ -903,9 +903,11 @@ cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic)
 }
 
 /*
- * Hand every DescribeConfigs answer that arrived to hook: the topic and its
- * max.message.bytes, or -1 when Kafka did not say (no such topic yet, no
- * permission to describe it, timeout).
+ * Hand every DescribeConfigs answer that arrived to hook: the topic, its
+ * max.message.bytes and whether its cleanup.policy has compact (a compacted
+ * topic refuses a message without a key, and the record batch with it);
+ * each -1 when Kafka did not say (no such topic yet, no permission to
+ * describe it, timeout).
  */
 void
 cqrs_kafka_collect_limits(CqrsLimitHook hook)
@@ -922,6 +924,7 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 		size_t		nres = 0;
 		const char *asked = rd_kafka_event_opaque(ev);
 		int			limit = -1;
+		int			compacted = -1;
 
 		if (result)
 			resources = rd_kafka_DescribeConfigs_result_resources(result, &nres);
@@ -939,14 +942,19 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 				{
 					const char *value = rd_kafka_ConfigEntry_value(entries[i]);
 
-					if (strcmp(rd_kafka_ConfigEntry_name(entries[i]), "max.message.bytes") == 0 &&
-						value != NULL)
+					const char *name = rd_kafka_ConfigEntry_name(entries[i]);
+
+					if (value == NULL)
+						continue;
+					if (strcmp(name, "max.message.bytes") == 0)
 						limit = atoi(value);
+					else if (strcmp(name, "cleanup.policy") == 0)
+						compacted = (strstr(value, "compact") != NULL);
 				}
 			}
 		}
 		if (asked)
-			hook(asked, limit);
+			hook(asked, limit, compacted);
 		rd_kafka_event_destroy(ev);
 	}
 }

@@ -1188,6 +1188,21 @@ pipeline_produce_claimed(void)
 			continue;
 		}
 
+		/*
+		 * A compacted topic refuses a message without a key, and every other
+		 * message of its record batch with the same INVALID_RECORD: it fails
+		 * here, alone, and spends its own retry budget only.
+		 */
+		if (row->msg.key == NULL && topic->compacted == 1)
+		{
+			dlist_delete(&row->node);
+			n_claimed--;
+			fail_locally(row, RD_KAFKA_RESP_ERR_INVALID_RECORD,
+						 row_text(row, "INVALID_RECORD: topic \"%s\" is compacted (cleanup.policy) and refuses a message without a key",
+								  row->msg.topic));
+			continue;
+		}
+
 		err = cqrs_kafka_produce(relay_producer, &row->msg);
 		if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			break;				/* the rest waits for room in librdkafka's queue */
@@ -1364,6 +1379,15 @@ produce_dead_letter(RelayRow *row)
 	m->tstate = cqrs_topic(dlt_topic);
 	/* its limit counts for batch.size too (topics.c) */
 	cqrs_topic_want_limit(relay_producer, m->tstate, false);
+	/* (a compacted dead-letter topic would refuse its batch with it) */
+	if (m->key == NULL && m->tstate->compacted == 1)
+	{
+		row->dlt_error = row_text(row, "dead-letter topic \"%s\": INVALID_RECORD: the topic is compacted (cleanup.policy) and refuses a message without a key",
+								  dlt_topic);
+		row->dlt_attempt_failed = true;
+		finish(row, RO_DLT_FAILED);
+		return;
+	}
 	err = cqrs_kafka_produce(relay_producer, m);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
@@ -1713,9 +1737,9 @@ pipeline_broker_waiting(TimestampTz now)
 
 /* An answer about a topic's limit (a hook of cqrs_kafka_collect_limits). */
 void
-pipeline_learn_limit(const char *topic, int limit)
+pipeline_learn_limit(const char *topic, int limit, int compacted)
 {
-	int64		resume = cqrs_topic_learn_limit(topic, limit);
+	int64		resume = cqrs_topic_learn_limit(topic, limit, compacted);
 
 	if (resume != PG_INT64_MAX)
 		order_revisit(resume);

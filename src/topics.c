@@ -68,6 +68,7 @@ cqrs_topic(const char *name)
 		memset(((char *) topic) + sizeof(topic->name), 0,
 			   sizeof(CqrsTopic) - sizeof(topic->name));
 		topic->limit = -1;
+		topic->compacted = -1;
 		topic->resume_from = PG_INT64_MAX;
 		pg_atomic_init_u32(&topic->partition_cnt, 0);
 	}
@@ -139,11 +140,12 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 }
 
 /*
- * An answer arrived (-1: Kafka did not say; the last known limit stays).
- * Returns the lowest id of the rows that waited for it (PG_INT64_MAX: none).
+ * An answer arrived: max.message.bytes, and whether cleanup.policy has
+ * compact (-1: Kafka did not say; what was known stays).  Returns the lowest
+ * id of the rows that waited for it (PG_INT64_MAX: none).
  */
 int64
-cqrs_topic_learn_limit(const char *name, int limit)
+cqrs_topic_learn_limit(const char *name, int limit, int compacted)
 {
 	CqrsTopic  *topic = cqrs_topic(name);
 	int64		resume = PG_INT64_MAX;
@@ -152,6 +154,8 @@ cqrs_topic_learn_limit(const char *name, int limit)
 	topic->limit_learned_at = GetCurrentTimestamp();
 	if (limit > 0)
 		topic->limit = limit;
+	if (compacted >= 0)
+		topic->compacted = compacted;
 	if (topic->limit_wait_until != 0)
 	{
 		topic->limit_wait_until = 0;
@@ -187,6 +191,7 @@ static void
 forget_limit(CqrsTopic *topic, void *arg)
 {
 	topic->limit = -1;
+	topic->compacted = -1;
 	topic->limit_asked_at = 0;
 	topic->limit_learned_at = 0;
 	topic->limit_pending = false;

@@ -35,6 +35,8 @@ typedef struct CqrsTopic
 
 	/* max.message.bytes: -1 when unknown */
 	int			limit;
+	/* cleanup.policy has compact (it refuses null keys): -1 when unknown */
+	int			compacted;
 	TimestampTz limit_asked_at;
 	TimestampTz limit_learned_at;	/* when the last answer came */
 	bool		limit_pending;	/* a DescribeConfigs is under way */
@@ -63,7 +65,7 @@ extern void cqrs_topics_forget_producer(void);
 
 /* limits */
 extern void cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now);
-extern int64 cqrs_topic_learn_limit(const char *name, int limit);
+extern int64 cqrs_topic_learn_limit(const char *name, int limit, int compacted);
 extern int	cqrs_topics_min_limit(void);
 extern void cqrs_topics_forget_limits(void);
 
