@@ -123,6 +123,7 @@ static char *mark_table = NULL; /* cqrs_relay_mark (NULL: version 0.1.0) */
 static bool mark_known = false; /* was the mark read since the reset? */
 static int64 mark_value = 1;	/* the mark as last read or written */
 static bool mark_lower = false; /* the id sequence went back: mark to 1 */
+static bool mark_lowering = false;	/* this transaction lowers it */
 static TimestampTz next_mark_at = 0;
 static Oid	pending_label = InvalidOid; /* the enum value PENDING */
 static AttrNumber att_id,
@@ -852,6 +853,10 @@ pipeline_claim_abort(void)
 	n_staged = 0;
 	order_revisit(staged_from + 1);
 	last_claim_full = false;
+	/* a lowering of the mark rolled back is done again */
+	if (mark_lowering)
+		mark_lower = true;
+	mark_lowering = false;
 }
 
 /* ---- the relay's mark --------------------------------------------------------------- */
@@ -881,8 +886,11 @@ pipeline_read_mark(void)
 {
 	int64		from = 1;
 
+	mark_lowering = false;
 	if (mark_lower && mark_known)
 	{
+		/* (until the transaction commits: pipeline_claim_abort()) */
+		mark_lowering = true;
 		if (mark_table != NULL &&
 			SPI_execute(psprintf("UPDATE %s SET scan_from = 1", mark_table), false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "cqrs_sync relay: could not update %s", mark_table);
@@ -969,6 +977,15 @@ pipeline_write_mark(TimestampTz now)
 	if (SPI_processed != 1)
 		return;					/* an operator is lowering it: next time */
 	cur = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (cur > mark_value)
+	{
+		/* the relay's own lowering was lost: lower it again */
+		arg[0] = Int64GetDatum(mark_value);
+		if (SPI_execute_with_args(psprintf("UPDATE %s SET scan_from = $1", mark_table),
+								  1, argtype, arg, NULL, false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "cqrs_sync relay: could not update %s", mark_table);
+		return;
+	}
 	if (cur != mark_value)
 	{
 		/* lowered meanwhile: rows from there on may be PENDING again */
