@@ -218,6 +218,11 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Only PENDING, DEAD_LETTERED and DLT_FAILED rows can be retried.';
     END IF;
+    -- a row the relay has in flight (its message, or its dead letter) gets
+    -- its outcome from Kafka first, which would overwrite the new budget
+    IF r.status = 'PENDING' THEN
+        PERFORM @extschema@.cqrs_discard_check(r.id, r.key);
+    END IF;
     -- a retry cancels an approved purge; the audit says so
     IF r.purge_approved_at IS NOT NULL THEN
         INSERT INTO @extschema@.cqrs_outbox_audit

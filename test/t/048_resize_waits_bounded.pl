@@ -50,6 +50,14 @@ sleep 2;    # the row failed; its dead letter waits for broker 2
 is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE key = 'bad'"),
 	'PENDING', 'the refused row is PENDING, its dead letter in flight');
 
+# an operator's retry of it meanwhile is refused: the dead letter's outcome
+# would overwrite the new budget (it became DEAD_LETTERED with the old one)
+my ($ret, $out, $err) = $node->psql('postgres',
+	"SELECT cqrs_retry(id) FROM cqrs_outbox WHERE key = 'bad'",
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/55006.*outbox row \d+ is being sent right now/s,
+	'cqrs_retry() of a row in flight is refused (55006)');
+
 # a batch of U refused as too large: batch.size is to be halved
 $mock->cmd('broker-errors 1 Produce MSG_SIZE_TOO_LARGE');
 my $t0 = time;
