@@ -229,7 +229,8 @@ cqrs_topic_pause(CqrsTopic *topic, int base_ms, const char *reason)
 	if (cqrs_topic_paused(topic, now))
 		return false;
 	strlcpy(topic->pause_reason, reason, sizeof(topic->pause_reason));
-	topic->pause_ms = newly ? Max(base_ms, 1) : Min(topic->pause_ms * 2, MAX_PAUSE_MS);
+	topic->pause_ms = newly ? Min(Max(base_ms, 1), MAX_PAUSE_MS) :
+		Min(topic->pause_ms * 2, MAX_PAUSE_MS);
 	topic->paused_until = TimestampTzPlusMilliseconds(now, topic->pause_ms);
 	return newly;
 }
