@@ -53,6 +53,9 @@ static List *secrets = NIL;
 /* The pipe librdkafka writes to when one of our queues gets work. */
 static int	event_pipe[2] = {-1, -1};
 
+/* The longest a metadata client (the monitor's, cqrs_sink_rewind()'s) waits for an answer. */
+#define MONITOR_SOCKET_TIMEOUT_MS 2000
+
 /* The relay's queue of DescribeConfigs results, and the main queue. */
 static rd_kafka_queue_t *admin_queue = NULL;
 static rd_kafka_queue_t *main_queue = NULL;
@@ -389,6 +392,19 @@ apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
 	*eq = '\0';
 	name = trim(s);
 	value = trim(eq + 1);
+
+	/*
+	 * A name that is no property name (a "name: value" or "name value" line
+	 * of a Java properties file, whose value may hold an "=") is not quoted:
+	 * it may hold a secret.
+	 */
+	if (name[0] == '\0' || strspn(name, "abcdefghijklmnopqrstuvwxyz"
+								   "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != strlen(name))
+	{
+		snprintf(errbuf, errlen, "line %d of librdkafka settings file \"%s\" is not name=value (a property name is letters, digits, \".\", \"_\" and \"-\")",
+				 lineno, path);
+		return false;
+	}
 	if (reserved_property(name))
 	{
 		snprintf(errbuf, errlen,
@@ -399,8 +415,17 @@ apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
 	if (sensitive_property(name) && value[0] != '\0')
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+		ListCell   *lc;
+		int			pos = 0;
 
-		secrets = lappend(secrets, pstrdup(value));
+		/* longest first: a secret inside another must not leave its rest */
+		foreach(lc, secrets)
+		{
+			if (strlen((const char *) lfirst(lc)) < strlen(value))
+				break;
+			pos++;
+		}
+		secrets = list_insert_nth(secrets, pos, pstrdup(value));
 		MemoryContextSwitchTo(old);
 	}
 	snprintf(origin, sizeof(origin), "%s line %d", path, lineno);
@@ -605,6 +630,28 @@ cqrs_kafka_create(CqrsKafkaRole role, int batch_bytes, char *errbuf, size_t errl
 		if (!conf_set(conf, "batch.size", batch_size, "largest batch the topics accept",
 					  errbuf, errlen))
 			goto fail;
+	}
+
+	/*
+	 * A metadata client's blocking calls end within socket.timeout.ms, not
+	 * their own timeout (rd_kafka_query_watermark_offsets() in 2.0.2 waits
+	 * for its answers that long, and sends a timed-out request twice more):
+	 * the monitor's round, and its stop, would wait three minutes for each
+	 * query to a broker that does not answer; now about six seconds.
+	 */
+	if (!relay)
+	{
+		char		value[32];
+		size_t		size = sizeof(value);
+
+		if (rd_kafka_conf_get(conf, "socket.timeout.ms", value, &size) == RD_KAFKA_CONF_OK &&
+			atoi(value) > MONITOR_SOCKET_TIMEOUT_MS)
+		{
+			snprintf(value, sizeof(value), "%d", MONITOR_SOCKET_TIMEOUT_MS);
+			if (!conf_set(conf, "socket.timeout.ms", value, "a metadata client's bound",
+						  errbuf, errlen))
+				goto fail;
+		}
 	}
 
 	/* what the relay's guarantees rest on; the file cannot change these */
@@ -1100,26 +1147,41 @@ cqrs_kafka_offsets_for_time(char **topics, int ntopics, int64 at_ms, bool beginn
 	if (rk == NULL)
 		return -1;
 	list = rd_kafka_topic_partition_list_new(16);
-	for (int t = 0; t < ntopics; t++)
-	{
-		rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topics[t], NULL);
-		const rd_kafka_metadata_t *md = NULL;
-		rd_kafka_resp_err_t err;
 
-		err = rd_kafka_metadata(rk, 0, rkt, &md, timeout_ms);
-		rd_kafka_topic_destroy(rkt);
-		if (err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 && md->topics[0].err != 0)
-			err = md->topics[0].err;
+	/*
+	 * The metadata of all topics: asking for one by name, or making a topic
+	 * handle for it, could have Kafka create a topic that does not exist
+	 * (auto.create.topics.enable, its default; librdkafka's producers ask
+	 * for that).
+	 */
+	{
+		const rd_kafka_metadata_t *md = NULL;
+		rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 1, NULL, &md, timeout_ms);
+
 		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
-			snprintf(errbuf, errlen, "could not read the partitions of topic \"%s\": %s",
-					 topics[t], rd_kafka_err2str(err));
-			if (md)
-				rd_kafka_metadata_destroy(md);
+			snprintf(errbuf, errlen, "could not read the topics' metadata: %s",
+					 rd_kafka_err2str(err));
 			goto done;
 		}
-		for (int p = 0; p < md->topics[0].partition_cnt; p++)
-			rd_kafka_topic_partition_list_add(list, topics[t], md->topics[0].partitions[p].id)->offset = at_ms;
+		for (int t = 0; t < ntopics; t++)
+		{
+			const rd_kafka_metadata_topic_t *mt = NULL;
+
+			for (int i = 0; i < md->topic_cnt && mt == NULL; i++)
+				if (strcmp(md->topics[i].topic, topics[t]) == 0)
+					mt = &md->topics[i];
+			if (mt == NULL || mt->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			{
+				snprintf(errbuf, errlen, "could not read the partitions of topic \"%s\": %s",
+						 topics[t],
+						 rd_kafka_err2str(mt ? mt->err : RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART));
+				rd_kafka_metadata_destroy(md);
+				goto done;
+			}
+			for (int p = 0; p < mt->partition_cnt; p++)
+				rd_kafka_topic_partition_list_add(list, topics[t], mt->partitions[p].id)->offset = at_ms;
+		}
 		rd_kafka_metadata_destroy(md);
 	}
 	*out = palloc0(sizeof(CqrsPartitionOffset) * Max(list->cnt, 1));

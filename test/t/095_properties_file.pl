@@ -60,6 +60,20 @@ is($node->safe_psql('postgres',
 		"SELECT count(*) FROM cqrs_stats_relay s WHERE s::text LIKE '%$SECRET%'"),
 	'0', 'nor anywhere in the view');
 
+# a Java-style "name: value" line whose value ends in "=" (base64): what
+# comes before the "=" is no property name, holds the secret, and is not
+# quoted
+my $B64 = 'U2VjcmV0QmFzZTY0VmFsdWU';
+write_props("sasl.password: $B64==\n", 0600);
+$node->reload;
+ok( wait_for($node,
+		"SELECT last_error LIKE '%line 1 of librdkafka settings file%is not name=value%' FROM cqrs_stats_relay",
+		't', 30),
+	'a "name: value" line is refused as not name=value');
+unlike(slurp_file($node->logfile), qr/\Q$B64\E/, 'its value is not in the server log');
+unlike($node->safe_psql('postgres', 'SELECT last_error FROM cqrs_stats_relay'),
+	qr/\Q$B64\E/, 'nor in last_error');
+
 # a secret that matches its own redaction ("***", a placeholder left in the
 # file): redacting a text that holds it must end.  librdkafka echoes a value
 # it refuses for a property with a fixed set of values.

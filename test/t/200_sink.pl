@@ -198,6 +198,25 @@ my $t_future = $node->safe_psql('postgres',
 	"SELECT sum(new_position) FROM cqrs_sink_rewind('board-view', now() + interval '1 day')", extra_params => [ '-U', 'ops' ]);
 is($t_future, '5', 'a rewind to a time after the last message moves to the ends');
 
+# offsets of a topic that does not exist: an error, and the topic is not
+# created (the broker auto-creates topics a client asks for by name)
+my $nosuch = unique_topic('nosuch');
+my ($ret, $out, $err) = $node->psql('postgres',
+	"SELECT * FROM cqrs_sink_kafka_offsets(ARRAY['$nosuch'], now())");
+isnt($ret, 0, 'offsets of a topic that does not exist: an error');
+like($err, qr/could not read the partitions of topic "\Q$nosuch\E"/, 'naming the topic');
+# (the broker creates it a moment later, if at all)
+my $listing = '';
+for (1 .. 6)
+{
+	sleep 1;
+	$listing = '';
+	IPC::Run::run([ 'kcat', '-L', '-b', kafka_brokers() ], '<', \undef, '>', \$listing, '2>', \my $kerr,
+		IPC::Run::timeout(30));
+	last if $listing =~ /"\Q$nosuch\E"/;
+}
+unlike($listing, qr/"\Q$nosuch\E"/, 'and the topic was not created');
+
 # ---- rebuild: an emptied read model, made again from the topic --------------------
 
 $node->safe_psql('postgres', "SELECT cqrs_sink_pause('board-view')", extra_params => [ '-U', 'ops' ]);
