@@ -408,7 +408,7 @@ RETURNS void
 AS 'MODULE_PATHNAME', 'cqrs_discard_check'
 LANGUAGE C CALLED ON NULL INPUT VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION cqrs_discard_check(bigint, text) IS
-    'Internal, for cqrs_discard(): keeps the relay from sending outbox row id (and later rows of its key) while the calling transaction may commit, and raises object_in_use (55006) if the relay has the row in flight already.';
+    'Internal, for cqrs_discard() and cqrs_retry(): keeps the relay from sending outbox row id (and later rows of its key) while the calling transaction may commit, and raises object_in_use (55006) if the relay has the row in flight already.';
 REVOKE ALL ON FUNCTION cqrs_discard_check(bigint, text) FROM PUBLIC;
 
 CREATE FUNCTION cqrs_retry(id bigint)

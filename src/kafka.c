@@ -53,7 +53,7 @@ static List *secrets = NIL;
 /* The pipe librdkafka writes to when one of our queues gets work. */
 static int	event_pipe[2] = {-1, -1};
 
-/* The longest a metadata client (the monitor's, cqrs_sink_rewind()'s) waits for an answer. */
+/* The longest a metadata client waits for an answer (ms). */
 #define MONITOR_SOCKET_TIMEOUT_MS 2000
 
 /* The relay's queue of DescribeConfigs results, and the main queue. */
@@ -398,8 +398,9 @@ apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
 	 * of a Java properties file, whose value may hold an "=") is not quoted:
 	 * it may hold a secret.
 	 */
-	if (name[0] == '\0' || strspn(name, "abcdefghijklmnopqrstuvwxyz"
-								   "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != strlen(name))
+	if (name[0] == '\0' ||
+		strspn(name, "abcdefghijklmnopqrstuvwxyz"
+			   "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != strlen(name))
 	{
 		snprintf(errbuf, errlen, "line %d of librdkafka settings file \"%s\" is not name=value (a property name is letters, digits, \".\", \"_\" and \"-\")",
 				 lineno, path);
@@ -988,7 +989,6 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 				for (size_t i = 0; i < nentries; i++)
 				{
 					const char *value = rd_kafka_ConfigEntry_value(entries[i]);
-
 					const char *name = rd_kafka_ConfigEntry_name(entries[i]);
 
 					if (value == NULL)

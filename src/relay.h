@@ -97,6 +97,7 @@ extern bool pipeline_idle(void);
 extern bool pipeline_awaiting_reports(void);
 extern bool pipeline_only_stalled(void);
 extern bool pipeline_only_inflight(void);
+extern void pipeline_committed(void);
 extern TimestampTz pipeline_last_ack(void);
 extern int64 pipeline_cursor(void);
 extern TimestampTz pipeline_timers(TimestampTz now);

@@ -182,6 +182,7 @@ pipeline_reset(void)
 	cursor = 0;
 	mark_known = false;
 	mark_lower = false;
+	mark_lowering = false;
 	last_claim_full = false;
 	staged_claim = NULL;
 	size_checks_forget();
@@ -834,6 +835,13 @@ pipeline_claim_commit(void)
 		n_pinned += staged_claim->nrows;
 	}
 	staged_claim = NULL;
+}
+
+/* The relay's transaction committed (a lowering of the mark with it). */
+void
+pipeline_committed(void)
+{
+	mark_lowering = false;
 }
 
 /*

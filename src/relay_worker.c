@@ -455,14 +455,20 @@ reload_settings(void)
 {
 	ConfigReloadPending = false;
 	ProcessConfigFile(PGC_SIGHUP);
-	if (relay_producer && cqrs_kafka_config_changed())
+	/* (also while there is no producer: after fatal errors, for a minute) */
+	if (cqrs_kafka_config_changed())
 	{
-		ereport(LOG,
-				(errmsg("cqrs_sync relay: Kafka settings changed, re-creating the producer"),
-				 errdetail("Unacknowledged rows stay PENDING and are sent again.")));
-		destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
+		if (relay_producer)
+		{
+			ereport(LOG,
+					(errmsg("cqrs_sync relay: Kafka settings changed, re-creating the producer"),
+					 errdetail("Unacknowledged rows stay PENDING and are sent again.")));
+			destroy_producer(RD_KAFKA_RESP_ERR__PURGE_QUEUE);
+		}
 		cqrs_topics_forget_limits();
 		relay_producer_batch_bytes = wanted_batch_bytes = DEFAULT_BATCH_BYTES;
+		fatal_streak = 0;
+		fatal_at = 0;
 	}
 	producer_retry_at = 0;
 	wake_claim = true;
@@ -535,6 +541,7 @@ relay_transaction(bool record, int limit, TimestampTz now)
 	wrote = TransactionIdIsValid(GetTopTransactionIdIfAny());
 	INSTR_TIME_SET_CURRENT(t0);
 	CommitTransactionCommand();
+	pipeline_committed();
 	cqrs_relay_add_phase(CQRS_PHASE_COMMIT, elapsed_us(t0));
 	if (wrote)
 	{
