@@ -857,6 +857,21 @@ cqrs_kafka_smaller_batch(int size, int limit, int batch_bytes, int wanted_bytes)
 	return Min(wanted_bytes, smaller);
 }
 
+/*
+ * How long to wait before the next producer after streak fatal errors in a
+ * row with nothing delivered between: none after the first (a fatal error
+ * that a new producer does not meet again), then 1 s, 2 s, ... up to a
+ * minute (one that every new producer meets, such as an InitProducerId
+ * refused for good).
+ */
+int
+cqrs_kafka_fatal_pause_ms(int streak)
+{
+	if (streak <= 1)
+		return 0;
+	return Min(60000, 1000 << Min(streak - 2, 6));
+}
+
 /* Is the producer in a fatal state (it must be re-created)? */
 bool
 cqrs_kafka_fatal(rd_kafka_t *rk, char *errbuf, size_t errlen)

@@ -17,6 +17,8 @@
 
 /* The smallest batch.size a producer is given (bytes). */
 #define CQRS_MIN_BATCH_BYTES 1024
+/* A smaller batch.size waits at most this long for what is in flight (ms). */
+#define CQRS_RESIZE_WAIT_MS 10000
 
 /* How a delivery failure is handled (DESIGN.md section 5). */
 typedef enum CqrsFailureClass
@@ -82,6 +84,7 @@ extern rd_kafka_resp_err_t cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg);
 extern int	cqrs_kafka_message_size(const CqrsMessage *msg);
 extern int	cqrs_kafka_smaller_batch(int size, int limit, int batch_bytes,
 									int wanted_bytes);
+extern int	cqrs_kafka_fatal_pause_ms(int streak);
 extern int32 cqrs_kafka_partition_of(const CqrsMessage *msg, int32 partition_cnt);
 extern CqrsFailureClass cqrs_kafka_classify(rd_kafka_resp_err_t err);
 extern const char *cqrs_kafka_error_text(rd_kafka_resp_err_t err, char *buf, size_t len);

@@ -87,10 +87,6 @@ PGDLLEXPORT void cqrs_relay_main(Datum main_arg);
 #define CHECK_MS			1000
 /* Outcomes wait at most this long to be recorded together. */
 #define RECORD_DELAY_MS		10
-/* The longest pause before a producer is re-created after fatal errors. */
-#define FATAL_PAUSE_MAX_MS	60000
-/* A smaller batch.size waits at most this long for what is in flight. */
-#define RESIZE_WAIT_MS		10000
 
 rd_kafka_t *relay_producer = NULL;
 int			relay_producer_batch_bytes = DEFAULT_BATCH_BYTES;
@@ -379,7 +375,7 @@ serve_kafka(void)
 	if (cqrs_kafka_fatal(relay_producer, errbuf, sizeof(errbuf)))
 	{
 		TimestampTz now = GetCurrentTimestamp();
-		int			pause_ms = 0;
+		int			pause_ms;
 
 		/*
 		 * Re-created at once; but a fatal error that every new producer meets
@@ -389,8 +385,7 @@ serve_kafka(void)
 		fatal_streak = (fatal_at != 0 && pipeline_last_ack() <= fatal_at) ?
 			fatal_streak + 1 : 1;
 		fatal_at = now;
-		if (fatal_streak > 1)
-			pause_ms = Min(FATAL_PAUSE_MAX_MS, 1000 << Min(fatal_streak - 2, 6));
+		pause_ms = cqrs_kafka_fatal_pause_ms(fatal_streak);
 		ereport(WARNING,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("cqrs_sync relay: fatal Kafka producer error: %s", errbuf),
@@ -433,12 +428,12 @@ adjust_batch_size(TimestampTz now)
 	 * partitions: claims stop until then, and every other key would wait too.
 	 * A row can wait without its partition known to be stalled (a dead
 	 * letter, or the last row produced to a sick partition): once nothing
-	 * but rows in flight is left, they are waited for RESIZE_WAIT_MS at
-	 * most, then go again with the new producer too.
+	 * but rows in flight is left, they are waited for CQRS_RESIZE_WAIT_MS
+	 * at most, then go again with the new producer too.
 	 */
 	if (!pipeline_idle() && !pipeline_only_stalled() &&
 		!(pipeline_only_inflight() &&
-		  now >= TimestampTzPlusMilliseconds(resize_wanted_at, RESIZE_WAIT_MS)))
+		  now >= TimestampTzPlusMilliseconds(resize_wanted_at, CQRS_RESIZE_WAIT_MS)))
 		return;
 	ereport(LOG,
 			(errmsg("cqrs_sync relay: producer batch.size lowered from %d to %d bytes",

@@ -140,11 +140,6 @@ static rd_kafka_t *dlt_producer = NULL;
 static int	dlt_batch_bytes = DEFAULT_BATCH_BYTES;	/* the producer's batch.size */
 static int	dlt_wanted_batch_bytes = DEFAULT_BATCH_BYTES;
 static TimestampTz dlt_rebuild_since = 0;	/* a smaller batch.size waits */
-
-/* the longest a smaller batch.size waits for the dead letters in flight */
-#define DLT_REBUILD_WAIT_MS 10000
-/* The longest pause before a producer is re-created after fatal errors. */
-#define FATAL_PAUSE_MAX_MS	60000
 static List *dl_in_flight = NIL;	/* DeadLetterSend * */
 static List *dl_to_send = NIL;	/* SinkDeadLetter * not produced yet */
 static TimestampTz producer_retry_at = 0;
@@ -1316,7 +1311,7 @@ static bool
 dlt_producer_fatal(void)
 {
 	char		errbuf[CQRS_ERROR_LEN];
-	int			pause_ms = 0;
+	int			pause_ms;
 
 	if (!cqrs_kafka_fatal(dlt_producer, errbuf, sizeof(errbuf)))
 		return false;
@@ -1326,9 +1321,7 @@ dlt_producer_fatal(void)
 	 * for good) waits 1 s, 2 s, ... up to a minute between producers, until
 	 * one delivers a dead letter; as the relay's (relay_worker.c).
 	 */
-	dlt_fatal_streak++;
-	if (dlt_fatal_streak > 1)
-		pause_ms = Min(FATAL_PAUSE_MAX_MS, 1000 << Min(dlt_fatal_streak - 2, 6));
+	pause_ms = cqrs_kafka_fatal_pause_ms(++dlt_fatal_streak);
 	ereport(WARNING,
 			(errcode(ERRCODE_CONNECTION_FAILURE),
 			 errmsg("cqrs_sync sink: fatal Kafka producer error: %s", errbuf),
@@ -1358,7 +1351,7 @@ send_dead_letters(void)
 	/*
 	 * batch.size is a property of the producer: re-create it for a smaller
 	 * one once nothing is in flight, and produce nothing until then; but
-	 * not for longer than DLT_REBUILD_WAIT_MS (a dead letter to a partition
+	 * not for longer than CQRS_RESIZE_WAIT_MS (a dead letter to a partition
 	 * without a leader stays in flight, and would hold every other one): then
 	 * the producer goes, and what it had not delivered goes again with the
 	 * next one.
@@ -1369,7 +1362,7 @@ send_dead_letters(void)
 		{
 			if (dlt_rebuild_since == 0)
 				dlt_rebuild_since = now;
-			if (now < TimestampTzPlusMilliseconds(dlt_rebuild_since, DLT_REBUILD_WAIT_MS))
+			if (now < TimestampTzPlusMilliseconds(dlt_rebuild_since, CQRS_RESIZE_WAIT_MS))
 				return;
 		}
 		dlt_rebuild_since = 0;
