@@ -435,35 +435,38 @@ apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
 
 /*
  * Apply the name=value lines of the properties file.  The checks are made on
- * the opened file, so the file checked is the file read.
+ * the opened file, so the file checked is the file read.  It is opened
+ * without waiting (O_NONBLOCK): a named pipe or a device put in its place is
+ * refused as not a regular file, instead of holding the worker in open() for
+ * ever, deaf to SIGTERM.
  */
 static bool
 read_config_file(rd_kafka_conf_t *conf, const char *path,
 				 char *errbuf, size_t errlen)
 {
-	FILE	   *fp;
+	int			fd;
 	struct stat st;
 	StringInfoData line;
+	char		buf[8192];
 	int			lineno = 0;
 	bool		ok = true;
-	int			c;
 
-	fp = AllocateFile(path, "r");
-	if (fp == NULL)
+	fd = OpenTransientFile(path, O_RDONLY | O_NONBLOCK | PG_BINARY);
+	if (fd < 0)
 	{
 		snprintf(errbuf, errlen, "could not open librdkafka settings file \"%s\": %m", path);
 		return false;
 	}
-	if (fstat(fileno(fp), &st) != 0)
+	if (fstat(fd, &st) != 0)
 	{
 		snprintf(errbuf, errlen, "could not stat librdkafka settings file \"%s\": %m", path);
-		FreeFile(fp);
+		CloseTransientFile(fd);
 		return false;
 	}
 	if (!S_ISREG(st.st_mode))
 	{
 		snprintf(errbuf, errlen, "librdkafka settings file \"%s\" is not a regular file", path);
-		FreeFile(fp);
+		CloseTransientFile(fd);
 		return false;
 	}
 	if (st.st_uid != geteuid() && st.st_uid != 0)
@@ -471,7 +474,7 @@ read_config_file(rd_kafka_conf_t *conf, const char *path,
 		snprintf(errbuf, errlen,
 				 "librdkafka settings file \"%s\" must be owned by the database server's user or root; it may name commands to run and hold secrets",
 				 path);
-		FreeFile(fp);
+		CloseTransientFile(fd);
 		return false;
 	}
 	if (st.st_mode & (S_IRWXG | S_IRWXO))
@@ -479,32 +482,47 @@ read_config_file(rd_kafka_conf_t *conf, const char *path,
 		snprintf(errbuf, errlen,
 				 "librdkafka settings file \"%s\" has group or world access; it may name commands to run and hold secrets, so only its owner may read or write it (chmod 0600)",
 				 path);
-		FreeFile(fp);
+		CloseTransientFile(fd);
 		return false;
 	}
 	built_config_stat = st;
 
 	initStringInfo(&line);
-	do
+	while (ok)
 	{
-		c = getc(fp);
-		if (c == EOF || c == '\n')
+		ssize_t		n = read(fd, buf, sizeof(buf));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
 		{
+			snprintf(errbuf, errlen, "could not read librdkafka settings file \"%s\": %m", path);
+			ok = false;
+			break;
+		}
+		for (ssize_t i = 0; i < n && ok; i++)
+		{
+			if (buf[i] != '\n')
+			{
+				appendStringInfoChar(&line, buf[i]);
+				continue;
+			}
 			lineno++;
 			if (line.len > 0)
 				ok = apply_line(conf, line.data, path, lineno, errbuf, errlen);
 			resetStringInfo(&line);
 		}
-		else
-			appendStringInfoChar(&line, (char) c);
-	} while (ok && c != EOF);
-	if (ok && ferror(fp))
-	{
-		snprintf(errbuf, errlen, "could not read librdkafka settings file \"%s\": %m", path);
-		ok = false;
+		if (n == 0)
+		{
+			/* the last line, without a newline */
+			lineno++;
+			if (ok && line.len > 0)
+				ok = apply_line(conf, line.data, path, lineno, errbuf, errlen);
+			break;
+		}
 	}
 	pfree(line.data);
-	FreeFile(fp);
+	CloseTransientFile(fd);
 	return ok;
 }
 

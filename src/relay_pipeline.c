@@ -894,7 +894,6 @@ pipeline_read_mark(void)
 {
 	int64		from = 1;
 
-	mark_lowering = false;
 	if (mark_lower && mark_known)
 	{
 		/* (until the transaction commits: pipeline_claim_abort()) */
@@ -986,15 +985,8 @@ pipeline_write_mark(TimestampTz now)
 		return;					/* an operator is lowering it: next time */
 	cur = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	if (cur > mark_value)
-	{
-		/* the relay's own lowering was lost: lower it again */
-		arg[0] = Int64GetDatum(mark_value);
-		if (SPI_execute_with_args(psprintf("UPDATE %s SET scan_from = $1", mark_table),
-								  1, argtype, arg, NULL, false, 0) != SPI_OK_UPDATE)
-			elog(ERROR, "cqrs_sync relay: could not update %s", mark_table);
-		return;
-	}
-	if (cur != mark_value)
+		floor = mark_value;		/* the relay's own lowering was lost: again */
+	else if (cur != mark_value)
 	{
 		/* lowered meanwhile: rows from there on may be PENDING again */
 		order_revisit(cur);
@@ -1213,17 +1205,13 @@ pipeline_produce_claimed(void)
 			continue;
 		}
 
-		/*
-		 * A compacted topic refuses a message without a key, and every other
-		 * message of its record batch with the same INVALID_RECORD: it fails
-		 * here, alone, and spends its own retry budget only.
-		 */
-		if (row->msg.key == NULL && topic->compacted == 1)
+		/* it fails here, alone, and spends its own retry budget only */
+		if (cqrs_topic_refuses_keyless(topic, row->msg.key))
 		{
 			dlist_delete(&row->node);
 			n_claimed--;
 			fail_locally(row, RD_KAFKA_RESP_ERR_INVALID_RECORD,
-						 row_text(row, "INVALID_RECORD: topic \"%s\" is compacted (cleanup.policy) and refuses a message without a key",
+						 row_text(row, "topic \"%s\": " CQRS_KEYLESS_TO_COMPACTED,
 								  row->msg.topic));
 			continue;
 		}
@@ -1404,10 +1392,9 @@ produce_dead_letter(RelayRow *row)
 	m->tstate = cqrs_topic(dlt_topic);
 	/* its limit counts for batch.size too (topics.c) */
 	cqrs_topic_want_limit(relay_producer, m->tstate, false);
-	/* (a compacted dead-letter topic would refuse its batch with it) */
-	if (m->key == NULL && m->tstate->compacted == 1)
+	if (cqrs_topic_refuses_keyless(m->tstate, m->key))
 	{
-		row->dlt_error = row_text(row, "dead-letter topic \"%s\": INVALID_RECORD: the topic is compacted (cleanup.policy) and refuses a message without a key",
+		row->dlt_error = row_text(row, "dead-letter topic \"%s\": " CQRS_KEYLESS_TO_COMPACTED,
 								  dlt_topic);
 		row->dlt_attempt_failed = true;
 		finish(row, RO_DLT_FAILED);

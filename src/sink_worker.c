@@ -1422,6 +1422,15 @@ send_dead_letters(void)
 		}
 		send->msg.value = dl->value ? VARDATA(dl->value) : NULL;
 		send->msg.valuelen = dl->value ? VARSIZE(dl->value) - VARHDRSZ : 0;
+		if (cqrs_topic_refuses_keyless(topic, send->msg.key))
+		{
+			dl_to_send = list_delete_first(dl_to_send);
+			pfree(send);
+			sink_record_dead_letter(dl, false, -1, -1,
+									psprintf("dead-letter topic \"%s\": " CQRS_KEYLESS_TO_COMPACTED,
+											 dl->dlt_topic));
+			continue;
+		}
 
 		/* the original headers, and where it came from and why it is here */
 		dead_letter_headers(send);

@@ -69,6 +69,21 @@ extern int64 cqrs_topic_learn_limit(const char *name, int limit, int compacted);
 extern int	cqrs_topics_min_limit(void);
 extern void cqrs_topics_forget_limits(void);
 
+/*
+ * Kafka refuses a message without a key to a compacted topic, and with it
+ * every other message of its record batch (INVALID_RECORD, the same error
+ * for all: librdkafka cannot tell which was at fault).  Such a message fails
+ * before it is produced, alone.
+ */
+#define CQRS_KEYLESS_TO_COMPACTED \
+	"INVALID_RECORD: the topic is compacted (cleanup.policy) and refuses a message without a key"
+
+static inline bool
+cqrs_topic_refuses_keyless(const CqrsTopic *topic, const void *key)
+{
+	return key == NULL && topic->compacted == 1;
+}
+
 /* pauses */
 extern bool cqrs_topic_paused(CqrsTopic *topic, TimestampTz now);
 extern bool cqrs_topic_pause(CqrsTopic *topic, int base_ms, const char *reason);

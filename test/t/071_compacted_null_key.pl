@@ -45,7 +45,7 @@ is( $node->safe_psql('postgres',
 	'DEAD_LETTERED 2', 'the event without a key is dead-lettered after its own budget');
 like( $node->safe_psql('postgres',
 		"SELECT last_error FROM cqrs_outbox WHERE topic = '$topic' AND key IS NULL"),
-	qr/INVALID_RECORD: topic "\Q$topic\E" is compacted/, 'and its error says why');
+	qr/topic "\Q$topic\E": INVALID_RECORD: the topic is compacted/, 'and its error says why');
 
 my @got = kafka_consume($topic, 10, 30);
 is(scalar(@got), 10, 'Kafka holds the ten keyed events');

@@ -10,6 +10,7 @@ use lib $FindBin::RealBin;
 use CqrsTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Fcntl qw(O_WRONLY O_NONBLOCK);
 
 my $SECRET = 'Sup3r-Secret-Valu3';
 my $dir    = PostgreSQL::Test::Utils::tempdir('props');
@@ -130,6 +131,29 @@ for my $bad ('delivery.report.only.error = true', 'transactional.id = cqrs')
 $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 3}')");
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '3', 30),
 	'and sends');
+
+# a named pipe in the file's place is refused without waiting for a writer;
+# before, the relay hung in open() (deaf to SIGTERM, the server could not
+# stop) until something wrote to the pipe
+unlink $props or die "$props: $!";
+system('mkfifo', '-m', '0600', $props) == 0 or die "mkfifo $props failed";
+$node->reload;
+ok( wait_for($node,
+		"SELECT state || ': ' || (last_error LIKE '%is not a regular file%') FROM cqrs_stats_relay",
+		'no producer: true', 30),
+	'a named pipe as the properties file is refused at once (state: no producer, and why)');
+# (a relay held in open() is let go, so that the server can stop)
+if (sysopen(my $w, $props, O_WRONLY | O_NONBLOCK))
+{
+	print $w "sasl.password = $SECRET\n";
+	close $w;
+}
+unlink $props or die "$props: $!";
+write_props("sasl.password = $SECRET\n", 0600);
+$node->reload;
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 4}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '4', 30),
+	'with a file again, the relay sends');
 
 $node->stop;
 done_testing();
