@@ -35,7 +35,6 @@
 #include "shmem.h"
 #include "util.h"
 
-#define ALERT_CHANNEL "cqrs_sync_alert"
 /* longest error text in an alert (the payload limit is 8000 bytes) */
 #define ALERT_ERROR_BYTES 1000
 
@@ -194,7 +193,7 @@ append_text(StringInfo buf, const char *key, const char *text, int max)
 static void
 notify(StringInfo payload)
 {
-	Async_Notify(ALERT_CHANNEL, payload->data);
+	cqrs_notify_alert("relay", payload->data);
 }
 
 /* Queue an alert for the relay's next transaction (a JSON object). */

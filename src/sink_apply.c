@@ -122,7 +122,6 @@ static SPIPlanPtr plan_dead_lettered;
 static SPIPlanPtr plan_fetch_requests;
 static SPIPlanPtr plan_fetched;
 static SPIPlanPtr plan_fetch_failed;
-static SPIPlanPtr plan_notify;
 
 /* Work memory of one transaction, and of one event. */
 static MemoryContext txn_cxt = NULL;
@@ -176,7 +175,7 @@ forget_plans(void)
 		&plan_inbox_many, &plan_inbox_new, &plan_inbox_one, &plan_hold, &plan_positions, &plan_due,
 		&plan_next_due, &plan_lock_held, &plan_lock_offset_one, &plan_delete_held,
 		&plan_held_failed, &plan_counters, &plan_dead_lettered, &plan_fetch_requests,
-		&plan_fetched, &plan_fetch_failed, &plan_notify
+		&plan_fetched, &plan_fetch_failed
 	};
 
 	for (int i = 0; i < lengthof(plans); i++)
@@ -351,7 +350,6 @@ ensure_plans(void)
 		keep("UPDATE %s.cqrs_sink_held SET last_error = $2,"
 			 " next_attempt_at = pg_catalog.now() + interval '1 minute'"
 			 " WHERE id = $1 AND status = 'FETCH'", 2, t_fetch_failed);
-	plan_notify = cqrs_keep_plan("SELECT pg_catalog.pg_notify('cqrs_sync_alert', $1)", 1, t1);
 	plans_ext = ext;
 }
 
@@ -2213,9 +2211,7 @@ sink_record_dead_letter(SinkDeadLetter *dl, bool ok, int32 dlt_partition, int64 
 								 dl->partition, dl->offset);
 				escape_json(&json, dl->dlt_topic);
 				appendStringInfoChar(&json, '}');
-				args[0] = CStringGetTextDatum(json.data);
-				if (SPI_execute_plan(plan_notify, args, NULL, false, 0) != SPI_OK_SELECT)
-					elog(ERROR, "cqrs_sync sink: could not send the alert");
+				cqrs_notify_alert("sink", json.data);
 			}
 		}
 		SPI_finish();

@@ -822,8 +822,7 @@ sink_waits(Sink *sink, const char *error)
 			appendStringInfoChar(&json, '}');
 			SetCurrentStatementStartTimestamp();
 			StartTransactionCommand();
-			(void) DirectFunctionCall2(pg_notify, CStringGetTextDatum("cqrs_sync_alert"),
-									   CStringGetTextDatum(json.data));
+			cqrs_notify_alert("sink", json.data);
 			CommitTransactionCommand();
 		}
 		PG_CATCH();

@@ -13,8 +13,10 @@
 #include "access/xact.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
+#include "commands/async.h"
 #include "postmaster/bgworker.h"
 #include "utils/fmgroids.h"
+#include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
@@ -144,4 +146,35 @@ cqrs_report_and_abort(MemoryContext cxt)
 	AbortCurrentTransaction();
 	FlushErrorState();
 	return edata;
+}
+
+/*
+ * NOTIFY an alert on channel cqrs_sync_alert, in the current transaction.
+ *
+ * A session that listens but no longer reads (idle in a transaction, say)
+ * holds the NOTIFY queue's tail; once the queue is full, every commit that
+ * notifies fails.  The workers' alerts commit with what they record, which
+ * would then fail for as long.  From half full on, an alert is logged
+ * instead of sent: the rows, the audit and the views still say what
+ * happened.
+ */
+void
+cqrs_notify_alert(const char *worker, const char *payload)
+{
+	LOCAL_FCINFO(fcinfo, 0);
+	double		usage;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
+	usage = DatumGetFloat8(pg_notification_queue_usage(fcinfo));
+	if (usage >= 0.5)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("cqrs_sync %s: alert not sent on channel \"%s\", the NOTIFY queue is %.0f%% full",
+						worker, CQRS_ALERT_CHANNEL, usage * 100),
+				 errdetail("The alert was: %s", payload),
+				 errhint("A session that listens does not read its notifications, often one idle in a transaction: find it in pg_stat_activity.")));
+		return;
+	}
+	Async_Notify(CQRS_ALERT_CHANNEL, payload);
 }

@@ -17,6 +17,8 @@ extern void cqrs_check_row_layout(const char *function, TupleDesc desc, int ncol
 extern ErrorData *cqrs_catch_and_abort(MemoryContext cxt);
 extern ErrorData *cqrs_report_and_abort(MemoryContext cxt);
 extern SPIPlanPtr cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes);
+#define CQRS_ALERT_CHANNEL "cqrs_sync_alert"
+extern void cqrs_notify_alert(const char *worker, const char *payload);
 extern void cqrs_register_worker(const char *function, const char *type,
 								 int restart_seconds);
 
