@@ -413,6 +413,21 @@ apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
 				 path, lineno, name);
 		return false;
 	}
+
+	/*
+	 * librdkafka's unsecured JWT (a development aid) refreshes its token on
+	 * its own thread, and with librdkafka 2.0.2 that refresh crashed the
+	 * worker (SIGSEGV in rdk:main) every time: the postmaster then restarts
+	 * the whole server, again and again.
+	 */
+	if (strcmp(name, "enable.sasl.oauthbearer.unsecure.jwt") == 0 &&
+		pg_strcasecmp(value, "false") != 0 && strcmp(value, "0") != 0)
+	{
+		snprintf(errbuf, errlen,
+				 "librdkafka settings file \"%s\" line %d sets \"%s\", which cqrs_sync refuses: the token refresh of librdkafka's unsecured JWT crashes the worker, and with it the server",
+				 path, lineno, name);
+		return false;
+	}
 	if (sensitive_property(name) && value[0] != '\0')
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);

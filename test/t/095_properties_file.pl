@@ -132,6 +132,28 @@ $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 3}')")
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '3', 30),
 	'and sends');
 
+# librdkafka's unsecured JWT is refused: with librdkafka 2.0.2 its token
+# refresh crashed the relay (SIGSEGV on librdkafka's own thread), and the
+# postmaster restarted the whole server, at every refresh (here every 2 s)
+my $logpos = -s $node->logfile;
+write_props("security.protocol = SASL_PLAINTEXT\nsasl.mechanism = OAUTHBEARER\n"
+	  . "enable.sasl.oauthbearer.unsecure.jwt = true\n"
+	  . "sasl.oauthbearer.config = principal=cqrs lifeSeconds=2\n",
+	0600);
+$node->reload;
+ok( wait_for($node,
+		"SELECT state || ': ' || (last_error LIKE '%enable.sasl.oauthbearer.unsecure.jwt%refuses%') FROM cqrs_stats_relay",
+		'no producer: true', 30),
+	'a file that enables the unsecured JWT is refused (state: no producer, and why)');
+sleep 6;
+unlike(slurp_file($node->logfile, $logpos), qr/terminated by signal/,
+	'and no process of the server crashed');
+write_props("sasl.password = $SECRET\n", 0600);
+$node->reload;
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 5}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '4', 30),
+	'with the file fixed, the relay sends again');
+
 # a named pipe in the file's place is refused without waiting for a writer;
 # before, the relay hung in open() (deaf to SIGTERM, the server could not
 # stop) until something wrote to the pipe
@@ -151,8 +173,8 @@ if (sysopen(my $w, $props, O_WRONLY | O_NONBLOCK))
 unlink $props or die "$props: $!";
 write_props("sasl.password = $SECRET\n", 0600);
 $node->reload;
-$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 4}')");
-ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '4', 30),
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'k', '{\"n\": 6}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '5', 30),
 	'with a file again, the relay sends');
 
 $node->stop;
