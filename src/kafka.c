@@ -36,6 +36,7 @@
 
 #include "lib/stringinfo.h"
 #include "storage/fd.h"
+#include "utils/builtins.h"
 #include "utils/memutils.h"
 
 #include "cqrs_sync.h"
@@ -379,6 +380,7 @@ apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
 	char	   *name;
 	char	   *value;
 	char		origin[MAXPGPATH + 32];
+	bool		on;
 
 	if (*s == '\0' || *s == '#')
 		return true;
@@ -421,7 +423,7 @@ apply_line(rd_kafka_conf_t *conf, char *line, const char *path, int lineno,
 	 * the whole server, again and again.
 	 */
 	if (strcmp(name, "enable.sasl.oauthbearer.unsecure.jwt") == 0 &&
-		pg_strcasecmp(value, "false") != 0 && strcmp(value, "0") != 0)
+		parse_bool(value, &on) && on)
 	{
 		snprintf(errbuf, errlen,
 				 "librdkafka settings file \"%s\" line %d sets \"%s\", which cqrs_sync refuses: the token refresh of librdkafka's unsecured JWT crashes the worker, and with it the server",

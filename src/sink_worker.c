@@ -1425,9 +1425,7 @@ send_dead_letters(void)
 		{
 			dl_to_send = list_delete_first(dl_to_send);
 			pfree(send);
-			sink_record_dead_letter(dl, false, -1, -1,
-									psprintf("dead-letter topic \"%s\": " CQRS_KEYLESS_TO_COMPACTED,
-											 dl->dlt_topic));
+			sink_record_dead_letter(dl, false, -1, -1, CQRS_KEYLESS_TO_COMPACTED);
 			continue;
 		}
 

@@ -11,10 +11,12 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
 #include "commands/async.h"
 #include "postmaster/bgworker.h"
+#include "storage/proc.h"
 #include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
@@ -154,26 +156,39 @@ cqrs_report_and_abort(MemoryContext cxt)
  * A session that listens but no longer reads (idle in a transaction, say)
  * holds the NOTIFY queue's tail; once the queue is full, every commit that
  * notifies fails.  The workers' alerts commit with what they record, which
- * would then fail for as long.  From half full on, an alert is logged
- * instead of sent: the rows, the audit and the views still say what
- * happened.
+ * would then fail for as long.  From half full on, alerts are logged
+ * instead of sent (one WARNING per transaction): the rows, the audit and
+ * the views still say what happened.  The queue is looked at once per
+ * transaction.
  */
 void
 cqrs_notify_alert(const char *worker, const char *payload)
 {
-	LOCAL_FCINFO(fcinfo, 0);
-	double		usage;
+	static LocalTransactionId checked_lxid = InvalidLocalTransactionId;
+	static double usage = 0;
+	static bool warned = false;
 
-	InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
-	usage = DatumGetFloat8(pg_notification_queue_usage(fcinfo));
+	if (RecoveryInProgress())
+		return;					/* nothing is recorded either */
+	if (checked_lxid != MyProc->lxid)
+	{
+		LOCAL_FCINFO(fcinfo, 0);
+
+		InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
+		usage = DatumGetFloat8(pg_notification_queue_usage(fcinfo));
+		checked_lxid = MyProc->lxid;
+		warned = false;
+	}
 	if (usage >= 0.5)
 	{
-		ereport(WARNING,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("cqrs_sync %s: alert not sent on channel \"%s\", the NOTIFY queue is %.0f%% full",
-						worker, CQRS_ALERT_CHANNEL, usage * 100),
-				 errdetail("The alert was: %s", payload),
-				 errhint("A session that listens does not read its notifications, often one idle in a transaction: find it in pg_stat_activity.")));
+		if (!warned)
+			ereport(WARNING,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("cqrs_sync %s: alerts not sent on channel \"%s\": the NOTIFY queue is %.0f%% full",
+							worker, CQRS_ALERT_CHANNEL, usage * 100),
+					 errdetail("The first alert of this transaction was %s.", payload),
+					 errhint("A session that listens does not read its notifications, often one idle in a transaction: find it in pg_stat_activity.")));
+		warned = true;
 		return;
 	}
 	Async_Notify(CQRS_ALERT_CHANNEL, payload);

@@ -11,13 +11,14 @@
 #include "access/tupdesc.h"
 #include "executor/spi.h"
 
+#define CQRS_ALERT_CHANNEL "cqrs_sync_alert"
+
 extern Oid	cqrs_extension_namespace(Oid ext_oid);
 extern char *cqrs_extension_schema(Oid ext_oid);
 extern void cqrs_check_row_layout(const char *function, TupleDesc desc, int ncols);
 extern ErrorData *cqrs_catch_and_abort(MemoryContext cxt);
 extern ErrorData *cqrs_report_and_abort(MemoryContext cxt);
 extern SPIPlanPtr cqrs_keep_plan(const char *sql, int nargs, Oid *argtypes);
-#define CQRS_ALERT_CHANNEL "cqrs_sync_alert"
 extern void cqrs_notify_alert(const char *worker, const char *payload);
 extern void cqrs_register_worker(const char *function, const char *type,
 								 int restart_seconds);
