@@ -35,15 +35,7 @@ my $pad = 'x' x 30000;
 kafka_produce_events($topic,
 	[ map { [ "k$_", "big-$_", qq({"n":$_,"pad":"$pad"}) ] } 1 .. 20 ]);
 
-$node->safe_psql('postgres', qq{
-CREATE FUNCTION batch_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-    RAISE EXCEPTION 'cannot apply %', e.event_id;
-END
-\$\$;
-SELECT cqrs_sink_create('dltbatch', ARRAY['$topic'], 'batch_apply(cqrs_event)',
-                        '{"max_retries": 0, "dlt_topic": "$dlt"}');
-});
+failing_sink($node, 'dltbatch', $topic, qq({"max_retries": 0, "dlt_topic": "$dlt"}));
 
 ok( wait_for($node,
 		"SELECT count(*) FROM cqrs_sink_held WHERE sink = 'dltbatch' AND status IN ('DEAD_LETTERED', 'DLT_FAILED')",

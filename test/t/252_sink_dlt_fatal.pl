@@ -35,15 +35,7 @@ my $node = new_node(
 	'cqrs_sync.brokers'       => $mock->bootstrap,
 	'cqrs_sync.relay_enabled' => 'off',
 	'log_line_prefix'         => '%m [%p] %e ');
-$node->safe_psql('postgres', qq{
-CREATE FUNCTION fatal_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-    RAISE EXCEPTION 'cannot apply %', e.event_id;
-END
-\$\$;
-SELECT cqrs_sink_create('fatal', ARRAY['$topic'], 'fatal_apply(cqrs_event)',
-                        '{"max_retries": 0, "dlt_topic": "$dlt"}');
-});
+failing_sink($node, 'fatal', $topic, qq({"max_retries": 0, "dlt_topic": "$dlt"}));
 
 # a first dead letter: the producer exists and works
 kafka_produce_events($topic, [ [ 'warm', 'w-0', '{"n":0}' ] ], $mock->bootstrap);

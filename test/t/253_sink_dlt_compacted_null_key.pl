@@ -33,15 +33,7 @@ kafka_produce_events($topic,
 		(map { [ "k$_", "ev-$_", qq({"n":$_}) ] } 6 .. 10)
 	]);
 
-$node->safe_psql('postgres', qq{
-CREATE FUNCTION compact_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-    RAISE EXCEPTION 'cannot apply %', e.event_id;
-END
-\$\$;
-SELECT cqrs_sink_create('dltcompact', ARRAY['$topic'], 'compact_apply(cqrs_event)',
-                        '{"max_retries": 0, "dlt_topic": "$dlt"}');
-});
+failing_sink($node, 'dltcompact', $topic, qq({"max_retries": 0, "dlt_topic": "$dlt"}));
 
 ok( wait_for($node,
 		"SELECT count(*) FROM cqrs_sink_held WHERE sink = 'dltcompact' AND status IN ('DEAD_LETTERED', 'DLT_FAILED')",

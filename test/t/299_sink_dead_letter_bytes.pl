@@ -20,14 +20,7 @@ my $topic = unique_topic('sink-dlbytes');
 my $dlt   = "$topic.bytes.DLT";
 create_topic($topic, 1);
 create_topic($dlt,   1);
-$node->safe_psql('postgres', qq{
-CREATE FUNCTION bytes_apply(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
-BEGIN
-    RAISE EXCEPTION 'refused %', e.event_id;
-END
-\$\$;
-SELECT cqrs_sink_create('bytes', ARRAY['$topic'], 'bytes_apply(cqrs_event)', '{"max_retries": 0}');
-});
+failing_sink($node, 'bytes', $topic, '{"max_retries": 0}');
 
 # event_id first (the tool adds it), then 10 text headers, a null one, a
 # binary one and a name given twice

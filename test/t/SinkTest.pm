@@ -40,7 +40,7 @@ use Time::HiRes qw(time usleep);
 use CqrsTest;
 
 our @EXPORT = qw(kafka_produce_events exact_setup exact_events exact_check
-  wait_applied sink_counts sink_worker_pids poison_handler);
+  wait_applied sink_counts sink_worker_pids poison_handler failing_sink);
 
 =pod
 
@@ -66,6 +66,32 @@ BEGIN
     $body
 END
 \$\$;
+});
+	return;
+}
+
+=pod
+
+=item failing_sink($node, $sink, $topic, $options)
+
+Creates, in database postgres, the sink $sink on $topic with the options
+$options (a JSON object's text, e.g. '{"max_retries": 0, "dlt_topic": "D"}')
+and a handler, C<${sink}_fail(cqrs_event)>, that raises "cannot apply
+<event_id>" for every event: each event it consumes is held, retried and
+dead-lettered.
+
+=cut
+
+sub failing_sink
+{
+	my ($node, $sink, $topic, $options) = @_;
+	$node->safe_psql('postgres', qq{
+CREATE FUNCTION ${sink}_fail(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
+BEGIN
+    RAISE EXCEPTION 'cannot apply %', e.event_id;
+END
+\$\$;
+SELECT cqrs_sink_create('$sink', ARRAY['$topic'], '${sink}_fail(cqrs_event)', '$options');
 });
 	return;
 }
