@@ -26,9 +26,7 @@ my $node = new_node(
 	'cqrs_sync.retry_backoff' => '100ms',
 	'log_line_prefix'         => '%m [%p] %e ');
 
-$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
-ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 60),
-	'a first row is sent through the mock cluster');
+first_row_sent($node, $topic);
 is($node->safe_psql('postgres', 'SELECT producer_restarts FROM cqrs_stats_relay'), '0',
 	'no producer restart so far');
 sleep 1;    # the relay is idle: nothing in flight

@@ -26,9 +26,7 @@ my $node = new_node(
 	'cqrs_sync.brokers'     => $mock->bootstrap,
 	'cqrs_sync.max_retries' => '0');
 
-$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
-ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 60),
-	'a first row is sent through the mock cluster');
+first_row_sent($node, $topic);
 
 $mock->cmd('down 2');
 $mock->cmd('errors Produce INVALID_RECORD');

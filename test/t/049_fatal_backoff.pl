@@ -24,9 +24,7 @@ my $node = new_node(
 	'cqrs_sync.retry_backoff' => '100ms',
 	'log_line_prefix'         => '%m [%p] %e ');
 
-$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
-ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 60),
-	'a first row is sent through the mock cluster');
+first_row_sent($node, $topic);
 sleep 1;
 
 # every InitProducerId refused from now on, then a fatal error to start

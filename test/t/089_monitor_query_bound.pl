@@ -30,13 +30,8 @@ my $node = new_node(
 	'cqrs_sync.max_retries'        => '0',
 	'cqrs_sync.dlt_depth_interval' => '1s');
 
-$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
-ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 60),
-	'a first row is sent through the mock cluster');
-$mock->cmd('errors Produce INVALID_RECORD');
-my $id = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'doomed', '{}')");
-ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $id", 'DEAD_LETTERED', 60),
-	'a row is dead-lettered');
+first_row_sent($node, $topic);
+dead_letter_one($node, $mock, $topic);
 ok(wait_for($node, "SELECT count(*) FROM cqrs_dlt_depth WHERE topic = '$topic.DLT'", '1', 60),
 	'the monitor reads the depth of the dead-letter partition');
 

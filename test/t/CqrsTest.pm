@@ -43,6 +43,7 @@ use Time::HiRes qw(time usleep);
 our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   wait_for create_topic create_topic_assigned kafka_broker_start
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
+  first_row_sent dead_letter_one
   order_schedule_module
   probe_producer_start freeze_relay freeze_waiting crash_cluster
   restart_relay stop_during_dead_letter terminate_backend);
@@ -724,6 +725,46 @@ sub order_schedule_module
 		chomp $out;
 		$out;
 	};
+}
+
+=pod
+
+=item first_row_sent($node, $topic)
+
+Enqueues one event (key C<warm>) for $topic and checks, as one test, that it
+is SENT within 60 s: the relay's producer exists and its cluster (a mock
+cluster, typically) takes messages, before a fault is injected.
+
+=cut
+
+sub first_row_sent
+{
+	my ($node, $topic) = @_;
+	$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
+	ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 60),
+		'a first row is sent through the mock cluster');
+	return;
+}
+
+=pod
+
+=item dead_letter_one($node, $mock, $topic)
+
+Makes every Produce to the mock cluster $mock fail with INVALID_RECORD from
+now on, enqueues one event (key C<doomed>) for $topic, and checks, as one
+test, that it is DEAD_LETTERED within 60 s (with cqrs_sync.max_retries 0; the
+dead-letter topic must be on a broker that takes it).  Returns its id.
+
+=cut
+
+sub dead_letter_one
+{
+	my ($node, $mock, $topic) = @_;
+	$mock->cmd('errors Produce INVALID_RECORD');
+	my $id = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'doomed', '{}')");
+	ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $id", 'DEAD_LETTERED', 60),
+		'a row is dead-lettered');
+	return $id;
 }
 
 =item mock_cluster_start($brokers, @topics)
