@@ -1663,9 +1663,9 @@ BEGIN
         -- the extension's owner): no operator, function or type of this
         -- statement is looked up in it
         target_name := route->>'target';
-        PERFORM set_config('search_path', coalesce(opts->>'search_path', '"$user", public'), true);
+        PERFORM pg_catalog.set_config('search_path', coalesce(opts->>'search_path', '"$user", public'), true);
         target := target_name::pg_catalog.regclass;
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         IF NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = target AND indisprimary) THEN
             RAISE EXCEPTION 'route target % has no primary key', target USING ERRCODE = 'invalid_parameter_value';
         END IF;

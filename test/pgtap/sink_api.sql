@@ -6,7 +6,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(78);
+SELECT plan(79);
 SET LOCAL client_min_messages = warning;
 
 -- ---- contract shapes ---------------------------------------------------------
@@ -203,11 +203,15 @@ CREATE TABLE regress_evil.called (who text);
 CREATE FUNCTION regress_evil.arrow(jsonb, text) RETURNS text LANGUAGE plpgsql AS
 $$ BEGIN INSERT INTO regress_evil.called VALUES (current_user); RETURN 'public.sink_t'; END $$;
 CREATE OPERATOR regress_evil.->> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = regress_evil.arrow);
+-- a statement planned after the caller's path took effect would find this
+-- one before pg_catalog's, and run it as the extension's owner
+CREATE FUNCTION regress_evil.set_config(text, text, boolean) RETURNS text LANGUAGE plpgsql AS
+$$ BEGIN INSERT INTO regress_evil.called VALUES (current_user); RETURN pg_catalog.set_config($1, $2, $3); END $$;
 SELECT lives_ok($$SELECT cqrs_sink_create('s_path', ARRAY['topic-p'], NULL,
                                          '{"route": {"target": "sink_t"}, "search_path": "regress_evil, public, pg_catalog"}')$$,
                 'a route target is named with the sink''s search_path');
-SELECT is((SELECT count(*) FROM regress_evil.called), 0::bigint,
-          'no operator of that search_path runs inside cqrs_sink_create()');
+SELECT is_empty('SELECT who FROM regress_evil.called',
+                'no operator or function of that search_path runs inside cqrs_sink_create()');
 SELECT is((SELECT options->'route'->>'target' FROM cqrs_sink WHERE name = 's_path'), 'public.sink_t',
           '... and the target is the table that path names');
 RESET SESSION AUTHORIZATION;
@@ -226,6 +230,8 @@ SELECT lives_ok($$SELECT cqrs_sink_replay('s_replay', 'topic-r.s_replay.DLT', 0,
 RESET SESSION AUTHORIZATION;
 SELECT lives_ok($$SELECT cqrs_sink_replay('s_replay', 'scratch', 0, 0)$$,
                 'a member of the sink''s role may replay from a topic of its choice');
+SELECT throws_ok('SELECT cqrs_sink_replay(-1)', 'P0002', 'held event -1 does not exist',
+                 'replaying a held event that does not exist: P0002, as docs/sql-api.md says');
 
 -- ---- privileges -------------------------------------------------------------------------
 
