@@ -937,7 +937,7 @@ GRANT EXECUTE ON FUNCTION cqrs_detach_outbox(regclass) TO cqrs_sync_writer;
 
 CREATE FUNCTION cqrs_attached_mapping(args bytea, nargs smallint)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
+LANGUAGE plpgsql STABLE STRICT PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
