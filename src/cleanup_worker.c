@@ -1219,6 +1219,7 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	Interval   *retention = retention_interval();
 	Interval   *older;
 	Interval	zero;
+	TimestampTz start;
 	PassState	ps;
 	CleanupResult res;
 
@@ -1241,8 +1242,14 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("cqrs_sync.inbox_retention is 0: inbox entries, delta memory and tombstones are kept for ever"),
 					 errhint("A superuser sets a retention with ALTER SYSTEM SET cqrs_sync.inbox_retention and a reload.")));
-		if (DatumGetBool(DirectFunctionCall2(interval_lt, IntervalPGetDatum(older),
-											 IntervalPGetDatum(retention))))
+		/*
+		 * The cutoff itself, not the interval: an interval comparison counts
+		 * a month as 30 days, so '-120 mons 3607 days' compares as 7 days
+		 * while the calendar puts its cutoff 45 days ahead.
+		 */
+		start = GetCurrentTransactionStartTimestamp();
+		if (older_than_cutoff(start, older) >
+			start - (int64) cqrs_inbox_retention * USECS_PER_SEC)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("older_than must not be less than cqrs_sync.inbox_retention (%s)",

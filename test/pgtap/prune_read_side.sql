@@ -9,7 +9,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(18);
+SELECT plan(20);
 SET LOCAL client_min_messages = warning;
 
 CREATE ROLE regress_prune_op IN ROLE cqrs_sync_operator;
@@ -30,6 +30,11 @@ SELECT throws_ok($$SELECT cqrs_prune_read_side('0')$$, '22023',
                  'an operator cannot prune everything with 0');
 SELECT throws_ok($$SELECT cqrs_prune_read_side('1 day')$$, '22023', NULL,
                  '... nor anything younger than the retention');
+-- an interval comparison counts a month as 30 days; the cutoff is a calendar's
+SELECT throws_ok($$SELECT cqrs_prune_read_side('-120 mons 3607 days')$$, '22023', NULL,
+                 '... nor with months and days of opposite signs, 7 days by the month of 30 days, whose cutoff is in the future');
+SELECT throws_ok($$SELECT cqrs_prune_read_side('-12 mons 367 days')$$, '22023', NULL,
+                 '... or a day or two back');
 RESET ROLE;
 SELECT throws_ok($$SELECT cqrs_prune_read_side('0')$$, '22023', NULL, 'nor can a superuser, by mistake');
 SELECT is((SELECT count(*) FROM cqrs_inbox), 28::bigint, 'nothing was pruned');
