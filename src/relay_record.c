@@ -112,13 +112,15 @@ record_prepare(const char *outbox, const char *audit)
 	}
 	dead_plan = cqrs_keep_plan(psprintf(
 										"UPDATE %s o SET status = 'DEAD_LETTERED', retry_count = f.cnt,"
-										" last_error = coalesce(f.err, 'unknown error'), next_attempt_at = NULL"
+										" last_error = coalesce(f.err, 'unknown error'), next_attempt_at = NULL,"
+										" purge_approved_by = NULL, purge_approved_at = NULL"
 										" FROM unnest($1, $2, $3) AS f(id, cnt, err)"
 										" WHERE o.id = f.id AND o.status = 'PENDING'", outbox),
 							   3, dead_types);
 	update = psprintf("UPDATE %s o SET status = 'DLT_FAILED', retry_count = f.cnt,"
 					  " dlt_retry_count = o.dlt_retry_count + 1,"
-					  " last_error = coalesce(f.err, 'unknown error'), next_attempt_at = NULL"
+					  " last_error = coalesce(f.err, 'unknown error'), next_attempt_at = NULL,"
+					  " purge_approved_by = NULL, purge_approved_at = NULL"
 					  " FROM unnest($1, $2, $3) AS f(id, cnt, err)"
 					  " WHERE o.id = f.id AND o.status = 'PENDING'", outbox);
 	if (audit)

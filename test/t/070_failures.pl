@@ -10,7 +10,9 @@
 #    the failed dead-letter publish and its error in the audit, other rows
 #    flowing; an operator's retry while the cause remains fails again and
 #    counts: dlt_retry_count 2 (not reset), a second audited attempt;
-#    cqrs_retry sends it once the cause is removed.
+#    cqrs_retry sends it once the cause is removed;
+#  - a failed row put back by hand that fails again needs a new purge
+#    approval: the relay's failure clears the old one.
 use strict;
 use warnings;
 
@@ -173,6 +175,29 @@ is( $node->safe_psql('postgres',
 	'RETRY DLT_FAILED ops', 'the retry is audited with who did it');
 is($node->safe_psql('postgres', "SELECT dlt_retry_count FROM cqrs_outbox WHERE id = $bad"),
 	'2', 'the sent row keeps its count of failed dead-letter publishes');
+
+# ---- an approval is for one failure ------------------------------------------
+# A failed row a superuser puts back by hand (docs: cqrs_wake_relay()) keeps
+# its purge approval while PENDING; when it fails again, the relay's failure
+# clears it: the next cleanup pass may not purge the row on the old approval.
+my $t3 = create_topic(unique_topic('again'), 1, 'max.message.bytes=200000');
+my $again = $node->safe_psql('postgres',
+	"SELECT cqrs_enqueue('$t3', 'k', jsonb_build_object('big', repeat('x', 300000)))");
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $again", 'DEAD_LETTERED', 60),
+	'an oversized row is dead-lettered');
+is($node->safe_psql('postgres', "SELECT cqrs_approve_purge(ARRAY[$again])"), '1', 'its purge is approved');
+$node->safe_psql('postgres', qq{
+	UPDATE cqrs_outbox SET created_at = created_at - interval '30 days',
+	       purge_approved_at = purge_approved_at - interval '30 days' WHERE id = $again;
+	UPDATE cqrs_outbox SET status = 'PENDING', last_error = NULL, retry_count = 0 WHERE id = $again;
+	SELECT cqrs_wake_relay();});
+ok( wait_for($node,
+		"SELECT status || '/' || coalesce(purge_approved_at::text, 'no approval') FROM cqrs_outbox WHERE id = $again AND retry_count > 0",
+		'DEAD_LETTERED/no approval', 60),
+	'put back by hand, it fails again, and its old approval is gone');
+is($node->safe_psql('postgres', "SELECT dead_lettered FROM cqrs_cleanup()"), '0',
+	'the cleanup does not purge it on the approval of its earlier failure');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_outbox WHERE id = $again"), '1', 'the row is kept');
 
 $node->stop;
 done_testing();
