@@ -41,6 +41,7 @@
 #include "nodes/makefuncs.h"
 #include "parser/parse_coerce.h"
 #include "parser/parse_func.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/jsonb.h"
@@ -496,7 +497,8 @@ publish_row(AttachMapping *m, TupleDesc desc, HeapTuple tup, Oid relid,
  * not the event is still in cqrs_outbox (sent and cleaned up, deleted on
  * sending, or discarded).  Any INSERT the trigger sees ends the memory, and
  * only a row inserted by the same command (its cmin, the old row's cmax) in
- * the same (sub)transaction matches it.
+ * the same (sub)transaction matches it, with the same event id or, both
+ * without one, the same values published (mapped_values()).
  */
 static struct
 {
@@ -507,7 +509,48 @@ static struct
 	char	   *mapping;		/* the trigger's argument, in TopMemoryContext */
 	bool		has_event_id;
 	pg_uuid_t	event_id;
+	char	   *values;			/* without one: mapped_values(), likewise */
 }			moved;
+
+static void
+append_mapped(StringInfo buf, TupleDesc desc, HeapTuple tup, Oid relid,
+			  const char *column, const char *option)
+{
+	char	   *value;
+
+	if (column == NULL)
+	{
+		appendStringInfoString(buf, "-;");
+		return;
+	}
+	value = column_text(desc, tup, relid, column, option);
+	if (value == NULL)
+		appendStringInfoString(buf, "n;");
+	else
+		appendStringInfo(buf, "%zu:%s;", strlen(value), value);
+}
+
+/*
+ * What the mapping publishes of a row (its topic's column, key, payload and
+ * headers), as text.  Without an event id, that is what tells a moved row's
+ * copy from a new row inserted by the same command: the copy of a row that
+ * moved to a partition not attached never fires the trigger, and the next
+ * row it sees may be another one (a statement that moves rows out and
+ * inserts new ones).
+ */
+static char *
+mapped_values(AttachMapping *m, TupleDesc desc, HeapTuple tup, Oid relid)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	append_mapped(&buf, desc, tup, relid, m->route_by, "route_by");
+	append_mapped(&buf, desc, tup, relid, m->key, "key");
+	append_mapped(&buf, desc, tup, relid, m->payload, "payload");
+	for (int i = 0; i < m->nheaders; i++)
+		append_mapped(&buf, desc, tup, relid, m->headers[i].column, "headers");
+	return buf.data;
+}
 
 static void
 remember_moved(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup,
@@ -524,6 +567,16 @@ remember_moved(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup
 	moved.has_event_id = (event_id != NULL);
 	if (event_id != NULL)
 		moved.event_id = *event_id;
+	if (moved.values != NULL)
+		pfree(moved.values);
+	moved.values = NULL;
+	if (event_id == NULL)
+	{
+		char	   *values = mapped_values(m, desc, tup, relid);
+
+		moved.values = MemoryContextStrdup(TopMemoryContext, values);
+		pfree(values);
+	}
 	moved.set = true;
 }
 
@@ -545,7 +598,8 @@ is_moved_copy(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup,
 		return false;
 	event_id = m->event_id ? event_id_value(desc, tup, relid, m->event_id) : NULL;
 	if (event_id == NULL || !moved.has_event_id)
-		same = (event_id == NULL && !moved.has_event_id);
+		same = (event_id == NULL && !moved.has_event_id &&
+				strcmp(mapped_values(m, desc, tup, relid), moved.values) == 0);
 	else
 		same = memcmp(event_id, &moved.event_id, sizeof(pg_uuid_t)) == 0;
 	return same;
@@ -610,7 +664,7 @@ cqrs_outbox_attached(PG_FUNCTION_ARGS)
  * publishes a row of an attached outbox table as its trigger would have,
  * and returns its outbox id, or NULL if its event id is in the outbox
  * already (cqrs_attach_outbox()'s backfill: attaching again publishes no
- * event twice).
+ * event twice).  Needs INSERT on the table, as the trigger's way does.
  */
 Datum
 cqrs_attached_outbox_enqueue(PG_FUNCTION_ARGS)
@@ -635,6 +689,10 @@ cqrs_attached_outbox_enqueue(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
 				 errmsg("relation with OID %u does not exist", relid)));
+	/* what inserting the row would publish: for those who may insert it */
+	if (pg_class_aclcheck(relid, GetUserId(), ACL_INSERT) != ACLCHECK_OK)
+		aclcheck_error(ACLCHECK_NO_PRIV, get_relkind_objtype(rel->rd_rel->relkind),
+					   RelationGetRelationName(rel));
 	if (rectype != rel->rd_rel->reltype)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATATYPE_MISMATCH),
