@@ -85,15 +85,18 @@ remember_topic(const char *name)
  * The caller's memory context is current again afterwards (the commit leaves
  * TopMemoryContext current, where the round's lists would never be freed).
  * An error (the outbox locked for longer than the monitor's lock_timeout, say)
- * is reported as a WARNING, and the round watches the topics it knew of: a
+ * is reported as a WARNING, and in *error; the round watches the topics it
+ * knew of (none at the first call: refresh() fails the round then): a
  * lock held on the outbox must neither keep the monitor from its rounds nor
  * from noticing a stop, which it cannot while it waits for a lock.
  */
 static List *
-read_dead_letter_topics(void)
+read_dead_letter_topics(char **error)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	List	   *volatile current = NIL;
+
+	*error = NULL;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -170,6 +173,7 @@ read_dead_letter_topics(void)
 				 errmsg("cqrs_sync monitor: could not list the outbox's dead-letter topics: %s",
 						edata->message),
 				 errdetail("This round watches the dead-letter topics the monitor already knew of.")));
+		*error = pstrdup(edata->message);
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
@@ -186,10 +190,23 @@ refresh(void)
 	List	   *required;
 	char	   *list = pstrdup(cqrs_read_side_dlt_topics ? cqrs_read_side_dlt_topics : "");
 	char	   *save;
+	char	   *list_error;
 	char		errbuf[1024];
 
 	/* those of rows dead-lettered now, and those listed, must be in Kafka */
-	required = read_dead_letter_topics();
+	required = read_dead_letter_topics(&list_error);
+
+	/*
+	 * A monitor that never listed them (just started) knows none: a round
+	 * without them would publish their topics as gone, and their messages as
+	 * none.  The figures it has stay, and age, with the error.
+	 */
+	if (list_error != NULL && !audit_read)
+	{
+		cqrs_dlt_depth_failed(psprintf("could not list the outbox's dead-letter topics: %s",
+									   list_error));
+		return;
+	}
 	for (char *tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save))
 		required = lappend(required, tok);
 	/* required ones first: the partitions kept are measured in this order */
