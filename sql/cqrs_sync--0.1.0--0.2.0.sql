@@ -1686,6 +1686,10 @@ BEGIN
                                  OR (opts->>'max_retries')::numeric <> trunc((opts->>'max_retries')::numeric)) THEN
         RAISE EXCEPTION 'max_retries must be an integer from 0 to 1000' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- stored as an integer: 5.0 is one, but its text is not an int4's
+    IF opts ? 'max_retries' THEN
+        opts := jsonb_set(opts, '{max_retries}', to_jsonb((opts->>'max_retries')::numeric::integer));
+    END IF;
     IF opts ? 'retry_backoff' THEN
         IF jsonb_typeof(opts->'retry_backoff') = 'number' THEN
             backoff := (opts->>'retry_backoff')::numeric;

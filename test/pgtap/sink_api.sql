@@ -6,7 +6,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(79);
+SELECT plan(81);
 SET LOCAL client_min_messages = warning;
 
 -- ---- contract shapes ---------------------------------------------------------
@@ -232,6 +232,12 @@ SELECT lives_ok($$SELECT cqrs_sink_replay('s_replay', 'scratch', 0, 0)$$,
                 'a member of the sink''s role may replay from a topic of its choice');
 SELECT throws_ok('SELECT cqrs_sink_replay(-1)', 'P0002', 'held event -1 does not exist',
                  'replaying a held event that does not exist: P0002, as docs/sql-api.md says');
+-- a whole number written with a decimal point (Python's json.dumps(5.0)) is
+-- stored as an integer: the workers read every sink's max_retries as int4
+SELECT lives_ok($$SELECT cqrs_sink_create('s_float', ARRAY['topic-f'], 'sink_h(cqrs_event)', '{"max_retries": 5.0}')$$,
+                'max_retries 5.0 is an integer');
+SELECT is((SELECT (options->>'max_retries')::int4 FROM cqrs_sink WHERE name = 's_float'), 5,
+          '... stored as one, which the workers'' catalog read can take');
 
 -- ---- privileges -------------------------------------------------------------------------
 
