@@ -1023,42 +1023,54 @@ read_catalog(void)
 			sinks = lappend(sinks, s);
 			MemoryContextSwitchTo(old);
 		}
-		else if (!same_definition(s, def))
+		else
 		{
-			bool		reconnect = (s->shape != def->shape);
+			/*
+			 * A change of definition (a reload changes the defaults of every
+			 * sink) may come in the same read as a pause, a resume or a
+			 * rewind: those are acted on below all the same.
+			 */
+			if (!same_definition(s, def))
+			{
+				bool		reconnect = (s->shape != def->shape);
+				bool		paused = s->paused;
+				TimestampTz changed_at = s->changed_at;
 
-			if (reconnect)
-				close_consumer(s);
-			sink_route_free(s->route);
-			s->route = NULL;
-			s->usable = false;
-			copy_definition(s, def);
-			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" changed", s->name)));
-		}
-		else if (s->paused != def->paused)
-		{
-			s->paused = def->paused;
-			s->changed_at = def->changed_at;
-			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" %s", s->name,
-								 s->paused ? "paused" : "resumed")));
-			if (s->paused)
-			{
-				drop_batch(s, -1);
-				kafka_pause(s, true);
+				if (reconnect)
+					close_consumer(s);
+				sink_route_free(s->route);
+				s->route = NULL;
+				s->usable = false;
+				copy_definition(s, def);
+				s->paused = paused;
+				s->changed_at = changed_at;
+				ereport(LOG, (errmsg("cqrs_sync sink \"%s\" changed", s->name)));
 			}
-			else if (s->assigned)
+			if (s->paused != def->paused)
 			{
-				/* from the stored positions, whatever was fetched before */
-				resync(s, true);
-				kafka_pause(s, false);
+				s->paused = def->paused;
+				s->changed_at = def->changed_at;
+				ereport(LOG, (errmsg("cqrs_sync sink \"%s\" %s", s->name,
+									 s->paused ? "paused" : "resumed")));
+				if (s->paused)
+				{
+					drop_batch(s, -1);
+					kafka_pause(s, true);
+				}
+				else if (s->assigned)
+				{
+					/* from the stored positions, whatever was fetched before */
+					resync(s, true);
+					kafka_pause(s, false);
+				}
 			}
-		}
-		else if (s->changed_at != def->changed_at)
-		{
-			/* a rewind moved positions: fetch again from there */
-			s->changed_at = def->changed_at;
-			if (s->assigned && !s->paused)
-				resync(s, true);
+			else if (s->changed_at != def->changed_at)
+			{
+				/* a rewind moved positions: fetch again from there */
+				s->changed_at = def->changed_at;
+				if (s->assigned && !s->paused)
+					resync(s, true);
+			}
 		}
 		s->seen = true;
 	}
