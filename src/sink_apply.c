@@ -315,9 +315,16 @@ ensure_plans(void)
 		keep("SELECT pg_catalog.min(h.next_attempt_at), pg_catalog.count(*)"
 			 " FROM %s.cqrs_sink_held h"
 			 " WHERE h.sink = ANY ($1) AND h.status IN ('RETRY', 'BLOCKED', 'FETCH')", 1, t_sinks);
+	/*
+	 * Due still: another worker that found it due too may have tried it
+	 * meanwhile (every worker retries every sink's held events), and set
+	 * its next attempt (or, deciding to dead-letter it, a guard) since.
+	 */
 	plan_lock_held =
 		keep("SELECT h.status, h.attempts FROM %s.cqrs_sink_held h WHERE h.id = $1"
-			 " AND h.status IN ('RETRY', 'BLOCKED') FOR UPDATE SKIP LOCKED", 1, t_id);
+			 " AND h.status IN ('RETRY', 'BLOCKED')"
+			 " AND (h.next_attempt_at IS NULL OR h.next_attempt_at <= pg_catalog.now())"
+			 " FOR UPDATE SKIP LOCKED", 1, t_id);
 	plan_lock_offset_one =
 		keep("SELECT o.next_offset FROM %s.cqrs_sink_offset o"
 			 " WHERE o.sink = $1 AND o.topic = $2 AND o.\"partition\" = $3 FOR UPDATE", 3, t_part);
