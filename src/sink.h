@@ -86,6 +86,7 @@ typedef struct Sink
 	char	   *route_delete;	/* JSON text: a field name or an object */
 	uint32		shape;			/* hash of what the consumer depends on */
 	TimestampTz changed_at;		/* paused, resumed, rewound */
+	TimestampTz created_at;		/* a sink of this name created again: another */
 
 	/* resolved in the worker (sink_apply.c) */
 	Oid			run_as;

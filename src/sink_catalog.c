@@ -126,7 +126,7 @@ sink_catalog_load(MemoryContext cxt)
 				   " options->>'dlt_topic', options->>'dlt_suffix', options->>'start',"
 				   " options->>'search_path', options->>'version_column',"
 				   " options->'route'->>'target', options->'route'->>'version',"
-				   " (options->'route'->'delete')::pg_catalog.text, changed_at"
+				   " (options->'route'->'delete')::pg_catalog.text, changed_at, created_at"
 				   " FROM %s.cqrs_sink ORDER BY name",
 				   sink_ext_schema());
 	if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
@@ -176,6 +176,7 @@ sink_catalog_load(MemoryContext cxt)
 			s->route_version = pstrdup("version");
 		s->route_delete = col_text(tup, desc, 17);
 		s->changed_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 18, &isnull));
+		s->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 19, &isnull));
 
 		/* what the consumer depends on: its group and its subscription */
 		shape = hash_bytes((const unsigned char *) s->group_id, strlen(s->group_id));

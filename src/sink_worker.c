@@ -672,11 +672,12 @@ serve_consumer(Sink *sink)
 			if (sink->pending_assign)
 				return false;	/* try again later */
 		}
+		/* a batch is cqrs_sync.sink_batch_size messages, whatever came before */
+		if (sink->nbatch >= Max(1, cqrs_sink_batch_size) && sink->failures == 0)
+			return true;
 		if (sink->nbatch >= sink->batch_cap)
 		{
-			if (sink->failures == 0)
-				return true;
-			/* waiting (partitions paused): keep what still comes */
+			/* waiting (partitions paused), or a larger batch size: room */
 			sink->batch_cap *= 2;
 			sink->batch = repalloc(sink->batch, sizeof(SinkMsg) * sink->batch_cap);
 		}
@@ -919,6 +920,7 @@ copy_definition(Sink *dst, const Sink *src)
 	dst->route_delete = src->route_delete ? pstrdup(src->route_delete) : NULL;
 	dst->shape = src->shape;
 	dst->changed_at = src->changed_at;
+	dst->created_at = src->created_at;
 	MemoryContextSwitchTo(old);
 }
 
@@ -1015,6 +1017,17 @@ read_catalog(void)
 		Sink	   *def = lfirst(lc);
 		Sink	   *s = sink_find(sinks, def->name);
 
+		/*
+		 * Dropped and created again (in one transaction, or both since the
+		 * last read): another sink, with none of the old one's positions.
+		 */
+		if (s != NULL && s->created_at != def->created_at)
+		{
+			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" dropped", s->name)));
+			sinks = list_delete_ptr(sinks, s);
+			free_sink(s);
+			s = NULL;
+		}
 		if (s == NULL)
 		{
 			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
