@@ -498,7 +498,8 @@ publish_row(AttachMapping *m, TupleDesc desc, HeapTuple tup, Oid relid,
  * sending, or discarded).  Any INSERT the trigger sees ends the memory, and
  * only a row inserted by the same command (its cmin, the old row's cmax) in
  * the same (sub)transaction matches it, with the same event id or, both
- * without one, the same values published (mapped_values()).
+ * without one, on a partition attached on its own, the same values
+ * published (mapped_values()).
  */
 static struct
 {
@@ -598,8 +599,16 @@ is_moved_copy(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup,
 		return false;
 	event_id = m->event_id ? event_id_value(desc, tup, relid, m->event_id) : NULL;
 	if (event_id == NULL || !moved.has_event_id)
+	{
+		/*
+		 * A trigger cloned from the parent's fires for the copy next, so
+		 * the row it sees next is the copy; a partition attached on its own
+		 * may never see the copy, and then only the values tell.
+		 */
 		same = (event_id == NULL && !moved.has_event_id &&
-				strcmp(mapped_values(m, desc, tup, relid), moved.values) == 0);
+				(trigger->tgisclone ||
+				 strcmp(mapped_values(m, desc, tup, relid), moved.values) == 0));
+	}
 	else
 		same = memcmp(event_id, &moved.event_id, sizeof(pg_uuid_t)) == 0;
 	return same;

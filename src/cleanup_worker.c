@@ -1220,6 +1220,7 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 	Interval   *older;
 	Interval	zero;
 	TimestampTz start;
+	TimestampTz cutoff;
 	PassState	ps;
 	CleanupResult res;
 
@@ -1245,11 +1246,14 @@ cqrs_prune_read_side(PG_FUNCTION_ARGS)
 		/*
 		 * The cutoff itself, not the interval: an interval comparison counts
 		 * a month as 30 days, so '-120 mons 3607 days' compares as 7 days
-		 * while the calendar puts its cutoff 45 days ahead.
+		 * while the calendar puts its cutoff 45 days ahead.  At most the
+		 * retention back, on the calendar or in seconds (a week after a
+		 * change to summer time, '7 days' are 167 hours).
 		 */
 		start = GetCurrentTransactionStartTimestamp();
-		if (older_than_cutoff(start, older) >
-			start - (int64) cqrs_inbox_retention * USECS_PER_SEC)
+		cutoff = older_than_cutoff(start, older);
+		if (cutoff > start - (int64) cqrs_inbox_retention * USECS_PER_SEC &&
+			cutoff > older_than_cutoff(start, retention))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("older_than must not be less than cqrs_sync.inbox_retention (%s)",

@@ -187,10 +187,12 @@ ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $again", 'DEAD_LET
 	'an oversized row is dead-lettered');
 is($node->safe_psql('postgres', "SELECT cqrs_approve_purge(ARRAY[$again])"), '1', 'its purge is approved');
 $node->safe_psql('postgres', qq{
+	BEGIN;
 	UPDATE cqrs_outbox SET created_at = created_at - interval '30 days',
-	       purge_approved_at = purge_approved_at - interval '30 days' WHERE id = $again;
-	UPDATE cqrs_outbox SET status = 'PENDING', last_error = NULL, retry_count = 0 WHERE id = $again;
-	SELECT cqrs_wake_relay();});
+	       purge_approved_at = purge_approved_at - interval '30 days',
+	       status = 'PENDING', last_error = NULL, retry_count = 0 WHERE id = $again;
+	SELECT cqrs_wake_relay();
+	COMMIT;});
 ok( wait_for($node,
 		"SELECT status || '/' || coalesce(purge_approved_at::text, 'no approval') FROM cqrs_outbox WHERE id = $again AND retry_count > 0",
 		'DEAD_LETTERED/no approval', 60),

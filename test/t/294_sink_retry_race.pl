@@ -25,12 +25,13 @@ my $dlt   = "$topic.DLT";
 create_topic($topic, 1);
 create_topic($dlt,   1);
 
-# each call takes 0.1 s: a retry pass over 10 events holds the partition's
-# position for a second, while the other worker finds them due too
+# each call takes 0.6 s: a retry pass over 10 events holds the partition's
+# position for 6 s, longer than a worker's poll for due events (5 s), so the
+# other worker finds them due while it does
 $node->safe_psql('postgres', qq{
 CREATE FUNCTION race_fail(e cqrs_event) RETURNS void LANGUAGE plpgsql AS \$\$
 BEGIN
-    PERFORM pg_sleep(0.1);
+    PERFORM pg_sleep(0.6);
     RAISE EXCEPTION 'cannot apply %', e.event_id;
 END
 \$\$;
@@ -41,7 +42,7 @@ ok(wait_for($node, "SELECT count(*) FROM cqrs_stats_sink_workers", '2', 30), 'tw
 
 kafka_produce_events($topic, [ map { [ "k$_", "e-$_", '{}' ] } 1 .. 10 ]);
 ok( wait_for($node,
-		"SELECT count(*) FROM cqrs_sink_held WHERE sink = 'race' AND status = 'DEAD_LETTERED'", '10', 120),
+		"SELECT count(*) FROM cqrs_sink_held WHERE sink = 'race' AND status = 'DEAD_LETTERED'", '10', 180),
 	'the ten events are dead-lettered after their retry');
 my @dl = kafka_consume($dlt, 11, 15, json => 0);
 is(scalar(@dl), 10, 'each is in the dead-letter topic once');
