@@ -571,7 +571,8 @@ remember_moved(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup
 	if (moved.values != NULL)
 		pfree(moved.values);
 	moved.values = NULL;
-	if (event_id == NULL)
+	/* a cloned trigger sees the copy next: is_moved_copy() needs no values */
+	if (event_id == NULL && !trigger->tgisclone)
 	{
 		char	   *values = mapped_values(m, desc, tup, relid);
 
@@ -607,7 +608,8 @@ is_moved_copy(Trigger *trigger, AttachMapping *m, TupleDesc desc, HeapTuple tup,
 		 */
 		same = (event_id == NULL && !moved.has_event_id &&
 				(trigger->tgisclone ||
-				 strcmp(mapped_values(m, desc, tup, relid), moved.values) == 0));
+				 (moved.values != NULL &&
+				  strcmp(mapped_values(m, desc, tup, relid), moved.values) == 0)));
 	}
 	else
 		same = memcmp(event_id, &moved.event_id, sizeof(pg_uuid_t)) == 0;

@@ -892,7 +892,10 @@ apply(Sink *sink)
 
 /* ---- the catalog -------------------------------------------------------------------- */
 
-/* Copy the definition of src (from the catalog) into dst's memory. */
+/*
+ * Copy the definition of src (from the catalog) into dst's memory: not its
+ * pause nor its changed_at, which read_catalog() acts on.
+ */
 static void
 copy_definition(Sink *dst, const Sink *src)
 {
@@ -907,7 +910,6 @@ copy_definition(Sink *dst, const Sink *src)
 	dst->run_as_name = pstrdup(src->run_as_name);
 	dst->consumer = pstrdup(src->consumer);
 	dst->group_id = pstrdup(src->group_id);
-	dst->paused = src->paused;
 	dst->max_retries = src->max_retries;
 	dst->retry_backoff_ms = src->retry_backoff_ms;
 	dst->dlt_topic = src->dlt_topic ? pstrdup(src->dlt_topic) : NULL;
@@ -919,7 +921,6 @@ copy_definition(Sink *dst, const Sink *src)
 	dst->route_version = pstrdup(src->route_version);
 	dst->route_delete = src->route_delete ? pstrdup(src->route_delete) : NULL;
 	dst->shape = src->shape;
-	dst->changed_at = src->changed_at;
 	dst->created_at = src->created_at;
 	MemoryContextSwitchTo(old);
 }
@@ -937,6 +938,14 @@ same_definition(const Sink *a, const Sink *b)
 #undef SAME_STR
 }
 
+/* A sink gone from the catalog, or created again: stop it and forget it. */
+static void
+drop_sink(Sink *s)
+{
+	ereport(LOG, (errmsg("cqrs_sync sink \"%s\" dropped", s->name)));
+	free_sink(s);
+}
+
 static Sink *
 new_sink(const Sink *def)
 {
@@ -946,6 +955,8 @@ new_sink(const Sink *def)
 
 	s->cxt = cxt;
 	copy_definition(s, def);
+	s->paused = def->paused;
+	s->changed_at = def->changed_at;
 	s->batch_cap = Max(1, cqrs_sink_batch_size);
 	s->batch = MemoryContextAlloc(cxt, sizeof(SinkMsg) * s->batch_cap);
 	ereport(LOG, (errmsg("cqrs_sync sink \"%s\" found", s->name)));
@@ -1023,9 +1034,8 @@ read_catalog(void)
 		 */
 		if (s != NULL && s->created_at != def->created_at)
 		{
-			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" dropped", s->name)));
 			sinks = list_delete_ptr(sinks, s);
-			free_sink(s);
+			drop_sink(s);
 			s = NULL;
 		}
 		if (s == NULL)
@@ -1046,8 +1056,6 @@ read_catalog(void)
 			if (!same_definition(s, def))
 			{
 				bool		reconnect = (s->shape != def->shape);
-				bool		paused = s->paused;
-				TimestampTz changed_at = s->changed_at;
 
 				if (reconnect)
 					close_consumer(s);
@@ -1055,8 +1063,6 @@ read_catalog(void)
 				s->route = NULL;
 				s->usable = false;
 				copy_definition(s, def);
-				s->paused = paused;
-				s->changed_at = changed_at;
 				ereport(LOG, (errmsg("cqrs_sync sink \"%s\" changed", s->name)));
 			}
 			if (s->paused != def->paused)
@@ -1093,9 +1099,8 @@ read_catalog(void)
 
 		if (!s->seen)
 		{
-			ereport(LOG, (errmsg("cqrs_sync sink \"%s\" dropped", s->name)));
-			free_sink(s);
 			sinks = foreach_delete_current(sinks, lc);
+			drop_sink(s);
 		}
 	}
 	MemoryContextDelete(tmp);
