@@ -1313,7 +1313,9 @@ COMMENT ON TYPE cqrs_event IS
 CREATE TABLE cqrs_sink (
     name       text COLLATE "C" PRIMARY KEY,
     topics     text[] NOT NULL,
-    handler    regprocedure,
+    -- by name, not regprocedure: pg_upgrade refuses reg* types other than
+    -- regclass, regrole and regtype in user tables (function OIDs change)
+    handler    text,
     options    jsonb NOT NULL DEFAULT '{}',
     run_as     text NOT NULL,
     consumer   text COLLATE "C" NOT NULL,
@@ -1330,7 +1332,7 @@ COMMENT ON TABLE cqrs_sink IS
     'Sinks declared with cqrs_sink_create(): the topics each applies, its handler (or declarative route in options), the role it runs as and the consumer name its inbox entries use. The sink workers pick up changes without a restart.';
 COMMENT ON COLUMN cqrs_sink.name IS 'Sink name: 1 to 63 ASCII letters, digits, ".", "_" or "-".';
 COMMENT ON COLUMN cqrs_sink.topics IS 'Kafka topics the sink consumes.';
-COMMENT ON COLUMN cqrs_sink.handler IS 'Function f(e cqrs_event) RETURNS void called once per event; NULL when options.route does the work.';
+COMMENT ON COLUMN cqrs_sink.handler IS 'Function f(e cqrs_event) RETURNS void called once per event, by its schema-qualified signature (as regprocedure text; a function renamed or moved to another schema is no longer found); NULL when options.route does the work.';
 COMMENT ON COLUMN cqrs_sink.options IS 'route, max_retries, retry_backoff (ms), dlt_topic, dlt_suffix, start, search_path, version_column, as given to cqrs_sink_create() (see docs/sink.md).';
 COMMENT ON COLUMN cqrs_sink.run_as IS 'Role the handler or route runs as (by name, as cqrs_consumer.owner).';
 COMMENT ON COLUMN cqrs_sink.consumer IS 'Consumer name of the sink''s inbox entries (cqrs_inbox), owned by run_as.';
@@ -1738,7 +1740,8 @@ BEGIN
         RAISE EXCEPTION 'sink "%" already exists', cqrs_sink_create.name USING ERRCODE = 'duplicate_object';
     END IF;
     INSERT INTO @extschema@.cqrs_sink (name, topics, handler, options, run_as, consumer, group_id)
-    VALUES (cqrs_sink_create.name, cqrs_sink_create.topics, cqrs_sink_create.handler,
+    -- (the handler's text is schema-qualified: search_path is pg_catalog here)
+    VALUES (cqrs_sink_create.name, cqrs_sink_create.topics, cqrs_sink_create.handler::text,
             opts - 'run_as' - 'consumer' - 'group_id', v_run_as, v_consumer,
             coalesce(opts->>'group_id', 'cqrs_sync.' || current_database() || '.' || cqrs_sink_create.name));
     INSERT INTO @extschema@.cqrs_sink_audit (action, sink, detail)

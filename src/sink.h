@@ -69,7 +69,8 @@ typedef struct Sink
 	char		name[CQRS_SINK_NAMELEN];
 	int			ntopics;
 	char	  **topics;
-	Oid			handler;		/* InvalidOid: the route */
+	char	   *handler_name;	/* its signature, qualified; NULL: the route */
+	Oid			handler;		/* handler_name's function (InvalidOid: none) */
 	char	   *run_as_name;
 	char	   *consumer;
 	char	   *group_id;

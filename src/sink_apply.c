@@ -707,6 +707,13 @@ sink_resolve(Sink *sink)
 				 sink->run_as_name, sink->name);
 		return;
 	}
+	if (sink->handler_name != NULL && !OidIsValid(sink->handler))
+	{
+		/* dropped, or renamed: its name is what the sink keeps */
+		snprintf(sink->problem, sizeof(sink->problem),
+				 "the handler %s of sink \"%s\" does not exist", sink->handler_name, sink->name);
+		return;
+	}
 	if (OidIsValid(sink->handler))
 	{
 		Form_pg_proc p;
@@ -715,7 +722,7 @@ sink_resolve(Sink *sink)
 		if (!HeapTupleIsValid(proc))
 		{
 			snprintf(sink->problem, sizeof(sink->problem),
-					 "the handler (function %u) of sink \"%s\" does not exist", sink->handler, sink->name);
+					 "the handler %s of sink \"%s\" does not exist", sink->handler_name, sink->name);
 			return;
 		}
 		p = (Form_pg_proc) GETSTRUCT(proc);

@@ -120,13 +120,13 @@ sink_catalog_load(MemoryContext cxt)
 	List	   *result = NIL;
 	MemoryContext old;
 
-	sql = psprintf("SELECT name, topics, handler::pg_catalog.oid, run_as, consumer, group_id, paused,"
+	sql = psprintf("SELECT name, topics, pg_catalog.to_regprocedure(handler)::pg_catalog.oid, run_as, consumer, group_id, paused,"
 				   " (options->>'max_retries')::pg_catalog.int4,"
 				   " (options->>'retry_backoff')::pg_catalog.int4,"
 				   " options->>'dlt_topic', options->>'dlt_suffix', options->>'start',"
 				   " options->>'search_path', options->>'version_column',"
 				   " options->'route'->>'target', options->'route'->>'version',"
-				   " (options->'route'->'delete')::pg_catalog.text, changed_at, created_at"
+				   " (options->'route'->'delete')::pg_catalog.text, changed_at, created_at, handler"
 				   " FROM %s.cqrs_sink ORDER BY name",
 				   sink_ext_schema());
 	if (SPI_execute(sql, true, 0) != SPI_OK_SELECT)
@@ -177,6 +177,7 @@ sink_catalog_load(MemoryContext cxt)
 		s->route_delete = col_text(tup, desc, 17);
 		s->changed_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 18, &isnull));
 		s->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 19, &isnull));
+		s->handler_name = col_text(tup, desc, 20);
 
 		/* what the consumer depends on: its group and its subscription */
 		shape = hash_bytes((const unsigned char *) s->group_id, strlen(s->group_id));

@@ -906,6 +906,7 @@ copy_definition(Sink *dst, const Sink *src)
 	dst->topics = palloc(sizeof(char *) * src->ntopics);
 	for (int t = 0; t < src->ntopics; t++)
 		dst->topics[t] = pstrdup(src->topics[t]);
+	dst->handler_name = src->handler_name ? pstrdup(src->handler_name) : NULL;
 	dst->handler = src->handler;
 	dst->run_as_name = pstrdup(src->run_as_name);
 	dst->consumer = pstrdup(src->consumer);
@@ -929,7 +930,8 @@ static bool
 same_definition(const Sink *a, const Sink *b)
 {
 #define SAME_STR(f) ((a->f == NULL && b->f == NULL) || (a->f && b->f && strcmp(a->f, b->f) == 0))
-	return a->shape == b->shape && a->handler == b->handler && SAME_STR(run_as_name) &&
+	return a->shape == b->shape && SAME_STR(handler_name) && a->handler == b->handler &&
+		SAME_STR(run_as_name) &&
 		SAME_STR(consumer) && a->max_retries == b->max_retries &&
 		a->retry_backoff_ms == b->retry_backoff_ms && SAME_STR(dlt_topic) &&
 		SAME_STR(dlt_suffix) && a->start_latest == b->start_latest && SAME_STR(search_path) &&

@@ -113,7 +113,7 @@ RESET SESSION AUTHORIZATION;
 
 SELECT results_eq($$SELECT name COLLATE "default", run_as, consumer COLLATE "default", group_id, handler::text, options FROM cqrs_sink ORDER BY name$$,
                   $$VALUES ('s1'::text, 'regress_view'::text, 's1'::text, ('cqrs_sync.' || current_database() || '.s1') COLLATE "default",
-                            'sink_h(cqrs_event)'::text, '{"max_retries": 3, "retry_backoff": 500}'::jsonb),
+                            'public.sink_h(public.cqrs_event)'::text, '{"max_retries": 3, "retry_backoff": 500}'::jsonb),
                            ('s2', 'regress_view_ops', 's2-consumer', 'g2', NULL,
                             '{"route": {"target": "public.sink_t", "delete": "deleted"}, "dlt_topic": "read.DLT"}')$$,
                   'the sinks as recorded: role, consumer, group, handler, options normalized');
