@@ -114,7 +114,7 @@ apply_check_target_privilege(ApplyTarget *t, AclMode mode, int ncols,
  * and deltas would be tried again for ever.  So the row is looked for as the
  * table's owner (as PostgreSQL's foreign key checks look, ignoring FORCE ROW
  * LEVEL SECURITY), and its presence refused like an update of a hidden row
- * (42501).  values: the key, as exists_plan takes it.
+ * (42501).  values: the key, as exists_plan and hidden_plan take it.
  */
 void
 apply_check_hidden_row(ApplyTarget *t, Datum *values, bool for_delete)
@@ -136,7 +136,7 @@ apply_check_hidden_row(ApplyTarget *t, Datum *values, bool for_delete)
 	GetUserIdAndSecContext(&save_user, &save_sec);
 	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_NOFORCE_RLS);
-	found = apply_run_plan(t->exists_plan, values, NULL, true, true);
+	found = apply_run_plan(t->hidden_plan, values, NULL, true, true);
 	SetUserIdAndSecContext(save_user, save_sec);
 	if (found == 0)
 		return;

@@ -117,6 +117,7 @@ release_target(ApplyTarget *t)
 
 	apply_retire_plan(t->delete_plan);
 	apply_retire_plan(t->exists_plan);
+	apply_retire_plan(t->hidden_plan);
 	foreach(lc, t->upsert_plans)
 	{
 		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan);
@@ -129,6 +130,7 @@ release_target(ApplyTarget *t)
 	}
 	t->delete_plan = NULL;
 	t->exists_plan = NULL;
+	t->hidden_plan = NULL;
 	t->upsert_plans = NIL;
 	t->delta_plans = NIL;
 	retire_cxt(t->cxt);			/* the lists live there too */

@@ -86,6 +86,8 @@ typedef struct ApplyTarget
 									 * settings (see apply_json.c) */
 	SPIPlanPtr	delete_plan;	/* DELETE ... WHERE pk AND version <= $v */
 	SPIPlanPtr	exists_plan;	/* SELECT version ... WHERE pk */
+	SPIPlanPtr	hidden_plan;	/* the same, run only as the owner without
+								 * forced row security (apply_acl.c) */
 	List	   *upsert_plans;	/* of ColumnSetPlan */
 	List	   *delta_plans;	/* of ColumnSetPlan */
 } ApplyTarget;

@@ -11,7 +11,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(52);
+SELECT plan(56);
 
 CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
 
@@ -118,6 +118,33 @@ SELECT is((SELECT count(*) FROM cqrs_tombstone WHERE target = 'd_rls'::regclass 
           0::bigint, 'row security: no tombstone for the hidden row');
 SELECT is((SELECT string_agg(id::text, ',' ORDER BY id) FROM d_rls), '1,2',
           'row security: the hidden row is still there');
+-- row security forced on the table's owner: the check for a hidden row runs
+-- as the owner without the policies, in a plan of its own (the plan cache
+-- plans again for another role, not when FORCE ROW LEVEL SECURITY is lifted;
+-- sharing one plan, the check saw what the policies show, and the owner's
+-- delete wrote a tombstone for a hidden row; or the owner's delete saw the
+-- hidden row as newer and returned false)
+CREATE TABLE d_rls_f1 (id bigint PRIMARY KEY, tenant text, version bigint);
+CREATE TABLE d_rls_f2 (id bigint PRIMARY KEY, tenant text, version bigint);
+INSERT INTO d_rls_f1 VALUES (1, 'b', 1);
+INSERT INTO d_rls_f2 VALUES (1, 'b', 1);
+ALTER TABLE d_rls_f1 OWNER TO regress_direct;
+ALTER TABLE d_rls_f2 OWNER TO regress_direct;
+ALTER TABLE d_rls_f1 ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE d_rls_f2 ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+CREATE POLICY d_rls_f1_p ON d_rls_f1 USING (tenant = 'a');
+CREATE POLICY d_rls_f2_p ON d_rls_f2 USING (tenant = 'a');
+SET LOCAL ROLE regress_direct;
+SELECT throws_ok($$SELECT cqrs_delete('d_rls_f1', '{"id": 1}', 9223372036854775807)$$, '42501',
+                 NULL, 'forced row security: a row hidden from the owner is not deleted');
+SELECT throws_ok($$SELECT cqrs_upsert('d_rls_f2', '{"id": 1, "tenant": "a"}', 2)$$, '42501',
+                 NULL, 'forced row security: a row hidden from the owner is not updated');
+SELECT throws_ok($$SELECT cqrs_delete('d_rls_f2', '{"id": 1}', 9223372036854775807)$$, '42501',
+                 NULL, 'forced row security: ... nor deleted after that');
+RESET ROLE;
+SELECT is((SELECT count(*) FROM cqrs_tombstone WHERE target IN ('d_rls_f1'::regclass, 'd_rls_f2'::regclass)),
+          0::bigint, 'forced row security: no tombstone for the hidden rows');
+
 -- ... nor added to: a permission error, not a serialization failure that a
 -- consumer would retry for ever
 -- (the row it would insert passes the policy; the one there is another's)
