@@ -120,6 +120,36 @@ for my $f (@record_fns, 'cqrs_relay_state|false|13')   # and 0.1.0's layout
 }
 is($node->safe_psql('old', 'SELECT 1'), '1', 'the server survived every wrong definition');
 
+# ---- an update while a consumer applies a delta ------------------------------------
+# The update moves the memory of cqrs_apply_delta() out of the inbox.  A
+# consumer's transaction that wrote such memory before the update and
+# commits while it runs must not leave it behind, where 0.2.0 never looks
+# (a redelivered delta would be added again): the update waits for it.
+$node->safe_psql('postgres', 'CREATE DATABASE race');
+$node->safe_psql('race', "CREATE EXTENSION cqrs_sync VERSION '0.1.0'");
+$node->safe_psql('race',
+	'CREATE TABLE board (id bigint PRIMARY KEY, likes bigint NOT NULL DEFAULT 0, version bigint)');
+my $consumer = $node->background_psql('race');
+$consumer->query_safe(
+	q{BEGIN; SELECT cqrs_apply_delta('board', '{"id": 1}', '{"likes": 1}', 'board-view', 'e-42')});
+my $updater = $node->background_psql('race', on_error_stop => 0);
+$updater->query_until(qr/started/, "\\echo started\nALTER EXTENSION cqrs_sync UPDATE;\n");
+# the update is done, or waits for a lock (the consumer's)
+ok(wait_for($node, q{SELECT count(*) FROM pg_stat_activity
+	WHERE datname = 'race' AND (wait_event_type = 'Lock' OR (state = 'idle' AND query LIKE 'ALTER EXTENSION%'))},
+	'1', 60), 'the update ran as far as it could');
+$consumer->query_safe('COMMIT');
+$updater->query('SELECT 1');
+is($updater->{stderr}, '', 'the update succeeds') or diag($updater->{stderr});
+$consumer->quit;
+$updater->quit;
+is($node->safe_psql('race', "SELECT count(*) FROM cqrs_inbox WHERE consumer LIKE '%/delta/%'"), '0',
+	'no memory of a delta is left in the inbox');
+is($node->safe_psql('race',
+		q{SELECT cqrs_apply_delta('board', '{"id": 1}', '{"likes": 1}', 'board-view', 'e-42')}),
+	'f', 'the delta committed during the update is remembered');
+is($node->safe_psql('race', 'SELECT likes FROM board'), '1', 'and counted once');
+
 # ---- a fresh install ------------------------------------------------------------
 $node->safe_psql('postgres', 'CREATE DATABASE fresh');
 $node->safe_psql('fresh', 'CREATE EXTENSION cqrs_sync');
