@@ -142,4 +142,15 @@ SELECT p.oid::regprocedure AS unsafe, p.prosecdef, p.proconfig,
         OR has_function_privilege('public', p.oid, 'EXECUTE'))
  ORDER BY 1;
 
+-- a sequence that caches ids per session is refused before an id is taken:
+-- a cached id comes after higher ones, and the relay could pass its row over
+ALTER SEQUENCE cqrs_outbox_id_seq CACHE 50;
+\set VERBOSITY default
+SELECT cqrs_enqueue('board.events', 'board-1', '{}');
+\set VERBOSITY terse
+SELECT pg_temp.sqlstate_of($$SELECT cqrs_enqueue('board.events', 'board-1', '{}')$$);
+SELECT last_value = (SELECT max(id) FROM cqrs_outbox) AS no_id_taken FROM cqrs_outbox_id_seq;
+ALTER SEQUENCE cqrs_outbox_id_seq CACHE 1;
+SELECT cqrs_enqueue('board.events', 'board-1', '{}') > 0 AS enqueued;
+
 DROP EXTENSION cqrs_sync;

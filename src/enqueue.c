@@ -17,6 +17,8 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "catalog/pg_sequence.h"
+#include "utils/syscache.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -44,6 +46,7 @@ static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr insert_id_plan = NULL;
 static SPIPlanPtr insert_new_plan = NULL;
 static Oid	insert_plan_ext = InvalidOid;
+static Oid	outbox_seq = InvalidOid;	/* cqrs_outbox.id's sequence */
 
 /*
  * Will this transaction's commit be visible before it is durable?  With
@@ -217,6 +220,34 @@ check_headers(Jsonb *headers)
 	}
 }
 
+/*
+ * The relay's order and its high-water mark rely on outbox ids handed out in
+ * the order of the sequence, which a cache of more than one value per
+ * session breaks: a session takes an id from its cache, below the
+ * sequence's last value, after the relay has passed it, and the row is
+ * never sent.  Refused before an id is taken.
+ */
+static void
+check_sequence_cache(void)
+{
+	HeapTuple	tup = SearchSysCache1(SEQRELID, ObjectIdGetDatum(outbox_seq));
+	int64		cache;
+
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for sequence %u", outbox_seq);
+	cache = ((Form_pg_sequence) GETSTRUCT(tup))->seqcache;
+	ReleaseSysCache(tup);
+	if (cache > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("sequence \"%s\" caches " INT64_FORMAT " values per session",
+						get_rel_name(outbox_seq), cache),
+				 errdetail("The relay sends outbox rows in the order of their ids, and a cached id is handed out after higher ones: its row could be passed over and never sent."),
+				 errhint("Run ALTER SEQUENCE %s CACHE 1.",
+						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(outbox_seq)),
+													get_rel_name(outbox_seq)))));
+}
+
 static SPIPlanPtr
 prepare_one(const char *sql, int nargs, Oid *argtypes)
 {
@@ -237,6 +268,7 @@ prepare_inserts(Oid ext_oid)
 	SPIPlanPtr	plan;
 	SPIPlanPtr	id_plan;
 	SPIPlanPtr	new_plan;
+	bool		isnull;
 
 	plan = prepare_one(psprintf("INSERT INTO %s.cqrs_outbox (topic, key, payload, headers) "
 								"VALUES ($1, $2, $3, $4) RETURNING id", schema),
@@ -260,6 +292,15 @@ prepare_inserts(Oid ext_oid)
 	insert_id_plan = id_plan;
 	insert_new_plan = new_plan;
 	insert_plan_ext = ext_oid;
+
+	if (SPI_execute(psprintf("SELECT pg_catalog.pg_get_serial_sequence('%s.cqrs_outbox', 'id')"
+							 "::pg_catalog.regclass::pg_catalog.oid", schema),
+					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "cqrs_enqueue: could not find the sequence of %s.cqrs_outbox", schema);
+	outbox_seq = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+												1, &isnull));
+	if (isnull)
+		elog(ERROR, "cqrs_enqueue: %s.cqrs_outbox.id has no sequence", schema);
 }
 
 /*
@@ -337,6 +378,7 @@ cqrs_enqueue_event(text *topic_t, text *key, Jsonb *payload, Jsonb *headers,
 	SPI_connect();
 	if (insert_plan == NULL || insert_plan_ext != ext_oid)
 		prepare_inserts(ext_oid);
+	check_sequence_cache();
 	/* cqrs_enqueue()'s own statement when it has no event id of its own */
 	if (event_id == NULL)
 		plan = insert_plan;
