@@ -13,15 +13,18 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/pg_sequence.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
-#include "catalog/pg_sequence.h"
-#include "utils/syscache.h"
+#include "replication/syncrep.h"
+#include "replication/walsender_private.h"
+#include "storage/lwlock.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/syscache.h"
 #include "utils/uuid.h"
 
 #include "enqueue.h"
@@ -49,19 +52,53 @@ static Oid	insert_plan_ext = InvalidOid;
 static Oid	outbox_seq = InvalidOid;	/* cqrs_outbox.id's sequence */
 
 /*
- * Will this transaction's commit be visible before it is durable?  With
- * synchronous_commit = off it is visible before it is flushed; with local
- * while synchronous standbys are configured, before the standbys have it.
- * (A commit that must be flushed anyway, one that dropped a table, is
- * counted too: the relay then flushes for nothing.)
+ * Can this transaction's commit be visible before it is durable?  With
+ * synchronous_commit = off it is visible before it is flushed.  Where
+ * synchronous standbys are configured, with local it is visible before the
+ * standbys have it, and with a higher level too when its wait for them is
+ * cancelled (pg_cancel_backend(), a client's cancel, pg_terminate_backend():
+ * "committed locally, but might not have been replicated").  (A commit that
+ * must be flushed anyway, one that dropped a table, is counted too: the
+ * relay then flushes for nothing.)
  */
 static bool
 commit_visible_early(void)
 {
 	if (synchronous_commit == SYNCHRONOUS_COMMIT_OFF)
 		return true;
-	return synchronous_commit == SYNCHRONOUS_COMMIT_LOCAL_FLUSH &&
-		cqrs_sync_standbys_configured();
+	return cqrs_sync_standbys_configured();
+}
+
+/*
+ * After the commit: the WAL position the relay must make durable (and have
+ * the standbys confirm) before it produces this transaction's rows, or
+ * InvalidXLogRecPtr when its commit waited for that already.
+ */
+static XLogRecPtr
+commit_end_to_wait_for(void)
+{
+	int			mode;
+	XLogRecPtr	confirmed;
+
+	switch (synchronous_commit)
+	{
+		case SYNCHRONOUS_COMMIT_REMOTE_WRITE:
+			mode = SYNC_REP_WAIT_WRITE;
+			break;
+		case SYNCHRONOUS_COMMIT_REMOTE_FLUSH:
+			mode = SYNC_REP_WAIT_FLUSH;
+			break;
+		case SYNCHRONOUS_COMMIT_REMOTE_APPLY:
+			mode = SYNC_REP_WAIT_APPLY;
+			break;
+		default:
+			return XactLastCommitEnd;	/* off, local: no standby waited */
+	}
+	LWLockAcquire(SyncRepLock, LW_SHARED);
+	confirmed = WalSndCtl->lsn[mode];
+	LWLockRelease(SyncRepLock);
+	/* a wait cancelled, or standbys configured only since the commit */
+	return confirmed >= XactLastCommitEnd ? InvalidXLogRecPtr : XactLastCommitEnd;
 }
 
 static void
@@ -80,7 +117,7 @@ cqrs_xact_callback(XactEvent event, void *arg)
 	}
 	else if (early_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
 	{
-		cqrs_early_commit_end(event == XACT_EVENT_COMMIT ? XactLastCommitEnd : InvalidXLogRecPtr);
+		cqrs_early_commit_end(event == XACT_EVENT_COMMIT ? commit_end_to_wait_for() : InvalidXLogRecPtr);
 		early_commit = false;
 	}
 

@@ -1,0 +1,54 @@
+# A writer with synchronous_commit = on waits for the synchronous standbys;
+# when that wait is cancelled (pg_cancel_backend(), a client's cancel), its
+# commit becomes visible anyway ("committed locally, but might not have been
+# replicated"), and a failover could take it back.  Its rows must wait for
+# the standbys as those of synchronous_commit = local do (034).  The relay
+# took such a writer's commit as durable and published it at once.
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = new_node('synccancel', 'wal_level' => 'replica', 'max_wal_senders' => '2');
+my $topic = unique_topic('sync-cancel');
+
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 30),
+	'warm-up event sent');
+
+# a synchronous standby that is not there: writers (synchronous_commit = on)
+# wait for it
+$node->append_conf('postgresql.conf', "synchronous_standby_names = 'absent'\n");
+$node->reload;
+ok(wait_for($node, 'SHOW synchronous_standby_names', 'absent', 10), 'configuration reloaded');
+
+my $writer = $node->background_psql('postgres', on_error_stop => 0);
+$writer->query_until(qr/started/,
+	"\\echo started\nSELECT cqrs_enqueue('$topic', 'B', '{\"n\": 1}');\n");
+ok(wait_for($node, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'", '1', 30),
+	'the writer waits for the standby');
+$node->safe_psql('postgres',
+	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE key = 'B'", '1', 30),
+	'cancelled, its commit is visible without the standby');
+ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'waiting for standby', 30),
+	'the relay waits for the standby before it produces the row');
+sleep 2;
+is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE key = 'B'"),
+	'PENDING', 'the row stays PENDING');
+is(scalar(grep { $_->{key} eq 'B' } kafka_consume($topic, 2, 3, json => 0)),
+	0, 'and is not published');
+
+# the standbys are no longer required
+$node->append_conf('postgresql.conf', "synchronous_standby_names = ''\n");
+$node->reload;
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'B'", 'SENT', 30),
+	'once no standby is required the row is sent');
+$writer->quit;
+
+$node->stop;
+done_testing();
