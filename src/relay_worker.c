@@ -624,6 +624,8 @@ wait_for_standbys(XLogRecPtr lsn)
 	pqsignal(SIGINT, prev_int);
 	pqsignal(SIGTERM, prev_term);
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	/* the wait reset the latch: commits meanwhile set it for nothing */
+	wake_claim = true;
 	if (ShutdownRequestPending)
 	{
 		QueryCancelPending = false; /* it was the shutdown */
@@ -853,7 +855,8 @@ relay_turn(void)
 	/* a claim for new commits goes first; one for a backlog takes them along */
 	want_record = alerts_to_record() || record_urgent ||
 		(pipeline_has_reports() && want_claim && !wake_claim);
-	if (pipeline_has_reports() && !want_record && !want_claim)
+	/* (also with a claim: it may find nothing, and record nothing) */
+	if (pipeline_has_reports() && !want_record)
 		next_record_at = pipeline_oldest_report() + RECORD_DELAY_MS * 1000;
 	else
 		next_record_at = 0;

@@ -3,7 +3,9 @@
 # commit becomes visible anyway ("committed locally, but might not have been
 # replicated"), and a failover could take it back.  Its rows must wait for
 # the standbys as those of synchronous_commit = local do (034).  The relay
-# took such a writer's commit as durable and published it at once.
+# took such a writer's commit as durable and published it at once.  And the
+# relay's wait for the standbys resets its latch: a commit during the wait
+# waited for the next poll.
 use strict;
 use warnings;
 
@@ -13,15 +15,17 @@ use CqrsTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $node = new_node('synccancel', 'wal_level' => 'replica', 'max_wal_senders' => '2');
+my $node = new_node('synccancel', 'wal_level' => 'replica', 'max_wal_senders' => '2',
+	'cqrs_sync.poll_interval' => '60s');
 my $topic = unique_topic('sync-cancel');
 
 $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'warm', '{}')");
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '1', 30),
 	'warm-up event sent');
 
-# a synchronous standby that is not there: writers (synchronous_commit = on)
-# wait for it
+# a synchronous standby that is not there yet: writers (synchronous_commit
+# = on) wait for it
+$node->backup('base');
 $node->append_conf('postgresql.conf', "synchronous_standby_names = 'absent'\n");
 $node->reload;
 ok(wait_for($node, 'SHOW synchronous_standby_names', 'absent', 10), 'configuration reloaded');
@@ -43,11 +47,21 @@ is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE key = 'B'"
 is(scalar(grep { $_->{key} eq 'B' } kafka_consume($topic, 2, 3, json => 0)),
 	0, 'and is not published');
 
-# the standbys are no longer required
+# a commit while the relay waits for the standby wakes it all the same:
+# the wait resets the latch that the commit set
+$node->safe_psql('postgres', "SET synchronous_commit = local; SELECT cqrs_enqueue('$topic', 'C', '{}')");
+
+# the standby comes (its walreceiver's application_name is its cluster name)
+my $standby = PostgreSQL::Test::Cluster->new('absent');
+$standby->init_from_backup($node, 'base', has_streaming => 1);
+$standby->start;
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'B'", 'SENT', 30),
+	'once the standby confirmed its commit the row is sent');
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'C'", 'SENT', 15),
+	'and so is the row committed during the wait, before the next poll (in 60 s)');
+$standby->stop;
 $node->append_conf('postgresql.conf', "synchronous_standby_names = ''\n");
 $node->reload;
-ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'B'", 'SENT', 30),
-	'once no standby is required the row is sent');
 $writer->quit;
 
 $node->stop;
