@@ -364,6 +364,9 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 				c->kind = COL_INPUT;
 		}
 		c->is_array = type_is_array(c->basetype);
+		c->json_elems = c->is_array &&
+			(get_element_type(c->basetype) == JSONOID ||
+			 get_element_type(c->basetype) == JSONBOID);
 		c->addable = is_addable_type(c->basetype);
 		c->generated = att->attgenerated != '\0';
 		c->identity_always = att->attidentity == ATTRIBUTE_IDENTITY_ALWAYS;

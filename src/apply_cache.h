@@ -34,6 +34,7 @@ typedef struct ApplyColumn
 	char	   *typname;		/* the column's declared type, for messages */
 	ColumnKind	kind;
 	bool		is_array;
+	bool		json_elems;		/* an array of json or jsonb */
 	bool		addable;		/* int2/4/8, float4/8, numeric */
 	bool		generated;
 	bool		identity_always;

@@ -24,6 +24,7 @@
 #include "lib/stringinfo.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
@@ -147,9 +148,14 @@ append_quoted_element(StringInfo buf, const char *s, int len)
 	appendStringInfoChar(buf, '"');
 }
 
-/* A JSON array as an array literal, for the array type's input function */
+/*
+ * A JSON array as an array literal, for the array type's input function.
+ * For an array of json or jsonb (json_elems) each element is a JSON value,
+ * written as JSON text: a string stays a string, and a nested array is one
+ * element.  JSON null is an SQL NULL element either way.
+ */
 static void
-append_array_literal(StringInfo buf, JsonbContainer *arr)
+append_array_literal(StringInfo buf, JsonbContainer *arr, bool json_elems)
 {
 	JsonbIterator *it = JsonbIteratorInit(arr);
 	JsonbIteratorToken tok;
@@ -170,7 +176,17 @@ append_array_literal(StringInfo buf, JsonbContainer *arr)
 				appendStringInfoString(buf, "NULL");
 				break;
 			case jbvString:
-				append_quoted_element(buf, v.val.string.val, v.val.string.len);
+				if (json_elems)
+				{
+					StringInfoData json;
+
+					initStringInfo(&json);
+					escape_json(&json, pnstrdup(v.val.string.val, v.val.string.len));
+					append_quoted_element(buf, json.data, json.len);
+					pfree(json.data);
+				}
+				else
+					append_quoted_element(buf, v.val.string.val, v.val.string.len);
 				break;
 			case jbvNumeric:
 				appendStringInfoString(buf,
@@ -181,8 +197,8 @@ append_array_literal(StringInfo buf, JsonbContainer *arr)
 				appendStringInfoString(buf, v.val.boolean ? "true" : "false");
 				break;
 			case jbvBinary:
-				if (JsonContainerIsArray(v.val.binary.data))
-					append_array_literal(buf, v.val.binary.data);
+				if (JsonContainerIsArray(v.val.binary.data) && !json_elems)
+					append_array_literal(buf, v.val.binary.data, false);
 				else
 				{
 					char	   *s = JsonbToCString(NULL, v.val.binary.data,
@@ -292,7 +308,7 @@ json_to_base_datum(ApplyColumn *c, JsonbValue *v, bool *isnull)
 				StringInfoData buf;
 
 				initStringInfo(&buf);
-				append_array_literal(&buf, v->val.binary.data);
+				append_array_literal(&buf, v->val.binary.data, c->json_elems);
 				str = buf.data;
 				break;
 			}

@@ -13,7 +13,7 @@ CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 CREATE EXTENSION IF NOT EXISTS citext;
 
-SELECT plan(42);
+SELECT plan(46);
 
 --
 -- Item 6: deltas on NULL columns, and rows created from deltas
@@ -162,6 +162,24 @@ SELECT ok(NOT cqrs_apply_delta('v_slots', '{"slot": "[2024-05-01 00:00+00,2024-0
                                'v-slots', 'e-1'), 'the same delta from another time zone is a duplicate');
 SELECT is((SELECT n FROM v_slots), 1, '... counted once');
 RESET TimeZone;
+
+--
+-- Arrays of json and jsonb: each element is a JSON value, not text in an
+-- element type's input format ("a" was refused as invalid JSON, "123" and
+-- "true" became a number and a boolean, a nested array another dimension)
+--
+CREATE TABLE docs_model (id int PRIMARY KEY, docs jsonb[], raw json[], tags text[], version bigint);
+SELECT ok(cqrs_upsert('docs_model',
+                      '{"id": 1, "docs": ["a", "123", 123, true, {"x": 1}, [1, 2], null],
+                        "raw": ["a\"b", {"y": [true]}], "tags": ["a", "123"]}', 1),
+          'arrays of jsonb, json and text are upserted');
+SELECT is((SELECT docs FROM docs_model),
+          ARRAY['"a"', '"123"', '123', 'true', '{"x": 1}', '[1, 2]', NULL]::jsonb[],
+          'a jsonb[] keeps each JSON value: strings stay strings, a nested array is one element, null is NULL');
+SELECT results_eq($$SELECT raw[1]::text, raw[2]::text FROM docs_model$$,
+                  $$VALUES ('"a\"b"'::text, '{"y": [true]}'::text)$$,
+                  'a json[] too');
+SELECT is((SELECT tags FROM docs_model), ARRAY['a', '123'], 'a text[] takes the strings as they are');
 
 SELECT * FROM finish();
 ROLLBACK;
