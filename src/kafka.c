@@ -788,6 +788,7 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 	rd_kafka_headers_t *hdrs = rd_kafka_headers_new(msg->nheaders + 1);
 	rd_kafka_resp_err_t err;
 	rd_kafka_topic_t *rkt = msg->tstate ? cqrs_topic_handle(rk, msg->tstate) : NULL;
+	int32		partition = RD_KAFKA_PARTITION_UA;
 
 	for (int i = 0; i < msg->nheaders; i++)
 		rd_kafka_header_add(hdrs, msg->header_names[i], -1,
@@ -800,9 +801,16 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 	msg->err = RD_KAFKA_RESP_ERR_NO_ERROR;
 	msg->offset = -1;
 	pg_atomic_write_u32(&msg->partition, 0);
+	/* without a key, none of a stalled partition (the partitioner is skipped) */
+	if (msg->key == NULL && msg->tstate != NULL &&
+		(partition = cqrs_topic_keyless_partition(msg->tstate, (uint64) msg->id)) >= 0)
+		pg_atomic_write_u32(&msg->partition, (uint32) partition + 1);
+	else
+		partition = RD_KAFKA_PARTITION_UA;
 	if (rkt)
 		err = rd_kafka_producev(rk,
 								RD_KAFKA_V_RKT(rkt),
+								RD_KAFKA_V_PARTITION(partition),
 								RD_KAFKA_V_KEY(msg->key, msg->key ? msg->keylen : 0),
 								RD_KAFKA_V_VALUE((void *) msg->value, msg->valuelen),
 								RD_KAFKA_V_HEADERS(hdrs),
@@ -812,6 +820,7 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 	else
 		err = rd_kafka_producev(rk,
 								RD_KAFKA_V_TOPIC(msg->topic),
+								RD_KAFKA_V_PARTITION(partition),
 								RD_KAFKA_V_KEY(msg->key, msg->key ? msg->keylen : 0),
 								RD_KAFKA_V_VALUE((void *) msg->value, msg->valuelen),
 								RD_KAFKA_V_HEADERS(hdrs),

@@ -168,6 +168,37 @@ cqrs_topic_learn_limit(const char *name, int limit, int compacted)
 	return resume;
 }
 
+/*
+ * The partition for a message without a key while some of the topic's
+ * partitions are stalled: a healthy one, chosen by seed.  The partitioner
+ * would send it to any, the stalled ones too, where it would wait as long
+ * as they stall and keep its claim's memory.  -1 (the partitioner chooses)
+ * when none is stalled, all are, or the count is not known yet.  In the
+ * relay's thread.
+ */
+int32
+cqrs_topic_keyless_partition(CqrsTopic *topic, uint64 seed)
+{
+	int			cnt = (int) pg_atomic_read_u32(&topic->partition_cnt);
+	int			nstalled = 0;
+	int			k;
+
+	for (int p = 0; p < Min(cnt, topic->nparts); p++)
+		if (topic->parts[p].stalled)
+			nstalled++;
+	if (nstalled == 0 || nstalled >= cnt)
+		return -1;
+	k = (int) (seed % (uint64) (cnt - nstalled));
+	for (int p = 0; p < cnt; p++)
+	{
+		if (p < topic->nparts && topic->parts[p].stalled)
+			continue;
+		if (k-- == 0)
+			return p;
+	}
+	return -1;
+}
+
 /* The smallest limit known, or -1. */
 static void
 min_limit(CqrsTopic *topic, void *arg)

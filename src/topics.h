@@ -60,6 +60,7 @@ typedef struct CqrsTopic
 } CqrsTopic;
 
 extern CqrsTopic *cqrs_topic(const char *name);
+extern int32 cqrs_topic_keyless_partition(CqrsTopic *topic, uint64 seed);
 extern rd_kafka_topic_t *cqrs_topic_handle(rd_kafka_t *rk, CqrsTopic *topic);
 extern void cqrs_topics_forget_producer(void);
 

@@ -53,6 +53,12 @@ $node->safe_psql('postgres',
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$wide' AND status = 'SENT'", '200', 60),
 	'warm-up rows sent to the topic with the long name');
 
+# a topic for rows without a key, partition 1 on broker 2 too
+my $kl = create_topic_assigned(unique_topic('keyless'), '1,2');
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$kl', NULL, '{}')");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$kl' AND status = 'SENT'", '1', 60),
+	'warm-up row sent to the topic for rows without a key');
+
 my $listener = $node->background_psql('postgres');
 $listener->query_safe('LISTEN cqrs_sync_alert');
 
@@ -126,12 +132,35 @@ ok( wait_for($node,
 ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'partition stalled', 60),
 	'the relay still says which partition is stalled');
 
+# rows without a key: the partitioner sends them to any partition, and each
+# one sent to the stalled partition waits there, keeping the memory of its
+# whole claim; once 131,072 rows are kept so, claims stop for every topic.
+# While a partition of their topic stalls, they go to the others.  First a
+# few, until the relay finds that partition 1 of their topic stalls too.
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$kl', NULL, jsonb_build_object('n', g))) FROM generate_series(1, 100) g");
+ok($node->wait_for_log(qr/CQ003 WARNING:  cqrs_sync relay: Kafka partition \Q$kl\E\[1\]/),
+	'partition 1 of the topic for rows without a key is found stalled');
+my $flood = 140_000;
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$kl', NULL, jsonb_build_object('n', g))) FROM generate_series(101, 100 + $flood) g");
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$kl' AND (payload->>'n')::int > 100 AND status = 'SENT'",
+		$flood, 120),
+	"the $flood rows without a key enqueued since all go to the healthy partition");
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$topic', k, jsonb_build_object('seq', 13))) FROM unnest(ARRAY[$p0_list]) k");
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE key IN ($p0_list) AND status = 'SENT'",
+		$p0_rows + 3 * @p0, 30),
+	'and the keys of the healthy partition of the other topic still flow');
+
 $b2->thaw;
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status <> 'SENT'", '0', 120),
 	'after the thaw everything is sent');
 ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'running', 30), 'the relay runs normally again');
 
-my @msgs = kafka_consume($topic, 40 + 400 + 2 * @p0, 60);
+my @msgs = kafka_consume($topic, 40 + 400 + 3 * @p0, 60);
 my (%seen, %last, $disorder);
 for my $m (@msgs)
 {
@@ -141,7 +170,7 @@ for my $m (@msgs)
 	$disorder++ if defined $last{ $m->{key} } && $seq < $last{ $m->{key} };
 	$last{ $m->{key} } = $seq;
 }
-is(scalar(keys %seen), 40 + 400 + 2 * @p0, 'every event is in Kafka');
+is(scalar(keys %seen), 40 + 400 + 3 * @p0, 'every event is in Kafka');
 is($disorder // 0, 0, 'per key in order');
 
 $node->stop;
