@@ -76,6 +76,33 @@ apply_retire_plan(SPIPlanPtr plan)
 	MemoryContextSwitchTo(old);
 }
 
+/*
+ * Retire the plans of a list of ColumnSetPlan, and free the list and its
+ * entries, unless a call further out may still hold one of them (a trigger
+ * on a target that calls a helper): then the entries stay in the target's
+ * memory until it is described again.
+ */
+void
+apply_retire_plan_list(List *plans)
+{
+	ListCell   *lc;
+
+	foreach(lc, plans)
+	{
+		ColumnSetPlan *p = lfirst(lc);
+
+		apply_retire_plan(p->plan);
+		apply_retire_plan(p->plan2);
+		if (apply_depth <= 1)
+		{
+			pfree(p->colidx);
+			pfree(p);
+		}
+	}
+	if (apply_depth <= 1)
+		list_free(plans);
+}
+
 static void
 retire_cxt(MemoryContext cxt)
 {

@@ -109,5 +109,6 @@ extern ApplyTarget *apply_get_target(Oid relid, Oid extnsp);
 
 /* Frees a plan now, or when no helper runs any more (nested calls). */
 extern void apply_retire_plan(SPIPlanPtr plan);
+extern void apply_retire_plan_list(List *plans);
 
 #endif							/* CQRS_APPLY_CACHE_H */

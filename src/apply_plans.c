@@ -134,12 +134,17 @@ apply_ensure_ext_plans(Oid nsp, bool version2)
 	Oid			insert_types[4] = {REGCLASSOID, JSONBOID, INT8OID, INT4OID};
 	Oid			tomb_types[3] = {REGCLASSOID, JSONBOID, INT8OID};
 
-	if (p->nsp == nsp && p->inbox != NULL)
+	/*
+	 * The extension dropped and created again in the same schema has other
+	 * tables: their owner, and the relation whose changes make the cache of
+	 * consumer owners stale (apply_acl.c), are those of the new ones.
+	 */
+	inbox_relid = get_relname_relid("cqrs_inbox", nsp);
+	if (p->nsp == nsp && p->inbox != NULL && p->inbox_relid == inbox_relid)
 		return p;
 	forget(p);
 
 	schema = quote_identifier(get_namespace_name(nsp));
-	inbox_relid = get_relname_relid("cqrs_inbox", nsp);
 	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(inbox_relid));
 	if (!HeapTupleIsValid(tup))
 		ereport(ERROR,
@@ -147,6 +152,7 @@ apply_ensure_ext_plans(Oid nsp, bool version2)
 				 errmsg("relation \"%s.cqrs_inbox\" does not exist", schema),
 				 errhint("The read-side helpers need the tables of CREATE EXTENSION cqrs_sync.")));
 	p->owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	p->inbox_relid = inbox_relid;
 	ReleaseSysCache(tup);
 
 	p->inbox = cqrs_keep_plan(psprintf("INSERT INTO %s.cqrs_inbox (consumer, event_id) VALUES ($1, $2) "
@@ -405,16 +411,10 @@ apply_target_plans(ApplyTarget *t)
 static void
 trim_plans(List **plans)
 {
-	ListCell   *lc;
-
 	if (list_length(*plans) < MAX_PLANS_PER_TARGET)
 		return;
-	foreach(lc, *plans)
-	{
-		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan);
-		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan2);
-	}
-	*plans = NIL;				/* the cells stay in the target's context */
+	apply_retire_plan_list(*plans);
+	*plans = NIL;
 }
 
 static ColumnSetPlan *

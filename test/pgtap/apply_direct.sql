@@ -11,7 +11,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(56);
+SELECT plan(57);
 
 CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
 
@@ -266,6 +266,28 @@ SELECT is((SELECT count(*) FROM pg_backend_memory_contexts
 SELECT is((SELECT count(*) FROM pg_backend_memory_contexts
             WHERE name = 'CachedPlanSource' AND ident LIKE 'UPDATE public.d_replan AS t%'),
           1::bigint, '... and one UPDATE plan');
+
+-- at most 64 plans per table are kept, and the memory of those let go is
+-- freed: events that carry ever new sets of columns (partial updates) do not
+-- grow a session's memory (the plans went, their entries stayed)
+CREATE TABLE d_sets (id int PRIMARY KEY, c1 int, c2 int, c3 int, c4 int, c5 int, c6 int,
+                     c7 int, c8 int, c9 int, c10 int, c11 int, c12 int, version bigint);
+CREATE FUNCTION pg_temp.upsert_sets(lo int, hi int) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN lo..hi LOOP
+        PERFORM cqrs_upsert('d_sets', '{"id": 1}'::jsonb ||
+                            (SELECT jsonb_object_agg('c' || k, 1) FROM generate_series(1, 12) k
+                              WHERE ((i >> (k - 1)) & 1) = 1), i);
+    END LOOP;
+END
+$$;
+SELECT pg_temp.upsert_sets(1, 640);
+CREATE TEMP TABLE d_sets_mem AS
+    SELECT sum(total_bytes) AS bytes FROM pg_backend_memory_contexts WHERE name = 'cqrs_sync apply target';
+SELECT pg_temp.upsert_sets(641, 1920);
+SELECT cmp_ok((SELECT sum(total_bytes) FROM pg_backend_memory_contexts WHERE name = 'cqrs_sync apply target'),
+              '<=', (SELECT bytes FROM d_sets_mem),
+              '1,280 more sets of columns, 20 more times 64 plans let go: the targets'' memory did not grow');
 
 -- a read-only transaction (throws_ok's subtransaction undoes the setting)
 SELECT throws_ok($$SELECT set_config('transaction_read_only', 'on', true),
