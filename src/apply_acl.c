@@ -175,7 +175,9 @@ owners_role_callback(Datum arg, int cacheid, uint32 hashvalue)
 static void
 owners_xact_callback(XactEvent event, void *arg)
 {
-	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+	/* a prepared transaction's claim may yet be rolled back */
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_PREPARE)
 		owners_stale = true;
 }
 

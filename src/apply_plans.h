@@ -20,6 +20,7 @@ typedef struct ApplyExtPlans
 	Oid			nsp;			/* the extension's schema */
 	bool		version2;		/* its 0.2.0 tables (else 0.1.0's) */
 	Oid			owner;			/* owner of the tables */
+	Oid			inbox_relid;	/* cqrs_inbox: another one, other tables */
 	Oid			consumer_relid; /* cqrs_consumer (0.2.0) */
 	SPIPlanPtr	inbox;			/* INSERT INTO cqrs_inbox */
 	SPIPlanPtr	delta_inbox;	/* INSERT INTO cqrs_delta_inbox (0.2.0) */
