@@ -64,6 +64,7 @@
 
 #include "access/table.h"
 #include "access/xact.h"
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
@@ -73,6 +74,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/rls.h"
 
 #include "apply.h"
 #include "apply_acl.h"
@@ -443,7 +445,23 @@ delete_row(FunctionCallInfo fcinfo, bool version2)
 	if (deleted == 0 &&
 		apply_run_plan(t->exists_plan, values, NULL, true, true) > 0)
 	{
-		/* the row is newer than this delete */
+		bool		isnull;
+		Datum		stored = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+										   &isnull);
+
+		/*
+		 * The row is newer than this delete; or not, and the DELETE left it
+		 * all the same: a BEFORE DELETE trigger skipped it (the table's
+		 * decision, as for an INSERT), or row-level security lets the caller
+		 * see the row but not delete it.
+		 */
+		if ((isnull || DatumGetInt64(stored) <= version) &&
+			check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("row-level security of table \"%s\" does not let role \"%s\" delete the row",
+							t->relname, GetUserNameFromId(GetUserId(), false)),
+					 errdetail("The role sees the row, whose version is not newer than this delete, but its policies for DELETE do not let it remove the row.")));
 		result = false;
 	}
 	else

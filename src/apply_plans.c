@@ -347,7 +347,7 @@ apply_forget_ext_plans(void)
 
 /*
  * The target's own statements: DELETE ... WHERE <pk> AND (version IS NULL
- * OR version <= $n+1), and SELECT true ... WHERE <pk>.
+ * OR version <= $n+1), and SELECT version ... WHERE <pk>.
  */
 void
 apply_target_plans(ApplyTarget *t)
@@ -371,7 +371,8 @@ apply_target_plans(ApplyTarget *t)
 	t->delete_plan = cqrs_keep_plan(sql.data, t->npk + 1, argtypes);
 
 	resetStringInfo(&sql);
-	appendStringInfo(&sql, "SELECT true FROM %s AS t WHERE ", t->qualname);
+	appendStringInfo(&sql, "SELECT t.%s::pg_catalog.int8 FROM %s AS t WHERE ",
+					 ver->qname, t->qualname);
 	for (int k = 0; k < t->npk; k++)
 	{
 		ApplyColumn *c = &t->cols[t->pk_idx[k]];

@@ -11,7 +11,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(57);
+SELECT plan(59);
 
 CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
 
@@ -118,6 +118,22 @@ SELECT is((SELECT count(*) FROM cqrs_tombstone WHERE target = 'd_rls'::regclass 
           0::bigint, 'row security: no tombstone for the hidden row');
 SELECT is((SELECT string_agg(id::text, ',' ORDER BY id) FROM d_rls), '1,2',
           'row security: the hidden row is still there');
+-- row security that shows a row but does not let its role delete it: the
+-- delete of a row whose version is not newer fails, as the docs say, rather
+-- than return false as if the row were newer (the event then counted as
+-- applied, and the row stayed)
+CREATE TABLE d_rls_nodel (id bigint PRIMARY KEY, title text, version bigint);
+INSERT INTO d_rls_nodel VALUES (1, 'a', 1), (2, 'b', 9);
+ALTER TABLE d_rls_nodel ENABLE ROW LEVEL SECURITY;
+CREATE POLICY d_rls_nodel_s ON d_rls_nodel FOR SELECT USING (true);
+GRANT SELECT, DELETE ON d_rls_nodel TO regress_direct;
+SET LOCAL ROLE regress_direct;
+SELECT throws_ok($$SELECT cqrs_delete('d_rls_nodel', '{"id": 1}', 5)$$, '42501',
+                 NULL, 'row security without a DELETE policy: a delete of an older row fails');
+SELECT is(cqrs_delete('d_rls_nodel', '{"id": 2}', 5), false,
+          '... and one of a newer row returns false');
+RESET ROLE;
+
 -- row security forced on the table's owner: the check for a hidden row runs
 -- as the owner without the policies, in a plan of its own (the plan cache
 -- plans again for another role, not when FORCE ROW LEVEL SECURITY is lifted;
