@@ -21,6 +21,7 @@
 #include "replication/syncrep.h"
 #include "replication/walsender_private.h"
 #include "storage/lwlock.h"
+#include "storage/proc.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -52,30 +53,29 @@ static Oid	insert_plan_ext = InvalidOid;
 static Oid	outbox_seq = InvalidOid;	/* cqrs_outbox.id's sequence */
 
 /*
- * Can this transaction's commit be visible before it is durable?  With
- * synchronous_commit = off it is visible before it is flushed.  Where
- * synchronous standbys are configured, with local it is visible before the
- * standbys have it, and with a higher level too when its wait for them is
- * cancelled (pg_cancel_backend(), a client's cancel, pg_terminate_backend():
- * "committed locally, but might not have been replicated").  (A commit that
- * must be flushed anyway, one that dropped a table, is counted too: the
- * relay then flushes for nothing.)
+ * Will this transaction's commit be visible before it is durable?  With
+ * synchronous_commit = off it is visible before it is flushed; with local
+ * while synchronous standbys are configured, before the standbys have it.
+ * (A commit that must be flushed anyway, one that dropped a table, is
+ * counted too: the relay then flushes for nothing.)  A higher level whose
+ * wait for the standbys is cancelled is visible early too: see
+ * cqrs_enqueue_log_hook().
  */
 static bool
 commit_visible_early(void)
 {
 	if (synchronous_commit == SYNCHRONOUS_COMMIT_OFF)
 		return true;
-	return cqrs_sync_standbys_configured();
+	return synchronous_commit == SYNCHRONOUS_COMMIT_LOCAL_FLUSH &&
+		cqrs_sync_standbys_configured();
 }
 
 /*
- * After the commit: the WAL position the relay must make durable (and have
- * the standbys confirm) before it produces this transaction's rows, or
- * InvalidXLogRecPtr when its commit waited for that already.
+ * Did the standbys confirm this transaction's commit?  For a commit whose
+ * level waits for them (remote_write and above).
  */
-static XLogRecPtr
-commit_end_to_wait_for(void)
+static bool
+standbys_confirmed_commit(void)
 {
 	int			mode;
 	XLogRecPtr	confirmed;
@@ -92,13 +92,38 @@ commit_end_to_wait_for(void)
 			mode = SYNC_REP_WAIT_APPLY;
 			break;
 		default:
-			return XactLastCommitEnd;	/* off, local: no standby waited */
+			return false;
 	}
 	LWLockAcquire(SyncRepLock, LW_SHARED);
 	confirmed = WalSndCtl->lsn[mode];
 	LWLockRelease(SyncRepLock);
-	/* a wait cancelled, or standbys configured only since the commit */
-	return confirmed >= XactLastCommitEnd ? InvalidXLogRecPtr : XactLastCommitEnd;
+	return confirmed >= XactLastCommitEnd;
+}
+
+/*
+ * A commit waiting for the synchronous standbys whose wait is cancelled
+ * (pg_cancel_backend(), a client's cancel, pg_terminate_backend()) becomes
+ * visible without them: "committed locally, but might not have been
+ * replicated".  SyncRepWaitForLSN() says so with a WARNING while the
+ * backend is still waiting, before the commit is visible: a transaction
+ * that enqueued counts itself then as an early commit, so the relay waits
+ * for the standbys before it produces its rows.  (Should the WARNING be
+ * emitted nowhere, the commit callback counts it, a moment late.)
+ */
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+static void
+cqrs_enqueue_log_hook(ErrorData *edata)
+{
+	if (edata->elevel == WARNING && enqueued_in_xact && !early_commit &&
+		MyProc != NULL && MyProc->syncRepState == SYNC_REP_WAITING &&
+		cqrs_shared != NULL)
+	{
+		cqrs_early_commit_begin();
+		early_commit = true;
+	}
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
 }
 
 static void
@@ -117,8 +142,16 @@ cqrs_xact_callback(XactEvent event, void *arg)
 	}
 	else if (early_commit && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
 	{
-		cqrs_early_commit_end(event == XACT_EVENT_COMMIT ? commit_end_to_wait_for() : InvalidXLogRecPtr);
+		cqrs_early_commit_end(event == XACT_EVENT_COMMIT ? XactLastCommitEnd : InvalidXLogRecPtr);
 		early_commit = false;
+	}
+	else if (event == XACT_EVENT_COMMIT && enqueued_in_xact && cqrs_shared != NULL &&
+			 synchronous_commit > SYNCHRONOUS_COMMIT_LOCAL_FLUSH &&
+			 cqrs_sync_standbys_configured() && !standbys_confirmed_commit())
+	{
+		/* its cancelled wait was not logged (cqrs_enqueue_log_hook()) */
+		cqrs_early_commit_begin();
+		cqrs_early_commit_end(XactLastCommitEnd);
 	}
 
 	if (wake_from != PG_INT64_MAX && (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT))
@@ -159,6 +192,8 @@ void
 cqrs_enqueue_init(void)
 {
 	RegisterXactCallback(cqrs_xact_callback, NULL);
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = cqrs_enqueue_log_hook;
 }
 
 /*
@@ -305,6 +340,7 @@ prepare_inserts(Oid ext_oid)
 	SPIPlanPtr	plan;
 	SPIPlanPtr	id_plan;
 	SPIPlanPtr	new_plan;
+	Oid			seq;
 	bool		isnull;
 
 	plan = prepare_one(psprintf("INSERT INTO %s.cqrs_outbox (topic, key, payload, headers) "
@@ -319,6 +355,15 @@ prepare_inserts(Oid ext_oid)
 									"VALUES ($1, $2, $3, $4, $5) "
 									"ON CONFLICT (event_id) DO NOTHING RETURNING id", schema),
 						   5, argtypes);
+	/* the sequence first: the plans are stored only when all is known */
+	if (SPI_execute(psprintf("SELECT pg_catalog.pg_get_serial_sequence('%s.cqrs_outbox', 'id')"
+							 "::pg_catalog.regclass::pg_catalog.oid", schema),
+					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "cqrs_enqueue: could not find the sequence of %s.cqrs_outbox", schema);
+	seq = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+										 1, &isnull));
+	if (isnull)
+		elog(ERROR, "cqrs_enqueue: %s.cqrs_outbox.id has no sequence", schema);
 	if (insert_plan)
 		SPI_freeplan(insert_plan);
 	if (insert_id_plan)
@@ -329,15 +374,7 @@ prepare_inserts(Oid ext_oid)
 	insert_id_plan = id_plan;
 	insert_new_plan = new_plan;
 	insert_plan_ext = ext_oid;
-
-	if (SPI_execute(psprintf("SELECT pg_catalog.pg_get_serial_sequence('%s.cqrs_outbox', 'id')"
-							 "::pg_catalog.regclass::pg_catalog.oid", schema),
-					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "cqrs_enqueue: could not find the sequence of %s.cqrs_outbox", schema);
-	outbox_seq = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-												1, &isnull));
-	if (isnull)
-		elog(ERROR, "cqrs_enqueue: %s.cqrs_outbox.id has no sequence", schema);
+	outbox_seq = seq;
 }
 
 /*

@@ -27,7 +27,8 @@
  * the window, so a crash duplicates at most that many messages.  Before
  * producing rows whose commit may not be durable (an
  * enqueuer with synchronous_commit = off, or local while synchronous standbys
- * are configured: such writers announce it, see shmem.c), the relay flushes
+ * are configured, or whose wait for them was cancelled: such writers
+ * announce it, see shmem.c), the relay flushes
  * the WAL up to that commit and, where synchronous standbys are configured,
  * waits for them: an event is never published for a transaction a crash or
  * a failover then loses.  Rows of writers that waited for their commit need
@@ -641,7 +642,7 @@ wait_for_standbys(XLogRecPtr lsn)
 /*
  * Before producing rows whose commit may not be durable yet (their writer
  * used synchronous_commit = off, or local while synchronous standbys are
- * configured): flush the WAL up to it, and wait for the synchronous standbys
+ * configured, or its wait for them was cancelled): flush the WAL up to it, and wait for the synchronous standbys
  * where they are configured.  Rows from commits that waited for their
  * durability need nothing: rows_lsn then stays below what is flushed and
  * confirmed.  Returns false when the rows must not be produced (shutdown).

@@ -149,7 +149,7 @@ typedef struct CqrsShared
 	/*
 	 * Commits of outbox rows that become visible before they are durable
 	 * (synchronous_commit = off, or local while synchronous standbys are
-	 * configured).  Their writer counts itself in early_begun before it
+	 * configured, or a wait for them cancelled).  Their writer counts itself in early_begun before it
 	 * commits and in early_ended after it committed (raising early_lsn to its
 	 * commit's end) or aborted.  See cqrs_early_commits_bound().
 	 */
