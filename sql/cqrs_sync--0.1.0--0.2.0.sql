@@ -480,6 +480,47 @@ LANGUAGE C STRICT STABLE PARALLEL SAFE;
 COMMENT ON FUNCTION cqrs_tombstone_key_hash(regclass, jsonb) IS
     'Internal: the key_hash of a tombstone of target (0 when the table or its primary key no longer match the key); the update from 0.1.0 fills cqrs_tombstone.key_hash with it.';
 
+-- 0.1.0 wrote the texts of a key (tombstones, the memory of deltas) with
+-- the writing session's settings (TimeZone, DateStyle, IntervalStyle, ...);
+-- 0.2.0 spells them with fixed ones, and compares the memory of deltas by
+-- its text: each key is spelled again, parsed with this session's settings
+-- (run the update with the consumers' settings).  A key that no longer
+-- fits its table stays as it was.  Two spellings of one tombstone's key
+-- become one, with the higher version.  (Dropped at the end of the update.)
+CREATE FUNCTION cqrs_key_respelled(target regclass, key jsonb)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'cqrs_key_respelled'
+LANGUAGE C STRICT VOLATILE;
+CREATE FUNCTION cqrs_key_respelled_or_same(target regclass, key text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN @extschema@.cqrs_key_respelled(target, key::jsonb)::text;
+EXCEPTION WHEN OTHERS THEN
+    RETURN key;
+END
+$$;
+DO $$
+DECLARE
+    r record;
+    k jsonb;
+BEGIN
+    FOR r IN SELECT target, key, version FROM @extschema@.cqrs_tombstone LOOP
+        k := @extschema@.cqrs_key_respelled_or_same(r.target, r.key::text)::jsonb;
+        CONTINUE WHEN k = r.key;
+        BEGIN
+            UPDATE @extschema@.cqrs_tombstone SET key = k WHERE target = r.target AND key = r.key;
+        EXCEPTION WHEN unique_violation THEN
+            UPDATE @extschema@.cqrs_tombstone SET version = greatest(version, r.version)
+             WHERE target = r.target AND key = k;
+            DELETE FROM @extschema@.cqrs_tombstone WHERE target = r.target AND key = r.key;
+        END;
+    END LOOP;
+END
+$$;
+
 -- The hash of every tombstone; a key that no longer parses as its table's
 -- primary key (its type changed since) gets 0, row by row.
 DO $$
@@ -579,10 +620,13 @@ INSERT INTO @extschema@.cqrs_delta_inbox (consumer, target, event_id, key, proce
 SELECT regexp_replace(m.consumer, '/delta/[0-9]+$', ''),
        substring(m.consumer FROM '/delta/([0-9]+)$')::oid::regclass,
        substr(m.event_id, 1, m.key_at - 2),
-       substr(m.event_id, m.key_at),
+       @extschema@.cqrs_key_respelled_or_same(substring(m.consumer FROM '/delta/([0-9]+)$')::oid::regclass,
+                                              substr(m.event_id, m.key_at)),
        m.processed_at
   FROM moved m
     ON CONFLICT DO NOTHING;
+DROP FUNCTION cqrs_key_respelled_or_same(regclass, text);
+DROP FUNCTION cqrs_key_respelled(regclass, jsonb);
 
 CREATE OR REPLACE FUNCTION cqrs_mark_processed(consumer text, event_id text)
 RETURNS boolean

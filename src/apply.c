@@ -93,6 +93,7 @@ PG_FUNCTION_INFO_V1(cqrs_mark_processed_0_2);
 PG_FUNCTION_INFO_V1(cqrs_upsert_0_2);
 PG_FUNCTION_INFO_V1(cqrs_delete_0_2);
 PG_FUNCTION_INFO_V1(cqrs_apply_delta_0_2);
+PG_FUNCTION_INFO_V1(cqrs_key_respelled);
 
 /*
  * locktag_field4 of the advisory locks on (target, key hash); the user-level
@@ -404,6 +405,22 @@ cqrs_upsert_0_2(PG_FUNCTION_ARGS)
 }
 
 /*
+ * May a trigger of the target skip a DELETE (a BEFORE DELETE row trigger
+ * that returns NULL: a soft delete)?  A partitioned table's partitions may
+ * have triggers of their own: assumed so.  Locked by apply_get_target().
+ */
+static bool
+skips_deletes(ApplyTarget *t)
+{
+	Relation	rel = table_open(t->relid, NoLock);
+	bool		result = t->partitioned ||
+		(rel->trigdesc != NULL && rel->trigdesc->trig_delete_before_row);
+
+	table_close(rel, NoLock);
+	return result;
+}
+
+/*
  * cqrs_delete(target regclass, key jsonb, version bigint) RETURNS boolean
  */
 static Datum
@@ -452,11 +469,12 @@ delete_row(FunctionCallInfo fcinfo, bool version2)
 		/*
 		 * The row is newer than this delete; or not, and the DELETE left it
 		 * all the same: a BEFORE DELETE trigger skipped it (the table's
-		 * decision, as for an INSERT), or row-level security lets the caller
-		 * see the row but not delete it.
+		 * decision, as for an INSERT: false), or row-level security lets
+		 * the caller see the row but not delete it (42501).
 		 */
 		if ((isnull || DatumGetInt64(stored) <= version) &&
-			check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED)
+			check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED &&
+			!skips_deletes(t))
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("row-level security of table \"%s\" does not let role \"%s\" delete the row",
@@ -485,6 +503,35 @@ Datum
 cqrs_delete_0_2(PG_FUNCTION_ARGS)
 {
 	return delete_row(fcinfo, true);
+}
+
+/*
+ * cqrs_key_respelled(target regclass, key jsonb) RETURNS jsonb
+ *
+ * For the update from 0.1.0, which wrote the texts of a key (in tombstones
+ * and in the memory of deltas) with the writing session's settings
+ * (TimeZone, DateStyle, ...): the key parsed with this session's settings
+ * and spelled as 0.2.0 spells it, with fixed ones.  Errors when it no
+ * longer fits the table (the update keeps such a key as it was).
+ */
+Datum
+cqrs_key_respelled(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Jsonb	   *stored = PG_GETARG_JSONB_P(1);
+	MemoryContext caller = CurrentMemoryContext;
+	ApplyTarget *t;
+	ApplyKey	key;
+	Jsonb	   *result;
+
+	apply_enter();
+	t = apply_get_target(relid, helper_namespace(fcinfo));
+	apply_parse_key(t, stored, key.vals);
+	apply_key_make(t, &key);
+	result = MemoryContextAlloc(caller, VARSIZE(key.canonical));
+	memcpy(result, key.canonical, VARSIZE(key.canonical));
+	apply_leave();
+	PG_RETURN_JSONB_P(result);
 }
 
 /*

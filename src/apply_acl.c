@@ -44,6 +44,7 @@
 #include "utils/syscache.h"
 
 #include "apply_acl.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(cqrs_consumer_changed);
 
@@ -136,6 +137,16 @@ apply_check_hidden_row(ApplyTarget *t, Datum *values, bool for_delete)
 	GetUserIdAndSecContext(&save_user, &save_sec);
 	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_NOFORCE_RLS);
+
+	/*
+	 * A plan of its own, prepared in this context: the policies are applied
+	 * when a query is prepared, and the plan cache applies them again for
+	 * another role, not when only the lift of forced row security changes.
+	 * Shared with the caller's (the owner, under FORCE ROW LEVEL SECURITY),
+	 * one plan would see the rows the other's context shows.
+	 */
+	if (t->hidden_plan == NULL)
+		t->hidden_plan = cqrs_keep_plan(t->exists_sql, t->npk, t->pk_types);
 	found = apply_run_plan(t->hidden_plan, values, NULL, true, true);
 	SetUserIdAndSecContext(save_user, save_sec);
 	if (found == 0)

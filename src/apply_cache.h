@@ -89,6 +89,8 @@ typedef struct ApplyTarget
 	SPIPlanPtr	exists_plan;	/* SELECT version ... WHERE pk */
 	SPIPlanPtr	hidden_plan;	/* the same, run only as the owner without
 								 * forced row security (apply_acl.c) */
+	char	   *exists_sql;		/* the query of both */
+	Oid		   *pk_types;		/* its parameters' types */
 	List	   *upsert_plans;	/* of ColumnSetPlan */
 	List	   *delta_plans;	/* of ColumnSetPlan */
 } ApplyTarget;

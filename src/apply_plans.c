@@ -25,7 +25,6 @@
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "lib/stringinfo.h"
-#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -382,30 +381,10 @@ apply_target_plans(ApplyTarget *t)
 	}
 	t->exists_plan = cqrs_keep_plan(sql.data, t->npk, argtypes);
 
-	/*
-	 * The same query for apply_check_hidden_row(), which runs it as the
-	 * table's owner with forced row security lifted; prepared so too.  The
-	 * policies are applied when a query is prepared, and the plan cache
-	 * applies them again for another role, not when only that lift changes:
-	 * shared with the caller (the owner, under FORCE ROW LEVEL SECURITY),
-	 * one plan would see the rows the other's context shows.
-	 */
-	{
-		HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(t->relid));
-		Oid			owner;
-		Oid			save_user;
-		int			save_sec;
-
-		if (!HeapTupleIsValid(tup))
-			elog(ERROR, "cache lookup failed for relation %u", t->relid);
-		owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
-		ReleaseSysCache(tup);
-		GetUserIdAndSecContext(&save_user, &save_sec);
-		SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-							   SECURITY_NOFORCE_RLS);
-		t->hidden_plan = cqrs_keep_plan(sql.data, t->npk, argtypes);
-		SetUserIdAndSecContext(save_user, save_sec);
-	}
+	/* the same query for apply_check_hidden_row(), which prepares it itself */
+	t->exists_sql = MemoryContextStrdup(t->cxt, sql.data);
+	t->pk_types = MemoryContextAlloc(t->cxt, sizeof(Oid) * Max(t->npk, 1));
+	memcpy(t->pk_types, argtypes, sizeof(Oid) * t->npk);
 }
 
 /* Limits the plans kept for one target */

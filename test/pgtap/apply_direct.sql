@@ -11,7 +11,7 @@ BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
 CREATE EXTENSION IF NOT EXISTS cqrs_sync;
 
-SELECT plan(59);
+SELECT plan(61);
 
 CREATE ROLE regress_direct IN ROLE cqrs_sync_reader;
 
@@ -133,6 +133,21 @@ SELECT throws_ok($$SELECT cqrs_delete('d_rls_nodel', '{"id": 1}', 5)$$, '42501',
 SELECT is(cqrs_delete('d_rls_nodel', '{"id": 2}', 5), false,
           '... and one of a newer row returns false');
 RESET ROLE;
+-- ... but a soft delete (a BEFORE DELETE trigger that keeps the row) on a
+-- table with row security is the table's decision: false, as without it
+CREATE TABLE d_rls_soft (id bigint PRIMARY KEY, deleted boolean NOT NULL DEFAULT false, version bigint);
+INSERT INTO d_rls_soft VALUES (1, false, 1);
+ALTER TABLE d_rls_soft ENABLE ROW LEVEL SECURITY;
+CREATE POLICY d_rls_soft_all ON d_rls_soft USING (true);
+CREATE FUNCTION d_rls_soft_del() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN UPDATE d_rls_soft SET deleted = true WHERE id = OLD.id; RETURN NULL; END $$;
+CREATE TRIGGER d_rls_soft_del BEFORE DELETE ON d_rls_soft FOR EACH ROW EXECUTE FUNCTION d_rls_soft_del();
+GRANT SELECT, UPDATE, DELETE ON d_rls_soft TO regress_direct;
+SET LOCAL ROLE regress_direct;
+SELECT is(cqrs_delete('d_rls_soft', '{"id": 1}', 5), false,
+          'row security and a soft-delete trigger: the delete returns false');
+RESET ROLE;
+SELECT is((SELECT deleted FROM d_rls_soft), true, '... and the trigger marked the row');
 
 -- row security forced on the table's owner: the check for a hidden row runs
 -- as the owner without the policies, in a plan of its own (the plan cache

@@ -150,6 +150,34 @@ is($node->safe_psql('race',
 	'f', 'the delta committed during the update is remembered');
 is($node->safe_psql('race', 'SELECT likes FROM board'), '1', 'and counted once');
 
+# ---- keys written with other settings -------------------------------------------
+# 0.1.0 wrote the texts of a key with the writing session's settings; 0.2.0
+# spells them with fixed ones (UTC, ISO) and compares the memory of deltas by
+# its text.  The update spells them again, parsed with its session's
+# settings.  (The rows are written as the 0.1.0 library wrote them: this
+# library's 0.1.0 entry points spell keys as 0.2.0 does already.)
+$node->safe_psql('postgres', 'CREATE DATABASE spell');
+$node->safe_psql('spell', "CREATE EXTENSION cqrs_sync VERSION '0.1.0'");
+$node->safe_psql('spell', q{
+	CREATE TABLE hourly (bucket timestamptz PRIMARY KEY, likes bigint NOT NULL DEFAULT 0, version bigint);
+	CREATE TABLE daily (day date PRIMARY KEY, title text, version bigint);
+	INSERT INTO hourly VALUES ('2026-11-30 00:00:00+00', 1, NULL);
+	INSERT INTO cqrs_inbox (consumer, event_id)
+	VALUES ('board-view/delta/' || 'hourly'::regclass::oid, 'e9 {"bucket": "2026-11-30 09:00:00+09"}');
+	INSERT INTO cqrs_tombstone (target, key, version) VALUES ('daily', '{"day": "30/11/2026"}', 5);
+});
+($rc, $out, $err) = $node->psql('spell',
+	"SET TimeZone = 'Asia/Seoul'; SET DateStyle = 'SQL, DMY'; ALTER EXTENSION cqrs_sync UPDATE");
+is($rc, 0, 'the update with the consumers\' settings succeeds') or diag($err);
+is($node->safe_psql('spell',
+		q{SELECT cqrs_apply_delta('hourly', '{"bucket": "2026-11-30T00:00:00Z"}', '{"likes": 1}', 'board-view', 'e9')}),
+	'f', 'a delta remembered with a key written in another time zone is not applied again');
+is($node->safe_psql('spell', 'SELECT likes FROM hourly'), '1', 'and not counted twice');
+is($node->safe_psql('spell', q{SELECT cqrs_upsert('daily', '{"day": "2026-11-30", "title": "old"}', 4)}),
+	'f', 'a tombstone of a date written day first still stops an older upsert');
+is($node->safe_psql('spell', 'SELECT count(*) FROM cqrs_tombstone WHERE key_hash = 0'), '0',
+	'and has its key hash');
+
 # ---- a fresh install ------------------------------------------------------------
 $node->safe_psql('postgres', 'CREATE DATABASE fresh');
 $node->safe_psql('fresh', 'CREATE EXTENSION cqrs_sync');
