@@ -146,7 +146,7 @@ $node->safe_psql('postgres',
 	"SELECT count(cqrs_enqueue('$kl', NULL, jsonb_build_object('n', g))) FROM generate_series(101, 100 + $flood) g");
 ok( wait_for($node,
 		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$kl' AND (payload->>'n')::int > 100 AND status = 'SENT'",
-		$flood, 120),
+		$flood, 300),
 	"the $flood rows without a key enqueued since all go to the healthy partition");
 $node->safe_psql('postgres',
 	"SELECT count(cqrs_enqueue('$topic', k, jsonb_build_object('seq', 13))) FROM unnest(ARRAY[$p0_list]) k");
