@@ -507,13 +507,15 @@ DECLARE
     r record;
     k jsonb;
 BEGIN
-    FOR r IN SELECT target, key, version FROM @extschema@.cqrs_tombstone LOOP
+    FOR r IN SELECT target, key, version, deleted_at FROM @extschema@.cqrs_tombstone LOOP
         k := @extschema@.cqrs_key_respelled_or_same(r.target, r.key::text)::jsonb;
         CONTINUE WHEN k = r.key;
         BEGIN
             UPDATE @extschema@.cqrs_tombstone SET key = k WHERE target = r.target AND key = r.key;
         EXCEPTION WHEN unique_violation THEN
-            UPDATE @extschema@.cqrs_tombstone SET version = greatest(version, r.version)
+            UPDATE @extschema@.cqrs_tombstone
+               SET version = greatest(version, r.version),
+                   deleted_at = CASE WHEN r.version > version THEN r.deleted_at ELSE deleted_at END
              WHERE target = r.target AND key = k;
             DELETE FROM @extschema@.cqrs_tombstone WHERE target = r.target AND key = r.key;
         END;

@@ -93,7 +93,6 @@ PG_FUNCTION_INFO_V1(cqrs_mark_processed_0_2);
 PG_FUNCTION_INFO_V1(cqrs_upsert_0_2);
 PG_FUNCTION_INFO_V1(cqrs_delete_0_2);
 PG_FUNCTION_INFO_V1(cqrs_apply_delta_0_2);
-PG_FUNCTION_INFO_V1(cqrs_key_respelled);
 
 /*
  * locktag_field4 of the advisory locks on (target, key hash); the user-level
@@ -503,35 +502,6 @@ Datum
 cqrs_delete_0_2(PG_FUNCTION_ARGS)
 {
 	return delete_row(fcinfo, true);
-}
-
-/*
- * cqrs_key_respelled(target regclass, key jsonb) RETURNS jsonb
- *
- * For the update from 0.1.0, which wrote the texts of a key (in tombstones
- * and in the memory of deltas) with the writing session's settings
- * (TimeZone, DateStyle, ...): the key parsed with this session's settings
- * and spelled as 0.2.0 spells it, with fixed ones.  Errors when it no
- * longer fits the table (the update keeps such a key as it was).
- */
-Datum
-cqrs_key_respelled(PG_FUNCTION_ARGS)
-{
-	Oid			relid = PG_GETARG_OID(0);
-	Jsonb	   *stored = PG_GETARG_JSONB_P(1);
-	MemoryContext caller = CurrentMemoryContext;
-	ApplyTarget *t;
-	ApplyKey	key;
-	Jsonb	   *result;
-
-	apply_enter();
-	t = apply_get_target(relid, helper_namespace(fcinfo));
-	apply_parse_key(t, stored, key.vals);
-	apply_key_make(t, &key);
-	result = MemoryContextAlloc(caller, VARSIZE(key.canonical));
-	memcpy(result, key.canonical, VARSIZE(key.canonical));
-	apply_leave();
-	PG_RETURN_JSONB_P(result);
 }
 
 /*

@@ -160,6 +160,8 @@ release_target(ApplyTarget *t)
 	t->delete_plan = NULL;
 	t->exists_plan = NULL;
 	t->hidden_plan = NULL;
+	t->exists_sql = NULL;		/* in t->cxt */
+	t->pk_types = NULL;
 	t->upsert_plans = NIL;
 	t->delta_plans = NIL;
 	retire_cxt(t->cxt);			/* the lists live there too */

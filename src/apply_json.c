@@ -35,6 +35,7 @@
 #include "apply_json.h"
 
 PG_FUNCTION_INFO_V1(cqrs_tombstone_key_hash);
+PG_FUNCTION_INFO_V1(cqrs_key_respelled);
 
 /* The kind of a JSON document's root, for messages */
 const char *
@@ -594,6 +595,60 @@ apply_key_matches(ApplyTarget *t, ApplyKey *key, Jsonb *stored)
 }
 
 /*
+ * A stored key of a table (a tombstone's, or one 0.1.0 remembered a delta
+ * by): the table's primary key columns, described from the table alone (no
+ * version column needed), and the text the key holds for each.  False when
+ * the table, its primary key or a column's text is gone.
+ */
+typedef struct StoredKey
+{
+	int			n;
+	ApplyColumn cols[INDEX_MAX_KEYS];
+	char	   *texts[INDEX_MAX_KEYS];
+} StoredKey;
+
+static bool
+stored_key_read(Oid relid, Jsonb *stored, StoredKey *sk)
+{
+	Relation	rel;
+	Relation	idx;
+	Oid			pkoid;
+	bool		complete = true;
+
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+		return false;
+	rel = relation_open(relid, AccessShareLock);
+	pkoid = RelationGetPrimaryKeyIndex(rel);
+	if (!OidIsValid(pkoid))
+	{
+		relation_close(rel, AccessShareLock);
+		return false;
+	}
+	idx = index_open(pkoid, AccessShareLock);
+	sk->n = idx->rd_index->indnkeyatts;
+	for (int k = 0; k < sk->n && complete; k++)
+	{
+		AttrNumber	attnum = idx->rd_index->indkey.values[k];
+		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), attnum - 1);
+		ApplyColumn *c = &sk->cols[k];
+		Oid			func;
+
+		memset(c, 0, sizeof(*c));
+		c->name = pstrdup(NameStr(att->attname));
+		c->namelen = strlen(c->name);
+		c->basetype = getBaseType(att->atttypid);
+		getTypeInputInfo(c->basetype, &func, &c->ioparam);
+		fmgr_info(func, &c->input);
+		apply_describe_key_column(c, idx, k, CurrentMemoryContext);
+		sk->texts[k] = stored_text(stored, c);
+		complete = (sk->texts[k] != NULL);
+	}
+	index_close(idx, AccessShareLock);
+	relation_close(rel, AccessShareLock);
+	return complete;
+}
+
+/*
  * cqrs_tombstone_key_hash(target regclass, key jsonb) RETURNS integer
  *
  * The hash of a stored key of target, from the table's primary key alone
@@ -604,56 +659,69 @@ apply_key_matches(ApplyTarget *t, ApplyKey *key, Jsonb *stored)
 Datum
 cqrs_tombstone_key_hash(PG_FUNCTION_ARGS)
 {
-	Oid			relid = PG_GETARG_OID(0);
-	Jsonb	   *stored = PG_GETARG_JSONB_P(1);
-	Relation	rel;
-	Relation	idx;
-	Oid			pkoid;
+	StoredKey	sk;
 	uint32		hash = 0;
-	bool		complete = true;
 	int			level;
 
-	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+	if (!stored_key_read(PG_GETARG_OID(0), PG_GETARG_JSONB_P(1), &sk))
 		PG_RETURN_INT32(0);
-	rel = relation_open(relid, AccessShareLock);
-	pkoid = RelationGetPrimaryKeyIndex(rel);
-	if (!OidIsValid(pkoid))
-	{
-		relation_close(rel, AccessShareLock);
-		PG_RETURN_INT32(0);
-	}
-	idx = index_open(pkoid, AccessShareLock);
 	level = fixed_format_begin();
-	for (int k = 0; k < idx->rd_index->indnkeyatts && complete; k++)
+	for (int k = 0; k < sk.n; k++)
 	{
-		AttrNumber	attnum = idx->rd_index->indkey.values[k];
-		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), attnum - 1);
-		ApplyColumn c;
-		Oid			func;
-		char	   *text;
-		Datum		v;
+		ApplyColumn *c = &sk.cols[k];
+		Datum		v = c->key_by_text ? (Datum) 0 :
+			InputFunctionCall(&c->input, sk.texts[k], c->ioparam, -1);
 
-		memset(&c, 0, sizeof(c));
-		c.name = NameStr(att->attname);
-		c.namelen = strlen(c.name);
-		c.basetype = getBaseType(att->atttypid);
-		getTypeInputInfo(c.basetype, &func, &c.ioparam);
-		fmgr_info(func, &c.input);
-		apply_describe_key_column(&c, idx, k, CurrentMemoryContext);
-		text = stored_text(stored, &c);
-		if (text == NULL)
-			complete = false;
-		else
-		{
-			v = c.key_by_text ? (Datum) 0 :
-				InputFunctionCall(&c.input, text, c.ioparam, -1);
-			hash = hash_combine(hash, key_column_hash(&c, v, text));
-		}
+		hash = hash_combine(hash, key_column_hash(c, v, sk.texts[k]));
 	}
 	fixed_format_end(level);
-	index_close(idx, AccessShareLock);
-	relation_close(rel, AccessShareLock);
-	PG_RETURN_INT32(complete ? (int32) hash : 0);
+	PG_RETURN_INT32((int32) hash);
+}
+
+/*
+ * cqrs_key_respelled(target regclass, key jsonb) RETURNS jsonb
+ *
+ * For the update from 0.1.0, which wrote the texts of a key (tombstones,
+ * the memory of deltas) with the writing session's settings (TimeZone,
+ * DateStyle, ...): each text read with this session's settings and written
+ * as 0.2.0 writes it, with fixed ones (apply_key_make()).  Errors when the
+ * key no longer fits the table (the update keeps such a key as it was).
+ */
+Datum
+cqrs_key_respelled(PG_FUNCTION_ARGS)
+{
+	StoredKey	sk;
+	Datum		values[INDEX_MAX_KEYS];
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+	int			level;
+
+	if (!stored_key_read(PG_GETARG_OID(0), PG_GETARG_JSONB_P(1), &sk))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("key does not fit the primary key of relation %u", PG_GETARG_OID(0))));
+	for (int k = 0; k < sk.n; k++)
+		values[k] = InputFunctionCall(&sk.cols[k].input, sk.texts[k], sk.cols[k].ioparam, -1);
+	level = fixed_format_begin();
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	for (int k = 0; k < sk.n; k++)
+	{
+		char	   *text = OutputFunctionCall(&sk.cols[k].output, values[k]);
+		JsonbValue	jk;
+		JsonbValue	jv;
+
+		jk.type = jbvString;
+		jk.val.string.val = sk.cols[k].name;
+		jk.val.string.len = sk.cols[k].namelen;
+		pushJsonbValue(&st, WJB_KEY, &jk);
+		jv.type = jbvString;
+		jv.val.string.val = text;
+		jv.val.string.len = strlen(text);
+		pushJsonbValue(&st, WJB_VALUE, &jv);
+	}
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	fixed_format_end(level);
+	PG_RETURN_JSONB_P(JsonbValueToJsonb(res));
 }
 
 /*

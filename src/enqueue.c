@@ -66,8 +66,18 @@ commit_visible_early(void)
 {
 	if (synchronous_commit == SYNCHRONOUS_COMMIT_OFF)
 		return true;
-	return synchronous_commit == SYNCHRONOUS_COMMIT_LOCAL_FLUSH &&
-		cqrs_sync_standbys_configured();
+	if (!cqrs_sync_standbys_configured())
+		return false;
+	if (synchronous_commit == SYNCHRONOUS_COMMIT_LOCAL_FLUSH)
+		return true;
+
+	/*
+	 * emit_log_hook sees only what goes to the server log: where warnings
+	 * do not (log_min_messages above warning; its log level logs only log
+	 * and fatal and above), a cancelled wait would be counted only after the
+	 * commit is visible, so every commit counts itself before.
+	 */
+	return log_min_messages == LOG || log_min_messages > WARNING;
 }
 
 /*

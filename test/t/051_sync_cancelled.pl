@@ -30,15 +30,21 @@ $node->append_conf('postgresql.conf', "synchronous_standby_names = 'absent'\n");
 $node->reload;
 ok(wait_for($node, 'SHOW synchronous_standby_names', 'absent', 10), 'configuration reloaded');
 
+# A writer enqueues a row of key $key (synchronous_commit = on), waits for
+# the standby, and its wait is cancelled: its commit is visible.
 my $writer = $node->background_psql('postgres', on_error_stop => 0);
-$writer->query_until(qr/started/,
-	"\\echo started\nSELECT cqrs_enqueue('$topic', 'B', '{\"n\": 1}');\n");
-ok(wait_for($node, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'", '1', 30),
-	'the writer waits for the standby');
-$node->safe_psql('postgres',
-	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
-ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE key = 'B'", '1', 30),
-	'cancelled, its commit is visible without the standby');
+my $waiting = "pg_stat_activity WHERE wait_event = 'SyncRep' AND backend_type = 'client backend'";
+sub cancelled_writer
+{
+	my ($key) = @_;
+	$writer->query_until(qr/started/,
+		"\\echo started\nSELECT cqrs_enqueue('$topic', '$key', '{\"n\": 1}');\n");
+	ok(wait_for($node, "SELECT count(*) FROM $waiting", '1', 30), "the writer of $key waits for the standby");
+	$node->safe_psql('postgres', "SELECT pg_cancel_backend(pid) FROM $waiting");
+	ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE key = '$key'", '1', 30),
+		'cancelled, its commit is visible without the standby');
+}
+cancelled_writer('B');
 ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'waiting for standby', 30),
 	'the relay waits for the standby before it produces the row');
 sleep 2;
@@ -59,6 +65,22 @@ ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'B'", 'SENT', 30)
 	'once the standby confirmed its commit the row is sent');
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'C'", 'SENT', 15),
 	'and so is the row committed during the wait, before the next poll (in 60 s)');
+
+# where warnings are not logged, the log hook never sees the cancel: such
+# writers count themselves before they commit (the race this closes, a claim
+# between the commit's visibility and its callback, is not reproduced here)
+$standby->stop;
+$node->append_conf('postgresql.conf', "log_min_messages = error\n");
+$node->reload;
+ok(wait_for($node, 'SHOW log_min_messages', 'error', 10), 'warnings are not logged any more');
+cancelled_writer('D');
+ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'waiting for standby', 30),
+	'and the relay waits for the standby again');
+is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE key = 'D'"), 'PENDING',
+	'the row stays PENDING');
+$standby->start;
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'D'", 'SENT', 30),
+	'and is sent once the standby confirmed its commit');
 $standby->stop;
 $node->append_conf('postgresql.conf', "synchronous_standby_names = ''\n");
 $node->reload;

@@ -165,6 +165,12 @@ $node->safe_psql('spell', q{
 	INSERT INTO cqrs_inbox (consumer, event_id)
 	VALUES ('board-view/delta/' || 'hourly'::regclass::oid, 'e9 {"bucket": "2026-11-30 09:00:00+09"}');
 	INSERT INTO cqrs_tombstone (target, key, version) VALUES ('daily', '{"day": "30/11/2026"}', 5);
+	-- a table whose version column is not the update session's
+	-- cqrs_sync.version_column, and one keyed by jsonb
+	CREATE TABLE daily_rev (day date PRIMARY KEY, title text, rev bigint);
+	INSERT INTO cqrs_tombstone (target, key, version) VALUES ('daily_rev', '{"day": "30/11/2026"}', 5);
+	CREATE TABLE tagged (tag jsonb PRIMARY KEY, title text, version bigint);
+	INSERT INTO cqrs_tombstone (target, key, version) VALUES ('tagged', '{"tag": "{\\"a\\": 1}"}', 5);
 });
 ($rc, $out, $err) = $node->psql('spell',
 	"SET TimeZone = 'Asia/Seoul'; SET DateStyle = 'SQL, DMY'; ALTER EXTENSION cqrs_sync UPDATE");
@@ -175,8 +181,15 @@ is($node->safe_psql('spell',
 is($node->safe_psql('spell', 'SELECT likes FROM hourly'), '1', 'and not counted twice');
 is($node->safe_psql('spell', q{SELECT cqrs_upsert('daily', '{"day": "2026-11-30", "title": "old"}', 4)}),
 	'f', 'a tombstone of a date written day first still stops an older upsert');
+is($node->safe_psql('spell', q{SET cqrs_sync.version_column = 'rev';
+		SELECT cqrs_upsert('daily_rev', '{"day": "2026-11-30", "title": "old"}', 4)}),
+	'f', 'so does one of a table whose version column has another name');
+is($node->safe_psql('spell', q{SELECT key->>'tag' FROM cqrs_tombstone WHERE target = 'tagged'::regclass}),
+	'{"a": 1}', 'a jsonb key keeps its value');
+is($node->safe_psql('spell', q{SELECT cqrs_upsert('tagged', '{"tag": {"a": 1}, "title": "old"}', 4)}),
+	'f', 'and its tombstone still stops an older upsert');
 is($node->safe_psql('spell', 'SELECT count(*) FROM cqrs_tombstone WHERE key_hash = 0'), '0',
-	'and has its key hash');
+	'every tombstone has its key hash');
 
 # ---- a fresh install ------------------------------------------------------------
 $node->safe_psql('postgres', 'CREATE DATABASE fresh');
