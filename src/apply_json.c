@@ -22,6 +22,7 @@
 #include "common/hashfn.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "parser/parse_coerce.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/json.h"
@@ -632,13 +633,20 @@ stored_key_read(Oid relid, Jsonb *stored, StoredKey *sk)
 		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel), attnum - 1);
 		ApplyColumn *c = &sk->cols[k];
 		Oid			func;
+		int32		typmod = att->atttypmod;
 
 		memset(c, 0, sizeof(*c));
 		c->name = pstrdup(NameStr(att->attname));
 		c->namelen = strlen(c->name);
-		c->basetype = getBaseType(att->atttypid);
+		c->basetype = getBaseTypeAndTypmod(att->atttypid, &typmod);
 		getTypeInputInfo(c->basetype, &func, &c->ioparam);
 		fmgr_info(func, &c->input);
+		/* as apply_json_to_datum() fits a key to its column (numeric(6,1)) */
+		c->typmod = typmod;
+		c->typmod_coerce = typmod >= 0 &&
+			find_typmod_coercion_function(c->basetype, &func) == COERCION_PATH_FUNC;
+		if (c->typmod_coerce)
+			fmgr_info(func, &c->coerce);
 		apply_describe_key_column(c, idx, k, CurrentMemoryContext);
 		sk->texts[k] = stored_text(stored, c);
 		complete = (sk->texts[k] != NULL);
@@ -701,7 +709,14 @@ cqrs_key_respelled(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("key does not fit the primary key of relation %u", PG_GETARG_OID(0))));
 	for (int k = 0; k < sk.n; k++)
-		values[k] = InputFunctionCall(&sk.cols[k].input, sk.texts[k], sk.cols[k].ioparam, -1);
+	{
+		ApplyColumn *c = &sk.cols[k];
+
+		values[k] = InputFunctionCall(&c->input, sk.texts[k], c->ioparam, -1);
+		if (c->typmod_coerce)
+			values[k] = FunctionCall3(&c->coerce, values[k], Int32GetDatum(c->typmod),
+									  BoolGetDatum(false));
+	}
 	level = fixed_format_begin();
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	for (int k = 0; k < sk.n; k++)

@@ -170,6 +170,11 @@ $node->safe_psql('spell', q{
 	CREATE TABLE daily_rev (day date PRIMARY KEY, title text, rev bigint);
 	INSERT INTO cqrs_tombstone (target, key, version) VALUES ('daily_rev', '{"day": "30/11/2026"}', 5);
 	CREATE TABLE tagged (tag jsonb PRIMARY KEY, title text, version bigint);
+	-- 0.2.0 fits a key to its column's type modifier (1.04 is 1.0 here)
+	CREATE TABLE ledger (id numeric(6,1) PRIMARY KEY, amount bigint NOT NULL DEFAULT 0, version bigint);
+	INSERT INTO ledger VALUES (1.0, 1, NULL);
+	INSERT INTO cqrs_inbox (consumer, event_id)
+	VALUES ('board-view/delta/' || 'ledger'::regclass::oid, 'e7 {"id": "1.04"}');
 	INSERT INTO cqrs_tombstone (target, key, version) VALUES ('tagged', '{"tag": "{\\"a\\": 1}"}', 5);
 });
 ($rc, $out, $err) = $node->psql('spell',
@@ -188,6 +193,9 @@ is($node->safe_psql('spell', q{SELECT key->>'tag' FROM cqrs_tombstone WHERE targ
 	'{"a": 1}', 'a jsonb key keeps its value');
 is($node->safe_psql('spell', q{SELECT cqrs_upsert('tagged', '{"tag": {"a": 1}, "title": "old"}', 4)}),
 	'f', 'and its tombstone still stops an older upsert');
+is($node->safe_psql('spell',
+		q{SELECT cqrs_apply_delta('ledger', '{"id": 1.04}', '{"amount": 1}', 'board-view', 'e7')}),
+	'f', 'a delta remembered with a key 0.2.0 fits to numeric(6,1) is not applied again');
 is($node->safe_psql('spell', 'SELECT count(*) FROM cqrs_tombstone WHERE key_hash = 0'), '0',
 	'every tombstone has its key hash');
 
