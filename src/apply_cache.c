@@ -26,7 +26,6 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
-#include "parser/parse_coerce.h"
 #include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
@@ -78,6 +77,19 @@ apply_retire_plan(SPIPlanPtr plan)
 	MemoryContextSwitchTo(old);
 }
 
+/* Retire the plans of a list of ColumnSetPlan (the entries stay). */
+static void
+retire_column_set_plans(List *plans)
+{
+	ListCell   *lc;
+
+	foreach(lc, plans)
+	{
+		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan);
+		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan2);
+	}
+}
+
 /*
  * Retire the plans of a list of ColumnSetPlan, and free the list and its
  * entries, unless a call further out may still hold one of them (a trigger
@@ -89,20 +101,17 @@ apply_retire_plan_list(List *plans)
 {
 	ListCell   *lc;
 
+	retire_column_set_plans(plans);
+	if (apply_depth > 1)
+		return;
 	foreach(lc, plans)
 	{
 		ColumnSetPlan *p = lfirst(lc);
 
-		apply_retire_plan(p->plan);
-		apply_retire_plan(p->plan2);
-		if (apply_depth <= 1)
-		{
-			pfree(p->colidx);
-			pfree(p);
-		}
+		pfree(p->colidx);
+		pfree(p);
 	}
-	if (apply_depth <= 1)
-		list_free(plans);
+	list_free(plans);
 }
 
 static void
@@ -142,21 +151,12 @@ flush_graveyard(void)
 static void
 release_target(ApplyTarget *t)
 {
-	ListCell   *lc;
-
 	apply_retire_plan(t->delete_plan);
 	apply_retire_plan(t->exists_plan);
 	apply_retire_plan(t->hidden_plan);
-	foreach(lc, t->upsert_plans)
-	{
-		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan);
-		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan2);
-	}
-	foreach(lc, t->delta_plans)
-	{
-		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan);
-		apply_retire_plan(((ColumnSetPlan *) lfirst(lc))->plan2);
-	}
+	/* the entries go with t->cxt */
+	retire_column_set_plans(t->upsert_plans);
+	retire_column_set_plans(t->delta_plans);
 	t->delete_plan = NULL;
 	t->exists_plan = NULL;
 	t->hidden_plan = NULL;
@@ -408,11 +408,7 @@ build_target(ApplyTarget *t, Oid extnsp, const char *vername)
 		c->pkpos = -1;
 		getTypeInputInfo(c->basetype, &func, &c->ioparam);
 		fmgr_info_cxt(func, &c->input, t->cxt);
-		c->typmod = typmod;
-		c->typmod_coerce = typmod >= 0 &&
-			find_typmod_coercion_function(c->basetype, &func) == COERCION_PATH_FUNC;
-		if (c->typmod_coerce)
-			fmgr_info_cxt(func, &c->coerce, t->cxt);
+		apply_describe_typmod(c, typmod, t->cxt);
 	}
 	qsort(t->cols, t->ncols, sizeof(ApplyColumn), apply_column_cmp);
 

@@ -247,6 +247,31 @@ apply_json_scalar_text(JsonbValue *v)
 static Datum json_to_base_datum(ApplyColumn *c, JsonbValue *v, bool *isnull);
 
 /*
+ * The column's type modifier (-1: none), and the length coercion function
+ * that applies it, if its type has one (numeric, timestamp, varchar...).
+ */
+void
+apply_describe_typmod(ApplyColumn *c, int32 typmod, MemoryContext cxt)
+{
+	Oid			func;
+
+	c->typmod = typmod;
+	c->typmod_coerce = typmod >= 0 &&
+		find_typmod_coercion_function(c->basetype, &func) == COERCION_PATH_FUNC;
+	if (c->typmod_coerce)
+		fmgr_info_cxt(func, &c->coerce, cxt);
+}
+
+/* A value of the column's base type, fitted to its type modifier. */
+static Datum
+fit_to_typmod(ApplyColumn *c, Datum d)
+{
+	if (c->typmod_coerce)
+		d = FunctionCall3(&c->coerce, d, Int32GetDatum(c->typmod), BoolGetDatum(false));
+	return d;
+}
+
+/*
  * A JSON value as a parameter of the column's base type; the statement
  * coerces it to the column's type modifier and checks its domain.  A value
  * of a primary key column is coerced to the type modifier here already: it
@@ -258,8 +283,8 @@ apply_json_to_datum(ApplyColumn *c, JsonbValue *v, bool *isnull)
 {
 	Datum		d = json_to_base_datum(c, v, isnull);
 
-	if (!*isnull && c->pkpos >= 0 && c->typmod_coerce)
-		d = FunctionCall3(&c->coerce, d, Int32GetDatum(c->typmod), BoolGetDatum(false));
+	if (!*isnull && c->pkpos >= 0)
+		d = fit_to_typmod(c, d);
 	return d;
 }
 
@@ -642,11 +667,7 @@ stored_key_read(Oid relid, Jsonb *stored, StoredKey *sk)
 		getTypeInputInfo(c->basetype, &func, &c->ioparam);
 		fmgr_info(func, &c->input);
 		/* as apply_json_to_datum() fits a key to its column (numeric(6,1)) */
-		c->typmod = typmod;
-		c->typmod_coerce = typmod >= 0 &&
-			find_typmod_coercion_function(c->basetype, &func) == COERCION_PATH_FUNC;
-		if (c->typmod_coerce)
-			fmgr_info(func, &c->coerce);
+		apply_describe_typmod(c, typmod, CurrentMemoryContext);
 		apply_describe_key_column(c, idx, k, CurrentMemoryContext);
 		sk->texts[k] = stored_text(stored, c);
 		complete = (sk->texts[k] != NULL);
@@ -712,10 +733,8 @@ cqrs_key_respelled(PG_FUNCTION_ARGS)
 	{
 		ApplyColumn *c = &sk.cols[k];
 
-		values[k] = InputFunctionCall(&c->input, sk.texts[k], c->ioparam, -1);
-		if (c->typmod_coerce)
-			values[k] = FunctionCall3(&c->coerce, values[k], Int32GetDatum(c->typmod),
-									  BoolGetDatum(false));
+		values[k] = fit_to_typmod(c, InputFunctionCall(&c->input, sk.texts[k],
+														c->ioparam, -1));
 	}
 	level = fixed_format_begin();
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);

@@ -53,6 +53,7 @@ typedef struct ApplyKey
 
 extern void apply_describe_key_column(ApplyColumn *c, Relation idx, int k,
 									  MemoryContext cxt);
+extern void apply_describe_typmod(ApplyColumn *c, int32 typmod, MemoryContext cxt);
 extern void apply_key_make(ApplyTarget *t, ApplyKey *key);
 extern bool apply_key_matches(ApplyTarget *t, ApplyKey *key, Jsonb *stored);
 
