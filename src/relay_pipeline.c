@@ -137,7 +137,7 @@ static AttrNumber att_id,
 			att_next;
 
 static void handle_failure(RelayRow *row, bool was_inflight);
-static void size_checks_forget(void);
+static void fact_checks_forget(void);
 static void unpublish(RelayRow **rows, int n);
 static bool batch_too_large(RelayRow *row, const char *what, char **error);
 
@@ -185,7 +185,7 @@ pipeline_reset(void)
 	mark_lowering = false;
 	last_claim_full = false;
 	staged_claim = NULL;
-	size_checks_forget();
+	fact_checks_forget();
 	MemoryContextReset(pipeline_cxt);
 	cqrs_inflight_ids_reset();
 }
@@ -1021,20 +1021,21 @@ fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
 }
 
 /*
- * Rows found larger than their topic's known limit, and when: such a row is
- * charged for its size only on a later attempt, once Kafka answered about the
- * limit after that (an operator may have raised it meanwhile).  Forgotten at
- * a restart: at most one more free attempt per row.
+ * Rows refused for what the relay knows of their topic (larger than its
+ * limit, or without a key for a compacted topic), and when: such a row is
+ * charged only on a later attempt, once Kafka answered about the topic
+ * after that (an operator may have raised the limit or changed the policy
+ * meanwhile).  Forgotten at a restart: at most one more free attempt per row.
  */
-typedef struct SizeCheck
+typedef struct FactCheck
 {
 	int64		id;
 	char		status;
 	TimestampTz asked_at;
-} SizeCheck;
+} FactCheck;
 
-#define SH_PREFIX		sizechecks
-#define SH_ELEMENT_TYPE SizeCheck
+#define SH_PREFIX		factchecks
+#define SH_ELEMENT_TYPE FactCheck
 #define SH_KEY_TYPE		int64
 #define SH_KEY			id
 #define SH_HASH_KEY(tb, key) ((uint32) ((key) ^ ((key) >> 32)))
@@ -1044,31 +1045,31 @@ typedef struct SizeCheck
 #define SH_DEFINE
 #include "lib/simplehash.h"
 
-static sizechecks_hash *size_checks = NULL;
+static factchecks_hash *fact_checks = NULL;
 
 static void
-size_checks_forget(void)
+fact_checks_forget(void)
 {
-	size_checks = NULL;			/* its memory goes with pipeline_cxt */
+	fact_checks = NULL;			/* its memory goes with pipeline_cxt */
 }
 
 /*
- * May the row be charged for exceeding its topic's known limit?  Only when
- * the limit was learned after the row was last found too large; otherwise
- * note it now (the caller asks Kafka again).
+ * May the row be charged for a refusal by what is known of its topic?  Only
+ * when Kafka answered about the topic after the row was last refused;
+ * otherwise note it now (the caller asks Kafka again).
  */
 static bool
-size_checked(RelayRow *row, CqrsTopic *topic)
+refusal_confirmed(RelayRow *row, CqrsTopic *topic)
 {
-	SizeCheck  *sc;
+	FactCheck  *sc;
 	bool		found;
 
-	if (size_checks == NULL)
-		size_checks = sizechecks_create(pipeline_cxt, 64, NULL);
-	sc = sizechecks_insert(size_checks, row->msg.id, &found);
+	if (fact_checks == NULL)
+		fact_checks = factchecks_create(pipeline_cxt, 64, NULL);
+	sc = factchecks_insert(fact_checks, row->msg.id, &found);
 	if (found && !topic->limit_pending && topic->limit_learned_at > sc->asked_at)
 	{
-		sizechecks_delete_item(size_checks, sc);
+		factchecks_delete_item(fact_checks, sc);
 		return true;
 	}
 	sc->asked_at = GetCurrentTimestamp();
@@ -1190,7 +1191,7 @@ pipeline_produce_claimed(void)
 		{
 			dlist_delete(&row->node);
 			n_claimed--;
-			if (size_checked(row, topic))
+			if (refusal_confirmed(row, topic))
 				fail_locally(row, RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
 							 row_text(row, "MSG_SIZE_TOO_LARGE: message of %d bytes exceeds max.message.bytes %d of topic \"%s\"",
 									  size, topic->limit, row->msg.topic));
@@ -1210,9 +1211,18 @@ pipeline_produce_claimed(void)
 		{
 			dlist_delete(&row->node);
 			n_claimed--;
-			fail_locally(row, RD_KAFKA_RESP_ERR_INVALID_RECORD,
-						 row_text(row, "topic \"%s\": " CQRS_KEYLESS_TO_COMPACTED,
-								  row->msg.topic));
+			if (refusal_confirmed(row, topic))
+				fail_locally(row, RD_KAFKA_RESP_ERR_INVALID_RECORD,
+							 row_text(row, "topic \"%s\": " CQRS_KEYLESS_TO_COMPACTED,
+									  row->msg.topic));
+			else
+			{
+				/* the policy may have changed: ask, and try again, free */
+				cqrs_topic_want_limit(relay_producer, topic, true);
+				fail_locally(row, RD_KAFKA_RESP_ERR__RETRY,
+							 row_text(row, "topic \"%s\" was last known compacted and the message has no key; asking Kafka again",
+									  row->msg.topic));
+			}
 			continue;
 		}
 
@@ -1227,6 +1237,9 @@ pipeline_produce_claimed(void)
 			continue;
 		}
 		row->produced_at = now;
+		/* a row refused before that goes now (see refusal_confirmed()) */
+		if (fact_checks != NULL && fact_checks->members > 0)
+			(void) factchecks_delete(fact_checks, row->msg.id);
 		order_produced(row);
 		dlist_push_tail(&inflight, &row->node);
 		n_inflight++;

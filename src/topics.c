@@ -141,8 +141,11 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 
 /*
  * An answer arrived: max.message.bytes, and whether cleanup.policy has
- * compact (-1: Kafka did not say; what was known stays).  Returns the lowest
- * id of the rows that waited for it (PG_INT64_MAX: none).
+ * compact; limit -1 when the request failed (no DescribeConfigs permission,
+ * a timeout, a topic not created yet).  What was known before is then not
+ * known any more: an operator may have changed it since, and a row refused
+ * for it is not charged (relay_pipeline.c) but goes to Kafka, which decides.
+ * Returns the lowest id of the rows that waited for it (PG_INT64_MAX: none).
  */
 int64
 cqrs_topic_learn_limit(const char *name, int limit, int compacted)
@@ -151,11 +154,18 @@ cqrs_topic_learn_limit(const char *name, int limit, int compacted)
 	int64		resume = PG_INT64_MAX;
 
 	topic->limit_pending = false;
-	topic->limit_learned_at = GetCurrentTimestamp();
 	if (limit > 0)
+	{
+		topic->limit_learned_at = GetCurrentTimestamp();
 		topic->limit = limit;
-	if (compacted >= 0)
-		topic->compacted = compacted;
+		if (compacted >= 0)
+			topic->compacted = compacted;
+	}
+	else
+	{
+		topic->limit = -1;
+		topic->compacted = -1;
+	}
 	if (topic->limit_wait_until != 0)
 	{
 		topic->limit_wait_until = 0;

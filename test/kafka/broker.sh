@@ -27,6 +27,13 @@
 #   KAFKA_MESSAGE_MAX_BYTES  broker message.max.bytes (default: Kafka's own)
 #   KAFKA_AUTO_CREATE        auto.create.topics.enable (default true)
 #   KAFKA_HEAP               JVM heap (default 512m)
+#   KAFKA_SASL_PORT          a combined node only: also a SASL_PLAINTEXT
+#                            listener on this port, mechanism PLAIN, one user
+#                            "relay" with password KAFKA_SASL_PASSWORD, and
+#                            Kafka's StandardAuthorizer: "relay" may do only
+#                            what ACLs allow (topic.sh acl), while the
+#                            PLAINTEXT listener (User:ANONYMOUS, a super
+#                            user) stays open to the test tools
 #   CQRS_KAFKA_CACHE         jar cache (default ${XDG_CACHE_HOME:-~/.cache}
 #                            /cqrs_sync/kafka-3.9.1; as root
 #                            /var/cache/cqrs_sync/kafka-3.9.1 so that tests
@@ -144,6 +151,25 @@ process.roles=broker
 node.id=$NODE_ID
 controller.quorum.voters=$VOTERS
 listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+EOF
+    elif [ -n "${KAFKA_SASL_PORT:-}" ]; then
+        [ -n "${KAFKA_SASL_PASSWORD:-}" ] || cqrs_die "KAFKA_SASL_PORT needs KAFKA_SASL_PASSWORD"
+        if port_in_use "$KAFKA_SASL_PORT"; then
+            cqrs_die "port $KAFKA_SASL_PORT on 127.0.0.1 is in use by another process"
+        fi
+        cat >"$STATE/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_relay="$KAFKA_SASL_PASSWORD";
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:ANONYMOUS
 EOF
     else
         cat >"$STATE/server.properties" <<EOF
@@ -151,13 +177,13 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
 listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 EOF
     fi
     cat >>"$STATE/server.properties" <<EOF
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 log.dirs=$STATE/data
 auto.create.topics.enable=${KAFKA_AUTO_CREATE:-true}
 num.partitions=4

@@ -9,6 +9,10 @@
 #   topic.sh delete NAME
 #   topic.sh delete-records NAME PARTITION OFFSET   (the log then starts at OFFSET)
 #   topic.sh list
+#   topic.sh acl add|remove PRINCIPAL OPERATION[,OPERATION...] NAME
+#                 (an ACL allowing PRINCIPAL, e.g. User:relay, the operations
+#                 on topic NAME, or on the cluster when NAME is "cluster";
+#                 for a broker started with KAFKA_SASL_PORT)
 #
 # The broker is KAFKA_BROKERS if set, else 127.0.0.1:$KAFKA_PORT (default 19092).
 # Example: topic.sh create orders 4 max.message.bytes=200000
@@ -102,8 +106,23 @@ case "$cmd" in
     list)
         tool --list
         ;;
+    acl)
+        [ $# -eq 4 ] && [[ $1 =~ ^(add|remove)$ ]] ||
+            cqrs_die "usage: $0 acl add|remove PRINCIPAL OPERATION[,OPERATION...] NAME"
+        action="$1" principal="$2" name="$4"
+        ops=()
+        IFS=, read -ra opnames <<<"$3"
+        for o in "${opnames[@]}"; do ops+=(--operation "$o"); done
+        if [ "$name" = cluster ]; then what=(--cluster); else what=(--topic "$name"); fi
+        extra=()
+        [ "$action" = remove ] && extra=(--force)
+        java -Xmx256m -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+            -Dlog4j.configuration="file:$HERE/tools-log4j.properties" \
+            -cp "$LIB/*" kafka.admin.AclCommand --bootstrap-server "$BOOTSTRAP" \
+            "--$action" --allow-principal "$principal" "${ops[@]}" "${what[@]}" "${extra[@]}"
+        ;;
     *)
-        echo "usage: $0 create NAME PARTITIONS [config=value ...] | create-assigned NAME ASSIGNMENT [config=value ...] | alter-config NAME config=value ... | describe NAME | delete NAME | delete-records NAME PARTITION OFFSET | list" >&2
+        echo "usage: $0 create NAME PARTITIONS [config=value ...] | create-assigned NAME ASSIGNMENT [config=value ...] | alter-config NAME config=value ... | describe NAME | delete NAME | delete-records NAME PARTITION OFFSET | list | acl add|remove PRINCIPAL OPERATIONS NAME" >&2
         exit 2
         ;;
 esac

@@ -13,7 +13,6 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use CqrsTest;
-use IPC::Run ();
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
@@ -64,9 +63,7 @@ my $locker = $node->background_psql('postgres');
 $locker->query_safe('BEGIN');
 $locker->query_safe('LOCK TABLE cqrs_outbox IN ACCESS EXCLUSIVE MODE');
 my $t0 = time;
-my ($out, $err) = ('', '');
-IPC::Run::run([ 'bash', "$ENV{CQRS_REPO}/test/kafka/topic.sh", 'alter-config', $topic, 'max.message.bytes=1000000' ],
-	'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(120)) or die "alter-config: $out$err";
+alter_topic_config($topic, 'max.message.bytes=1000000');
 my $left = 14 - (time - $t0);
 usleep(int($left * 1e6)) if $left > 0;
 $locker->query_safe('COMMIT');

@@ -162,9 +162,7 @@ is( $node->safe_psql('postgres',
 	'2', 'each with its error');
 
 # remove the cause, then retry as an operator
-my ($o, $e) = ('', '');
-IPC::Run::run([ 'bash', "$ENV{CQRS_REPO}/test/kafka/topic.sh", 'alter-config', $t2, 'max.message.bytes=1000000' ],
-	'<', \undef, '>', \$o, '2>', \$e, IPC::Run::timeout(120)) or die "alter-config: $o$e";
+alter_topic_config($t2, 'max.message.bytes=1000000');
 is($node->safe_psql('postgres', "SET ROLE ops; SELECT cqrs_retry($bad)"), 't', 'cqrs_retry as an operator');
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $bad", 'SENT', 30),
 	'once the cause is removed the retried row is sent');

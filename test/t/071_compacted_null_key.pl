@@ -7,6 +7,12 @@
 # relay reads each topic's cleanup.policy with its max.message.bytes and
 # fails such a row itself, before it can spoil a batch.
 #
+# What the relay knows of a topic can be stale: an operator who changes the
+# policy to delete makes keyless events valid.  The relay's first refusal of
+# such a row is free and asks Kafka again; only a refusal after an answer
+# that still says compact is charged.  (Before, the stale policy was trusted
+# for up to 10 minutes, and the event was dead-lettered.)
+#
 # Against the real broker.
 use strict;
 use warnings;
@@ -51,6 +57,15 @@ my @got = kafka_consume($topic, 10, 30);
 is(scalar(@got), 10, 'Kafka holds the ten keyed events');
 is(join(',', sort { $a <=> $b } map { $_->{key} =~ s/^k//r } @got), join(',', 1 .. 10),
 	'each once');
+
+# ---- the policy changed: a keyless event is valid now ------------------------------
+alter_topic_config($topic, 'cleanup.policy=delete');
+my $id = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', NULL, '{\"n\": \"nokey-after\"}')");
+ok( wait_for($node,
+		"SELECT status <> 'PENDING' FROM cqrs_outbox WHERE id = $id", 't', 60),
+	'a keyless event after the policy changed to delete reaches a final status');
+is( $node->safe_psql('postgres', "SELECT status || ' ' || retry_count FROM cqrs_outbox WHERE id = $id"),
+	'SENT 0', 'it is SENT, no retry budget spent: the stale policy was asked again');
 
 $node->stop;
 done_testing();

@@ -13,7 +13,6 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use CqrsTest;
-use IPC::Run ();
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -56,9 +55,7 @@ my $id = $node->safe_psql('postgres',
 ok( wait_for($node,
 		"SELECT status IN ('DEAD_LETTERED', 'DLT_FAILED') FROM cqrs_outbox WHERE id = $id", 't', 60),
 	'a message larger than the topic allows fails for its own size');
-my ($out, $err) = ('', '');
-IPC::Run::run([ 'bash', "$ENV{CQRS_REPO}/test/kafka/topic.sh", 'alter-config', $big, 'max.message.bytes=1000000' ],
-	'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(120)) or die "alter-config: $out$err";
+alter_topic_config($big, 'max.message.bytes=1000000');
 $node->safe_psql('postgres', "SELECT cqrs_retry($id)");
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $id", 'SENT', 60),
 	'after the operator raised the limit, cqrs_retry() sends it');

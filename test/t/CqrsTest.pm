@@ -41,7 +41,8 @@ use Test::More;
 use Time::HiRes qw(time usleep);
 
 our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
-  wait_for create_topic create_topic_assigned kafka_broker_start
+  wait_for create_topic create_topic_assigned alter_topic_config kafka_acl
+  kafka_broker_start
   kafka_cluster_start kafka_partition_leaders mock_cluster_start
   first_row_sent dead_letter_one
   order_schedule_module
@@ -222,6 +223,38 @@ sub create_topic_assigned
 	my ($name, $assignment, @configs) = @_;
 	return _create_topic('create-assigned', $name, $assignment, "replicas $assignment",
 		@configs);
+}
+
+=pod
+
+=item alter_topic_config($name, @configs)
+
+Changes configs ('max.message.bytes=1000000', ...) of topic $name on
+$ENV{KAFKA_BROKERS} (test/kafka/topic.sh alter-config).  Dies on failure.
+
+=item kafka_acl($action, $principal, $operations, $name)
+
+Adds ($action 'add') or removes ('remove') an ACL allowing $principal
+('User:relay') the $operations ('Write,Describe') on topic $name, or on the
+cluster when $name is 'cluster', through $ENV{KAFKA_BROKERS} (test/kafka/topic.sh
+acl; for a broker started with KAFKA_SASL_PORT).  Dies on failure.
+
+=cut
+
+sub alter_topic_config
+{
+	my ($name, @configs) = @_;
+	_kafka_script({}, 'topic.sh', 'alter-config', $name, @configs);
+	note("altered topic $name: @configs");
+	return;
+}
+
+sub kafka_acl
+{
+	my ($action, $principal, $operations, $name) = @_;
+	_kafka_script({}, 'topic.sh', 'acl', $action, $principal, $operations, $name);
+	note("ACL $action: $principal $operations on $name");
+	return;
 }
 
 # topic.sh $cmd $name $placement @configs, noted as $what
