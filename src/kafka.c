@@ -779,8 +779,10 @@ cqrs_kafka_config_changed(void)
 /* ---- producing -------------------------------------------------------------- */
 
 /*
- * Hand one message to the producer.  The message's memory must live until
- * its delivery report (no copy is made).
+ * Hand one message to the producer.  librdkafka copies the key, the value
+ * and the headers (RD_KAFKA_MSG_F_COPY: the copy goes in the same allocation
+ * as its own message, so it costs a memcpy); msg itself, the delivery
+ * report's opaque, must live until its delivery report.
  */
 rd_kafka_resp_err_t
 cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
@@ -814,7 +816,7 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 								RD_KAFKA_V_KEY(msg->key, msg->key ? msg->keylen : 0),
 								RD_KAFKA_V_VALUE((void *) msg->value, msg->valuelen),
 								RD_KAFKA_V_HEADERS(hdrs),
-								RD_KAFKA_V_MSGFLAGS(0),
+								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 								RD_KAFKA_V_OPAQUE(msg),
 								RD_KAFKA_V_END);
 	else
@@ -824,7 +826,7 @@ cqrs_kafka_produce(rd_kafka_t *rk, CqrsMessage *msg)
 								RD_KAFKA_V_KEY(msg->key, msg->key ? msg->keylen : 0),
 								RD_KAFKA_V_VALUE((void *) msg->value, msg->valuelen),
 								RD_KAFKA_V_HEADERS(hdrs),
-								RD_KAFKA_V_MSGFLAGS(0),
+								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 								RD_KAFKA_V_OPAQUE(msg),
 								RD_KAFKA_V_END);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -1032,6 +1034,7 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 		const char *asked = rd_kafka_event_opaque(ev);
 		int			limit = -1;
 		int			compacted = -1;
+		bool		ok = false;
 
 		if (result)
 			resources = rd_kafka_DescribeConfigs_result_resources(result, &nres);
@@ -1044,6 +1047,7 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 				const rd_kafka_ConfigEntry_t **entries;
 				size_t		nentries = 0;
 
+				ok = true;
 				entries = rd_kafka_ConfigResource_configs(resources[r], &nentries);
 				for (size_t i = 0; i < nentries; i++)
 				{
@@ -1060,7 +1064,7 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 			}
 		}
 		if (asked)
-			hook(asked, limit, compacted);
+			hook(asked, ok, limit, compacted);
 		rd_kafka_event_destroy(ev);
 	}
 }

@@ -110,7 +110,8 @@ extern int	cqrs_kafka_offsets_for_time(char **topics, int ntopics, int64 at_ms,
 										char *errbuf, size_t errlen);
 
 /* topic limits (max.message.bytes), asked asynchronously */
-typedef void (*CqrsLimitHook) (const char *topic, int limit, int compacted);
+/* ok: Kafka answered (limit and compacted -1 where it did not say) */
+typedef void (*CqrsLimitHook) (const char *topic, bool ok, int limit, int compacted);
 extern void cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic);
 extern void cqrs_kafka_collect_limits(CqrsLimitHook hook);
 

@@ -112,7 +112,7 @@ extern bool pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 extern bool pipeline_broker_waiting(TimestampTz now);
 extern dlist_head *pipeline_done_rows(void);
 extern void pipeline_recorded(void);
-extern void pipeline_learn_limit(const char *topic, int limit, int compacted);
+extern void pipeline_learn_limit(const char *topic, bool ok, int limit, int compacted);
 extern bool pipeline_needs_mark(void);
 extern void pipeline_read_mark(void);
 extern void pipeline_write_mark(TimestampTz now);

@@ -482,17 +482,95 @@ new_claim(void)
 	return claim;
 }
 
+/* One row fewer keeps the claim's memory: the last one lets it go. */
 static void
-release_claim_row(RelayRow *row)
+claim_unref(RelayClaim *claim)
 {
-	RelayClaim *claim = row->claim;
-
 	if (--claim->nopen == 0)
 	{
 		n_pinned -= claim->nrows;
 		MemoryContextDelete(claim->cxt);
 		pfree(claim);
 	}
+}
+
+static void
+release_claim_row(RelayRow *row)
+{
+	claim_unref(row->claim);
+	pfree(row);
+}
+
+static char *
+copy_bytes(const char *p, int len)
+{
+	char	   *c = palloc(len + 1);
+
+	memcpy(c, p, len);
+	c[len] = '\0';
+	return c;
+}
+
+#define COPY_STR(s) ((s) ? pstrdup(s) : NULL)
+
+/*
+ * A row waiting on a stalled partition keeps all of its claim's memory: the
+ * rows claimed together share one context, let go only when the last of
+ * them is recorded, and the partition may be sick for hours.  With a few
+ * such rows in every claim (a topic of many partitions, at a high rate,
+ * before the stall is found), the claims kept reach the bound of
+ * pipeline_room(), and then claims stop for every topic until the partition
+ * recovers.  The row gets memory of its own instead, so that its claim goes
+ * once its other rows are recorded.  Nothing else points into the claim's
+ * memory: librdkafka has its own copy of the message (cqrs_kafka_produce()),
+ * and the delivery report finds the row by its address, which does not
+ * change (rows live outside their claim's memory).
+ */
+static void
+detach_row(RelayRow *row)
+{
+	RelayClaim *own = MemoryContextAllocZero(pipeline_cxt, sizeof(RelayClaim));
+	CqrsMessage *m = &row->msg;
+	MemoryContext old;
+	bool		same = (row->topic == m->topic);
+	const char **names;
+	const char **values;
+
+	own->cxt = AllocSetContextCreate(pipeline_cxt, "cqrs_sync relay row",
+									 ALLOCSET_SMALL_SIZES);
+	own->discard_seq = row->claim->discard_seq;
+	own->nopen = own->nrows = 1;
+	n_pinned++;
+	old = MemoryContextSwitchTo(own->cxt);
+	row->topic = pstrdup(row->topic);
+	m->topic = same ? row->topic : pstrdup(m->topic);
+	if (m->key)
+		m->key = copy_bytes(m->key, m->keylen);
+	if (m->value)
+		m->value = copy_bytes(m->value, m->valuelen);
+	m->event_id = COPY_STR(m->event_id);
+	if (m->nheaders > 0)
+	{
+		names = palloc(sizeof(char *) * m->nheaders);
+		values = palloc(sizeof(char *) * m->nheaders);
+		for (int h = 0; h < m->nheaders; h++)
+		{
+			names[h] = pstrdup(m->header_names[h]);
+			values[h] = m->header_values[h] == NULL ? NULL :
+				m->header_sizes ? copy_bytes(m->header_values[h], m->header_sizes[h]) :
+				pstrdup(m->header_values[h]);
+		}
+		m->header_names = names;
+		m->header_values = values;
+		if (m->header_sizes)
+			m->header_sizes = (const int *) copy_bytes((const char *) m->header_sizes,
+													   sizeof(int) * m->nheaders);
+	}
+	row->error = COPY_STR(row->error);
+	row->dlt_error = COPY_STR(row->dlt_error);
+	MemoryContextSwitchTo(old);
+	claim_unref(row->claim);
+	row->claim = own;
 }
 
 /* Is the row's partition stalled?  (Keyed rows of topics whose count is known.) */
@@ -747,7 +825,8 @@ pipeline_claim(int limit, TimestampTz now)
 			continue;
 		}
 
-		row = palloc(sizeof(RelayRow));
+		/* (outside the claim's memory: see detach_row()) */
+		row = MemoryContextAlloc(pipeline_cxt, sizeof(RelayRow));
 		*row = probe;
 		pg_atomic_init_u32(&row->msg.partition, 0);
 		row->claim = staged_claim;
@@ -857,7 +936,8 @@ pipeline_claim_abort(void)
 		pfree(staged_claim);
 		staged_claim = NULL;
 	}
-	dlist_init(&staged);
+	while (!dlist_is_empty(&staged))
+		pfree(dlist_container(RelayRow, node, dlist_pop_head_node(&staged)));
 	n_staged = 0;
 	order_revisit(staged_from + 1);
 	last_claim_full = false;
@@ -1047,6 +1127,8 @@ typedef struct FactCheck
 
 static factchecks_hash *fact_checks = NULL;
 
+#define FACT_CHECKS_MAX		65536
+
 static void
 fact_checks_forget(void)
 {
@@ -1055,8 +1137,10 @@ fact_checks_forget(void)
 
 /*
  * May the row be charged for a refusal by what is known of its topic?  Only
- * when Kafka answered about the topic after the row was last refused;
- * otherwise note it now (the caller asks Kafka again).
+ * when Kafka answered (or failed to answer) a question about the topic asked
+ * after the row was first refused; otherwise note the refusal (the caller
+ * asks Kafka again).  A confirmed refusal is charged and forgotten: the next
+ * one is free again.
  */
 static bool
 refusal_confirmed(RelayRow *row, CqrsTopic *topic)
@@ -1066,13 +1150,20 @@ refusal_confirmed(RelayRow *row, CqrsTopic *topic)
 
 	if (fact_checks == NULL)
 		fact_checks = factchecks_create(pipeline_cxt, 64, NULL);
+	/* rows dropped by an operator leave theirs: a bound, at most a free try more */
+	if (fact_checks->members >= FACT_CHECKS_MAX)
+		factchecks_reset(fact_checks);
 	sc = factchecks_insert(fact_checks, row->msg.id, &found);
-	if (found && !topic->limit_pending && topic->limit_learned_at > sc->asked_at)
+	if (!found)
+	{
+		sc->asked_at = GetCurrentTimestamp();
+		return false;
+	}
+	if (topic->answer_asked_at >= sc->asked_at)
 	{
 		factchecks_delete_item(fact_checks, sc);
 		return true;
 	}
-	sc->asked_at = GetCurrentTimestamp();
 	return false;
 }
 
@@ -1724,7 +1815,11 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 		}
 		row->stalled_counted = part->stalled;
 		if (part->stalled)
+		{
 			n_stalled_inflight++;
+			if (row->claim->nrows > 1)
+				detach_row(row);
+		}
 	}
 	cqrs_topics_visit(end_empty_stalls, &changed);
 	return changed;
@@ -1762,9 +1857,9 @@ pipeline_broker_waiting(TimestampTz now)
 
 /* An answer about a topic's limit (a hook of cqrs_kafka_collect_limits). */
 void
-pipeline_learn_limit(const char *topic, int limit, int compacted)
+pipeline_learn_limit(const char *topic, bool ok, int limit, int compacted)
 {
-	int64		resume = cqrs_topic_learn_limit(topic, limit, compacted);
+	int64		resume = cqrs_topic_learn_limit(topic, ok, limit, compacted);
 
 	if (resume != PG_INT64_MAX)
 		order_revisit(resume);

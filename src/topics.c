@@ -140,32 +140,28 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 }
 
 /*
- * An answer arrived: max.message.bytes, and whether cleanup.policy has
- * compact; limit -1 when the request failed (no DescribeConfigs permission,
- * a timeout, a topic not created yet).  What was known before is then not
- * known any more: an operator may have changed it since, and a row refused
- * for it is not charged (relay_pipeline.c) but goes to Kafka, which decides.
+ * An answer arrived (ok), with max.message.bytes and whether cleanup.policy
+ * has compact (-1: Kafka did not say), or the question failed (no
+ * DescribeConfigs permission, a timeout, a topic not created yet).
+ *
+ * A failed question forgets the limit: an operator may have raised it since,
+ * and a row larger than the old one goes to Kafka, which decides (a row too
+ * large is then refused alone: the batch.size is at or below the old limit).
+ * It keeps the compaction: a row without a key sent to a compacted topic
+ * would make Kafka refuse its whole batch, every row of it charged.
  * Returns the lowest id of the rows that waited for it (PG_INT64_MAX: none).
  */
 int64
-cqrs_topic_learn_limit(const char *name, int limit, int compacted)
+cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted)
 {
 	CqrsTopic  *topic = cqrs_topic(name);
 	int64		resume = PG_INT64_MAX;
 
 	topic->limit_pending = false;
-	if (limit > 0)
-	{
-		topic->limit_learned_at = GetCurrentTimestamp();
-		topic->limit = limit;
-		if (compacted >= 0)
-			topic->compacted = compacted;
-	}
-	else
-	{
-		topic->limit = -1;
-		topic->compacted = -1;
-	}
+	topic->answer_asked_at = topic->limit_asked_at;
+	topic->limit = (ok && limit > 0) ? limit : -1;
+	if (ok && compacted >= 0)
+		topic->compacted = compacted;
 	if (topic->limit_wait_until != 0)
 	{
 		topic->limit_wait_until = 0;
@@ -234,7 +230,7 @@ forget_limit(CqrsTopic *topic, void *arg)
 	topic->limit = -1;
 	topic->compacted = -1;
 	topic->limit_asked_at = 0;
-	topic->limit_learned_at = 0;
+	topic->answer_asked_at = 0;
 	topic->limit_pending = false;
 }
 

@@ -38,7 +38,8 @@ typedef struct CqrsTopic
 	/* cleanup.policy has compact (it refuses null keys): -1 when unknown */
 	int			compacted;
 	TimestampTz limit_asked_at;
-	TimestampTz limit_learned_at;	/* when the last answer came */
+	TimestampTz answer_asked_at;	/* when the question last answered was
+									 * asked (whether it failed or not) */
 	bool		limit_pending;	/* a DescribeConfigs is under way */
 
 	/* rows wait for the first answer about the limit, until then at most */
@@ -66,7 +67,7 @@ extern void cqrs_topics_forget_producer(void);
 
 /* limits */
 extern void cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now);
-extern int64 cqrs_topic_learn_limit(const char *name, int limit, int compacted);
+extern int64 cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted);
 extern int	cqrs_topics_min_limit(void);
 extern void cqrs_topics_forget_limits(void);
 

@@ -146,6 +146,7 @@ start() {
     rm -rf "$STATE"
     mkdir -p "$STATE/data"
     if [ -n "$JOIN" ]; then
+        [ -z "${KAFKA_SASL_PORT:-}" ] || cqrs_die "KAFKA_SASL_PORT is for a combined node only, not with KAFKA_JOIN"
         cat >"$STATE/server.properties" <<EOF
 process.roles=broker
 node.id=$NODE_ID
@@ -155,7 +156,11 @@ advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 EOF
     elif [ -n "${KAFKA_SASL_PORT:-}" ]; then
-        [ -n "${KAFKA_SASL_PASSWORD:-}" ] || cqrs_die "KAFKA_SASL_PORT needs KAFKA_SASL_PASSWORD"
+        # (it goes into a JAAS line as it is)
+        [[ ${KAFKA_SASL_PASSWORD:-} =~ ^[A-Za-z0-9._-]+$ ]] ||
+            cqrs_die "KAFKA_SASL_PORT needs KAFKA_SASL_PASSWORD, of letters, digits, '.', '_' and '-'"
+        [[ $KAFKA_SASL_PORT != "$KAFKA_PORT" && $KAFKA_SASL_PORT != "$CONTROLLER_PORT" ]] ||
+            cqrs_die "KAFKA_SASL_PORT must differ from the broker's and the controller's port"
         if port_in_use "$KAFKA_SASL_PORT"; then
             cqrs_die "port $KAFKA_SASL_PORT on 127.0.0.1 is in use by another process"
         fi

@@ -63,8 +63,20 @@ like( $node->safe_psql('postgres', "SELECT status || ': ' || last_error FROM cqr
 	qr/^(DEAD_LETTERED|DLT_FAILED): .*exceeds max\.message\.bytes 200000/,
 	'it is dead-lettered for the limit Kafka told (200000)');
 
-# the relay may not ask any more; an operator raises the limit
+# the relay may not ask any more: a message larger than the old limit is
+# refused once, free, the question fails, and it goes to Kafka, which refuses
+# it (the limit is still 200000): it fails for Kafka's verdict, not for the
+# limit last known
 kafka_acl('remove', 'User:relay', 'DescribeConfigs', $topic);
+my $id1b = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'big1b', $big)");
+ok(wait_for($node, "SELECT status <> 'PENDING' FROM cqrs_outbox WHERE id = $id1b", 't', 60),
+	'without DescribeConfigs, a message larger than the old limit reaches a final status');
+my $err1b = $node->safe_psql('postgres', "SELECT status || ': ' || last_error FROM cqrs_outbox WHERE id = $id1b");
+like($err1b, qr/^(DEAD_LETTERED|DLT_FAILED): .*(too large|TOO_LARGE)/i, 'it failed for its size');
+unlike($err1b, qr/exceeds (the )?max\.message\.bytes 200000/,
+	'as Kafka refused it, not for the limit the failed question could not confirm');
+
+# an operator raises the limit
 alter_topic_config($topic, 'max.message.bytes=1000000');
 
 my $id2 = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'big2', $big)");

@@ -59,6 +59,16 @@ $node->safe_psql('postgres', "SELECT cqrs_enqueue('$kl', NULL, '{}')");
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$kl' AND status = 'SENT'", '1', 60),
 	'warm-up row sent to the topic for rows without a key');
 
+# a topic of 32 partitions, the last one on broker 2 only, and which of its
+# 3,200 keys go to that one
+my $many = create_topic_assigned(unique_topic('many'), join(',', ('1') x 31, '2'));
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$many', 'm' || g, jsonb_build_object('seq', 0))) FROM generate_series(0, 3199) g");
+ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$many' AND status = 'SENT'", '3200', 60),
+	'warm-up rows sent to the topic of 32 partitions');
+my @sick_keys = map { $_->{key} } grep { $_->{partition} == 31 } kafka_consume($many, 3200, 60, json => 0);
+ok(@sick_keys > 20, scalar(@sick_keys) . ' of its keys on partition 31');
+
 my $listener = $node->background_psql('postgres');
 $listener->query_safe('LISTEN cqrs_sync_alert');
 
@@ -155,12 +165,37 @@ ok( wait_for($node,
 		$p0_rows + 3 * @p0, 30),
 	'and the keys of the healthy partition of the other topic still flow');
 
+# keyed rows of the topic of 32 partitions, at full speed: until its
+# partition 31 is found stalled (5 s), each claim sends a 32nd of its rows
+# there, where they wait, and before, each such row kept its whole claim's
+# memory.  Once 131,072 rows were kept so, claims stopped for every topic
+# until the partition was back.  Found stalled, such a row gets memory of
+# its own, and its claim goes when its other rows are recorded.
+my $flood_many = 200_000;
+my $sick_list = $in->(@sick_keys);
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$many', 'm' || (g % 3200), jsonb_build_object('seq', g))) FROM generate_series(1, $flood_many) g"
+);
+my $sick_rows = $node->safe_psql('postgres',
+	"SELECT count(*) FROM cqrs_outbox WHERE topic = '$many' AND (payload->>'seq')::int > 0 AND key IN ($sick_list)");
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$many' AND (payload->>'seq')::int > 0 AND key NOT IN ($sick_list) AND status = 'SENT'",
+		$flood_many - $sick_rows, 300),
+	"the rows of the 31 healthy partitions' keys of $flood_many are all sent while partition 31 stalls")
+  or diag($node->safe_psql('postgres', 'SELECT row_to_json(s) FROM cqrs_stats_relay s'));
+$node->safe_psql('postgres',
+	"SELECT count(cqrs_enqueue('$topic', k, jsonb_build_object('seq', 14))) FROM unnest(ARRAY[$p0_list]) k");
+ok( wait_for($node,
+		"SELECT count(*) FROM cqrs_outbox WHERE key IN ($p0_list) AND status = 'SENT'",
+		$p0_rows + 4 * @p0, 30),
+	'and the keys of the healthy partition of the first topic still flow');
+
 $b2->thaw;
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status <> 'SENT'", '0', 120),
 	'after the thaw everything is sent');
 ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'running', 30), 'the relay runs normally again');
 
-my @msgs = kafka_consume($topic, 40 + 400 + 3 * @p0, 60);
+my @msgs = kafka_consume($topic, 40 + 400 + 4 * @p0, 60);
 my (%seen, %last, $disorder);
 for my $m (@msgs)
 {
@@ -170,7 +205,7 @@ for my $m (@msgs)
 	$disorder++ if defined $last{ $m->{key} } && $seq < $last{ $m->{key} };
 	$last{ $m->{key} } = $seq;
 }
-is(scalar(keys %seen), 40 + 400 + 3 * @p0, 'every event is in Kafka');
+is(scalar(keys %seen), 40 + 400 + 4 * @p0, 'every event is in Kafka');
 is($disorder // 0, 0, 'per key in order');
 
 $node->stop;
