@@ -540,7 +540,6 @@ detach_row(RelayRow *row)
 									 ALLOCSET_SMALL_SIZES);
 	own->discard_seq = row->claim->discard_seq;
 	own->nopen = own->nrows = 1;
-	n_pinned++;
 	old = MemoryContextSwitchTo(own->cxt);
 	row->topic = pstrdup(row->topic);
 	m->topic = same ? row->topic : pstrdup(m->topic);
@@ -569,6 +568,7 @@ detach_row(RelayRow *row)
 	row->error = COPY_STR(row->error);
 	row->dlt_error = COPY_STR(row->dlt_error);
 	MemoryContextSwitchTo(old);
+	n_pinned++;
 	claim_unref(row->claim);
 	row->claim = own;
 }
@@ -830,6 +830,10 @@ pipeline_claim(int limit, TimestampTz now)
 		*row = probe;
 		pg_atomic_init_u32(&row->msg.partition, 0);
 		row->claim = staged_claim;
+		/* staged at once: an error below lets it go with the claim's abort */
+		staged_claim->nopen++;
+		dlist_push_tail(&staged, &row->node);
+		n_staged++;
 		row->topic = row->msg.topic;
 		row->msg.event_id = cqrs_uuid_text(DatumGetUUIDP(slot_getattr(slot, att_event_id, &isnull)));
 		row->msg.value = cqrs_jsonb_text(DatumGetJsonbP(slot_getattr(slot, att_payload, &isnull)),
@@ -838,10 +842,6 @@ pipeline_claim(int limit, TimestampTz now)
 		if (!isnull)
 			copy_headers(&row->msg, d);
 		row->retry_count = DatumGetInt32(slot_getattr(slot, att_retry, &isnull));
-
-		staged_claim->nopen++;
-		dlist_push_tail(&staged, &row->node);
-		n_staged++;
 	}
 	MemoryContextSwitchTo(old);
 	/* the commits that made them visible must be durable before they go */
@@ -1137,10 +1137,11 @@ fact_checks_forget(void)
 
 /*
  * May the row be charged for a refusal by what is known of its topic?  Only
- * when Kafka answered (or failed to answer) a question about the topic asked
- * after the row was first refused; otherwise note the refusal (the caller
- * asks Kafka again).  A confirmed refusal is charged and forgotten: the next
- * one is free again.
+ * when Kafka answered a question about the topic asked after the row was
+ * first refused; otherwise note the refusal (the caller asks Kafka again).
+ * A confirmed refusal is charged and forgotten: the next one is free again.
+ * Past FACT_CHECKS_MAX rows noted (rows an operator dropped leave theirs), a
+ * new one is charged at once.
  */
 static bool
 refusal_confirmed(RelayRow *row, CqrsTopic *topic)
@@ -1150,9 +1151,9 @@ refusal_confirmed(RelayRow *row, CqrsTopic *topic)
 
 	if (fact_checks == NULL)
 		fact_checks = factchecks_create(pipeline_cxt, 64, NULL);
-	/* rows dropped by an operator leave theirs: a bound, at most a free try more */
-	if (fact_checks->members >= FACT_CHECKS_MAX)
-		factchecks_reset(fact_checks);
+	sc = factchecks_lookup(fact_checks, row->msg.id);
+	if (sc == NULL && fact_checks->members >= FACT_CHECKS_MAX)
+		return true;
 	sc = factchecks_insert(fact_checks, row->msg.id, &found);
 	if (!found)
 	{

@@ -147,8 +147,10 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
  * A failed question forgets the limit: an operator may have raised it since,
  * and a row larger than the old one goes to Kafka, which decides (a row too
  * large is then refused alone: the batch.size is at or below the old limit).
- * It keeps the compaction: a row without a key sent to a compacted topic
- * would make Kafka refuse its whole batch, every row of it charged.
+ * It keeps the compaction for LIMIT_TTL_MS after the last answer: a row
+ * without a key sent to a compacted topic would make Kafka refuse its whole
+ * batch, every row of it charged.  Meanwhile such a row is refused free (only
+ * an answer confirms a refusal, relay_pipeline.c); after that, Kafka decides.
  * Returns the lowest id of the rows that waited for it (PG_INT64_MAX: none).
  */
 int64
@@ -158,10 +160,17 @@ cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted)
 	int64		resume = PG_INT64_MAX;
 
 	topic->limit_pending = false;
-	topic->answer_asked_at = topic->limit_asked_at;
 	topic->limit = (ok && limit > 0) ? limit : -1;
-	if (ok && compacted >= 0)
-		topic->compacted = compacted;
+	if (ok)
+	{
+		topic->answer_asked_at = topic->limit_asked_at;
+		topic->answered_at = GetCurrentTimestamp();
+		if (compacted >= 0)
+			topic->compacted = compacted;
+	}
+	else if (topic->compacted >= 0 &&
+			 TimestampDifferenceExceeds(topic->answered_at, GetCurrentTimestamp(), LIMIT_TTL_MS))
+		topic->compacted = -1;
 	if (topic->limit_wait_until != 0)
 	{
 		topic->limit_wait_until = 0;
@@ -231,6 +240,7 @@ forget_limit(CqrsTopic *topic, void *arg)
 	topic->compacted = -1;
 	topic->limit_asked_at = 0;
 	topic->answer_asked_at = 0;
+	topic->answered_at = 0;
 	topic->limit_pending = false;
 }
 

@@ -38,8 +38,9 @@ typedef struct CqrsTopic
 	/* cleanup.policy has compact (it refuses null keys): -1 when unknown */
 	int			compacted;
 	TimestampTz limit_asked_at;
-	TimestampTz answer_asked_at;	/* when the question last answered was
-									 * asked (whether it failed or not) */
+	TimestampTz answer_asked_at;	/* when the question Kafka last answered
+									 * was asked */
+	TimestampTz answered_at;	/* when that answer came */
 	bool		limit_pending;	/* a DescribeConfigs is under way */
 
 	/* rows wait for the first answer about the limit, until then at most */

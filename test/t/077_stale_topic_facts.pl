@@ -68,6 +68,7 @@ like( $node->safe_psql('postgres', "SELECT status || ': ' || last_error FROM cqr
 # it (the limit is still 200000): it fails for Kafka's verdict, not for the
 # limit last known
 kafka_acl('remove', 'User:relay', 'DescribeConfigs', $topic);
+sleep 2;    # (AclCommand returns once the controller has it; the broker applies it after)
 my $id1b = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'big1b', $big)");
 ok(wait_for($node, "SELECT status <> 'PENDING' FROM cqrs_outbox WHERE id = $id1b", 't', 60),
 	'without DescribeConfigs, a message larger than the old limit reaches a final status');

@@ -66,7 +66,9 @@ $node->safe_psql('postgres',
 	"SELECT count(cqrs_enqueue('$many', 'm' || g, jsonb_build_object('seq', 0))) FROM generate_series(0, 3199) g");
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE topic = '$many' AND status = 'SENT'", '3200', 60),
 	'warm-up rows sent to the topic of 32 partitions');
-my @sick_keys = map { $_->{key} } grep { $_->{partition} == 31 } kafka_consume($many, 3200, 60, json => 0);
+my @warm = kafka_consume($many, 3200, 60, json => 0);
+is(scalar(@warm), 3200, 'the 3,200 keys are read back with their partitions');
+my @sick_keys = map { $_->{key} } grep { $_->{partition} == 31 } @warm;
 ok(@sick_keys > 20, scalar(@sick_keys) . ' of its keys on partition 31');
 
 my $listener = $node->background_psql('postgres');
