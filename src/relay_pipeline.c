@@ -1103,9 +1103,10 @@ fail_locally(RelayRow *row, rd_kafka_resp_err_t err, char *text)
 /*
  * Rows refused for what the relay knows of their topic (larger than its
  * limit, or without a key for a compacted topic), and when: such a row is
- * charged only on a later attempt, once Kafka answered about the topic
- * after that (an operator may have raised the limit or changed the policy
- * meanwhile).  Forgotten at a restart: at most one more free attempt per row.
+ * charged only on a later attempt, once a question about the topic asked
+ * after that came back (an operator may have raised the limit or changed
+ * the policy meanwhile).  Forgotten at a restart: at most one more free
+ * attempt per row.
  */
 typedef struct FactCheck
 {
@@ -1137,8 +1138,11 @@ fact_checks_forget(void)
 
 /*
  * May the row be charged for a refusal by what is known of its topic?  Only
- * when Kafka answered a question about the topic asked after the row was
- * first refused; otherwise note the refusal (the caller asks Kafka again).
+ * when a question about the topic asked after the row was first refused came
+ * back; otherwise note the refusal (the caller asks Kafka again).  An answer
+ * renewed what is known; a failed question forgot the limit and kept the
+ * compaction Kafka last told, for at most 10 minutes (topics.c): a row is
+ * not refused free for as long as Kafka cannot be asked.
  * A confirmed refusal is charged and forgotten: the next one is free again.
  * Past FACT_CHECKS_MAX rows noted (rows an operator dropped leave theirs), a
  * new one is charged at once.
@@ -1160,7 +1164,7 @@ refusal_confirmed(RelayRow *row, CqrsTopic *topic)
 		sc->asked_at = GetCurrentTimestamp();
 		return false;
 	}
-	if (topic->answer_asked_at >= sc->asked_at)
+	if (topic->back_asked_at >= sc->asked_at)
 	{
 		factchecks_delete_item(fact_checks, sc);
 		return true;

@@ -149,8 +149,9 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
  * large is then refused alone: the batch.size is at or below the old limit).
  * It keeps the compaction for LIMIT_TTL_MS after the last answer: a row
  * without a key sent to a compacted topic would make Kafka refuse its whole
- * batch, every row of it charged.  Meanwhile such a row is refused free (only
- * an answer confirms a refusal, relay_pipeline.c); after that, Kafka decides.
+ * batch, every row of it charged.  Meanwhile such a row is charged for what
+ * Kafka last told, once a question asked after its first refusal came back
+ * (relay_pipeline.c); after that, Kafka decides.
  * Returns the lowest id of the rows that waited for it (PG_INT64_MAX: none).
  */
 int64
@@ -161,9 +162,9 @@ cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted)
 
 	topic->limit_pending = false;
 	topic->limit = (ok && limit > 0) ? limit : -1;
+	topic->back_asked_at = topic->limit_asked_at;
 	if (ok)
 	{
-		topic->answer_asked_at = topic->limit_asked_at;
 		topic->answered_at = GetCurrentTimestamp();
 		if (compacted >= 0)
 			topic->compacted = compacted;
@@ -239,7 +240,7 @@ forget_limit(CqrsTopic *topic, void *arg)
 	topic->limit = -1;
 	topic->compacted = -1;
 	topic->limit_asked_at = 0;
-	topic->answer_asked_at = 0;
+	topic->back_asked_at = 0;
 	topic->answered_at = 0;
 	topic->limit_pending = false;
 }

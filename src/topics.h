@@ -38,9 +38,9 @@ typedef struct CqrsTopic
 	/* cleanup.policy has compact (it refuses null keys): -1 when unknown */
 	int			compacted;
 	TimestampTz limit_asked_at;
-	TimestampTz answer_asked_at;	/* when the question Kafka last answered
-									 * was asked */
-	TimestampTz answered_at;	/* when that answer came */
+	TimestampTz back_asked_at;	/* when the question that last came back
+								 * (answered or failed) was asked */
+	TimestampTz answered_at;	/* when Kafka last answered */
 	bool		limit_pending;	/* a DescribeConfigs is under way */
 
 	/* rows wait for the first answer about the limit, until then at most */

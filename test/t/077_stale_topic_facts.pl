@@ -89,6 +89,31 @@ is($node->safe_psql('postgres', "SELECT status || ' ' || retry_count FROM cqrs_o
 my @got = grep { $_->{key} eq 'big2' } kafka_consume($topic, 2, 30, json => 0);
 is(scalar(@got), 1, 'Kafka holds it');
 
+# A compacted topic refuses a message without a key.  The relay refuses such
+# a row itself, the first time free, and asks the policy again; when that
+# question fails, the policy Kafka last told decides (for 10 minutes after
+# its answer): the row spends its budget and is dead-lettered.  Before, only
+# an answer charged it, and it was refused free at every backoff for those
+# 10 minutes (e2e 043 saw it when the question went to a frozen broker).
+my $ctopic = create_topic(unique_topic('factsc'), 1, 'cleanup.policy=compact');
+create_topic("$ctopic.DLT", 1);
+kafka_acl('add', 'User:relay', 'Write,Describe,DescribeConfigs', $ctopic);
+kafka_acl('add', 'User:relay', 'Write,Describe,DescribeConfigs', "$ctopic.DLT");
+$node->safe_psql('postgres', "SELECT cqrs_enqueue('$ctopic', 'keyed', '{}')");
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'keyed'", 'SENT', 60),
+	'a keyed row to the compacted topic is sent');
+my $id3 = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$ctopic', NULL, '{}')");
+ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $id3", 'DEAD_LETTERED', 60),
+	'a row without a key to it is dead-lettered');
+kafka_acl('remove', 'User:relay', 'DescribeConfigs', $ctopic);
+sleep 2;
+my $id4 = $node->safe_psql('postgres', "SELECT cqrs_enqueue('$ctopic', NULL, '{}')");
+ok(wait_for($node, "SELECT status <> 'PENDING' FROM cqrs_outbox WHERE id = $id4", 't', 30),
+	'without DescribeConfigs, a row without a key reaches a final status at once');
+like( $node->safe_psql('postgres', "SELECT status || ': ' || last_error FROM cqrs_outbox WHERE id = $id4"),
+	qr/^DEAD_LETTERED: .*INVALID_RECORD: the topic is compacted/,
+	'it is dead-lettered for the policy Kafka last told');
+
 unlike(slurp_file($node->logfile), qr/\Q$password\E/, 'the password is in no log line');
 
 $node->stop;
