@@ -78,6 +78,9 @@
 /* A partition is stalled when its oldest message waits this long. */
 #define STALL_MS			5000
 
+/* Rows produced past a full window to find stalls, until an acknowledgement. */
+#define PROBES_MAX			4
+
 /*
  * A claim reads at most this many rows of the primary key (most of them not
  * PENDING when it goes back far); the next claim goes on from there.
@@ -115,6 +118,7 @@ static XLogRecPtr staged_lsn = InvalidXLogRecPtr;	/* the claimed rows' commits
 													 * are durable up to it */
 static RelayClaim *staged_claim = NULL;
 static TimestampTz last_ack_at = 0;
+static int	n_probes = 0;		/* produced past a full window since it */
 
 static Oid	seq_oid = InvalidOid;
 static Oid	outbox_oid = InvalidOid;
@@ -179,6 +183,7 @@ pipeline_reset(void)
 	dlist_init(&done);
 	n_staged = n_claimed = n_inflight = n_stalled_inflight = n_done = 0;
 	n_pinned = 0;
+	n_probes = 0;
 	cursor = 0;
 	mark_known = false;
 	mark_lower = false;
@@ -271,6 +276,30 @@ StaticAssertDecl(CQRS_MAX_WINDOW <= CQRS_INFLIGHT_IDS / 2,
 				 "the window must fit in half the table of ids in flight");
 
 /*
+ * May a row be produced past the full window, as a probe?  A stall is found
+ * by another partition's acknowledgement after the stuck messages were
+ * produced (pipeline_check_stalls()).  When everything in the window waits
+ * (dead letters charged together can fill it at once), nothing else is
+ * produced, and a sick partition cannot be told from a cluster that does not
+ * answer.  So once the youngest row in flight has waited STALL_MS with
+ * nothing acknowledged since, one more row goes; an acknowledgement of it
+ * shows the stall.  At most PROBES_MAX such rows until Kafka acknowledges
+ * something: a cluster that does not answer at all gets no more.
+ */
+static bool
+probe_due(void)
+{
+	TimestampTz youngest;
+
+	if (n_inflight == 0 || n_claimed > 0 || n_done > 0 ||
+		!dlist_is_empty(&reported) || n_probes >= PROBES_MAX)
+		return false;
+	youngest = dlist_container(RelayRow, node, dlist_tail_node(&inflight))->produced_at;
+	return last_ack_at < youngest &&
+		youngest < GetCurrentTimestamp() - (TimestampTz) STALL_MS * 1000;
+}
+
+/*
  * How many more rows may be claimed now.  Rows waiting on a stalled partition
  * are outside the window, so that other partitions keep flowing, but they
  * still hold memory and a place among the ids in flight (shmem.c): rows
@@ -286,6 +315,9 @@ pipeline_room(void)
 {
 	int			room = pipeline_window() - pipeline_inflight();
 	int			all = n_inflight + n_done + n_claimed;
+
+	if (room <= 0 && probe_due())
+		room = 1;
 
 	room = Min(room, CQRS_INFLIGHT_IDS / 2 - Max(all, n_pinned));
 	return Max(room, 0);
@@ -415,7 +447,7 @@ pipeline_only_stalled(void)
 	dlist_foreach(it, &inflight)
 	{
 		RelayRow   *row = dlist_container(RelayRow, node, it.cur);
-		CqrsPartition *part = row->dlt ? NULL : produced_partition(row);
+		CqrsPartition *part = produced_partition(row);
 
 		if (part == NULL || !part->stalled)
 			return false;
@@ -1333,6 +1365,8 @@ pipeline_produce_claimed(void)
 			continue;
 		}
 		row->produced_at = now;
+		if (n_inflight - n_stalled_inflight >= pipeline_window())
+			n_probes++;			/* past a full window (probe_due()) */
 		/* a row refused before that goes now (see refusal_confirmed()) */
 		if (fact_checks != NULL && fact_checks->members > 0)
 			(void) factchecks_delete(fact_checks, row->msg.id);
@@ -1690,11 +1724,13 @@ pipeline_serve_reports(void)
 			wait_max = Max(wait_max, us);
 		}
 
-		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR && !row->dlt)
+		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
+			/* a dead letter's partition counts as any other (stalls) */
 			CqrsPartition *part = produced_partition(row);
 
 			last_ack_at = now;
+			n_probes = 0;
 			if (part)
 			{
 				part->last_ack_at = now;
@@ -1702,6 +1738,9 @@ pipeline_serve_reports(void)
 					unstall(row->msg.tstate,
 							 (int32) pg_atomic_read_u32(&row->msg.partition) - 1);
 			}
+		}
+		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR && !row->dlt)
+		{
 			cqrs_topic_resume(row->msg.tstate);
 			finish(row, order_acked(row));
 		}
@@ -1799,7 +1838,7 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 		CqrsPartition *part;
 
 		row->stalled_counted = false;
-		if (p < 0 || row->dlt)
+		if (p < 0)
 			continue;
 		part = cqrs_topic_partition(row->msg.tstate, p);
 		if (part->oldest == 0 || row->produced_at < part->oldest)

@@ -427,8 +427,8 @@ adjust_batch_size(TimestampTz now)
 	/*
 	 * Not while messages are in flight, unless they all wait on stalled
 	 * partitions: claims stop until then, and every other key would wait too.
-	 * A row can wait without its partition known to be stalled (a dead
-	 * letter, or the last row produced to a sick partition): once nothing
+	 * A row can wait without its partition known to be stalled (the last
+	 * rows produced to a sick partition, before it is found): once nothing
 	 * but rows in flight is left, they are waited for CQRS_RESIZE_WAIT_MS
 	 * at most, then go again with the new producer too.
 	 */
