@@ -34,6 +34,8 @@
  * min.insync.replicas: librdkafka retries for ever).  Its keys are held, the
  * state and an alert name it, and everything else keeps flowing; its first
  * acknowledgement (or its having nothing in flight any more) ends it.
+ * Partitions of dead-letter topics count too.  When the whole window waits,
+ * rows go past it now and then to find out (probe_due()).
  *
  *-------------------------------------------------------------------------
  */
@@ -118,7 +120,8 @@ static XLogRecPtr staged_lsn = InvalidXLogRecPtr;	/* the claimed rows' commits
 													 * are durable up to it */
 static RelayClaim *staged_claim = NULL;
 static TimestampTz last_ack_at = 0;
-static int	n_probes = 0;		/* produced past a full window since it */
+static int	n_probes = 0;		/* rows produced past a full window since the
+								 * last acknowledgement */
 
 static Oid	seq_oid = InvalidOid;
 static Oid	outbox_oid = InvalidOid;
@@ -1399,6 +1402,7 @@ pipeline_abandon_inflight(rd_kafka_resp_err_t err)
 		n_inflight--;
 	}
 	n_stalled_inflight = 0;
+	n_probes = 0;
 }
 
 /* ---- reports ------------------------------------------------------------------------ */
@@ -1500,6 +1504,7 @@ produce_dead_letter(RelayRow *row)
 	const char **names;
 	const char **values;
 	char	   *dlt_topic = psprintf("%s%s", m->topic, cqrs_dlt_suffix);
+	CqrsPartition *part;
 	rd_kafka_resp_err_t err;
 
 	row->error = error_of(row);
@@ -1541,6 +1546,20 @@ produce_dead_letter(RelayRow *row)
 								  dlt_topic);
 		row->dlt_attempt_failed = true;
 		finish(row, RO_DLT_FAILED);
+		return;
+	}
+
+	/*
+	 * its partition stalled: the row waits (PENDING, its budget untouched),
+	 * as rows of a stalled partition's keys do, instead of adding a message
+	 * outside the window for as long as the partition is sick
+	 */
+	if ((part = stalled_partition(row)) != NULL)
+	{
+		row->dlt_error = row_text(row, "dead-letter topic \"%s\": partition %d is stalled; the row is tried again later",
+								  dlt_topic, (int) (part - m->tstate->parts));
+		row->delay_ms = backoff_ms(row->retry_count);
+		finish(row, RO_RETRY);
 		return;
 	}
 	err = cqrs_kafka_produce(relay_producer, m);
@@ -1738,13 +1757,14 @@ pipeline_serve_reports(void)
 					unstall(row->msg.tstate,
 							 (int32) pg_atomic_read_u32(&row->msg.partition) - 1);
 			}
+			if (!row->dlt)
+			{
+				cqrs_topic_resume(row->msg.tstate);
+				finish(row, order_acked(row));
+				continue;
+			}
 		}
-		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR && !row->dlt)
-		{
-			cqrs_topic_resume(row->msg.tstate);
-			finish(row, order_acked(row));
-		}
-		else if (row->dlt && was_inflight)
+		if (row->dlt && was_inflight)
 			dead_letter_report(row);
 		else
 			handle_failure(row, was_inflight);

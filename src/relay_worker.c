@@ -751,7 +751,7 @@ periodic_checks(TimestampTz now)
 		ereport(WARNING,
 				(errcode(CQRS_ERRCODE_PARTITION_STALLED),
 				 errmsg("cqrs_sync relay: Kafka partition %s has acknowledged nothing for 5 s while others did", alert),
-				 errdetail("Rows whose key maps to that partition wait; other keys and topics keep flowing."),
+				 errdetail("Rows whose key maps to that partition wait (of a dead-letter topic: rows whose dead letter goes there); other keys and topics keep flowing."),
 				 errhint("Check the partition's leader and in-sync replicas (min.insync.replicas) on the broker.")));
 		initStringInfo(&json);
 		appendStringInfoString(&json, "{\"alert\":\"partition_stalled\",\"partition\":");

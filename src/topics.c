@@ -39,6 +39,14 @@
 /* A new topic's rows wait this long at most for the first answer. */
 #define LIMIT_WAIT_MS		2000
 #define LIMIT_RETRY_MS		10000
+
+/*
+ * A question still unanswered after this long counts as failed.  librdkafka
+ * is asked to give up after 10 s (cqrs_kafka_request_limit()), but a request
+ * sent to a broker that stopped answering was seen to wait for
+ * socket.timeout.ms (60 s by default) instead.
+ */
+#define LIMIT_ANSWER_MS		15000
 #define MAX_PAUSE_MS		60000
 
 static HTAB *topics = NULL;
@@ -115,6 +123,24 @@ cqrs_topics_forget_producer(void)
 
 /* ---- limits ---------------------------------------------------------------- */
 
+/* What a question that came back, answered (ok) or failed, tells. */
+static void
+question_back(CqrsTopic *topic, bool ok, int limit, int compacted)
+{
+	topic->limit_pending = false;
+	topic->limit = (ok && limit > 0) ? limit : -1;
+	topic->back_asked_at = topic->limit_asked_at;
+	if (ok)
+	{
+		topic->answered_at = GetCurrentTimestamp();
+		if (compacted >= 0)
+			topic->compacted = compacted;
+	}
+	else if (topic->compacted >= 0 &&
+			 TimestampDifferenceExceeds(topic->answered_at, GetCurrentTimestamp(), LIMIT_TTL_MS))
+		topic->compacted = -1;
+}
+
 /*
  * Ask for the topic's limit when it was never asked, when the known limit is
  * older than LIMIT_TTL_MS, when an unknown one was asked more than
@@ -125,6 +151,14 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 {
 	TimestampTz t = GetCurrentTimestamp();
 
+	/*
+	 * Given up: a new question may go.  Should the old one still come back,
+	 * it counts as the answer to the one under way then (an answer tells how
+	 * the topic was when the broker read the question: late, not older).
+	 */
+	if (topic->limit_pending && rk != NULL &&
+		TimestampDifferenceExceeds(topic->limit_asked_at, t, LIMIT_ANSWER_MS))
+		question_back(topic, false, -1, -1);
 	if (topic->limit_pending || rk == NULL)
 		return;
 	if (!now && topic->limit_asked_at != 0 &&
@@ -160,18 +194,7 @@ cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted)
 	CqrsTopic  *topic = cqrs_topic(name);
 	int64		resume = PG_INT64_MAX;
 
-	topic->limit_pending = false;
-	topic->limit = (ok && limit > 0) ? limit : -1;
-	topic->back_asked_at = topic->limit_asked_at;
-	if (ok)
-	{
-		topic->answered_at = GetCurrentTimestamp();
-		if (compacted >= 0)
-			topic->compacted = compacted;
-	}
-	else if (topic->compacted >= 0 &&
-			 TimestampDifferenceExceeds(topic->answered_at, GetCurrentTimestamp(), LIMIT_TTL_MS))
-		topic->compacted = -1;
+	question_back(topic, ok, limit, compacted);
 	if (topic->limit_wait_until != 0)
 	{
 		topic->limit_wait_until = 0;

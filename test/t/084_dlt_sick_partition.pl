@@ -45,7 +45,8 @@ SELECT cqrs_enqueue('$ok', 'warm', '{}');
 ok(wait_for($node, "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'", '82', 60),
 	'warm-up rows sent');
 my @p1 = map { $_->{key} } grep { $_->{partition} == 1 } kafka_consume($dlt, 80, 30, json => 0);
-ok(@p1 >= 25, scalar(@p1) . ' keys on partition 1 of the dead-letter topic');
+ok(@p1 >= 26, scalar(@p1) . ' keys on partition 1 of the dead-letter topic');
+my $late = $p1[25];
 @p1 = @p1[0 .. 24];
 
 $b2->freeze;
@@ -78,15 +79,24 @@ is($node->safe_psql('postgres', 'SELECT stalled_partitions FROM cqrs_stats_relay
 ok($node->wait_for_log(qr/CQ003 WARNING:  cqrs_sync relay: Kafka partition \Q$dlt\E\[1\]/),
 	'a WARNING with SQLSTATE CQ003 names it');
 
+# once it is known stalled, a dead letter for it is not sent: its row waits,
+# PENDING, its budget untouched
+my $lid = $node->safe_psql('postgres',
+	"SELECT cqrs_enqueue('$main', '$late', jsonb_build_object('big', repeat('x', 300000)))");
+ok( wait_for($node,
+		"SELECT status || ' ' || retry_count || ' ' || (last_error LIKE '%dead-letter topic \"$dlt\": partition 1 is stalled%') FROM cqrs_outbox WHERE id = $lid",
+		'PENDING 0 true', 30),
+	'a row whose dead letter would go to it waits, PENDING, its budget untouched');
+
 $b2->thaw;
 ok( wait_for($node,
-		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$main' AND key IN ($list) AND status = 'DEAD_LETTERED'",
-		'25', 120),
-	'after the thaw the 25 dead letters are acknowledged');
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$main' AND key IN ($list, '$late') AND status = 'DEAD_LETTERED'",
+		'26', 120),
+	'after the thaw the 26 dead letters are acknowledged');
 ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'running', 30), 'the relay runs normally again');
 my @dl = grep { $_->{partition} == 1 && $_->{headers_raw} =~ /x-original-topic/ }
-  kafka_consume($dlt, 80 + 25, 60, json => 0);
-is(scalar(@dl), 25, 'the dead-letter topic holds them');
+  kafka_consume($dlt, 80 + 26, 60, json => 0);
+is(scalar(@dl), 26, 'the dead-letter topic holds them');
 
 # A cluster that answers nothing: the relay sends a row past its full
 # window every 5 s, to find a stall, but no more than 4 until Kafka

@@ -569,11 +569,16 @@ sub wait_for
 	{
 		($out, $err) = ('', '');
 		my $timed_out;
-		$node->psql('postgres', $sql,
-			stdout    => \$out,
-			stderr    => \$err,
-			timeout   => 30,
-			timed_out => \$timed_out);
+		# (in eval: psql refused a connection during a crash restart may
+		# exit before it read its query, and IPC::Run then dies of a broken
+		# pipe)
+		eval {
+			$node->psql('postgres', $sql,
+				stdout    => \$out,
+				stderr    => \$err,
+				timeout   => 30,
+				timed_out => \$timed_out);
+		};
 		return 1 if defined $out && $out eq $expected;
 		last if time >= $deadline;
 		usleep(100_000);

@@ -358,9 +358,11 @@ sub wait_applied
 	while (time < $deadline)
 	{
 		my ($out, $err) = ('', '');
-		$node->psql('postgres',
-			"SELECT coalesce(sum(applied + duplicates), 0) FROM cqrs_sink_offset WHERE sink = '$sink'",
-			stdout => \$out, stderr => \$err, timeout => 30);
+		eval {    # (a broken pipe during a crash restart: see sink_worker_pids)
+			$node->psql('postgres',
+				"SELECT coalesce(sum(applied + duplicates), 0) FROM cqrs_sink_offset WHERE sink = '$sink'",
+				stdout => \$out, stderr => \$err, timeout => 30);
+		};
 		$last = $out;
 		return 1 if defined $out && $out eq "$messages";
 		usleep(200_000);
@@ -381,9 +383,13 @@ sub sink_worker_pids
 {
 	my ($node) = @_;
 	my ($out, $err) = ('', '');
-	$node->psql('postgres',
-		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync sink' ORDER BY pid",
-		stdout => \$out, stderr => \$err, timeout => 30);
+	# (in eval: psql refused a connection during a crash restart may exit
+	# before it read its query, and IPC::Run then dies of a broken pipe)
+	eval {
+		$node->psql('postgres',
+			"SELECT pid FROM pg_stat_activity WHERE backend_type = 'cqrs_sync sink' ORDER BY pid",
+			stdout => \$out, stderr => \$err, timeout => 30);
+	};
 	return grep { /^\d+$/ } split /\n/, ($out // '');
 }
 
