@@ -54,6 +54,9 @@ $b2->freeze;
 # 25 rows too large for their topic (not for its dead-letter topic), each of
 # a key whose dead letter goes to the sick partition, one every half second
 # among rows of a healthy topic: their dead letters would fill the window
+# (they are all sent within 15 s when the relay's DescribeConfigs goes to
+# broker 1; when it goes to the frozen broker 2, about 60 s, until librdkafka
+# drops its connection to broker 2: a known limit, docs/failures.md)
 # after 10 s.  (With nothing else acknowledged the relay cannot tell a sick
 # partition from a cluster that does not answer: it says "waiting for
 # broker".)
@@ -69,7 +72,7 @@ SELECT count(cqrs_enqueue('$ok', 'h' || g, jsonb_build_object('n', g))) FROM gen
 $node->safe_psql('postgres',
 	"SELECT count(cqrs_enqueue('$ok', 'h' || g, jsonb_build_object('n', g))) FROM generate_series(51, 100) g");
 ok( wait_for($node,
-		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$ok' AND key <> 'warm' AND status = 'SENT'", '100', 60),
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$ok' AND key <> 'warm' AND status = 'SENT'", '100', 150),
 	'the rows of a healthy topic are sent while more dead letters than the window holds wait on the sick partition')
   or diag($node->safe_psql('postgres', 'SELECT row_to_json(s) FROM cqrs_stats_relay s'));
 ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'partition stalled', 30),
