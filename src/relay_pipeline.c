@@ -80,7 +80,7 @@
 /* A partition is stalled when its oldest message waits this long. */
 #define STALL_MS			5000
 
-/* Rows produced past a full window to find stalls, until an acknowledgement. */
+/* Rows produced past a full window to find stalls, until Kafka answers. */
 #define PROBES_MAX			4
 
 /*
@@ -120,8 +120,10 @@ static XLogRecPtr staged_lsn = InvalidXLogRecPtr;	/* the claimed rows' commits
 													 * are durable up to it */
 static RelayClaim *staged_claim = NULL;
 static TimestampTz last_ack_at = 0;
-static int	n_probes = 0;		/* rows produced past a full window since the
-								 * last acknowledgement */
+static TimestampTz last_answer_at = 0;	/* last report from Kafka: an
+										 * acknowledgement or its refusal */
+static int	n_probes = 0;		/* rows produced past a full window since
+								 * Kafka last answered */
 
 static Oid	seq_oid = InvalidOid;
 static Oid	outbox_oid = InvalidOid;
@@ -280,14 +282,14 @@ StaticAssertDecl(CQRS_MAX_WINDOW <= CQRS_INFLIGHT_IDS / 2,
 
 /*
  * May a row be produced past the full window, as a probe?  A stall is found
- * by another partition's acknowledgement after the stuck messages were
- * produced (pipeline_check_stalls()).  When everything in the window waits
- * (dead letters charged together can fill it at once), nothing else is
- * produced, and a sick partition cannot be told from a cluster that does not
- * answer.  So once the youngest row in flight has waited STALL_MS with
- * nothing acknowledged since, one more row goes; an acknowledgement of it
- * shows the stall.  At most PROBES_MAX such rows until Kafka acknowledges
- * something: a cluster that does not answer at all gets no more.
+ * by Kafka's answer to another message after the stuck ones were produced
+ * (pipeline_check_stalls()).  When everything in the window waits (dead
+ * letters charged together can fill it at once), nothing else is produced,
+ * and a sick partition cannot be told from a cluster that does not answer.
+ * So once the youngest row in flight has waited STALL_MS with no answer
+ * since, one more row goes; Kafka's answer to it (an acknowledgement, or a
+ * refusal) shows the stall.  At most PROBES_MAX such rows until Kafka
+ * answers something: a cluster that does not answer at all gets no more.
  */
 static bool
 probe_due(void)
@@ -298,7 +300,7 @@ probe_due(void)
 		!dlist_is_empty(&reported) || n_probes >= PROBES_MAX)
 		return false;
 	youngest = dlist_container(RelayRow, node, dlist_tail_node(&inflight))->produced_at;
-	return last_ack_at < youngest &&
+	return last_answer_at < youngest &&
 		youngest < GetCurrentTimestamp() - (TimestampTz) STALL_MS * 1000;
 }
 
@@ -1743,12 +1745,19 @@ pipeline_serve_reports(void)
 			wait_max = Max(wait_max, us);
 		}
 
-		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		/*
+		 * Kafka answered (librdkafka's own errors are negative): the
+		 * partition is not stalled, and the cluster is not silent.  A
+		 * refusal counts too: a row that fails, such as one whose dead
+		 * letter then waits on a sick partition, shows the stall as well as
+		 * an acknowledgement would.  A dead letter's partition counts as any
+		 * other.
+		 */
+		if (was_inflight && row->msg.err >= RD_KAFKA_RESP_ERR_NO_ERROR)
 		{
-			/* a dead letter's partition counts as any other (stalls) */
 			CqrsPartition *part = produced_partition(row);
 
-			last_ack_at = now;
+			last_answer_at = now;
 			n_probes = 0;
 			if (part)
 			{
@@ -1757,6 +1766,10 @@ pipeline_serve_reports(void)
 					unstall(row->msg.tstate,
 							 (int32) pg_atomic_read_u32(&row->msg.partition) - 1);
 			}
+		}
+		if (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		{
+			last_ack_at = now;
 			if (!row->dlt)
 			{
 				cqrs_topic_resume(row->msg.tstate);
@@ -1835,9 +1848,9 @@ end_empty_stalls(CqrsTopic *topic, void *arg)
 
 /*
  * Find partitions whose oldest message waits longer than STALL_MS, without
- * an acknowledgement of theirs for that long, while another partition was
- * acknowledged after that message was produced; end stalls with nothing in
- * flight.  Returns
+ * an answer of theirs for that long, while Kafka answered (acknowledged or
+ * refused) another message after that one was produced; end stalls with
+ * nothing in flight.  Returns
  * whether the set of stalled partitions changed; alert gets the first
  * newly stalled partition ("topic[p]").
  */
@@ -1864,12 +1877,12 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 		if (part->oldest == 0 || row->produced_at < part->oldest)
 			part->oldest = row->produced_at;
 		/*
-		 * waiting long, nothing acknowledged by its partition for as long,
-		 * while another partition was acknowledged after it was produced:
-		 * not an outage of the whole cluster
+		 * waiting long, no answer from its partition for as long, while
+		 * Kafka answered after it was produced: not an outage of the whole
+		 * cluster
 		 */
 		if (!part->stalled && row->produced_at < limit &&
-			part->last_ack_at < limit && last_ack_at > row->produced_at)
+			part->last_ack_at < limit && last_answer_at > row->produced_at)
 		{
 			part->stalled = true;
 			part->resume_from = PG_INT64_MAX;
@@ -1913,7 +1926,7 @@ pipeline_broker_waiting(TimestampTz now)
 		part = produced_partition(row);
 		if (part && part->stalled)
 			continue;
-		if (last_ack_at < row->produced_at)
+		if (last_answer_at < row->produced_at)
 			return true;
 	}
 	return false;

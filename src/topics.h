@@ -22,7 +22,7 @@
 /* A partition of a topic, as the relay sees it. */
 typedef struct CqrsPartition
 {
-	TimestampTz last_ack_at;	/* last successful report */
+	TimestampTz last_ack_at;	/* last report from Kafka (relay_pipeline.c) */
 	bool		stalled;		/* its keys are held */
 	int64		resume_from;	/* lowest id held for it (PG_INT64_MAX: none) */
 	TimestampTz oldest;			/* scratch of the stall check: oldest in

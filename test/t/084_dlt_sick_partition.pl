@@ -54,9 +54,12 @@ $b2->freeze;
 # 25 rows too large for their topic (not for its dead-letter topic), each of
 # a key whose dead letter goes to the sick partition, one every half second
 # among rows of a healthy topic: their dead letters would fill the window
-# (they are all sent within 15 s when the relay's DescribeConfigs goes to
-# broker 1; when it goes to the frozen broker 2, about 60 s, until librdkafka
-# drops its connection to broker 2: a known limit, docs/failures.md)
+# (when the relay's question about the topic's limit goes to the frozen
+# broker, it fails after 10 s, the limit is not known any more and the rows go
+# to Kafka; the probes past the window can then be such rows, and their
+# refusals show the stall as acknowledgements would.  In that case the rows
+# were seen to wait about 60 s in all, until librdkafka dropped its connection
+# to broker 2: a known limit, docs/failures.md; hence 150 s)
 # after 10 s.  (With nothing else acknowledged the relay cannot tell a sick
 # partition from a cluster that does not answer: it says "waiting for
 # broker".)
