@@ -30,10 +30,10 @@
  * once and spends nothing, and the topic's limit is asked again.
  *
  * Stalls: a partition whose oldest message waits longer than STALL_MS while
- * other partitions were acknowledged within that time is stalled (e.g. below
+ * Kafka answered other messages within that time is stalled (e.g. below
  * min.insync.replicas: librdkafka retries for ever).  Its keys are held, the
  * state and an alert name it, and everything else keeps flowing; its first
- * acknowledgement (or its having nothing in flight any more) ends it.
+ * answer (or its having nothing in flight any more) ends it.
  * Partitions of dead-letter topics count too.  When the whole window waits,
  * rows go past it now and then to find out (probe_due()).
  *
@@ -1759,7 +1759,13 @@ pipeline_serve_reports(void)
 
 			last_answer_at = now;
 			n_probes = 0;
-			if (part)
+
+			/*
+			 * the partition itself answered (a topic's configuration error
+			 * may come from any broker's metadata)
+			 */
+			if (part && (row->msg.err == RD_KAFKA_RESP_ERR_NO_ERROR ||
+						 cqrs_kafka_classify(row->msg.err) != CQRS_FAIL_CONFIG))
 			{
 				part->last_ack_at = now;
 				if (part->stalled)

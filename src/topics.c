@@ -112,6 +112,7 @@ forget_producer(CqrsTopic *topic, void *arg)
 		rd_kafka_topic_destroy(topic->rkt);
 	topic->rkt = NULL;
 	topic->limit_pending = false;	/* its answer went with the producer */
+	topic->given_up_at = 0;
 }
 
 /* The producer is about to be destroyed: drop what belongs to it. */
@@ -123,13 +124,25 @@ cqrs_topics_forget_producer(void)
 
 /* ---- limits ---------------------------------------------------------------- */
 
-/* What a question that came back, answered (ok) or failed, tells. */
+/*
+ * What a question that came back, answered (ok) or failed, tells; or one
+ * given up (it counts as failed).
+ */
 static void
-question_back(CqrsTopic *topic, bool ok, int limit, int compacted)
+question_back(CqrsTopic *topic, bool ok, int limit, int compacted,
+			  bool given_up)
 {
 	topic->limit_pending = false;
 	topic->limit = (ok && limit > 0) ? limit : -1;
 	topic->back_asked_at = topic->limit_asked_at;
+	if (topic->given_up_at != 0 && !given_up)
+	{
+		/* it may be the answer to that one: counted as asked then */
+		topic->back_asked_at = topic->given_up_at;
+		topic->given_up_at = 0;
+	}
+	else if (given_up && topic->given_up_at == 0)
+		topic->given_up_at = topic->limit_asked_at;
 	if (ok)
 	{
 		topic->answered_at = GetCurrentTimestamp();
@@ -152,13 +165,13 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 	TimestampTz t = GetCurrentTimestamp();
 
 	/*
-	 * Given up: a new question may go.  Should the old one still come back,
-	 * it counts as the answer to the one under way then (an answer tells how
-	 * the topic was when the broker read the question: late, not older).
+	 * Given up: a new question may go.  Which question a later answer
+	 * answers is not known: the first one to come back counts as asked when
+	 * the oldest given up was: it confirms only refusals from before that.
 	 */
 	if (topic->limit_pending && rk != NULL &&
 		TimestampDifferenceExceeds(topic->limit_asked_at, t, LIMIT_ANSWER_MS))
-		question_back(topic, false, -1, -1);
+		question_back(topic, false, -1, -1, true);
 	if (topic->limit_pending || rk == NULL)
 		return;
 	if (!now && topic->limit_asked_at != 0 &&
@@ -194,7 +207,7 @@ cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted)
 	CqrsTopic  *topic = cqrs_topic(name);
 	int64		resume = PG_INT64_MAX;
 
-	question_back(topic, ok, limit, compacted);
+	question_back(topic, ok, limit, compacted, false);
 	if (topic->limit_wait_until != 0)
 	{
 		topic->limit_wait_until = 0;
@@ -264,6 +277,7 @@ forget_limit(CqrsTopic *topic, void *arg)
 	topic->compacted = -1;
 	topic->limit_asked_at = 0;
 	topic->back_asked_at = 0;
+	topic->given_up_at = 0;
 	topic->answered_at = 0;
 	topic->limit_pending = false;
 }

@@ -38,6 +38,8 @@ typedef struct CqrsTopic
 	/* cleanup.policy has compact (it refuses null keys): -1 when unknown */
 	int			compacted;
 	TimestampTz limit_asked_at;
+	TimestampTz given_up_at;	/* when the oldest question given up but
+								 * still out was asked (0: none) */
 	TimestampTz back_asked_at;	/* when the question that last came back
 								 * (answered or failed) was asked */
 	TimestampTz answered_at;	/* when Kafka last answered */
