@@ -108,7 +108,7 @@ extern void pipeline_claim_abort(void);
 extern void pipeline_produce_claimed(void);
 extern void pipeline_serve_reports(void);
 extern void pipeline_abandon_inflight(rd_kafka_resp_err_t err);
-extern bool pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen);
+extern bool pipeline_check_stalls(TimestampTz now, List **newly);
 extern bool pipeline_broker_waiting(TimestampTz now);
 extern dlist_head *pipeline_done_rows(void);
 extern void pipeline_recorded(void);

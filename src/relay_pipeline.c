@@ -1856,18 +1856,16 @@ end_empty_stalls(CqrsTopic *topic, void *arg)
  * Find partitions whose oldest message waits longer than STALL_MS, without
  * an answer of theirs for that long, while Kafka answered (acknowledged or
  * refused) another message after that one was produced; end stalls with
- * nothing in flight.  Returns
- * whether the set of stalled partitions changed; alert gets the first
- * newly stalled partition ("topic[p]").
+ * nothing in flight.  Returns whether the set of stalled partitions changed;
+ * each newly stalled partition ("topic[p]", palloc'd) is appended to *newly.
  */
 bool
-pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
+pipeline_check_stalls(TimestampTz now, List **newly)
 {
 	bool		changed = false;
 	dlist_iter	it;
 	TimestampTz limit = now - (TimestampTz) STALL_MS * 1000;
 
-	alert[0] = '\0';
 	cqrs_topics_visit(clear_oldest, NULL);
 	n_stalled_inflight = 0;
 	dlist_foreach(it, &inflight)
@@ -1893,8 +1891,7 @@ pipeline_check_stalls(TimestampTz now, char *alert, size_t alertlen)
 			part->stalled = true;
 			part->resume_from = PG_INT64_MAX;
 			changed = true;
-			if (alert[0] == '\0')
-				snprintf(alert, alertlen, "%s[%d]", row->msg.topic, p);
+			*newly = lappend(*newly, psprintf("%s[%d]", row->msg.topic, p));
 		}
 		row->stalled_counted = part->stalled;
 		if (part->stalled)

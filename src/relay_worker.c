@@ -738,14 +738,17 @@ publish_state(TimestampTz now)
 static void
 periodic_checks(TimestampTz now)
 {
-	char		alert[CQRS_TOPIC_NAMELEN + 16];
+	List	   *newly = NIL;
+	ListCell   *lc;
 
 	if (now < next_check_at)
 		return;
 	next_check_at = TimestampTzPlusMilliseconds(now, CHECK_MS);
 
-	if (pipeline_check_stalls(now, alert, sizeof(alert)) && alert[0] != '\0')
+	(void) pipeline_check_stalls(now, &newly);
+	foreach(lc, newly)
 	{
+		const char *alert = lfirst(lc);
 		StringInfoData json;
 
 		ereport(WARNING,
@@ -760,6 +763,7 @@ periodic_checks(TimestampTz now)
 		record_queue_alert(json.data);
 		pfree(json.data);
 	}
+	list_free_deep(newly);
 	if (now >= max_reset_at)
 	{
 		SpinLockAcquire(&cqrs_shared->mutex);

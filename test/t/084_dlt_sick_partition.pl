@@ -59,7 +59,9 @@ $b2->freeze;
 # to Kafka; the probes past the window can then be such rows, and their
 # refusals show the stall as acknowledgements would.  In that case the rows
 # were seen to wait about 60 s in all, until librdkafka dropped its connection
-# to broker 2: a known limit, docs/failures.md; hence 150 s)
+# to broker 2, and partition 0 of the first topic was reported stalled too,
+# in the same check: a known limit, docs/failures.md; hence 150 s, and a
+# WARNING per partition)
 # after 10 s.  (With nothing else acknowledged the relay cannot tell a sick
 # partition from a cluster that does not answer: it says "waiting for
 # broker".)
