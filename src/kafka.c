@@ -1012,11 +1012,12 @@ cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic)
 }
 
 /*
- * Hand every DescribeConfigs answer that arrived to hook: the topic, its
- * max.message.bytes and whether its cleanup.policy has compact (a compacted
- * topic refuses a message without a key, and the record batch with it);
- * each -1 when Kafka did not say (no such topic yet, no permission to
- * describe it, timeout).
+ * Hand every DescribeConfigs answer that arrived to hook: the topic, how the
+ * question came back (answered, answered with an error such as
+ * TOPIC_AUTHORIZATION_FAILED, or not answered: a local error such as a
+ * timeout), its max.message.bytes and whether its cleanup.policy has
+ * compact (a compacted topic refuses a message without a key, and the
+ * record batch with it); each -1 when Kafka did not say.
  */
 void
 cqrs_kafka_collect_limits(CqrsLimitHook hook)
@@ -1034,20 +1035,23 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 		const char *asked = rd_kafka_event_opaque(ev);
 		int			limit = -1;
 		int			compacted = -1;
-		bool		ok = false;
+		CqrsAnswer	answer = CQRS_ANSWER_NONE;
 
-		if (result)
+		/* librdkafka's own errors are negative, Kafka's positive */
+		if (rd_kafka_event_error(ev) > RD_KAFKA_RESP_ERR_NO_ERROR)
+			answer = CQRS_ANSWER_ERROR;
+		else if (result && rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR_NO_ERROR)
 			resources = rd_kafka_DescribeConfigs_result_resources(result, &nres);
 		for (size_t r = 0; r < nres; r++)
 		{
+			rd_kafka_resp_err_t err = rd_kafka_ConfigResource_error(resources[r]);
 
-			if (rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR_NO_ERROR &&
-				rd_kafka_ConfigResource_error(resources[r]) == RD_KAFKA_RESP_ERR_NO_ERROR)
+			if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 			{
 				const rd_kafka_ConfigEntry_t **entries;
 				size_t		nentries = 0;
 
-				ok = true;
+				answer = CQRS_ANSWER_OK;
 				entries = rd_kafka_ConfigResource_configs(resources[r], &nentries);
 				for (size_t i = 0; i < nentries; i++)
 				{
@@ -1062,9 +1066,11 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 						compacted = (strstr(value, "compact") != NULL);
 				}
 			}
+			else if (err > RD_KAFKA_RESP_ERR_NO_ERROR)
+				answer = CQRS_ANSWER_ERROR;
 		}
 		if (asked)
-			hook(asked, ok, limit, compacted);
+			hook(asked, answer, limit, compacted);
 		rd_kafka_event_destroy(ev);
 	}
 }

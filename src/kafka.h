@@ -111,7 +111,16 @@ extern int	cqrs_kafka_offsets_for_time(char **topics, int ntopics, int64 at_ms,
 
 /* topic limits (max.message.bytes), asked asynchronously */
 /* ok: Kafka answered (limit and compacted -1 where it did not say) */
-typedef void (*CqrsLimitHook) (const char *topic, bool ok, int limit, int compacted);
+/* How a question about a topic's configuration came back. */
+typedef enum CqrsAnswer
+{
+	CQRS_ANSWER_NONE,			/* no answer: a timeout, no broker reached */
+	CQRS_ANSWER_ERROR,			/* Kafka answered with an error: no
+								 * permission, no such topic */
+	CQRS_ANSWER_OK
+} CqrsAnswer;
+
+typedef void (*CqrsLimitHook) (const char *topic, CqrsAnswer answer, int limit, int compacted);
 extern void cqrs_kafka_request_limit(rd_kafka_t *rk, const char *topic);
 extern void cqrs_kafka_collect_limits(CqrsLimitHook hook);
 

@@ -1177,9 +1177,10 @@ fact_checks_forget(void)
  * May the row be charged for a refusal by what is known of its topic?  Only
  * when a question about the topic asked after the row was first refused came
  * back; otherwise note the refusal (the caller asks Kafka again).  An answer
- * renewed what is known; a failed question forgot the limit and kept the
- * compaction Kafka last told, for at most 10 minutes (topics.c): a row is
- * not refused free for as long as Kafka cannot be asked.
+ * renewed what is known; an answer with an error forgot the limit, no answer
+ * kept it, and either kept the compaction Kafka last told, for at most 10
+ * minutes (topics.c): a row is not refused free for as long as Kafka cannot
+ * be asked.
  * A confirmed refusal is charged and forgotten: the next one is free again.
  * Past FACT_CHECKS_MAX rows noted (rows an operator dropped leave theirs), a
  * new one is charged at once.
@@ -1837,18 +1838,13 @@ clear_oldest(CqrsTopic *topic, void *arg)
 static void
 end_empty_stalls(CqrsTopic *topic, void *arg)
 {
-	bool	   *changed = arg;
-
 	for (int p = 0; p < topic->nparts; p++)
 	{
 		CqrsPartition *part = &topic->parts[p];
 
 		/* a stalled partition with nothing in flight any more: try it again */
 		if (part->stalled && part->oldest == 0)
-		{
 			unstall(topic, p);
-			*changed = true;
-		}
 	}
 }
 
@@ -1856,13 +1852,12 @@ end_empty_stalls(CqrsTopic *topic, void *arg)
  * Find partitions whose oldest message waits longer than STALL_MS, without
  * an answer of theirs for that long, while Kafka answered (acknowledged or
  * refused) another message after that one was produced; end stalls with
- * nothing in flight.  Returns whether the set of stalled partitions changed;
- * each newly stalled partition ("topic[p]", palloc'd) is appended to *newly.
+ * nothing in flight.  Each newly stalled partition ("topic[p]", palloc'd)
+ * is appended to *newly.
  */
-bool
+void
 pipeline_check_stalls(TimestampTz now, List **newly)
 {
-	bool		changed = false;
 	dlist_iter	it;
 	TimestampTz limit = now - (TimestampTz) STALL_MS * 1000;
 
@@ -1890,7 +1885,6 @@ pipeline_check_stalls(TimestampTz now, List **newly)
 		{
 			part->stalled = true;
 			part->resume_from = PG_INT64_MAX;
-			changed = true;
 			*newly = lappend(*newly, psprintf("%s[%d]", row->msg.topic, p));
 		}
 		row->stalled_counted = part->stalled;
@@ -1901,8 +1895,7 @@ pipeline_check_stalls(TimestampTz now, List **newly)
 				detach_row(row);
 		}
 	}
-	cqrs_topics_visit(end_empty_stalls, &changed);
-	return changed;
+	cqrs_topics_visit(end_empty_stalls, NULL);
 }
 
 /*
@@ -1937,9 +1930,9 @@ pipeline_broker_waiting(TimestampTz now)
 
 /* An answer about a topic's limit (a hook of cqrs_kafka_collect_limits). */
 void
-pipeline_learn_limit(const char *topic, bool ok, int limit, int compacted)
+pipeline_learn_limit(const char *topic, CqrsAnswer answer, int limit, int compacted)
 {
-	int64		resume = cqrs_topic_learn_limit(topic, ok, limit, compacted);
+	int64		resume = cqrs_topic_learn_limit(topic, answer, limit, compacted);
 
 	if (resume != PG_INT64_MAX)
 		order_revisit(resume);

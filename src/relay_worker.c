@@ -745,7 +745,7 @@ periodic_checks(TimestampTz now)
 		return;
 	next_check_at = TimestampTzPlusMilliseconds(now, CHECK_MS);
 
-	(void) pipeline_check_stalls(now, &newly);
+	pipeline_check_stalls(now, &newly);
 	foreach(lc, newly)
 	{
 		const char *alert = lfirst(lc);
@@ -753,7 +753,7 @@ periodic_checks(TimestampTz now)
 
 		ereport(WARNING,
 				(errcode(CQRS_ERRCODE_PARTITION_STALLED),
-				 errmsg("cqrs_sync relay: Kafka partition %s has acknowledged nothing for 5 s while others did", alert),
+				 errmsg("cqrs_sync relay: Kafka partition %s has answered nothing for 5 s while others answered", alert),
 				 errdetail("Rows whose key maps to that partition wait (of a dead-letter topic: rows whose dead letter goes there); other keys and topics keep flowing."),
 				 errhint("Check the partition's leader and in-sync replicas (min.insync.replicas) on the broker.")));
 		initStringInfo(&json);

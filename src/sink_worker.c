@@ -1217,9 +1217,9 @@ dead_letter_headers(DeadLetterSend *send)
 
 /* An answer about a dead-letter topic's limit (cqrs_kafka_collect_limits). */
 static void
-dlt_learn_limit(const char *topic, bool ok, int limit, int compacted)
+dlt_learn_limit(const char *topic, CqrsAnswer answer, int limit, int compacted)
 {
-	(void) cqrs_topic_learn_limit(topic, ok, limit, compacted);
+	(void) cqrs_topic_learn_limit(topic, answer, limit, compacted);
 }
 
 /* The batch.size the producer must have: within every topic limit known. */

@@ -125,15 +125,29 @@ cqrs_topics_forget_producer(void)
 /* ---- limits ---------------------------------------------------------------- */
 
 /*
- * What a question that came back, answered (ok) or failed, tells; or one
- * given up (it counts as failed).
+ * What a question that came back tells; one given up counts as not
+ * answered.
+ *
+ * Kafka's answer renews what is known.  An answer with an error (no
+ * DescribeConfigs permission, no such topic) forgets the limit: an
+ * operator may have raised it since, and the relay cannot learn it, so a
+ * row larger than the old one goes to Kafka, which decides (a row too large
+ * is then refused alone: the batch.size is at or below the old limit).  No
+ * answer (a timeout, a broker that stopped answering) keeps the limit: a
+ * message Kafka refuses makes librdkafka's idempotent producer wait, before
+ * it sends anything more, for every request in flight
+ * (rd_kafka_idemp_drain_epoch_bump()), and the broker that did not answer
+ * may hold some of those for socket.timeout.ms: every partition would wait
+ * that long.  Either keeps the compaction, and no answer the limit, for at
+ * most LIMIT_TTL_MS after Kafka last answered.
  */
 static void
-question_back(CqrsTopic *topic, bool ok, int limit, int compacted,
+question_back(CqrsTopic *topic, CqrsAnswer answer, int limit, int compacted,
 			  bool given_up)
 {
+	TimestampTz now = GetCurrentTimestamp();
+
 	topic->limit_pending = false;
-	topic->limit = (ok && limit > 0) ? limit : -1;
 	topic->back_asked_at = topic->limit_asked_at;
 	if (topic->given_up_at != 0 && !given_up)
 	{
@@ -143,15 +157,21 @@ question_back(CqrsTopic *topic, bool ok, int limit, int compacted,
 	}
 	else if (given_up && topic->given_up_at == 0)
 		topic->given_up_at = topic->limit_asked_at;
-	if (ok)
+	if (answer == CQRS_ANSWER_OK)
 	{
-		topic->answered_at = GetCurrentTimestamp();
+		topic->limit = limit > 0 ? limit : -1;
+		topic->answered_at = now;
 		if (compacted >= 0)
 			topic->compacted = compacted;
+		return;
 	}
-	else if (topic->compacted >= 0 &&
-			 TimestampDifferenceExceeds(topic->answered_at, GetCurrentTimestamp(), LIMIT_TTL_MS))
+	if (answer == CQRS_ANSWER_ERROR)
+		topic->limit = -1;
+	if (TimestampDifferenceExceeds(topic->answered_at, now, LIMIT_TTL_MS))
+	{
+		topic->limit = -1;
 		topic->compacted = -1;
+	}
 }
 
 /*
@@ -171,12 +191,14 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 	 */
 	if (topic->limit_pending && rk != NULL &&
 		TimestampDifferenceExceeds(topic->limit_asked_at, t, LIMIT_ANSWER_MS))
-		question_back(topic, false, -1, -1, true);
+		question_back(topic, CQRS_ANSWER_NONE, -1, -1, true);
 	if (topic->limit_pending || rk == NULL)
 		return;
+	/* a limit kept after a question Kafka did not answer is asked sooner */
 	if (!now && topic->limit_asked_at != 0 &&
 		!TimestampDifferenceExceeds(topic->limit_asked_at, t,
-									topic->limit > 0 ? LIMIT_TTL_MS : LIMIT_RETRY_MS))
+									topic->limit > 0 && topic->answered_at >= topic->limit_asked_at ?
+									LIMIT_TTL_MS : LIMIT_RETRY_MS))
 		return;
 	/* the first time: its rows wait for the answer, briefly */
 	if (topic->limit_asked_at == 0)
@@ -187,27 +209,21 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 }
 
 /*
- * An answer arrived (ok), with max.message.bytes and whether cleanup.policy
- * has compact (-1: Kafka did not say), or the question failed (no
- * DescribeConfigs permission, a timeout, a topic not created yet).
- *
- * A failed question forgets the limit: an operator may have raised it since,
- * and a row larger than the old one goes to Kafka, which decides (a row too
- * large is then refused alone: the batch.size is at or below the old limit).
- * It keeps the compaction for LIMIT_TTL_MS after the last answer: a row
- * without a key sent to a compacted topic would make Kafka refuse its whole
- * batch, every row of it charged.  Meanwhile such a row is charged for what
- * Kafka last told, once a question asked after its first refusal came back
- * (relay_pipeline.c); after that, Kafka decides.
+ * A question came back: answered, with max.message.bytes and whether
+ * cleanup.policy has compact (-1: Kafka did not say), answered with an
+ * error, or not answered (question_back() says what each keeps).  A row
+ * refused for what was known is charged for what is known now, once a
+ * question asked after its first refusal came back (relay_pipeline.c).
  * Returns the lowest id of the rows that waited for it (PG_INT64_MAX: none).
  */
 int64
-cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted)
+cqrs_topic_learn_limit(const char *name, CqrsAnswer answer, int limit,
+					   int compacted)
 {
 	CqrsTopic  *topic = cqrs_topic(name);
 	int64		resume = PG_INT64_MAX;
 
-	question_back(topic, ok, limit, compacted, false);
+	question_back(topic, answer, limit, compacted, false);
 	if (topic->limit_wait_until != 0)
 	{
 		topic->limit_wait_until = 0;

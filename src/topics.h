@@ -17,6 +17,8 @@
 #include "port/atomics.h"
 #include "utils/timestamp.h"
 
+#include "kafka.h"
+
 #define CQRS_TOPIC_MAXLEN 249
 
 /* A partition of a topic, as the relay sees it. */
@@ -70,7 +72,8 @@ extern void cqrs_topics_forget_producer(void);
 
 /* limits */
 extern void cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now);
-extern int64 cqrs_topic_learn_limit(const char *name, bool ok, int limit, int compacted);
+extern int64 cqrs_topic_learn_limit(const char *name, CqrsAnswer answer, int limit,
+									 int compacted);
 extern int	cqrs_topics_min_limit(void);
 extern void cqrs_topics_forget_limits(void);
 

@@ -53,18 +53,16 @@ $b2->freeze;
 
 # 25 rows too large for their topic (not for its dead-letter topic), each of
 # a key whose dead letter goes to the sick partition, one every half second
-# among rows of a healthy topic: their dead letters would fill the window
-# (when the relay's question about the topic's limit goes to the frozen
-# broker, it fails after 10 s, the limit is not known any more and the rows go
-# to Kafka; the probes past the window can then be such rows, and their
-# refusals show the stall as acknowledgements would.  In that case the rows
-# were seen to wait about 60 s in all, until librdkafka dropped its connection
-# to broker 2, and partition 0 of the first topic was reported stalled too,
-# in the same check: a known limit, docs/failures.md; hence 150 s, and a
-# WARNING per partition)
-# after 10 s.  (With nothing else acknowledged the relay cannot tell a sick
-# partition from a cluster that does not answer: it says "waiting for
-# broker".)
+# among rows of a healthy topic: their dead letters would fill the window.
+# Each big row is refused free once and the topic's limit asked again; when
+# that question goes to the frozen broker it is not answered, and the limit
+# last told is kept (078).  On 5459545 it was forgotten instead, in
+# about half of the runs: the rows went to Kafka, whose refusals made
+# librdkafka wait for the requests in flight to broker 2, and every
+# partition, of every topic, waited about 60 s (the healthy rows were then
+# not all sent in 60 s).  (With nothing else acknowledged the relay cannot
+# tell a sick partition from a cluster that does not answer: it says
+# "waiting for broker".)
 my $list = join(',', map { "'$_'" } @p1);
 for my $i (0 .. 24)
 {
@@ -77,15 +75,11 @@ SELECT count(cqrs_enqueue('$ok', 'h' || g, jsonb_build_object('n', g))) FROM gen
 $node->safe_psql('postgres',
 	"SELECT count(cqrs_enqueue('$ok', 'h' || g, jsonb_build_object('n', g))) FROM generate_series(51, 100) g");
 ok( wait_for($node,
-		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$ok' AND key <> 'warm' AND status = 'SENT'", '100', 150),
+		"SELECT count(*) FROM cqrs_outbox WHERE topic = '$ok' AND key <> 'warm' AND status = 'SENT'", '100', 60),
 	'the rows of a healthy topic are sent while more dead letters than the window holds wait on the sick partition')
   or diag($node->safe_psql('postgres', 'SELECT row_to_json(s) FROM cqrs_stats_relay s'));
-ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'partition stalled', 30),
-	'the relay says a partition is stalled');
-is($node->safe_psql('postgres', 'SELECT stalled_partitions FROM cqrs_stats_relay'),
-	"$dlt\[1]", 'the partition of the dead-letter topic');
-ok($node->wait_for_log(qr/CQ003 WARNING:  cqrs_sync relay: Kafka partition \Q$dlt\E\[1\]/),
-	'a WARNING with SQLSTATE CQ003 names it');
+# the partition of the dead-letter topic
+stall_reported($node, "$dlt\[1]");
 
 # once it is known stalled, a dead letter for it is not sent: its row waits,
 # PENDING, its budget untouched

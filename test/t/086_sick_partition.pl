@@ -85,12 +85,7 @@ my $p0_rows = 10 * @p0 + @p0;
 ok( wait_for($node,
 		"SELECT count(*) FROM cqrs_outbox WHERE key IN ($p0_list) AND status = 'SENT'", $p0_rows, 60),
 	"the rows of partition 0's keys are sent while partition 1 is sick");
-ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'partition stalled', 30),
-	'the relay says a partition is stalled');
-is($node->safe_psql('postgres', 'SELECT stalled_partitions FROM cqrs_stats_relay'),
-	"$topic\[1]", 'and which');
-ok($node->wait_for_log(qr/CQ003 WARNING:  cqrs_sync relay: Kafka partition \Q$topic\E\[1\]/),
-	'a WARNING with SQLSTATE CQ003 names it');
+stall_reported($node, "$topic\[1]");
 like($listener->query('SELECT 1'), qr/partition_stalled.*\Q$topic\E\[1\]/s,
 	'and a NOTIFY alert');
 $listener->quit;

@@ -47,7 +47,7 @@ our @EXPORT = qw(new_node kafka_brokers kafka_ping kafka_consume unique_topic
   first_row_sent dead_letter_one
   order_schedule_module
   probe_producer_start freeze_relay freeze_waiting crash_cluster
-  restart_relay stop_during_dead_letter terminate_backend);
+  restart_relay stop_during_dead_letter terminate_backend stall_reported);
 
 =pod
 
@@ -588,6 +588,29 @@ sub wait_for
 		  . "last result: " . ($out // '') . "\n"
 		  . ($err ne '' ? "last error: $err\n" : ''));
 	return 0;
+}
+
+=pod
+
+=item stall_reported($node, $partition)
+
+Three checks that the relay reports Kafka partition $partition
+("topic[p]") stalled, and only it: its state becomes "partition stalled"
+(within 30 s), cqrs_stats_relay.stalled_partitions names it, and the server
+log has a WARNING with SQLSTATE CQ003 naming it.
+
+=cut
+
+sub stall_reported
+{
+	my ($node, $partition) = @_;
+	ok(wait_for($node, 'SELECT state FROM cqrs_stats_relay', 'partition stalled', 30),
+		'the relay says a partition is stalled');
+	is($node->safe_psql('postgres', 'SELECT stalled_partitions FROM cqrs_stats_relay'),
+		$partition, "and which: $partition");
+	ok($node->wait_for_log(qr/CQ003 WARNING:  cqrs_sync relay: Kafka partition \Q$partition\E/),
+		'a WARNING with SQLSTATE CQ003 names it');
+	return;
 }
 
 =pod
