@@ -1036,11 +1036,16 @@ cqrs_kafka_collect_limits(CqrsLimitHook hook)
 		int			limit = -1;
 		int			compacted = -1;
 		CqrsAnswer	answer = CQRS_ANSWER_NONE;
+		rd_kafka_resp_err_t everr = rd_kafka_event_error(ev);
 
-		/* librdkafka's own errors are negative, Kafka's positive */
-		if (rd_kafka_event_error(ev) > RD_KAFKA_RESP_ERR_NO_ERROR)
+		/*
+		 * librdkafka's own errors (a timeout, no broker) are negative, and so
+		 * is Kafka's UNKNOWN_SERVER_ERROR (-1): neither says anything about
+		 * the topic.  Kafka's other errors are positive.
+		 */
+		if (everr > RD_KAFKA_RESP_ERR_NO_ERROR)
 			answer = CQRS_ANSWER_ERROR;
-		else if (result && rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		else if (result && everr == RD_KAFKA_RESP_ERR_NO_ERROR)
 			resources = rd_kafka_DescribeConfigs_result_resources(result, &nres);
 		for (size_t r = 0; r < nres; r++)
 		{

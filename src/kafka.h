@@ -109,12 +109,15 @@ extern int	cqrs_kafka_offsets_for_time(char **topics, int ntopics, int64 at_ms,
 										CqrsPartitionOffset **out,
 										char *errbuf, size_t errlen);
 
-/* topic limits (max.message.bytes), asked asynchronously */
-/* ok: Kafka answered (limit and compacted -1 where it did not say) */
-/* How a question about a topic's configuration came back. */
+/*
+ * Topic limits (max.message.bytes) and compaction, asked asynchronously; how
+ * a question came back (with OK, limit and compacted are -1 where Kafka did
+ * not say).
+ */
 typedef enum CqrsAnswer
 {
-	CQRS_ANSWER_NONE,			/* no answer: a timeout, no broker reached */
+	CQRS_ANSWER_NONE,			/* no answer: a timeout, no broker reached,
+								 * Kafka's UNKNOWN_SERVER_ERROR */
 	CQRS_ANSWER_ERROR,			/* Kafka answered with an error: no
 								 * permission, no such topic */
 	CQRS_ANSWER_OK

@@ -1178,7 +1178,7 @@ fact_checks_forget(void)
  * when a question about the topic asked after the row was first refused came
  * back; otherwise note the refusal (the caller asks Kafka again).  An answer
  * renewed what is known; an answer with an error forgot the limit, no answer
- * kept it, and either kept the compaction Kafka last told, for at most 10
+ * kept it, and either kept the compaction Kafka last told, for at most 30
  * minutes (topics.c): a row is not refused free for as long as Kafka cannot
  * be asked.
  * A confirmed refusal is charged and forgotten: the next one is free again.
@@ -1555,13 +1555,15 @@ produce_dead_letter(RelayRow *row)
 	/*
 	 * its partition stalled: the row waits (PENDING, its budget untouched),
 	 * as rows of a stalled partition's keys do, instead of adding a message
-	 * outside the window for as long as the partition is sick
+	 * outside the window for as long as the partition is sick; it is tried
+	 * again within STALL_MS of the stall's end, not after its last backoff
+	 * (32 s with the defaults)
 	 */
 	if ((part = stalled_partition(row)) != NULL)
 	{
 		row->dlt_error = row_text(row, "dead-letter topic \"%s\": partition %d is stalled; the row is tried again later",
 								  dlt_topic, (int) (part - m->tstate->parts));
-		row->delay_ms = backoff_ms(row->retry_count);
+		row->delay_ms = Min(backoff_ms(row->retry_count), STALL_MS);
 		finish(row, RO_RETRY);
 		return;
 	}

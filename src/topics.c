@@ -20,8 +20,8 @@
  * resume_from remembers where the first skipped one may be.
  *
  * Partitions: the relay counts messages in flight per partition; one whose
- * oldest message waits much longer than others are acknowledged is stalled
- * (relay_pipeline.c), and its keys are held until it acknowledges again.
+ * oldest message waits much longer than Kafka takes to answer others is
+ * stalled (relay_pipeline.c), and its keys are held until it answers again.
  *
  *-------------------------------------------------------------------------
  */
@@ -34,14 +34,20 @@
 #include "shmem.h"
 #include "topics.h"
 
-/* A known limit is trusted this long; an unknown one is asked again sooner. */
+/* A known limit is asked again after this long; an unknown one sooner. */
 #define LIMIT_TTL_MS		600000
+/*
+ * What Kafka told is kept this long after its last answer while questions
+ * go unanswered: longer than LIMIT_TTL_MS, so that a routine question that
+ * finds a broker not answering does not forget it at once.
+ */
+#define LIMIT_KEEP_MS		(3 * LIMIT_TTL_MS)
 /* A new topic's rows wait this long at most for the first answer. */
 #define LIMIT_WAIT_MS		2000
 #define LIMIT_RETRY_MS		10000
 
 /*
- * A question still unanswered after this long counts as failed.  librdkafka
+ * A question still unanswered after this long counts as not answered.  librdkafka
  * is asked to give up after 10 s (cqrs_kafka_request_limit()), but a request
  * sent to a broker that stopped answering was seen to wait for
  * socket.timeout.ms (60 s by default) instead.
@@ -136,10 +142,11 @@ cqrs_topics_forget_producer(void)
  * answer (a timeout, a broker that stopped answering) keeps the limit: a
  * message Kafka refuses makes librdkafka's idempotent producer wait, before
  * it sends anything more, for every request in flight
- * (rd_kafka_idemp_drain_epoch_bump()), and the broker that did not answer
- * may hold some of those for socket.timeout.ms: every partition would wait
- * that long.  Either keeps the compaction, and no answer the limit, for at
- * most LIMIT_TTL_MS after Kafka last answered.
+ * (rd_kafka_idemp_drain_epoch_bump(), called from librdkafka's
+ * rdkafka_request.c), and the broker that did not answer may hold some of
+ * those for socket.timeout.ms: every partition would wait that long.  Either
+ * keeps the compaction, and no answer the limit, for at most LIMIT_KEEP_MS
+ * after Kafka last answered.
  */
 static void
 question_back(CqrsTopic *topic, CqrsAnswer answer, int limit, int compacted,
@@ -167,7 +174,7 @@ question_back(CqrsTopic *topic, CqrsAnswer answer, int limit, int compacted,
 	}
 	if (answer == CQRS_ANSWER_ERROR)
 		topic->limit = -1;
-	if (TimestampDifferenceExceeds(topic->answered_at, now, LIMIT_TTL_MS))
+	if (TimestampDifferenceExceeds(topic->answered_at, now, LIMIT_KEEP_MS))
 	{
 		topic->limit = -1;
 		topic->compacted = -1;
@@ -183,6 +190,7 @@ void
 cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 {
 	TimestampTz t = GetCurrentTimestamp();
+	int			interval;
 
 	/*
 	 * Given up: a new question may go.  Which question a later answer
@@ -195,10 +203,10 @@ cqrs_topic_want_limit(rd_kafka_t *rk, CqrsTopic *topic, bool now)
 	if (topic->limit_pending || rk == NULL)
 		return;
 	/* a limit kept after a question Kafka did not answer is asked sooner */
+	interval = (topic->limit > 0 && topic->answered_at >= topic->limit_asked_at) ?
+		LIMIT_TTL_MS : LIMIT_RETRY_MS;
 	if (!now && topic->limit_asked_at != 0 &&
-		!TimestampDifferenceExceeds(topic->limit_asked_at, t,
-									topic->limit > 0 && topic->answered_at >= topic->limit_asked_at ?
-									LIMIT_TTL_MS : LIMIT_RETRY_MS))
+		!TimestampDifferenceExceeds(topic->limit_asked_at, t, interval))
 		return;
 	/* the first time: its rows wait for the answer, briefly */
 	if (topic->limit_asked_at == 0)

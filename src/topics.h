@@ -43,8 +43,8 @@ typedef struct CqrsTopic
 	TimestampTz given_up_at;	/* when the oldest question given up but
 								 * still out was asked (0: none) */
 	TimestampTz back_asked_at;	/* when the question that last came back
-								 * (answered or failed) was asked */
-	TimestampTz answered_at;	/* when Kafka last answered */
+								 * (answered or not) was asked */
+	TimestampTz answered_at;	/* when Kafka last answered without error */
 	bool		limit_pending;	/* a DescribeConfigs is under way */
 
 	/* rows wait for the first answer about the limit, until then at most */

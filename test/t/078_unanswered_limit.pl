@@ -11,7 +11,9 @@
 # the limit: 077.
 #
 # One real broker, frozen (SIGSTOP) after the limit was learned: the row is
-# charged while it is frozen, and dead-lettered after the thaw.
+# charged while it is frozen, and dead-lettered after the thaw.  Not covered
+# here: a limit kept so is asked again every 10 s (not every 10 minutes), and
+# forgotten 30 minutes after Kafka's last answer.
 use strict;
 use warnings;
 
@@ -30,27 +32,33 @@ my $node = new_node(
 	'unanswered',
 	'cqrs_sync.brokers'       => $b->bootstrap,
 	'cqrs_sync.max_retries'   => '1',
-	'cqrs_sync.retry_backoff' => '100ms');
+	# each state of the row below lasts seconds (a charged row waits twice
+	# this before it goes again)
+	'cqrs_sync.retry_backoff' => '5s');
 
 $node->safe_psql('postgres', "SELECT cqrs_enqueue('$topic', 'small', '{}')");
 ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE key = 'small'", 'SENT', 60),
-	'a small row is sent (and the limit learned)');
+	'a small row is sent');
 
 $b->freeze;
 my $id = $node->safe_psql('postgres',
 	"SELECT cqrs_enqueue('$topic', 'big', jsonb_build_object('big', repeat('x', 300000)))");
+my $charged = "last_error LIKE 'MSG_SIZE_TOO_LARGE: message of % bytes exceeds max.message.bytes 200000 of topic%'";
 ok( wait_for($node,
-		"SELECT retry_count || ' ' || (last_error LIKE 'MSG_SIZE_TOO_LARGE: message of % bytes exceeds max.message.bytes 200000 of topic%') FROM cqrs_outbox WHERE id = $id",
-		'1 true', 45),
-	'the question about the limit timed out, and the row is charged for the limit last told, not sent to Kafka')
+		"SELECT retry_count || ' ' || (last_error LIKE 'message of % bytes exceeds the max.message.bytes 200000 last known of topic%asking Kafka again') FROM cqrs_outbox WHERE id = $id",
+		'0 true', 30),
+	'the limit was learned before the freeze: the row is refused once, free, and the limit asked again');
+ok( wait_for($node,
+		"SELECT status || ' ' || retry_count || ' ' || ($charged) FROM cqrs_outbox WHERE id = $id",
+		'PENDING 1 true', 45),
+	'the question timed out, and the row is charged for the limit last told, not sent to Kafka')
   or diag($node->safe_psql('postgres',
 	"SELECT row_to_json(o) FROM (SELECT status, retry_count, last_error FROM cqrs_outbox WHERE id = $id) o"));
-is($node->safe_psql('postgres', "SELECT status FROM cqrs_outbox WHERE id = $id"),
-	'PENDING', 'it is PENDING, one retry spent');
 
 $b->thaw;
-ok(wait_for($node, "SELECT status FROM cqrs_outbox WHERE id = $id", 'DEAD_LETTERED', 90),
-	'after the thaw it is dead-lettered');
+ok( wait_for($node, "SELECT status || ' ' || ($charged) FROM cqrs_outbox WHERE id = $id",
+		'DEAD_LETTERED true', 90),
+	'after the thaw it is dead-lettered, for the limit Kafka told');
 my @dl = grep { $_->{key} eq 'big' } kafka_consume("$topic.DLT", 1, 30, json => 0);
 is(scalar(@dl), 1, 'the dead-letter topic holds it');
 is($node->safe_psql('postgres', "SELECT count(*) FROM cqrs_outbox WHERE status = 'SENT'"),

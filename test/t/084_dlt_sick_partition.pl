@@ -89,6 +89,32 @@ ok( wait_for($node,
 		"SELECT status || ' ' || retry_count || ' ' || (last_error LIKE '%dead-letter topic \"$dlt\": partition 1 is stalled%') FROM cqrs_outbox WHERE id = $lid",
 		'PENDING 0 true', 30),
 	'a row whose dead letter would go to it waits, PENDING, its budget untouched');
+# and while it waits so, its next attempt is at most 5 s away (so it goes
+# within 5 s of the stall's end), also when its backoff is longer: here 10 s
+# (before, it waited its whole backoff: 32 s with the defaults).  Each of
+# its attempts is first refused free for its size (asking Kafka the limit,
+# a backoff), then charged, and then waits for the partition: the longest
+# wait seen in that last state over 40 s.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET cqrs_sync.retry_backoff = '10s'; SELECT pg_reload_conf()");
+my ($seen, $longest) = (0, 0);
+my $until = time + 40;
+while (time < $until)
+{
+	my $wait = $node->safe_psql('postgres',
+		"SELECT extract(epoch FROM next_attempt_at - clock_timestamp()) FROM cqrs_outbox WHERE id = $lid AND last_error LIKE '%partition 1 is stalled%'");
+	if ($wait ne '')
+	{
+		$seen++;
+		$longest = $wait if $wait > $longest;
+	}
+	usleep(100_000);
+}
+note("seen waiting for it $seen times, its next attempt at most $longest s away");
+ok($seen > 0, 'it waits for the stalled partition again');
+cmp_ok($longest, '<=', 5, 'its next attempt then is at most 5 s away, not its backoff of 10 s');
+$node->safe_psql('postgres',
+	"ALTER SYSTEM RESET cqrs_sync.retry_backoff; SELECT pg_reload_conf()");
 
 $b2->thaw;
 ok( wait_for($node,
