@@ -175,15 +175,42 @@ lock_key(ApplyTarget *t, ApplyKey *key)
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
-/* Removes a row this transaction just inserted, found to be stale */
+/*
+ * May a trigger of the target skip a DELETE (a BEFORE DELETE row trigger
+ * that returns NULL: a soft delete)?  A partitioned table's partitions may
+ * have triggers of their own: assumed so.  Locked by apply_get_target().
+ */
+static bool
+skips_deletes(ApplyTarget *t)
+{
+	Relation	rel = table_open(t->relid, NoLock);
+	bool		result = t->partitioned ||
+		(rel->trigdesc != NULL && rel->trigdesc->trig_delete_before_row);
+
+	table_close(rel, NoLock);
+	return result;
+}
+
+/*
+ * Removes a row this transaction just inserted, found to be stale: a delete
+ * of the key committed meanwhile.  When the DELETE removes nothing, the row
+ * cannot stay (the key is deleted): an error.  Under row-level security
+ * without a DELETE policy it is the role's (42501); a BEFORE DELETE trigger
+ * that skipped it decides nothing a retry would not, since the retry sees the
+ * key's deletion before it inserts (40001).
+ */
 static void
 undo_insert(ApplyTarget *t, Datum *pkvals, int64 version)
 {
 	Datum		values[INDEX_MAX_KEYS + 1];
+	bool		rls;
 
 	memcpy(values, pkvals, sizeof(Datum) * t->npk);
 	values[t->npk] = Int64GetDatum(version);
-	if (apply_run_plan(t->delete_plan, values, NULL, false, false) != 1)
+	if (apply_run_plan(t->delete_plan, values, NULL, false, false) == 1)
+		return;
+	rls = check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED;
+	if (rls && !skips_deletes(t))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("cannot remove the row of relation \"%s\" this call inserted for a deleted key",
@@ -191,6 +218,14 @@ undo_insert(ApplyTarget *t, Datum *pkvals, int64 version)
 				 errdetail("A newer event deleted the key meanwhile, so the row must go, but row-level security does not let role \"%s\" delete it.",
 						   GetUserNameFromId(GetUserId(), false)),
 				 errhint("Give the role a DELETE policy on the table: cqrs_upsert() and cqrs_apply_delta() need one under row-level security.")));
+	ereport(ERROR,
+			(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+			 errmsg("could not remove the row of relation \"%s\" this call inserted for a deleted key",
+					t->relname),
+			 errdetail(rls ?
+					   "A newer event deleted the key meanwhile, so the row must go, but its DELETE removed nothing: a BEFORE DELETE trigger skipped it, or row-level security kept it." :
+					   "A newer event deleted the key meanwhile, so the row must go, but its DELETE removed nothing: a BEFORE DELETE trigger skipped it."),
+			 errhint("Retry the transaction: it then sees the deletion before it inserts anything.")));
 }
 
 static void
@@ -404,22 +439,6 @@ cqrs_upsert_0_2(PG_FUNCTION_ARGS)
 }
 
 /*
- * May a trigger of the target skip a DELETE (a BEFORE DELETE row trigger
- * that returns NULL: a soft delete)?  A partitioned table's partitions may
- * have triggers of their own: assumed so.  Locked by apply_get_target().
- */
-static bool
-skips_deletes(ApplyTarget *t)
-{
-	Relation	rel = table_open(t->relid, NoLock);
-	bool		result = t->partitioned ||
-		(rel->trigdesc != NULL && rel->trigdesc->trig_delete_before_row);
-
-	table_close(rel, NoLock);
-	return result;
-}
-
-/*
  * cqrs_delete(target regclass, key jsonb, version bigint) RETURNS boolean
  */
 static Datum
@@ -550,6 +569,7 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 	ErrorContextCallback errcb;
 	ColumnSetPlan *p;
 	bool		result = false;
+	bool		rls;
 
 	check_not_null(fcinfo, 0, "target");
 	check_not_null(fcinfo, 1, "key");
@@ -643,7 +663,31 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 	if (apply_run_plan(p->plan, values, NULL, false, false) > 0)
 		goto done;
 
-	/* no row: create one from the defaults, unless the key was deleted */
+	/*
+	 * No row: create one from the defaults, unless the key was deleted.  The
+	 * insert comes first, and a deleted key's row is removed again (a
+	 * re-create of the key in flight makes the insert wait, and the delta
+	 * counts on the re-created row).  Where that removal may be refused (a
+	 * BEFORE DELETE trigger that skips deletes, row-level security), a key
+	 * deleted, with no row, by all that committed is dropped first; only a
+	 * delete that commits meanwhile leaves a row to remove (undo_insert()).
+	 */
+	rls = check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED;
+	if (rls || skips_deletes(t))
+	{
+		int64		tv;
+		Jsonb	   *stored;
+
+		if (apply_tombstone_find(ext, t, &key, true, &tv, &stored) &&
+			apply_run_plan(t->exists_plan, values, NULL, true, true) == 0)
+		{
+			/* (a row re-created since, hidden from the role: 42501) */
+			if (rls)
+				apply_check_hidden_row(t, values, false);
+			result = false;
+			goto done;
+		}
+	}
 	for (int j = 0; j < t->ncols; j++)
 	{
 		ApplyColumn *c = &t->cols[j];
