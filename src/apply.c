@@ -52,6 +52,10 @@
  *	  upsert re-creating a deleted row), and then add to that row.  Only
  *	  when its own insert made the row does it look for a tombstone, under
  *	  the key's lock; a delta for a deleted row is recorded and dropped.
+ *	  On a table whose BEFORE DELETE trigger may skip the removal of that
+ *	  row (a soft delete; assumed of a partitioned table's partitions), a
+ *	  key deleted, with no row, by all that committed is dropped before the
+ *	  insert: a re-create in flight does not make that delta wait.
  *	  Under REPEATABLE READ, a row created or deleted by a transaction the
  *	  caller's snapshot cannot see is a serialization failure, never a lost
  *	  delta.
@@ -194,38 +198,35 @@ skips_deletes(ApplyTarget *t)
 /*
  * Removes a row this transaction just inserted, found to be stale: a delete
  * of the key committed meanwhile.  When the DELETE removes nothing, the row
- * cannot stay (the key is deleted): an error.  Under row-level security
- * without a DELETE policy it is the role's (42501); a BEFORE DELETE trigger
- * that skipped it decides nothing a retry would not, since the retry sees the
- * key's deletion before it inserts (40001).
+ * cannot stay (the key is deleted): an error.  A BEFORE DELETE trigger that
+ * skipped it decides nothing a retry would not: the retry sees the key's
+ * delete before it inserts (the upsert always looks first, a delta on such
+ * a table too), so 40001.  Otherwise row-level security without a DELETE
+ * policy is the likely cause (42501).
  */
 static void
 undo_insert(ApplyTarget *t, Datum *pkvals, int64 version)
 {
 	Datum		values[INDEX_MAX_KEYS + 1];
-	bool		rls;
 
 	memcpy(values, pkvals, sizeof(Datum) * t->npk);
 	values[t->npk] = Int64GetDatum(version);
 	if (apply_run_plan(t->delete_plan, values, NULL, false, false) == 1)
 		return;
-	rls = check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED;
-	if (rls && !skips_deletes(t))
+	if (skips_deletes(t))
 		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("cannot remove the row of relation \"%s\" this call inserted for a deleted key",
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not remove the row of relation \"%s\" this call inserted for a deleted key",
 						t->relname),
-				 errdetail("A newer event deleted the key meanwhile, so the row must go, but row-level security does not let role \"%s\" delete it.",
-						   GetUserNameFromId(GetUserId(), false)),
-				 errhint("Give the role a DELETE policy on the table: cqrs_upsert() and cqrs_apply_delta() need one under row-level security.")));
+				 errdetail("An equal or newer event deleted the key meanwhile, so the row must go, but its DELETE removed nothing: a BEFORE DELETE trigger skipped it."),
+				 errhint("Retry the transaction: it then sees the deletion before it inserts anything.")));
 	ereport(ERROR,
-			(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-			 errmsg("could not remove the row of relation \"%s\" this call inserted for a deleted key",
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("cannot remove the row of relation \"%s\" this call inserted for a deleted key",
 					t->relname),
-			 errdetail(rls ?
-					   "A newer event deleted the key meanwhile, so the row must go, but its DELETE removed nothing: a BEFORE DELETE trigger skipped it, or row-level security kept it." :
-					   "A newer event deleted the key meanwhile, so the row must go, but its DELETE removed nothing: a BEFORE DELETE trigger skipped it."),
-			 errhint("Retry the transaction: it then sees the deletion before it inserts anything.")));
+			 errdetail("A newer event deleted the key meanwhile, so the row must go, but row-level security does not let role \"%s\" delete it.",
+					   GetUserNameFromId(GetUserId(), false)),
+			 errhint("Give the role a DELETE policy on the table: cqrs_upsert() and cqrs_apply_delta() need one under row-level security.")));
 }
 
 static void
@@ -569,7 +570,6 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 	ErrorContextCallback errcb;
 	ColumnSetPlan *p;
 	bool		result = false;
-	bool		rls;
 
 	check_not_null(fcinfo, 0, "target");
 	check_not_null(fcinfo, 1, "key");
@@ -667,13 +667,12 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 	 * No row: create one from the defaults, unless the key was deleted.  The
 	 * insert comes first, and a deleted key's row is removed again (a
 	 * re-create of the key in flight makes the insert wait, and the delta
-	 * counts on the re-created row).  Where that removal may be refused (a
-	 * BEFORE DELETE trigger that skips deletes, row-level security), a key
-	 * deleted, with no row, by all that committed is dropped first; only a
-	 * delete that commits meanwhile leaves a row to remove (undo_insert()).
+	 * counts on the re-created row).  Where a BEFORE DELETE trigger may skip
+	 * that removal, a key deleted, with no row, by all that committed is
+	 * dropped first; only a delete that commits meanwhile leaves a row to
+	 * remove (undo_insert()).
 	 */
-	rls = check_enable_rls(t->relid, InvalidOid, true) == RLS_ENABLED;
-	if (rls || skips_deletes(t))
+	if (skips_deletes(t))
 	{
 		int64		tv;
 		Jsonb	   *stored;
@@ -682,8 +681,7 @@ apply_delta(FunctionCallInfo fcinfo, bool version2)
 			apply_run_plan(t->exists_plan, values, NULL, true, true) == 0)
 		{
 			/* (a row re-created since, hidden from the role: 42501) */
-			if (rls)
-				apply_check_hidden_row(t, values, false);
+			apply_check_hidden_row(t, values, false);
 			result = false;
 			goto done;
 		}
