@@ -198,11 +198,11 @@ skips_deletes(ApplyTarget *t)
 /*
  * Removes a row this transaction just inserted, found to be stale: a delete
  * of the key committed meanwhile.  When the DELETE removes nothing, the row
- * cannot stay (the key is deleted): an error.  A BEFORE DELETE trigger that
- * skipped it decides nothing a retry would not: the retry sees the key's
- * delete before it inserts (the upsert always looks first, a delta on such
- * a table too), so 40001.  Otherwise row-level security without a DELETE
- * policy is the likely cause (42501).
+ * cannot stay (the key is deleted): an error.  On a table with a BEFORE
+ * DELETE row trigger (or partitioned), whatever kept the row, a retry of the
+ * transaction sees the key's delete before it inserts (the upsert always
+ * looks first, a delta on such a table too), so 40001.  Otherwise row-level
+ * security without a DELETE policy is the likely cause (42501).
  */
 static void
 undo_insert(ApplyTarget *t, Datum *pkvals, int64 version)
@@ -218,7 +218,7 @@ undo_insert(ApplyTarget *t, Datum *pkvals, int64 version)
 				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
 				 errmsg("could not remove the row of relation \"%s\" this call inserted for a deleted key",
 						t->relname),
-				 errdetail("An equal or newer event deleted the key meanwhile, so the row must go, but its DELETE removed nothing: a BEFORE DELETE trigger skipped it."),
+				 errdetail("The key was deleted meanwhile, so the row must go, but its DELETE removed nothing: a BEFORE DELETE trigger skipped it, or row-level security kept it."),
 				 errhint("Retry the transaction: it then sees the deletion before it inserts anything.")));
 	ereport(ERROR,
 			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),

@@ -271,7 +271,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON d_rls_del TO regress_direct;
 SELECT cqrs_delete('d_rls_del', '{"id": 8}', 4);
 SET LOCAL ROLE regress_direct;
 SELECT throws_ok($$SELECT cqrs_apply_delta('d_rls_del', '{"id": 8}', '{"likes": 1}', 'd-counter', 'late')$$,
-                 '42501', NULL, 'row security without a DELETE policy: a delta to a deleted key fails');
+                 '42501', 'cannot remove the row of relation "d_rls_del" this call inserted for a deleted key',
+                 'row security without a DELETE policy: a delta to a deleted key fails');
 SELECT ok(NOT cqrs_upsert('d_rls_del', '{"id": 8, "title": "stale"}', 3),
           '... and an older upsert does not bring the key back');
 RESET ROLE;
